@@ -1,0 +1,513 @@
+#!/usr/bin/env python3
+"""The partner stand-in: a simulator of ../shared/partner-api.md for tests, the demo and the
+benchmarks. It plays a seeded scenario — a burst of returns, pickups whose statuses advance on
+a compressed clock, relisted and broken feed items, unknown statuses, and the partner's faults
+(5xx, 429 with Retry-After, slow and hanging answers, garbled 200s, resets, an outage) — and
+keeps a ledger of what the caller did, for tests to assert on.
+
+    python standin.py --port 8080 --returns 30000 --seconds 20     (prints one JSON line: urls)
+
+Admin paths (not part of the partner's contract):
+    GET  /_ledger     what was recorded, duplicated, premature, missing; calls by endpoint/answer
+    POST /_faults     change fault settings mid-run, e.g. {"outage_s": 5} starts a 5 s outage
+    POST /_slack      a Slack incoming-webhook stand-in (429 when posted to faster than 1/s)
+    GET  /_slack      the messages it received
+"""
+
+import argparse
+import asyncio
+import base64
+import bisect
+import dataclasses
+import datetime as dt
+import json
+import random
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from aiohttp import web
+
+API_PREFIX = "/api/external/data"
+EPOCH = dt.datetime(2026, 11, 24, 9, 0, 0, tzinfo=dt.UTC)  # scenario time 0 on the partner's clock
+UNKNOWN_STATUS = "held_at_depot"
+
+
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    """The partner's misbehaviour. Shares are per call, drawn from the scenario's seeded RNG."""
+
+    latency_ms: tuple[float, float] = (0.0, 0.0)
+    error_share: float = 0.0  # 500/502/503/504
+    garbled_share: float = 0.0  # 200 with HTML, truncated JSON, {"data": null}, wrong types
+    slow_share: float = 0.0
+    slow_s: float = 1.0
+    hang_share: float = 0.0  # no answer for hang_s (past any sane client timeout)
+    hang_s: float = 30.0
+    reset_share: float = 0.0  # /results only: records, then drops the connection before answering
+    rate_limit_per_s: float = 0.0  # per endpoint; 0 = unlimited
+    outage_at_s: float | None = None  # every call answers 503 + Retry-After during the window
+    outage_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    seed: int = 1
+    returns: int = 1000
+    arrive_over_s: float = 5.0
+    max_items_per_box: int = 3
+    step_s: tuple[float, float] = (0.5, 1.5)  # between status advances
+    cancel_share: float = 0.05
+    unregistered_share: float = 0.3  # boxes answering 404 for a while after their return arrives
+    unregistered_s: tuple[float, float] = (0.5, 2.0)
+    never_registered_share: float = 0.0  # boxes the carrier never registers (they go stale)
+    relist_share: float = 0.02
+    broken_share: float = 0.0
+    unknown_status_share: float = 0.0
+    token: str = "standin-token"
+    faults: Faults = Faults()
+
+    @classmethod
+    def demo(cls, returns: int = 30000, seconds: float = 20.0, seed: int = 1) -> "Scenario":
+        """A sales-event burst on a compressed clock, with mild faults."""
+        return cls(
+            seed=seed, returns=returns, arrive_over_s=seconds, step_s=(2.0, 6.0),
+            unregistered_s=(1.0, 5.0), never_registered_share=0.002, relist_share=0.02,
+            broken_share=0.001, unknown_status_share=0.01, token="demo-token",
+            faults=Faults(latency_ms=(10, 50), error_share=0.01, garbled_share=0.003, slow_share=0.005,
+                          slow_s=1.0, hang_share=0.001, hang_s=30.0, reset_share=0.002,
+                          rate_limit_per_s=2000),
+        )
+
+
+@dataclasses.dataclass
+class Box:
+    shipment_number: str
+    items: list[dict[str, str]]
+    arrive_at: float
+    registered_at: float | None  # None: never registered
+    timeline: list[tuple[float, str]]  # (time, status), ascending
+
+    def status_at(self, now: float) -> str | None:
+        current = None
+        for at, status in self.timeline:
+            if at > now:
+                break
+            current = status
+        return current
+
+    @property
+    def final_status(self) -> str | None:
+        return self.timeline[-1][1] if self.timeline else None
+
+    @property
+    def ends_at(self) -> float:
+        return self.timeline[-1][0] if self.timeline else self.arrive_at
+
+
+def iso(t: float) -> str:
+    return (EPOCH + dt.timedelta(seconds=t)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def build_world(s: Scenario) -> tuple[list[Box], list[tuple[float, dict[str, Any]]]]:
+    """The boxes and the feed (time-ordered entries) the scenario will play."""
+    rng = random.Random(s.seed)
+    boxes: list[Box] = []
+    feed: list[tuple[float, dict[str, Any]]] = []
+    made = 0
+    while made < s.returns:
+        n = min(rng.randint(1, s.max_items_per_box), s.returns - made)
+        box_no = len(boxes) + 1
+        arrive = rng.uniform(0, s.arrive_over_s)
+        shipment = f"SHP_{box_no:08d}"
+        order = f"20261124-{box_no:06d}"
+        items = [
+            {"id": f"RET_{made + k + 1:08d}", "order_number": order, "order_item_number": str(k + 1),
+             "shipment_number": shipment, "requested_at": iso(arrive)}
+            for k in range(n)
+        ]
+        made += n
+        if rng.random() < s.never_registered_share:
+            registered, timeline = None, []
+        else:
+            registered = arrive + (rng.uniform(*s.unregistered_s) if rng.random() < s.unregistered_share else 0.0)
+            t = registered
+            timeline = [(t, "requested")]
+            steps = ["assigned", "picking_up"]
+            if rng.random() < s.unknown_status_share:
+                steps.insert(1, UNKNOWN_STATUS)
+            steps.append("cancelled" if rng.random() < s.cancel_share else "delivered")
+            for status in steps:
+                t += rng.uniform(*s.step_s)
+                timeline.append((t, status))
+        boxes.append(Box(shipment, items, arrive, registered, timeline))
+        for k, item in enumerate(items):
+            feed.append((arrive + k * 1e-6, item))
+            if rng.random() < s.relist_share:
+                feed.append((arrive + rng.uniform(0.5, 5.0), dict(item)))
+    for i in range(int(round(s.returns * s.broken_share))):
+        feed.append((rng.uniform(0, s.arrive_over_s), broken_item(rng, i)))
+    feed.sort(key=lambda entry: entry[0])
+    return boxes, feed
+
+
+def broken_item(rng: random.Random, i: int) -> dict[str, Any]:
+    item: dict[str, Any] = {"id": f"BAD_{i:06d}", "order_number": f"BAD-{i}", "order_item_number": "1",
+                            "shipment_number": f"SHP_BAD_{i:06d}", "requested_at": iso(0)}
+    field = rng.choice(["id", "order_number", "order_item_number", "shipment_number"])
+    kind = rng.choice(["missing", "null", "number", "empty"])
+    if kind == "missing":
+        del item[field]
+    else:
+        item[field] = {"null": None, "number": 12345, "empty": ""}[kind]
+    return item
+
+
+class Ledger:
+    """What the caller did. `missing` is only final once the scenario has played out."""
+
+    def __init__(self) -> None:
+        self.recorded: dict[str, dict[str, Any]] = {}
+        self.recorded_items: set[tuple[str, str]] = set()
+        self.duplicates = 0
+        self.premature: list[str] = []
+        self.unknown: list[str] = []
+        self.mismatched: list[str] = []
+        self.calls: dict[str, Counter[str]] = defaultdict(Counter)
+
+    def count(self, endpoint: str, answer: str) -> None:
+        self.calls[endpoint][answer] += 1
+
+
+class StandIn:
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.faults = scenario.faults
+        self.boxes, self.feed = build_world(scenario)
+        self.feed_times = [t for t, _ in self.feed]
+        self.by_shipment = {b.shipment_number: b for b in self.boxes}
+        self.by_return = {item["id"]: (item, b) for b in self.boxes for item in b.items}
+        self.expected = {item["id"] for b in self.boxes if b.final_status == "delivered" for item in b.items}
+        self.ends_at = max([b.ends_at for b in self.boxes] + [self.scenario.arrive_over_s] +
+                           [t for t, _ in self.feed[-1:]])
+        self.ledger = Ledger()
+        self.slack_messages: list[dict[str, Any]] = []
+        self._slack_last = 0.0
+        self._rng = random.Random(scenario.seed + 1)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._t0 = time.monotonic()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # ── clock ───────────────────────────────────────────────────────────────────────────────
+
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def restart_clock(self) -> None:
+        self._t0 = time.monotonic()
+
+    @property
+    def finished(self) -> bool:
+        return self.now() > self.ends_at
+
+    # ── server ──────────────────────────────────────────────────────────────────────────────
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._partner_behaviour])
+        app.router.add_get(f"{API_PREFIX}/returns", self.get_returns)
+        app.router.add_get(f"{API_PREFIX}/tracking", self.get_tracking)
+        app.router.add_post(f"{API_PREFIX}/results", self.post_results)
+        app.router.add_get("/_ledger", self.get_ledger)
+        app.router.add_post("/_faults", self.post_faults)
+        app.router.add_post("/_slack", self.post_slack)
+        app.router.add_get("/_slack", self.get_slack)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound_host, bound_port = self._runner.addresses[0][:2]
+        self.root = f"http://{bound_host}:{bound_port}"
+        self.url = self.root + API_PREFIX
+        self.restart_clock()
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @web.middleware
+    async def _partner_behaviour(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if not request.path.startswith(API_PREFIX):
+            return await handler(request)
+        endpoint = request.path.rsplit("/", 1)[-1]
+        f, rng, now = self.faults, self._rng, self.now()
+        if f.outage_at_s is not None and f.outage_at_s <= now < f.outage_at_s + f.outage_s:
+            self.ledger.count(endpoint, "503-outage")
+            return _error(503, "maintenance", retry_after=str(max(1, round(f.outage_at_s + f.outage_s - now))))
+        if f.rate_limit_per_s and not self._take_token(endpoint, f.rate_limit_per_s):
+            self.ledger.count(endpoint, "429")
+            return _error(429, "too many requests", retry_after="1")
+        if request.headers.get("Authorization") != f"Bearer {self.scenario.token}":
+            self.ledger.count(endpoint, "401")
+            return _error(401, "unauthorized")
+        if f.latency_ms[1] > 0:
+            await asyncio.sleep(rng.uniform(*f.latency_ms) / 1000)
+        roll = rng.random()
+        if roll < f.hang_share:
+            self.ledger.count(endpoint, "hang")
+            await asyncio.sleep(f.hang_s)
+            return _error(504, "gateway timeout")
+        roll -= f.hang_share
+        if roll < f.error_share:
+            status = rng.choice([500, 502, 503, 504])
+            self.ledger.count(endpoint, str(status))
+            return _error(status, "server error")
+        roll -= f.error_share
+        if roll < f.slow_share:
+            await asyncio.sleep(f.slow_s)
+        response = await handler(request)
+        roll = rng.random()
+        if roll < f.garbled_share:
+            self.ledger.count(endpoint, "200-garbled")
+            return self._garbled(rng)
+        if endpoint == "results" and roll < f.garbled_share + f.reset_share:
+            self.ledger.count(endpoint, "reset")
+            if request.transport is not None:
+                request.transport.close()  # the report was recorded; the caller never hears so
+            raise ConnectionResetError("stand-in reset")
+        self.ledger.count(endpoint, str(response.status))
+        return response
+
+    def _take_token(self, endpoint: str, rate: float) -> bool:
+        burst = max(1.0, rate / 10)
+        tokens, last = self._buckets.get(endpoint, (burst, time.monotonic()))
+        now = time.monotonic()
+        tokens = min(burst, tokens + (now - last) * rate)
+        if tokens < 1.0:
+            self._buckets[endpoint] = (tokens, now)
+            return False
+        self._buckets[endpoint] = (tokens - 1.0, now)
+        return True
+
+    @staticmethod
+    def _garbled(rng: random.Random) -> web.Response:
+        kind = rng.choice(["html", "truncated", "null", "types"])
+        if kind == "html":
+            return web.Response(status=200, text="<html><body>502 Bad Gateway</body></html>",
+                                content_type="text/html")
+        body = {"truncated": '{"data": [{"shipment_number": "SHP_', "null": '{"data": null}',
+                "types": '{"data": 42, "next_cursor": 7, "has_more": "yes"}'}[kind]
+        return web.Response(status=200, text=body, content_type="application/json")
+
+    # ── the contract ────────────────────────────────────────────────────────────────────────
+
+    async def get_returns(self, request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query.get("limit", "100"))
+            start = _decode_cursor(request.query.get("cursor"))
+        except ValueError:
+            return _error(400, "bad cursor or limit")
+        if not 1 <= limit <= 500:
+            return _error(400, "limit must be 1..500")
+        visible = bisect.bisect_right(self.feed_times, self.now())
+        end = min(visible, start + limit)
+        data = [item for _, item in self.feed[start:end]] if end > start else []
+        return web.json_response({"data": data, "next_cursor": _encode_cursor(max(start, end)),
+                                  "has_more": end < visible})
+
+    async def get_tracking(self, request: web.Request) -> web.Response:
+        box = self.by_shipment.get(request.query.get("shipment_number", ""))
+        now = self.now()
+        if box is None or box.registered_at is None or now < box.registered_at:
+            return _error(404, "unknown shipment")
+        history = [{"shipment_number": box.shipment_number, "return_status": status, "updated_at": iso(at)}
+                   for at, status in box.timeline if at <= now]
+        return web.json_response({"data": history})
+
+    async def post_results(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(422, "body is not JSON")
+        key = request.headers.get("Idempotency-Key", "")
+        fields = ("order_number", "order_item_number", "shipment_number", "result", "collected_at")
+        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in fields):
+            return _error(422, "bad body")
+        known = self.by_return.get(key)
+        if known is None or (known[0]["order_number"], known[0]["order_item_number"]) != (
+                body["order_number"], body["order_item_number"]):
+            self.ledger.unknown.append(key)
+            return _error(422, "unknown order item")
+        item, box = known
+        if key in self.ledger.recorded or (item["order_number"], item["order_item_number"]) in self.ledger.recorded_items:
+            self.ledger.duplicates += 1
+            return _error(409, "duplicate")
+        if box.status_at(self.now()) != "delivered" or body["result"] != "collected":
+            self.ledger.premature.append(key)
+            return _error(422, "shipment not collected")
+        delivered_at = next(at for at, status in box.timeline if status == "delivered")
+        if body["collected_at"] != iso(delivered_at) or body["shipment_number"] != box.shipment_number:
+            self.ledger.mismatched.append(key)
+        self.ledger.recorded[key] = body
+        self.ledger.recorded_items.add((item["order_number"], item["order_item_number"]))
+        return web.json_response({"data": {"result": True}})
+
+    # ── admin ───────────────────────────────────────────────────────────────────────────────
+
+    def summary(self) -> dict[str, Any]:
+        missing = sorted(self.expected - self.ledger.recorded.keys())
+        feed_returns = {item.get("id") for _, item in self.feed}
+        return {
+            "finished": self.finished,
+            "now_s": round(self.now(), 3),
+            "ends_at_s": round(self.ends_at, 3),
+            "returns": self.scenario.returns,
+            "feed_entries": len(self.feed),
+            "feed_visible": bisect.bisect_right(self.feed_times, self.now()),
+            "broken": len(feed_returns - self.by_return.keys()),
+            "boxes": len(self.boxes),
+            "expected": len(self.expected),
+            "recorded": len(self.ledger.recorded),
+            "duplicates": self.ledger.duplicates,
+            "premature": len(self.ledger.premature),
+            "unknown": len(self.ledger.unknown),
+            "mismatched": len(self.ledger.mismatched),
+            "missing": len(missing),
+            "missing_sample": missing[:20],
+            "unexpected": sorted(self.ledger.recorded.keys() - self.expected)[:20],
+            "calls": {e: dict(c) for e, c in self.ledger.calls.items()},
+            "slack_messages": len(self.slack_messages),
+        }
+
+    async def get_ledger(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.summary())
+
+    async def post_faults(self, request: web.Request) -> web.Response:
+        changes = await request.json()
+        if "outage_s" in changes and "outage_at_s" not in changes:
+            changes["outage_at_s"] = self.now()
+        for key in ("latency_ms",):
+            if key in changes:
+                changes[key] = tuple(changes[key])
+        self.faults = dataclasses.replace(self.faults, **changes)
+        return web.json_response(dataclasses.asdict(self.faults))
+
+    async def post_slack(self, request: web.Request) -> web.Response:
+        now = time.monotonic()
+        if now - self._slack_last < 1.0:
+            return web.Response(status=429, text="rate_limited", headers={"Retry-After": "1"})
+        self._slack_last = now
+        self.slack_messages.append(await request.json())
+        return web.Response(text="ok")
+
+    async def get_slack(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.slack_messages)
+
+
+def _error(status: int, message: str, retry_after: str | None = None) -> web.Response:
+    headers = {"Retry-After": retry_after} if retry_after else None
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _encode_cursor(position: int) -> str:
+    return base64.urlsafe_b64encode(f"pos:{position}".encode()).decode()
+
+
+def _decode_cursor(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    text = base64.urlsafe_b64decode(cursor.encode()).decode()
+    if not text.startswith("pos:"):
+        raise ValueError(cursor)
+    return int(text[4:])
+
+
+@contextmanager
+def running_in_thread(scenario: Scenario) -> Iterator["ThreadedStandIn"]:
+    """The stand-in on its own event loop in a background thread, for synchronous callers."""
+    handle = ThreadedStandIn(scenario)
+    handle.start()
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+class ThreadedStandIn:
+    def __init__(self, scenario: Scenario) -> None:
+        self.standin = StandIn(scenario)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="standin", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.standin.start(), self.loop).result(timeout=10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.standin.stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+    @property
+    def url(self) -> str:
+        return self.standin.url
+
+    @property
+    def root(self) -> str:
+        return self.standin.root
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run fn(*args) on the stand-in's loop (its state is not thread-safe) and return its result."""
+        async def run() -> Any:
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
+
+    def ledger(self) -> dict[str, Any]:
+        return self.call(self.standin.summary)
+
+    def set_faults(self, **changes: Any) -> None:
+        self.call(lambda: setattr(self.standin, "faults", dataclasses.replace(self.standin.faults, **changes)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--returns", type=int, default=30000)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--scenario", default=None, help="JSON overrides of the demo scenario's fields")
+    args = parser.parse_args()
+    scenario = Scenario.demo(args.returns, args.seconds, args.seed)
+    if args.scenario:
+        overrides = json.loads(args.scenario)
+        if "faults" in overrides:
+            overrides["faults"] = dataclasses.replace(scenario.faults, **{
+                k: tuple(v) if isinstance(v, list) else v for k, v in overrides["faults"].items()})
+        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        scenario = dataclasses.replace(scenario, **overrides)
+
+    async def serve() -> None:
+        standin = StandIn(scenario)
+        await standin.start(args.host, args.port)
+        print(json.dumps({"url": standin.url, "root": standin.root, "token": scenario.token,
+                          "slack": standin.root + "/_slack"}), flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1960 @@
+#!/usr/bin/env python3
+"""tracker — collects return orders from the partner's feed, tracks each pickup by its
+waybill until the courier has collected it, and reports every collected order item to the
+partner's results endpoint: exactly once in effect, never lost, never early.
+
+The partner's contract is ../shared/partner-api.md. State lives in one SQLite file; every
+state transition is committed before it is acted on, so kill -9 at any instant loses nothing.
+
+    python tracker.py run    [--config PATH]   the daemon
+    python tracker.py once   [--config PATH]   one pass over what is due now, then exit
+    python tracker.py status [--config PATH]   what the state store holds, for a terminal
+    python tracker.py demo                     the whole pipeline against the partner stand-in
+"""
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import enum
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sqlite3
+import sys
+import time
+import tomllib
+import typing
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiosqlite
+import prometheus_client
+import structlog
+from aiohttp import web
+
+VERSION = "0.1.0"
+USER_AGENT = f"returns-tracker/{VERSION}"
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# Configuration — config.toml, overridden by the environment and systemd credentials.
+# A wrong value stops the start with one line naming the key; nothing is started.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+ENV_TOKEN = "TRACKER_PARTNER_TOKEN"
+ENV_WEBHOOK = "TRACKER_SLACK_WEBHOOK_URL"
+CREDENTIAL_TOKEN_FILE = "partner_token"
+
+
+class ConfigError(Exception):
+    """A config value that cannot be used. `key` is the dotted TOML key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclasses.dataclass(frozen=True)
+class PartnerConfig:
+    base_url: str
+    token: str = dataclasses.field(default="", repr=False)
+    timeout_s: float = 10.0
+    page_size: int = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageConfig:
+    path: str = "tracker.db"
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:9108"
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class SlackConfig:
+    webhook_url: str = dataclasses.field(default="", repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    returns_every_s: float = 30.0
+    track_every_s: float = 900.0
+    stale_after_s: float = 259200.0
+    retry_base_s: float = 1.0
+    retry_max_s: float = 300.0
+    shutdown_grace_s: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitsConfig:
+    concurrency: int = 16
+    rate_per_s: float = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    partner: PartnerConfig
+    storage: StorageConfig = StorageConfig()
+    http: HttpConfig = HttpConfig()
+    slack: SlackConfig = SlackConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    limits: LimitsConfig = LimitsConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(s for s in (self.partner.token, self.slack.webhook_url) if s)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read, type-check, override from the environment and validate. Raises ConfigError."""
+    env = os.environ if env is None else env
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"not valid TOML: {exc}") from None
+    config = _typed_config(raw)
+    config = _apply_overrides(config, env)
+    _validate(config)
+    storage = Path(config.storage.path)
+    if not storage.is_absolute():  # relative to the config file, not to wherever we were started
+        storage = path.resolve().parent / storage
+    return dataclasses.replace(config, storage=StorageConfig(path=str(storage)))
+
+
+def _typed_config(raw: dict[str, Any]) -> Config:
+    sections: dict[str, Any] = {}
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    for name in raw:
+        if name not in known:
+            raise ConfigError(name, "unknown section")
+    for name, field in known.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(name, "must be a table ([" + name + "])")
+        section_cls = typing.get_type_hints(Config)[name]
+        sections[name] = _typed_section(name, section_cls, table)
+    return Config(**sections)
+
+
+def _typed_section(section: str, cls: type, table: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"{section}.{key}", "unknown key")
+        values[key] = _typed_value(f"{section}.{key}", hints[key], value)
+    for name, field in fields.items():
+        no_default = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if name not in values and no_default:
+            raise ConfigError(f"{section}.{name}", "missing required value")
+    return cls(**values)
+
+
+def _typed_value(key: str, kind: type, value: Any) -> Any:
+    if kind is float:  # seconds accept fractions and whole numbers alike
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(key, "must be a finite number")
+        return float(value)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected a whole number, got {_describe(value)}")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported config type {kind!r}")  # a programming error, not user input
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {json.dumps(value, default=str)[:40]}"
+
+
+def _apply_overrides(config: Config, env: Mapping[str, str]) -> Config:
+    partner, slack = config.partner, config.slack
+    if env.get(ENV_TOKEN):
+        partner = dataclasses.replace(partner, token=env[ENV_TOKEN].strip())
+    credentials = env.get("CREDENTIALS_DIRECTORY")
+    if credentials:  # systemd LoadCredential= wins: it is the most specific source
+        token_file = Path(credentials) / CREDENTIAL_TOKEN_FILE
+        try:
+            partner = dataclasses.replace(partner, token=token_file.read_text(encoding="utf-8").strip())
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("partner.token", f"cannot read credential {token_file}: {exc}") from None
+    if env.get(ENV_WEBHOOK):
+        slack = dataclasses.replace(slack, webhook_url=env[ENV_WEBHOOK].strip())
+    return dataclasses.replace(config, partner=partner, slack=slack)
+
+
+def _validate(config: Config) -> None:
+    _require_http_url("partner.base_url", config.partner.base_url)
+    if not config.partner.token:
+        raise ConfigError(
+            "partner.token",
+            f"missing required value (set {ENV_TOKEN}, a systemd credential "
+            f"'{CREDENTIAL_TOKEN_FILE}', or partner.token)",
+        )
+    if any(c.isspace() for c in config.partner.token):
+        raise ConfigError("partner.token", "must not contain white space")
+    _require_range("partner.timeout_s", config.partner.timeout_s, 0.05, 300)
+    _require_range("partner.page_size", config.partner.page_size, 1, 500)
+    if not config.storage.path:
+        raise ConfigError("storage.path", "must not be empty")
+    _validate_listen(config.http.listen)
+    if config.slack.webhook_url:
+        _require_http_url("slack.webhook_url", config.slack.webhook_url)
+    schedule = config.schedule
+    for name in ("returns_every_s", "track_every_s", "retry_base_s", "retry_max_s"):
+        _require_range(f"schedule.{name}", getattr(schedule, name), 0.01, 7 * 86400)
+    _require_range("schedule.stale_after_s", schedule.stale_after_s, 0.1, 365 * 86400)
+    _require_range("schedule.shutdown_grace_s", schedule.shutdown_grace_s, 0.1, 60)
+    if schedule.retry_max_s < schedule.retry_base_s:
+        raise ConfigError("schedule.retry_max_s", "must not be below schedule.retry_base_s")
+    _require_range("limits.concurrency", config.limits.concurrency, 1, 1000)
+    _require_range("limits.rate_per_s", config.limits.rate_per_s, 0.01, 100000)
+    if config.log.level not in LOG_LEVELS:
+        raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+
+
+def _require_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(key, f"must be between {low:g} and {high:g}, got {value:g}")
+
+
+def _require_http_url(key: str, value: str) -> None:
+    try:
+        url = aiohttp.client.URL(value)
+    except (ValueError, TypeError):
+        raise ConfigError(key, "not a valid URL") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(key, "must be an http:// or https:// URL with a host")
+
+
+def _validate_listen(listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError("http.listen", f'expected "host:port", got "{listen}"')
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# Storage — the schema and every SQL statement. Two connections: the committer's writer (one
+# transaction per batch of transitions, nothing interleaves) and a reader for due-work queries.
+# WAL + synchronous=NORMAL: a kill -9 loses nothing committed; a power cut may lose the last
+# commits, and every one of them is redone idempotently (page re-read and deduplicated, box
+# re-checked, report re-sent and settled by the partner's 409).
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+
+class BoxState(enum.StrEnum):
+    TRACKING = "tracking"  # polled until a terminal status
+    DELIVERED = "delivered"  # courier collected it; its items' reports are queued
+    CANCELLED = "cancelled"  # customer withdrew; nothing to report
+    STALE = "stale"  # carrier never registered the waybill; needs a person
+
+
+class ReportState(enum.StrEnum):
+    PENDING = "pending"  # queued, not yet acknowledged by the partner
+    DONE = "done"  # partner answered 200 (recorded) or 409 (recorded earlier)
+    DEAD = "dead"  # partner answered 422: resending the same body cannot help
+
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS returns (
+    id                TEXT PRIMARY KEY,
+    order_number      TEXT NOT NULL,
+    order_item_number TEXT NOT NULL,
+    shipment_number   TEXT NOT NULL,
+    requested_at      TEXT,
+    seen_at           REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS returns_by_shipment ON returns (shipment_number);
+CREATE TABLE IF NOT EXISTS boxes (
+    shipment_number TEXT PRIMARY KEY,
+    state           TEXT NOT NULL,
+    next_check_at   REAL,
+    first_seen_at   REAL NOT NULL,
+    checks          INTEGER NOT NULL DEFAULT 0,
+    not_found       INTEGER NOT NULL DEFAULT 0,
+    errors          INTEGER NOT NULL DEFAULT 0,
+    registered_at   REAL,
+    last_status     TEXT,
+    delivered_at    TEXT,
+    closed_at       REAL,
+    last_error      TEXT
+);
+CREATE INDEX IF NOT EXISTS boxes_due ON boxes (next_check_at) WHERE state = 'tracking';
+CREATE INDEX IF NOT EXISTS boxes_by_state ON boxes (state);
+CREATE TABLE IF NOT EXISTS reports (
+    return_id         TEXT PRIMARY KEY,
+    order_number      TEXT NOT NULL,
+    order_item_number TEXT NOT NULL,
+    shipment_number   TEXT NOT NULL,
+    collected_at      TEXT NOT NULL,
+    state             TEXT NOT NULL,
+    attempts          INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at   REAL,
+    queued_at         REAL NOT NULL,
+    done_at           REAL,
+    outcome           TEXT,
+    last_error        TEXT
+);
+CREATE INDEX IF NOT EXISTS reports_due ON reports (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS reports_by_state ON reports (state);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id          INTEGER PRIMARY KEY,
+    fingerprint TEXT NOT NULL UNIQUE,
+    return_id   TEXT,
+    reason      TEXT NOT NULL,
+    raw         TEXT NOT NULL,
+    seen_at     REAL NOT NULL,
+    resolved_at REAL
+);
+CREATE INDEX IF NOT EXISTS quarantine_open ON quarantine (return_id) WHERE resolved_at IS NULL;
+CREATE TABLE IF NOT EXISTS unknown_statuses (
+    status        TEXT PRIMARY KEY,
+    first_seen_at REAL NOT NULL,
+    last_seen_at  REAL NOT NULL,
+    seen          INTEGER NOT NULL
+);
+"""
+
+FEED_CURSOR_KEY = "feed_cursor"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReturnItem:
+    id: str
+    order_number: str
+    order_item_number: str
+    shipment_number: str
+    requested_at: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuarantinedItem:
+    return_id: str | None
+    reason: str
+    raw: str
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.raw.encode("utf-8", "replace")).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedPage:
+    """One page of the feed, committed with the cursor that follows it — all or nothing."""
+
+    items: tuple[ReturnItem, ...]
+    quarantined: tuple[QuarantinedItem, ...]
+    next_cursor: str | None
+    has_more: bool
+    first_checks: tuple[tuple[str, float], ...] = ()  # (shipment, when) for boxes not seen before
+
+
+@dataclasses.dataclass(frozen=True)
+class DueBox:
+    shipment_number: str
+    first_seen_at: float
+    not_found: int
+    errors: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxUpdate:
+    """The outcome of one tracking call; applied only while the box is still being tracked."""
+
+    shipment_number: str
+    state: BoxState
+    next_check_at: float | None
+    not_found: int
+    errors: int
+    registered: bool
+    last_status: str | None = None
+    delivered_at: str | None = None
+    last_error: str | None = None
+    unknown_status: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DueReport:
+    return_id: str
+    order_number: str
+    order_item_number: str
+    shipment_number: str
+    collected_at: str
+    attempts: int
+
+    def body(self) -> dict[str, str]:
+        return {
+            "order_number": self.order_number,
+            "order_item_number": self.order_item_number,
+            "shipment_number": self.shipment_number,
+            "result": "collected",
+            "collected_at": self.collected_at,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportUpdate:
+    return_id: str
+    state: ReportState
+    next_attempt_at: float | None
+    outcome: str | None
+    last_error: str | None
+
+
+Transition = FeedPage | BoxUpdate | ReportUpdate
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitResult:
+    returns_added: int = 0
+    quarantined_added: int = 0
+    reports_queued: int = 0
+
+
+class Store:
+    """All SQL lives here. Callers hand transitions to `commit`; reads go through the reader."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, path: str) -> None:
+        self._writer = writer
+        self._reader = reader
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: str, *, readonly: bool = False) -> "Store":
+        if readonly:
+            if not Path(path).exists():
+                raise FileNotFoundError(path)
+            reader = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            await reader.execute("PRAGMA busy_timeout = 5000")
+            return cls(reader, reader, path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # the file holds customer data: owner only
+        os.close(fd)
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        for pragma in (
+            "PRAGMA journal_mode = WAL",
+            "PRAGMA synchronous = NORMAL",
+            "PRAGMA busy_timeout = 5000",
+            "PRAGMA foreign_keys = ON",
+        ):
+            await writer.execute(pragma)
+        await writer.executescript(SCHEMA)
+        await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        reader = await aiosqlite.connect(path, isolation_level=None)
+        await reader.execute("PRAGMA busy_timeout = 5000")
+        return cls(writer, reader, path)
+
+    async def close(self) -> None:
+        await self._reader.close()
+        if self._writer is not self._reader:
+            await self._writer.close()
+
+    # ── writes: one transaction per batch of transitions ────────────────────────────────────
+
+    async def commit(self, transitions: Sequence[Transition], now: float) -> CommitResult:
+        pages = [t for t in transitions if isinstance(t, FeedPage)]
+        boxes = [t for t in transitions if isinstance(t, BoxUpdate)]
+        reports = [t for t in transitions if isinstance(t, ReportUpdate)]
+        await self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            added = quarantined = queued = 0
+            for page in pages:
+                a, q, r = await self._write_page(page, now)
+                added, quarantined, queued = added + a, quarantined + q, queued + r
+            if boxes:
+                queued += await self._write_box_updates(boxes, now)
+            if reports:
+                await self._write_report_updates(reports, now)
+            await self._writer.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+        return CommitResult(added, quarantined, queued)
+
+    async def _rollback(self) -> None:
+        try:
+            await self._writer.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the failed statement may already have ended the transaction
+
+    async def _write_page(self, page: FeedPage, now: float) -> tuple[int, int, int]:
+        w = self._writer
+        cur = await w.executemany(
+            "INSERT INTO returns (id, order_number, order_item_number, shipment_number, requested_at, seen_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            [(i.id, i.order_number, i.order_item_number, i.shipment_number, i.requested_at, now) for i in page.items],
+        )
+        added = max(cur.rowcount, 0)
+        await w.executemany(
+            "INSERT INTO boxes (shipment_number, state, next_check_at, first_seen_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (shipment_number) DO NOTHING",
+            [(s, BoxState.TRACKING.value, t, now) for s, t in page.first_checks],
+        )
+        # An item that joins a box already delivered is reportable at once; never before.
+        cur = await w.executemany(
+            "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
+            " state, next_attempt_at, queued_at)"
+            " SELECT r.id, r.order_number, r.order_item_number, r.shipment_number, b.delivered_at, ?, ?, ?"
+            " FROM returns r JOIN boxes b ON b.shipment_number = r.shipment_number"
+            " WHERE r.id = ? AND b.state = ? ON CONFLICT (return_id) DO NOTHING",
+            [(ReportState.PENDING.value, now, now, i.id, BoxState.DELIVERED.value) for i in page.items],
+        )
+        queued = max(cur.rowcount, 0)
+        await w.executemany(
+            "UPDATE quarantine SET resolved_at = ? WHERE return_id = ? AND resolved_at IS NULL",
+            [(now, i.id) for i in page.items],
+        )
+        cur = await w.executemany(
+            "INSERT INTO quarantine (fingerprint, return_id, reason, raw, seen_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (fingerprint) DO NOTHING",
+            [(q.fingerprint, q.return_id, q.reason, q.raw, now) for q in page.quarantined],
+        )
+        quarantined = max(cur.rowcount, 0)
+        if page.next_cursor is not None:
+            await w.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (FEED_CURSOR_KEY, page.next_cursor),
+            )
+        return added, quarantined, queued
+
+    async def _write_box_updates(self, updates: Sequence[BoxUpdate], now: float) -> int:
+        w = self._writer
+        await w.executemany(
+            "UPDATE boxes SET state = ?, next_check_at = ?, checks = checks + 1, not_found = ?, errors = ?,"
+            " registered_at = CASE WHEN ? THEN COALESCE(registered_at, ?) ELSE registered_at END,"
+            " last_status = COALESCE(?, last_status), delivered_at = COALESCE(?, delivered_at),"
+            " closed_at = ?, last_error = ?"
+            " WHERE shipment_number = ? AND state = ?",
+            [
+                (
+                    u.state.value,
+                    u.next_check_at,
+                    u.not_found,
+                    u.errors,
+                    u.registered,
+                    now,
+                    u.last_status,
+                    u.delivered_at,
+                    None if u.state is BoxState.TRACKING else now,
+                    u.last_error,
+                    u.shipment_number,
+                    BoxState.TRACKING.value,
+                )
+                for u in updates
+            ],
+        )
+        delivered = [u for u in updates if u.state is BoxState.DELIVERED]
+        cur = await w.executemany(
+            "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
+            " state, next_attempt_at, queued_at)"
+            " SELECT id, order_number, order_item_number, shipment_number, ?, ?, ?, ?"
+            " FROM returns WHERE shipment_number = ? ON CONFLICT (return_id) DO NOTHING",
+            [(u.delivered_at, ReportState.PENDING.value, now, now, u.shipment_number) for u in delivered],
+        )
+        unknown = [u.unknown_status for u in updates if u.unknown_status]
+        await w.executemany(
+            "INSERT INTO unknown_statuses (status, first_seen_at, last_seen_at, seen) VALUES (?, ?, ?, 1)"
+            " ON CONFLICT (status) DO UPDATE SET last_seen_at = excluded.last_seen_at, seen = seen + 1",
+            [(s, now, now) for s in unknown],
+        )
+        return max(cur.rowcount, 0) if delivered else 0
+
+    async def _write_report_updates(self, updates: Sequence[ReportUpdate], now: float) -> None:
+        await self._writer.executemany(
+            "UPDATE reports SET state = ?, attempts = attempts + 1, next_attempt_at = ?, outcome = ?,"
+            " last_error = ?, done_at = ? WHERE return_id = ? AND state = ?",
+            [
+                (
+                    u.state.value,
+                    u.next_attempt_at,
+                    u.outcome,
+                    u.last_error,
+                    None if u.state is ReportState.PENDING else now,
+                    u.return_id,
+                    ReportState.PENDING.value,
+                )
+                for u in updates
+            ],
+        )
+
+    # ── reads for the stages ────────────────────────────────────────────────────────────────
+
+    async def feed_cursor(self) -> str | None:
+        rows = await self._rows("SELECT value FROM meta WHERE key = ?", (FEED_CURSOR_KEY,))
+        return rows[0][0] if rows else None
+
+    async def due_boxes(self, now: float, limit: int) -> list[DueBox]:
+        rows = await self._rows(
+            "SELECT shipment_number, first_seen_at, not_found, errors FROM boxes"
+            " WHERE state = ? AND next_check_at <= ? ORDER BY next_check_at LIMIT ?",
+            (BoxState.TRACKING.value, now, limit),
+        )
+        return [DueBox(*row) for row in rows]
+
+    async def next_box_due_at(self) -> float | None:
+        rows = await self._rows("SELECT MIN(next_check_at) FROM boxes WHERE state = ?", (BoxState.TRACKING.value,))
+        return rows[0][0]
+
+    async def due_reports(self, now: float, limit: int) -> list[DueReport]:
+        rows = await self._rows(
+            "SELECT return_id, order_number, order_item_number, shipment_number, collected_at, attempts"
+            " FROM reports WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+            (ReportState.PENDING.value, now, limit),
+        )
+        return [DueReport(*row) for row in rows]
+
+    async def next_report_due_at(self) -> float | None:
+        rows = await self._rows("SELECT MIN(next_attempt_at) FROM reports WHERE state = ?", (ReportState.PENDING.value,))
+        return rows[0][0]
+
+    # ── reads for `status` and the demo ─────────────────────────────────────────────────────
+
+    async def counts(self) -> dict[str, int]:
+        """Totals by kind and state, e.g. {"returns": 10, "boxes.tracking": 3, "reports.done": 7}."""
+        counts: dict[str, int] = {}
+        queries = (
+            ("returns", "SELECT 'all', COUNT(*) FROM returns"),
+            ("boxes", "SELECT state, COUNT(*) FROM boxes GROUP BY state"),
+            ("reports", "SELECT state, COUNT(*) FROM reports GROUP BY state"),
+            ("quarantine", "SELECT 'open', COUNT(*) FROM quarantine WHERE resolved_at IS NULL"),
+            ("unknown_statuses", "SELECT 'all', COUNT(*) FROM unknown_statuses"),
+        )
+        for kind, sql in queries:
+            for state, n in await self._rows(sql, ()):
+                counts[kind if state == "all" else f"{kind}.{state}"] = n
+        return counts
+
+    async def oldest_pending_reports(self, limit: int) -> list[tuple[str, str, float, int, str | None]]:
+        return await self._rows(
+            "SELECT return_id, shipment_number, queued_at, attempts, last_error FROM reports"
+            " WHERE state = ? ORDER BY queued_at LIMIT ?",
+            (ReportState.PENDING.value, limit),
+        )
+
+    async def oldest_tracking_boxes(self, limit: int) -> list[tuple[str, float, str | None, int]]:
+        return await self._rows(
+            "SELECT shipment_number, first_seen_at, last_status, checks FROM boxes"
+            " WHERE state = ? ORDER BY first_seen_at LIMIT ?",
+            (BoxState.TRACKING.value, limit),
+        )
+
+    async def open_quarantine(self, limit: int) -> list[tuple[str | None, str, str, float]]:
+        return await self._rows(
+            "SELECT return_id, reason, raw, seen_at FROM quarantine WHERE resolved_at IS NULL"
+            " ORDER BY seen_at LIMIT ?",
+            (limit,),
+        )
+
+    async def dead_reports(self, limit: int) -> list[tuple[str, str, str | None, float]]:
+        return await self._rows(
+            "SELECT return_id, shipment_number, last_error, done_at FROM reports WHERE state = ?"
+            " ORDER BY done_at LIMIT ?",
+            (ReportState.DEAD.value, limit),
+        )
+
+    async def stale_boxes(self, limit: int) -> list[tuple[str, float, int]]:
+        return await self._rows(
+            "SELECT b.shipment_number, b.first_seen_at,"
+            " (SELECT COUNT(*) FROM returns r WHERE r.shipment_number = b.shipment_number)"
+            " FROM boxes b WHERE b.state = ? ORDER BY b.first_seen_at LIMIT ?",
+            (BoxState.STALE.value, limit),
+        )
+
+    async def unknown_statuses(self) -> list[tuple[str, int, float]]:
+        return await self._rows("SELECT status, seen, last_seen_at FROM unknown_statuses ORDER BY status", ())
+
+    async def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        # One thread hop that runs the statement to its end. A statement left open across hops
+        # (execute, then fetch, then close) holds its read snapshot, and a query another stage
+        # runs meanwhile on this connection would see that stale snapshot.
+        return [tuple(row) for row in await self._reader.execute_fetchall(sql, params)]
+
+
+class InstanceLock:
+    """One daemon per state file: a second one would double every partner call."""
+
+    def __init__(self, db_path: str) -> None:
+        self._path = db_path + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"another tracker is already running on {self._path[:-5]}") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# Partner client — one aiohttp session, a cap on calls in flight, a rate cap per endpoint, a
+# timeout on every call. It never raises for what the partner does: every answer, silence or
+# garbage becomes a Reply whose `outcome` the stages act on.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+
+class Endpoint(enum.StrEnum):
+    RETURNS = "returns"
+    TRACKING = "tracking"
+    RESULTS = "results"
+
+
+class Outcome(enum.StrEnum):
+    OK = "ok"  # 200 with a JSON body
+    NOT_FOUND = "not_found"  # 404
+    CONFLICT = "conflict"  # 409
+    REFUSED = "refused"  # 422
+    UNAUTHORIZED = "unauthorized"  # 401: the token is wrong or revoked
+    RATE_LIMITED = "rate_limited"  # 429
+    SERVER_ERROR = "server_error"  # 5xx
+    CLIENT_ERROR = "client_error"  # any other 4xx
+    TIMEOUT = "timeout"
+    CONNECTION = "connection"  # refused, reset, closed mid-body
+    GARBLED = "garbled"  # 200 whose body is not JSON, or too large
+
+
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a feed page of 500 items is ~100 KB; anything near this is broken
+MAX_RETRY_AFTER_S = 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    endpoint: Endpoint
+    outcome: Outcome
+    status: int | None  # None when no HTTP answer arrived
+    body: Any  # parsed JSON for 200 (None otherwise unless the error body parsed)
+    retry_after: float | None
+    latency_s: float
+    detail: str = ""  # short, secret-free description for logs and alerts
+
+    @property
+    def transient(self) -> bool:
+        return self.outcome in TRANSIENT_OUTCOMES
+
+
+TRANSIENT_OUTCOMES = frozenset(
+    {Outcome.RATE_LIMITED, Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION, Outcome.GARBLED}
+)
+
+
+class RateLimiter:
+    """Spaces calls at 1/rate seconds; `pause` holds every caller until a Retry-After passes."""
+
+    def __init__(self, rate_per_s: float) -> None:
+        self.interval = 1.0 / rate_per_s
+        self._next = 0.0
+        self._paused_until = 0.0
+
+    def pause(self, seconds: float) -> None:
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    async def acquire(self) -> None:
+        while (wait := self._paused_until - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        now = time.monotonic()
+        slot = max(now, self._next)
+        self._next = slot + self.interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After is seconds or an HTTP date; anything else is ignored rather than trusted."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = dt.datetime.strptime(value.strip(), "%a, %d %b %Y %H:%M:%S GMT").replace(tzinfo=dt.UTC)
+        except ValueError:
+            return None
+        seconds = (when - dt.datetime.now(dt.UTC)).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+class PartnerClient:
+    def __init__(self, config: Config, session: aiohttp.ClientSession, metrics: "Metrics") -> None:
+        self._base = config.partner.base_url.rstrip("/")
+        self._token = config.partner.token
+        self._timeout = config.partner.timeout_s
+        self._session = session
+        self._metrics = metrics
+        self._slots = asyncio.Semaphore(config.limits.concurrency)
+        self.limiters = {e: RateLimiter(config.limits.rate_per_s) for e in Endpoint}
+
+    async def returns_page(self, cursor: str | None, limit: int) -> Reply:
+        params = {"limit": str(limit)}
+        if cursor is not None:
+            params["cursor"] = cursor
+        return await self._call(Endpoint.RETURNS, "GET", "/returns", params=params)
+
+    async def tracking(self, shipment_number: str) -> Reply:
+        return await self._call(
+            Endpoint.TRACKING, "GET", "/tracking", params={"shipment_number": shipment_number}
+        )
+
+    async def post_result(self, report: DueReport) -> Reply:
+        return await self._call(
+            Endpoint.RESULTS, "POST", "/results", json_body=report.body(),
+            headers={"Idempotency-Key": report.return_id},
+        )
+
+    async def _call(
+        self,
+        endpoint: Endpoint,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        json_body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        limiter = self.limiters[endpoint]
+        await limiter.acquire()
+        async with self._slots:
+            self._metrics.partner_in_flight.labels(endpoint.value).inc()
+            started = time.monotonic()
+            try:
+                reply = await self._exchange(endpoint, method, path, params, json_body, headers, started)
+            finally:
+                self._metrics.partner_in_flight.labels(endpoint.value).dec()
+        if reply.outcome is Outcome.RATE_LIMITED or (reply.retry_after and reply.status == 503):
+            limiter.pause(reply.retry_after or 1.0)
+        self._metrics.partner_calls.labels(endpoint.value, reply.outcome.value).inc()
+        self._metrics.partner_latency.labels(endpoint.value).observe(reply.latency_s)
+        return reply
+
+    async def _exchange(
+        self,
+        endpoint: Endpoint,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        json_body: dict[str, Any] | None,
+        headers: dict[str, str] | None,
+        started: float,
+    ) -> Reply:
+        def reply(outcome: Outcome, status: int | None, body: Any = None, retry_after: float | None = None,
+                  detail: str = "") -> Reply:
+            return Reply(endpoint, outcome, status, body, retry_after, time.monotonic() - started, detail)
+
+        all_headers = {"Authorization": f"Bearer {self._token}", "User-Agent": USER_AGENT, **(headers or {})}
+        try:
+            async with asyncio.timeout(self._timeout):  # covers connect, headers and the whole body
+                async with self._session.request(
+                    method, self._base + path, params=params, json=json_body, headers=all_headers
+                ) as resp:
+                    raw = await _read_capped(resp)
+                    status = resp.status
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        except TimeoutError:
+            return reply(Outcome.TIMEOUT, None, detail=f"no answer within {self._timeout:g}s")
+        except _BodyTooLarge:
+            return reply(Outcome.GARBLED, None, detail=f"body larger than {MAX_BODY_BYTES} bytes")
+        except (aiohttp.ClientError, OSError) as exc:
+            return reply(Outcome.CONNECTION, None, detail=type(exc).__name__)
+        body = _parse_json(raw)
+        if status == 200:
+            if body is _NOT_JSON:
+                return reply(Outcome.GARBLED, status, detail=f"200 with non-JSON body ({len(raw)} bytes)")
+            return reply(Outcome.OK, status, body)
+        outcome = _outcome_for_status(status)
+        error = body.get("error") if isinstance(body, dict) else None
+        detail = f"{status} {str(error)[:200]}" if isinstance(error, str) else f"{status}"
+        return reply(outcome, status, None if body is _NOT_JSON else body, retry_after, detail)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+_NOT_JSON = object()
+
+
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    """Read the body, refusing one over MAX_BODY_BYTES without holding it all in memory."""
+    if resp.content_length is not None and resp.content_length > MAX_BODY_BYTES:
+        raise _BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON
+        return _NOT_JSON
+
+
+def _outcome_for_status(status: int) -> Outcome:
+    if status == 404:
+        return Outcome.NOT_FOUND
+    if status == 409:
+        return Outcome.CONFLICT
+    if status == 422:
+        return Outcome.REFUSED
+    if status == 401:
+        return Outcome.UNAUTHORIZED
+    if status == 429:
+        return Outcome.RATE_LIMITED
+    if status >= 500:
+        return Outcome.SERVER_ERROR
+    if 200 <= status < 300:
+        return Outcome.GARBLED  # a 2xx we were not promised: treat the answer as unusable
+    return Outcome.CLIENT_ERROR
+
+
+def retry_delay(attempt: int, base_s: float, max_s: float, retry_after: float | None) -> float:
+    """Exponential backoff with full jitter (spreads retries of a burst), never before Retry-After."""
+    ceiling = min(max_s, base_s * 2 ** min(attempt, 30))
+    return max(retry_after or 0.0, random.uniform(base_s / 2, ceiling))
+
+
+def jittered(seconds: float, spread: float = 0.2) -> float:
+    return seconds * random.uniform(1 - spread, 1 + spread)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# The stages — collect (feed → returns and boxes), track (box → terminal status), report
+# (outbox → partner). Each decision is a pure function of the partner's answer; the stage
+# commits it through the Committer before anything acts on it.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+
+class GarbledAnswer(Exception):
+    """A 200 whose body does not follow the contract. The message says what was wrong."""
+
+
+class PickupStatus(enum.StrEnum):
+    REQUESTED = "requested"
+    ASSIGNED = "assigned"
+    PICKING_UP = "picking_up"
+    DELIVERED = "delivered"
+    CANCELLED = "cancelled"
+
+
+KNOWN_STATUSES = frozenset(s.value for s in PickupStatus)
+RETURN_FIELDS = ("id", "order_number", "order_item_number", "shipment_number")
+MAX_FIELD_CHARS = 128
+MAX_STATUS_CHARS = 64
+QUARANTINE_RAW_CHARS = 2000
+NOT_FOUND_GROWTH_CAP = 16  # a 404'd box is re-asked at most every 16 × track_every_s
+UNAUTHORIZED_RETRY_S = 10.0
+COMMIT_BATCH_MAX = 1000
+
+
+def parse_returns_page(body: Any, sent_cursor: str | None, now: float, first_check_in_s: float) -> FeedPage:
+    """Split a feed page into usable items and quarantined ones. Raises GarbledAnswer only when
+    the page itself is unusable (then the cursor must not move)."""
+    if not isinstance(body, dict):
+        raise GarbledAnswer(f"page is {type(body).__name__}, not an object")
+    data = body.get("data")
+    if not isinstance(data, list):
+        raise GarbledAnswer(f"data is {type(data).__name__}, not a list")
+    has_more = body.get("has_more", False)
+    if not isinstance(has_more, bool):
+        raise GarbledAnswer("has_more is not a boolean")
+    next_cursor = body.get("next_cursor")
+    if next_cursor is not None and not isinstance(next_cursor, str):
+        raise GarbledAnswer("next_cursor is not a string")
+    if not next_cursor:
+        if data:
+            raise GarbledAnswer("items without a next_cursor")
+        next_cursor = None
+    if not data and next_cursor in (None, sent_cursor):
+        has_more = False  # an empty page that does not move cannot have more behind it
+    items: list[ReturnItem] = []
+    quarantined: list[QuarantinedItem] = []
+    for raw in data:
+        checked = validate_return(raw)
+        (items if isinstance(checked, ReturnItem) else quarantined).append(checked)
+    first_checks: dict[str, float] = {}
+    for item in items:  # spread a burst's first checks over an interval instead of all at once
+        first_checks.setdefault(item.shipment_number, now + jittered(first_check_in_s, 0.5))
+    return FeedPage(tuple(items), tuple(quarantined), next_cursor, has_more, tuple(first_checks.items()))
+
+
+def validate_return(raw: Any) -> ReturnItem | QuarantinedItem:
+    if not isinstance(raw, dict):
+        return _quarantine(raw, None, f"item is {type(raw).__name__}, not an object")
+    return_id = raw.get("id") if isinstance(raw.get("id"), str) and raw.get("id") else None
+    for name in RETURN_FIELDS:
+        value = raw.get(name)
+        if name not in raw:
+            return _quarantine(raw, return_id, f"{name} is missing")
+        if not isinstance(value, str):
+            return _quarantine(raw, return_id, f"{name} is {'null' if value is None else type(value).__name__}")
+        if not value.strip():
+            return _quarantine(raw, return_id, f"{name} is empty")
+        if len(value) > MAX_FIELD_CHARS or not value.isprintable():
+            return _quarantine(raw, return_id, f"{name} is too long or unprintable")
+    requested_at = raw.get("requested_at")
+    return ReturnItem(
+        id=raw["id"],
+        order_number=raw["order_number"],
+        order_item_number=raw["order_item_number"],
+        shipment_number=raw["shipment_number"],
+        requested_at=requested_at[:MAX_FIELD_CHARS] if isinstance(requested_at, str) else None,
+    )
+
+
+def _quarantine(raw: Any, return_id: str | None, reason: str) -> QuarantinedItem:
+    try:
+        text = json.dumps(raw, ensure_ascii=False, sort_keys=True)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(raw)
+    if return_id is not None and len(return_id) > MAX_FIELD_CHARS:
+        return_id = return_id[:MAX_FIELD_CHARS]
+    return QuarantinedItem(return_id, reason, text[:QUARANTINE_RAW_CHARS])
+
+
+def parse_tracking(body: Any, shipment_number: str) -> tuple[str, str | None]:
+    """The current status (the last history entry) and its updated_at. Raises GarbledAnswer."""
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        raise GarbledAnswer("no status history list")
+    if not body["data"]:
+        raise GarbledAnswer("empty status history")
+    last = body["data"][-1]
+    if not isinstance(last, dict):
+        raise GarbledAnswer("history entry is not an object")
+    status = last.get("return_status")
+    if not isinstance(status, str) or not status or len(status) > MAX_STATUS_CHARS or not status.isprintable():
+        raise GarbledAnswer("return_status is not a short string")
+    if last.get("shipment_number", shipment_number) != shipment_number:
+        raise GarbledAnswer("history belongs to another shipment")
+    updated_at = last.get("updated_at")
+    if status == PickupStatus.DELIVERED and not _is_timestamp(updated_at):
+        raise GarbledAnswer("delivered without a valid updated_at")
+    return status, updated_at if isinstance(updated_at, str) else None
+
+
+def _is_timestamp(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) > MAX_FIELD_CHARS:
+        return False
+    try:
+        dt.datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def decide_box_update(box: DueBox, reply: Reply, now: float, schedule: ScheduleConfig) -> BoxUpdate:
+    """What one tracking answer means for a box. Pure: no I/O, no clock but `now`."""
+    if reply.outcome is Outcome.OK:
+        try:
+            status, updated_at = parse_tracking(reply.body, box.shipment_number)
+        except GarbledAnswer as exc:
+            return _box_retry(box, now, schedule, reply, f"garbled: {exc}")
+        if status == PickupStatus.DELIVERED:
+            return BoxUpdate(box.shipment_number, BoxState.DELIVERED, None, 0, 0, True, status, updated_at)
+        if status == PickupStatus.CANCELLED:
+            return BoxUpdate(box.shipment_number, BoxState.CANCELLED, None, 0, 0, True, status)
+        return BoxUpdate(
+            box.shipment_number, BoxState.TRACKING, now + jittered(schedule.track_every_s), 0, 0, True, status,
+            unknown_status=None if status in KNOWN_STATUSES else status,
+        )
+    if reply.outcome is Outcome.NOT_FOUND:
+        not_found = box.not_found + 1
+        stale_at = box.first_seen_at + schedule.stale_after_s
+        if now >= stale_at:
+            return BoxUpdate(box.shipment_number, BoxState.STALE, None, not_found, 0, False,
+                             last_error="unknown to the carrier")
+        growth = min(2 ** (not_found - 1), NOT_FOUND_GROWTH_CAP)
+        next_check = min(now + jittered(schedule.track_every_s * growth), stale_at)
+        return BoxUpdate(box.shipment_number, BoxState.TRACKING, next_check, not_found, 0, False)
+    return _box_retry(box, now, schedule, reply, reply.detail or reply.outcome.value)
+
+
+def _box_retry(box: DueBox, now: float, schedule: ScheduleConfig, reply: Reply, error: str) -> BoxUpdate:
+    errors = box.errors + 1
+    delay = retry_delay(errors, schedule.retry_base_s, schedule.retry_max_s, reply.retry_after)
+    if reply.outcome is Outcome.UNAUTHORIZED:
+        delay = max(delay, UNAUTHORIZED_RETRY_S)
+    return BoxUpdate(box.shipment_number, BoxState.TRACKING, now + delay, box.not_found, errors, False,
+                     last_error=f"{reply.outcome.value}: {error}"[:500])
+
+
+def decide_report_update(report: DueReport, reply: Reply, now: float, schedule: ScheduleConfig) -> ReportUpdate:
+    """What one results answer means for a report. 200/409 settle it, 422 kills it, the rest retry."""
+    if reply.outcome is Outcome.OK and reply.body == {"data": {"result": True}}:
+        return ReportUpdate(report.return_id, ReportState.DONE, None, "recorded", None)
+    if reply.outcome is Outcome.CONFLICT:
+        return ReportUpdate(report.return_id, ReportState.DONE, None, "duplicate", None)
+    if reply.outcome is Outcome.REFUSED:
+        return ReportUpdate(report.return_id, ReportState.DEAD, None, "refused", reply.detail[:500])
+    # Anything else leaves the outcome unknown or failed: send the same report again later.
+    error = reply.detail or reply.outcome.value
+    if reply.outcome is Outcome.OK:
+        error = "200 without {data: {result: true}}"
+    delay = retry_delay(report.attempts + 1, schedule.retry_base_s, schedule.retry_max_s, reply.retry_after)
+    if reply.outcome is Outcome.UNAUTHORIZED:
+        delay = max(delay, UNAUTHORIZED_RETRY_S)
+    return ReportUpdate(report.return_id, ReportState.PENDING, now + delay, None, f"{reply.outcome.value}: {error}"[:500])
+
+
+class StorageUnavailable(Exception):
+    """The last commit failed (disk full, read-only, I/O error). Nothing was changed."""
+
+
+class Committer:
+    """The only writer. Transitions that finish together are committed in one transaction; a
+    stage's `submit` returns only once its transition is durable."""
+
+    def __init__(self, store: Store, on_committed: Callable[[CommitResult], None],
+                 on_failure: Callable[[Exception], None], log: Any) -> None:
+        self._store = store
+        self._on_committed = on_committed
+        self._on_failure = on_failure
+        self._log = log
+        self._queue: asyncio.Queue[tuple[Transition, asyncio.Future[None]] | None] = asyncio.Queue()
+        self._failures = 0
+        self.healthy = True
+
+    async def submit(self, transition: Transition) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((transition, future))
+        await future
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def run(self) -> None:
+        closing = False
+        while not closing:
+            first = await self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < COMMIT_BATCH_MAX and not self._queue.empty():
+                entry = self._queue.get_nowait()
+                if entry is None:
+                    closing = True
+                    break
+                batch.append(entry)
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[Transition, asyncio.Future[None]]]) -> None:
+        started = time.monotonic()
+        try:
+            result = await self._store.commit([t for t, _ in batch], time.time())
+        except sqlite3.Error as exc:
+            self._failures += 1
+            self.healthy = False
+            self._log.error("storage.commit_failed", error=str(exc), transitions=len(batch))
+            self._on_failure(exc)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StorageUnavailable(str(exc)))
+            # Give the disk a moment instead of failing every queued transition at full speed.
+            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self._failures, 6)))
+            return
+        if not self.healthy:
+            self._log.info("storage.recovered")
+        self._failures, self.healthy = 0, True
+        self._log.debug("storage.committed", transitions=len(batch), latency_s=round(time.monotonic() - started, 4))
+        for _, future in batch:
+            if not future.done():
+                future.set_result(None)
+        self._on_committed(result)
+
+
+Item = typing.TypeVar("Item")
+
+
+class Dispatcher(typing.Generic[Item]):
+    """Runs `handle` for every due item, at most `capacity` at a time and each item at most once
+    at a time (an item stays in flight until its transition is committed)."""
+
+    IDLE_POLL_S = 1.0
+
+    def __init__(
+        self,
+        name: str,
+        fetch_due: Callable[[float, int], Awaitable[list[Item]]],
+        next_due_at: Callable[[], Awaitable[float | None]],
+        key: Callable[[Item], str],
+        handle: Callable[[Item], Awaitable[None]],
+        capacity: int,
+        log: Any,
+    ) -> None:
+        self.name = name
+        self._fetch_due = fetch_due
+        self._next_due_at = next_due_at
+        self._key = key
+        self._handle = handle
+        self._capacity = capacity
+        self._log = log
+        self._nudge = asyncio.Event()
+        self._stopping = False
+        self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self._settled_during_fetch: set[str] | None = None
+
+    def wake(self) -> None:
+        self._nudge.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._nudge.set()
+
+    async def run(self, *, once: bool = False, grace_s: float = 5.0) -> None:
+        pass_time = time.time()  # in `once`, only what was due when the pass started
+        async with asyncio.TaskGroup() as tasks:
+            while not self._stopping:
+                self._nudge.clear()
+                started = await self._dispatch(tasks, pass_time if once else time.time())
+                if once and not started and not self.in_flight:
+                    break
+                if started and len(self.in_flight) < self._capacity:
+                    continue
+                await self._idle(once)
+            await self._drain(grace_s)
+
+    async def _dispatch(self, tasks: asyncio.TaskGroup, now: float) -> int:
+        free = self._capacity - len(self.in_flight)
+        if free <= 0:
+            return 0
+        # An item that settles while the query runs may still look due in the query's snapshot.
+        self._settled_during_fetch = set()
+        due = await self._fetch_due(now, free + len(self.in_flight))
+        busy = self.in_flight.keys() | self._settled_during_fetch
+        self._settled_during_fetch = None
+        fresh = [item for item in due if self._key(item) not in busy][:free]
+        for item in fresh:
+            key = self._key(item)
+            self.in_flight[key] = tasks.create_task(self._run_one(key, item))
+        return len(fresh)
+
+    async def _run_one(self, key: str, item: Item) -> None:
+        try:
+            await self._handle(item)
+        except StorageUnavailable:
+            pass  # nothing changed in the database; the item is due again and will be retried
+        finally:
+            del self.in_flight[key]
+            if self._settled_during_fetch is not None:
+                self._settled_during_fetch.add(key)
+            self._nudge.set()
+
+    async def _idle(self, once: bool) -> None:
+        timeout = self.IDLE_POLL_S
+        if not once and len(self.in_flight) < self._capacity:
+            next_due = await self._next_due_at()
+            if next_due is not None:
+                timeout = min(timeout, max(0.0, next_due - time.time()))
+        try:
+            async with asyncio.timeout(timeout):
+                await self._nudge.wait()
+        except TimeoutError:
+            pass
+
+    async def _drain(self, grace_s: float) -> None:
+        """Let calls in flight finish and commit for a grace period, then cancel the rest: what did
+        not finish stays pending in the database and is done after the restart."""
+        if not self.in_flight:
+            return
+        _, pending = await asyncio.wait(list(self.in_flight.values()), timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self._log.info("shutdown.cancelled_in_flight", stage=self.name, calls=len(pending))
+
+
+class Stages:
+    """The three stages over one store, client, committer and alerter."""
+
+    def __init__(self, config: Config, store: Store, client: PartnerClient, committer: Committer,
+                 alerts: "Alerter", metrics: "Metrics", log: Any) -> None:
+        self.config = config
+        self.store = store
+        self.client = client
+        self.committer = committer
+        self.alerts = alerts
+        self.metrics = metrics
+        self.log = log
+        self._stop = asyncio.Event()
+        capacity = config.limits.concurrency
+        self.tracker = Dispatcher[DueBox](
+            "track", store.due_boxes, store.next_box_due_at, lambda b: b.shipment_number, self.check_box,
+            capacity, log,
+        )
+        self.reporter = Dispatcher[DueReport](
+            "report", store.due_reports, store.next_report_due_at, lambda r: r.return_id, self.send_report,
+            capacity, log,
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.tracker.stop()
+        self.reporter.stop()
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+        except TimeoutError:
+            pass
+
+    # ── collect ─────────────────────────────────────────────────────────────────────────────
+
+    async def collect(self, *, once: bool = False) -> None:
+        """Page through the feed from the stored cursor; each page commits with its cursor."""
+        schedule = self.config.schedule
+        cursor = await self.store.feed_cursor()
+        failures = 0
+        while not self._stop.is_set():
+            reply = await self.client.returns_page(cursor, self.config.partner.page_size)
+            page, error = None, reply.detail or reply.outcome.value
+            if reply.outcome is Outcome.OK:
+                try:
+                    page = parse_returns_page(reply.body, cursor, time.time(), schedule.track_every_s)
+                except GarbledAnswer as exc:
+                    error = f"garbled page: {exc}"
+            if page is None:
+                failures += 1
+                self._partner_failed(Endpoint.RETURNS, reply, error)
+                if once:
+                    return
+                delay = retry_delay(failures, schedule.retry_base_s, schedule.retry_max_s, reply.retry_after)
+                await self._pause(max(delay, UNAUTHORIZED_RETRY_S) if reply.outcome is Outcome.UNAUTHORIZED else delay)
+                continue
+            failures = 0
+            try:
+                await self.committer.submit(page)
+            except StorageUnavailable:
+                await self._pause(schedule.retry_base_s)
+                continue
+            self._page_committed(page, reply)
+            cursor = page.next_cursor or cursor
+            if page.has_more:
+                continue
+            if once:
+                return
+            await self._pause(schedule.returns_every_s)
+
+    def _page_committed(self, page: FeedPage, reply: Reply) -> None:
+        self.metrics.feed_last_success.set(time.time())
+        self.log.info("collect.page", items=len(page.items), quarantined=len(page.quarantined),
+                      has_more=page.has_more, latency_s=round(reply.latency_s, 4))
+        for q in page.quarantined:
+            self.log.warning("collect.quarantined", return_id=q.return_id, reason=q.reason)
+            self.alerts.alert(
+                "quarantine",
+                f"Return {q.return_id or '(no id)'} was set aside: {q.reason}. "
+                "See `tracker.py status` for the raw item.",
+            )
+
+    # ── track ───────────────────────────────────────────────────────────────────────────────
+
+    async def check_box(self, box: DueBox) -> None:
+        reply = await self.client.tracking(box.shipment_number)
+        update = decide_box_update(box, reply, time.time(), self.config.schedule)
+        await self.committer.submit(update)
+        self.log.info("track.checked", shipment_number=box.shipment_number, outcome=reply.outcome.value,
+                      status=update.last_status, state=update.state.value, latency_s=round(reply.latency_s, 4))
+        if update.state is not BoxState.TRACKING:
+            self.metrics.boxes_closed.labels(update.state.value).inc()
+        if update.state is BoxState.STALE:
+            self.alerts.alert(
+                "stale",
+                f"Shipment {box.shipment_number} is still unknown to the carrier after "
+                f"{_human_duration(self.config.schedule.stale_after_s)}; no longer tracked. Needs a person.",
+            )
+        if update.unknown_status:
+            self.metrics.unknown_statuses.inc()
+            self.log.warning("track.unknown_status", shipment_number=box.shipment_number,
+                             status=update.unknown_status)
+            self.alerts.alert(
+                f"unknown_status:{update.unknown_status}",
+                f"The partner sent an unknown pickup status '{update.unknown_status}' "
+                f"(shipment {box.shipment_number}); still tracking.",
+            )
+        if reply.outcome is not Outcome.OK and reply.outcome is not Outcome.NOT_FOUND:
+            self._partner_failed(Endpoint.TRACKING, reply, update.last_error or "")
+        elif update.last_error and update.state is BoxState.TRACKING:
+            self.log.warning("track.garbled", shipment_number=box.shipment_number, error=update.last_error)
+
+    # ── report ──────────────────────────────────────────────────────────────────────────────
+
+    async def send_report(self, report: DueReport) -> None:
+        reply = await self.client.post_result(report)
+        update = decide_report_update(report, reply, time.time(), self.config.schedule)
+        await self.committer.submit(update)
+        outcome = update.outcome or "retry"
+        self.metrics.reports.labels(outcome).inc()
+        self.log.info("report.sent", return_id=report.return_id, shipment_number=report.shipment_number,
+                      outcome=outcome, attempt=report.attempts + 1, latency_s=round(reply.latency_s, 4),
+                      error=update.last_error)
+        if update.state is ReportState.DEAD:
+            self.alerts.alert(
+                "dead",
+                f"The partner refused the report for return {report.return_id} "
+                f"(order {report.order_number} item {report.order_item_number}): {reply.detail}. "
+                "It will not be resent until requeued.",
+            )
+        elif update.state is ReportState.PENDING and reply.outcome is not Outcome.OK:
+            self._partner_failed(Endpoint.RESULTS, reply, update.last_error or "")
+
+    # ── shared ──────────────────────────────────────────────────────────────────────────────
+
+    def _partner_failed(self, endpoint: Endpoint, reply: Reply, error: str) -> None:
+        self.log.warning("partner.call_failed", endpoint=endpoint.value, outcome=reply.outcome.value,
+                         status=reply.status, error=error, latency_s=round(reply.latency_s, 4))
+        if reply.outcome is Outcome.UNAUTHORIZED:
+            self.alerts.alert(
+                f"unauthorized:{endpoint.value}",
+                f"The partner refused our token on /{endpoint.value} (401). Work is paused and "
+                "retried every few seconds; replace the token and restart the service.",
+            )
+
+
+def _human_duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} s"
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# Alerts — Slack incoming webhook. `alert` never blocks and never fails: it folds repeats of
+# the same key into the pending message, drops past a bound, and one task posts at Slack's pace.
+# A broken or slow webhook costs tracking nothing.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclasses.dataclass
+class _PendingAlert:
+    text: str
+    count: int = 1
+    attempts: int = 0
+
+
+class Alerter:
+    MIN_INTERVAL_S = 1.0  # Slack takes about one message a second per webhook
+    FOLD_WINDOW_S = 60.0  # the same key is posted at most once a minute; repeats are counted
+    MAX_PENDING = 100
+    MAX_ATTEMPTS = 3
+    POST_TIMEOUT_S = 5.0
+
+    def __init__(self, webhook_url: str, session: aiohttp.ClientSession | None, metrics: "Metrics",
+                 log: Any, redact: Callable[[str], str]) -> None:
+        self._url = webhook_url
+        self._session = session
+        self._metrics = metrics
+        self._log = log
+        self._redact = redact
+        self._pending: OrderedDict[str, _PendingAlert] = OrderedDict()
+        self._sent_at: dict[str, float] = {}
+        self._changed = asyncio.Event()
+        self._closing = False
+        self._paused_until = 0.0
+
+    def alert(self, key: str, text: str) -> None:
+        text = self._redact(text)
+        self._log.warning("alert.raised", key=key, text=text)
+        if not self._url or self._session is None:
+            self._metrics.alerts.labels("disabled").inc()
+            return
+        if key in self._pending:
+            self._pending[key].count += 1
+            self._metrics.alerts.labels("folded").inc()
+            return
+        if len(self._pending) >= self.MAX_PENDING:
+            self._metrics.alerts.labels("dropped").inc()
+            return
+        self._pending[key] = _PendingAlert(text)
+        self._changed.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def close(self, timeout_s: float) -> None:
+        """Post what is ready within `timeout_s`; what remains was already logged."""
+        self._closing = True
+        self._changed.set()
+
+    async def run(self) -> None:
+        while True:
+            key, wait = self._next_ready()
+            if key is None:
+                if self._closing:
+                    return
+                self._changed.clear()
+                try:
+                    async with asyncio.timeout(wait):
+                        await self._changed.wait()
+                except TimeoutError:
+                    pass
+                continue
+            entry = self._pending.pop(key)
+            await self._post(key, entry)
+            await asyncio.sleep(self.MIN_INTERVAL_S)
+
+    def _next_ready(self) -> tuple[str | None, float]:
+        now = time.monotonic()
+        if now < self._paused_until:
+            return None, self._paused_until - now
+        soonest = 3600.0
+        for key in self._pending:
+            ready_at = self._sent_at.get(key, -math.inf) + self.FOLD_WINDOW_S
+            if ready_at <= now or self._closing:
+                return key, 0.0
+            soonest = min(soonest, ready_at - now)
+        return None, soonest
+
+    async def _post(self, key: str, entry: _PendingAlert) -> None:
+        text = entry.text if entry.count == 1 else f"{entry.text}\n(×{entry.count}: repeats folded into this message)"
+        status, retry_after = None, None
+        try:
+            async with asyncio.timeout(self.POST_TIMEOUT_S):
+                async with self._session.post(self._url, json={"text": f"[tracker] {text}"}) as resp:  # type: ignore[union-attr]
+                    status = resp.status
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self._log.warning("alert.post_failed", key=key, error=type(exc).__name__)
+        if status == 200:
+            self._sent_at[key] = time.monotonic()
+            self._metrics.alerts.labels("sent").inc()
+            return
+        if status is not None:
+            self._log.warning("alert.post_failed", key=key, status=status)
+        if status == 429:
+            self._paused_until = time.monotonic() + (retry_after or self.MIN_INTERVAL_S)
+        else:
+            entry.attempts += 1
+        if entry.attempts >= self.MAX_ATTEMPTS or self._closing:
+            self._metrics.alerts.labels("failed").inc()
+            return
+        again = self._pending.pop(key, None)  # repeats that arrived meanwhile join the retry
+        if again:
+            entry.count += again.count
+        self._pending[key] = entry
+        self._pending.move_to_end(key, last=False)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# Observability — JSON logs with secrets redacted, Prometheus metrics, and the daemon's own
+# small HTTP server (/healthz, /metrics) on the event loop: no second server thread.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+
+class Redactor:
+    """Replaces every known secret in log fields and alert texts, whatever field it hides in."""
+
+    MASK = "[redacted]"
+
+    def __init__(self) -> None:
+        self._secrets: tuple[str, ...] = ()
+
+    def set_secrets(self, secrets: Iterable[str]) -> None:
+        self._secrets = tuple(s for s in secrets if len(s) >= 4)
+
+    def text(self, value: str) -> str:
+        for secret in self._secrets:
+            if secret in value:
+                value = value.replace(secret, self.MASK)
+        return value
+
+    def __call__(self, _logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        for key, value in event.items():
+            if key.lower() == "authorization":
+                event[key] = self.MASK
+            elif isinstance(value, str):
+                event[key] = self.text(value)
+        return event
+
+
+REDACT = Redactor()
+
+
+def configure_logging(level: str, stream: typing.TextIO | None = None) -> None:
+    stream = stream or sys.stdout
+    tty = stream.isatty()
+    renderer: Any = structlog.dev.ConsoleRenderer(colors=True) if tty else structlog.processors.JSONRenderer()
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if not tty:
+        processors.append(structlog.processors.dict_tracebacks)
+    structlog.configure(
+        processors=[*processors, REDACT, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(__import__("logging"), level.upper())),
+        logger_factory=structlog.WriteLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+class Metrics:
+    """Every metric the daemon exports, in a registry of its own (tests run several daemons)."""
+
+    def __init__(self) -> None:
+        r = self.registry = prometheus_client.CollectorRegistry()
+        self.partner_calls = prometheus_client.Counter(
+            "tracker_partner_calls_total", "Partner API calls by endpoint and outcome.",
+            ["endpoint", "outcome"], registry=r)
+        self.partner_latency = prometheus_client.Histogram(
+            "tracker_partner_call_duration_seconds", "Partner API call latency, including failures.",
+            ["endpoint"], registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.partner_in_flight = prometheus_client.Gauge(
+            "tracker_partner_calls_in_flight", "Partner API calls awaiting an answer.", ["endpoint"], registry=r)
+        self.returns_collected = prometheus_client.Counter(
+            "tracker_returns_collected_total", "New returns stored from the feed.", registry=r)
+        self.returns_quarantined = prometheus_client.Counter(
+            "tracker_returns_quarantined_total", "Feed items set aside as unusable.", registry=r)
+        self.reports_queued = prometheus_client.Counter(
+            "tracker_reports_queued_total", "Reports queued because their box was delivered.", registry=r)
+        self.reports = prometheus_client.Counter(
+            "tracker_reports_total", "Report attempts by outcome (recorded, duplicate, refused, retry).",
+            ["outcome"], registry=r)
+        self.boxes_closed = prometheus_client.Counter(
+            "tracker_boxes_closed_total", "Boxes that left tracking, by final state.", ["state"], registry=r)
+        self.unknown_statuses = prometheus_client.Counter(
+            "tracker_unknown_statuses_total", "Tracking answers with a status not in the contract.", registry=r)
+        self.alerts = prometheus_client.Counter(
+            "tracker_alerts_total", "Slack alerts by outcome (sent, folded, dropped, failed, disabled).",
+            ["outcome"], registry=r)
+        self.feed_last_success = prometheus_client.Gauge(
+            "tracker_feed_last_success_timestamp_seconds", "When a feed page was last stored.", registry=r)
+        for endpoint in Endpoint:
+            self.partner_latency.labels(endpoint.value)
+            self.partner_in_flight.labels(endpoint.value)
+        for outcome in ("recorded", "duplicate", "refused", "retry"):
+            self.reports.labels(outcome)
+        for state in (BoxState.DELIVERED, BoxState.CANCELLED, BoxState.STALE):
+            self.boxes_closed.labels(state.value)
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+async def start_http_server(listen_host: str, listen_port: int, metrics: Metrics,
+                            health: Callable[[], dict[str, Any]]) -> tuple[web.AppRunner, str]:
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response(health())
+
+    async def metrics_page(_request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(),
+                            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_page)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, listen_host, listen_port)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"{host}:{port}"
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# The daemon — owns every task in one TaskGroup. Shutdown: stop dispatching, give calls in
+# flight `shutdown_grace_s` to finish and commit, cancel the rest (they stay pending in
+# SQLite), flush the committer, exit.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+
+class Daemon:
+    def __init__(self, config: Config, log: Any = None) -> None:
+        self.config = config
+        self.log = log or structlog.get_logger("tracker")
+        self.metrics = Metrics()
+        self.http_address: str | None = None
+        self._stop = asyncio.Event()
+        self._stages: Stages | None = None
+        self.started = asyncio.Event()
+        REDACT.set_secrets(config.secrets)
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            self.log.info("shutdown.requested")
+        self._stop.set()
+        if self._stages is not None:
+            self._stages.stop()
+
+    async def run(self, *, once: bool = False) -> None:
+        lock = InstanceLock(self.config.storage.path)
+        lock.acquire()
+        try:
+            store = await Store.open(self.config.storage.path)
+            try:
+                await self._run_with(store, once)
+            finally:
+                await store.close()
+        finally:
+            lock.release()
+        self.log.info("shutdown.complete")
+
+    async def _run_with(self, store: Store, once: bool) -> None:
+        config = self.config
+        connector = aiohttp.TCPConnector(limit=config.limits.concurrency, ttl_dns_cache=300)
+        async with (
+            aiohttp.ClientSession(connector=connector) as partner_session,
+            aiohttp.ClientSession() as slack_session,  # no partner headers ever reach Slack
+        ):
+            alerts = Alerter(config.slack.webhook_url, slack_session, self.metrics, self.log, REDACT.text)
+            committer = Committer(store, self._on_committed, lambda exc: alerts.alert(
+                "storage", f"Cannot write the state database: {exc}. Work is paused until it can."), self.log)
+            stages = Stages(config, store, PartnerClient(config, partner_session, self.metrics), committer,
+                            alerts, self.metrics, self.log)
+            self._stages = stages
+            if self._stop.is_set():
+                stages.stop()
+            runner = None
+            if not once:
+                runner, self.http_address = await start_http_server(
+                    config.http.host, config.http.port, self.metrics, self._health)
+                self.log.info("http.listening", address=self.http_address)
+            self.log.info("daemon.started", mode="once" if once else "run", storage=config.storage.path,
+                          partner=config.partner.base_url, concurrency=config.limits.concurrency,
+                          rate_per_s=config.limits.rate_per_s)
+            self.started.set()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    commit_task = tasks.create_task(committer.run(), name="committer")
+                    alert_task = tasks.create_task(alerts.run(), name="alerts")
+                    if once:
+                        await self._one_pass(stages)
+                    else:
+                        await self._run_stages(stages)
+                    committer.close()
+                    await commit_task
+                    await alerts.close(timeout_s=1.0)
+                    try:
+                        async with asyncio.timeout(2.0):
+                            await asyncio.shield(alert_task)
+                    except TimeoutError:
+                        alert_task.cancel()
+            finally:
+                if runner is not None:
+                    await runner.cleanup()
+
+    async def _one_pass(self, stages: Stages) -> None:
+        grace = self.config.schedule.shutdown_grace_s
+        await stages.collect(once=True)
+        await stages.tracker.run(once=True, grace_s=grace)
+        await stages.reporter.run(once=True, grace_s=grace)
+
+    async def _run_stages(self, stages: Stages) -> None:
+        grace = self.config.schedule.shutdown_grace_s
+        async with asyncio.TaskGroup() as stage_tasks:
+            collect = stage_tasks.create_task(stages.collect(), name="collect")
+            stage_tasks.create_task(stages.tracker.run(grace_s=grace), name="track")
+            stage_tasks.create_task(stages.reporter.run(grace_s=grace), name="report")
+            guard = asyncio.create_task(self._cancel_after_grace(collect, grace), name="shutdown-guard")
+        guard.cancel()
+
+    async def _cancel_after_grace(self, collect: asyncio.Task[None], grace: float) -> None:
+        """A feed call in flight at shutdown gets the same grace as the others, then is cancelled;
+        its page was not committed, so the cursor has not moved."""
+        await self._stop.wait()
+        await asyncio.sleep(grace)
+        collect.cancel()
+
+    def _on_committed(self, result: CommitResult) -> None:
+        if result.returns_added:
+            self.metrics.returns_collected.inc(result.returns_added)
+        if result.quarantined_added:
+            self.metrics.returns_quarantined.inc(result.quarantined_added)
+        if result.reports_queued:
+            self.metrics.reports_queued.inc(result.reports_queued)
+            if self._stages is not None:
+                self._stages.reporter.wake()
+
+    def _health(self) -> dict[str, Any]:
+        return {"status": "ok", "version": VERSION, "stopping": self._stop.is_set()}
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# CLI — run, once, status, demo. Usage errors exit 2, config errors exit 2 naming the key.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tracker.py", description="Collect returns, track pickups, report collected items to the partner.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("run", "run the daemon until SIGTERM/SIGINT"),
+        ("once", "one pass over what is due now (feed, tracking, reports), then exit"),
+        ("status", "show what the state database holds"),
+    ):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("--config", type=Path, default=Path("config.toml"),
+                             help="config file (default: ./config.toml)")
+    demo = commands.add_parser("demo", help="run the whole pipeline against the partner stand-in",
+                               description="Start the partner stand-in on loopback with a burst of returns, "
+                                           "run the daemon against it, and print a summary.")
+    demo.add_argument("--returns", type=int, default=30000, help="returns in the burst (default 30000)")
+    demo.add_argument("--seconds", type=float, default=20.0, help="seconds over which they arrive (default 20)")
+    demo.add_argument("--seed", type=int, default=1, help="scenario seed (default 1)")
+    demo.add_argument("--deadline", type=float, default=600.0, help="give up after this many seconds")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import demo  # the demo and the stand-in live beside this file, never inside it
+
+        return demo.main(returns=args.returns, seconds=args.seconds, seed=args.seed, deadline_s=args.deadline)
+    try:
+        config = (load_status_config if args.command == "status" else load_config)(args.config)
+    except ConfigError as exc:
+        print(f"tracker: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "status":
+        return asyncio.run(print_status(config))
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # one journald record per line, as it happens
+    configure_logging(config.log.level)
+    try:
+        asyncio.run(run_until_signalled(config, once=args.command == "once"))
+    except RuntimeError as exc:  # e.g. another instance holds the lock
+        print(f"tracker: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (OSError, sqlite3.Error) as exc:
+        print(f"tracker: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def load_status_config(path: Path) -> Config:
+    """`status` reads only the database: it must work without the partner token."""
+    return load_config(path, {**os.environ, ENV_TOKEN: os.environ.get(ENV_TOKEN) or "not-needed-for-status"})
+
+
+async def run_until_signalled(config: Config, *, once: bool) -> None:
+    daemon = Daemon(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    await daemon.run(once=once)
+
+
+async def print_status(config: Config, out: typing.TextIO | None = None) -> int:
+    out = out or sys.stdout
+    try:
+        store = await Store.open(config.storage.path, readonly=True)
+    except (FileNotFoundError, sqlite3.Error) as exc:
+        print(f"tracker: no state database at {config.storage.path} ({exc})", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        for line in await status_lines(store):
+            print(line, file=out)
+    finally:
+        await store.close()
+    return EXIT_OK
+
+
+async def status_lines(store: Store, limit: int = 10) -> list[str]:
+    c = await store.counts()
+
+    def states(kind: str, names: Iterable[str]) -> str:
+        return " · ".join(f"{name} {c.get(f'{kind}.{name}', 0):,}" for name in names)
+
+    lines = [
+        f"tracker status — {store.path}",
+        "",
+        f"  returns   {c.get('returns', 0):,} collected · {c.get('quarantine.open', 0):,} quarantined",
+        f"  boxes     {states('boxes', (s.value for s in BoxState))}",
+        f"  reports   {states('reports', (s.value for s in ReportState))}",
+        f"  feed      cursor {'set' if await store.feed_cursor() else 'not set (starts at the beginning)'}",
+    ]
+    sections: list[tuple[str, list[str]]] = [
+        ("Oldest pending reports", [
+            f"  {rid}  box {sn}  queued {_ago(queued)}  attempts {attempts}" + (f"  last: {err}" if err else "")
+            for rid, sn, queued, attempts, err in await store.oldest_pending_reports(limit)]),
+        ("Longest-tracked boxes", [
+            f"  {sn}  first seen {_ago(seen)}  status {status or '(not registered yet)'}  checks {checks}"
+            for sn, seen, status, checks in await store.oldest_tracking_boxes(limit)]),
+        ("Quarantined returns (open)", [
+            f"  {rid or '(no id)'}  {reason}  seen {_ago(seen)}\n      raw: {raw[:160]}"
+            for rid, reason, raw, seen in await store.open_quarantine(limit)]),
+        ("Dead reports (partner refused: fix, then requeue)", [
+            f"  {rid}  box {sn}  {err}  {_ago(done)}" for rid, sn, err, done in await store.dead_reports(limit)]),
+        ("Stale boxes (carrier never registered the waybill)", [
+            f"  {sn}  first seen {_ago(seen)}  items {items}" for sn, seen, items in await store.stale_boxes(limit)]),
+        ("Unknown statuses seen", [
+            f"  {status!r}  seen {seen:,} times, last {_ago(last)}" for status, seen, last in await store.unknown_statuses()]),
+    ]
+    for title, rows in sections:
+        lines += ["", f"{title}:"] + (rows or ["  none"])
+    return lines
+
+
+def _ago(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    when = dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    seconds = max(0.0, time.time() - timestamp)
+    return f"{when} ({_human_duration(seconds) if seconds >= 60 else f'{seconds:.0f} s'} ago)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
