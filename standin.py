@@ -18,9 +18,11 @@ import argparse
 import asyncio
 import base64
 import bisect
+import contextlib
 import dataclasses
 import datetime as dt
 import json
+import logging
 import random
 import sys
 import threading
@@ -178,6 +180,7 @@ class Ledger:
         self.unknown: list[str] = []
         self.mismatched: list[str] = []
         self.calls: dict[str, Counter[str]] = defaultdict(Counter)
+        self.feed_from_start = 0  # /returns calls without a cursor: a restarted caller re-reading
 
     def count(self, endpoint: str, answer: str) -> None:
         self.calls[endpoint][answer] += 1
@@ -196,6 +199,7 @@ class StandIn:
                            [t for t, _ in self.feed[-1:]])
         self.ledger = Ledger()
         self.slack_messages: list[dict[str, Any]] = []
+        self.slack_hang_s = 0.0  # > 0: the webhook takes this long to answer (a broken Slack)
         self._slack_last = 0.0
         self._rng = random.Random(scenario.seed + 1)
         self._buckets: dict[str, tuple[float, float]] = {}
@@ -218,6 +222,7 @@ class StandIn:
     # ── server ──────────────────────────────────────────────────────────────────────────────
 
     def app(self) -> web.Application:
+        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)  # resets are on purpose
         app = web.Application(middlewares=[self._partner_behaviour])
         app.router.add_get(f"{API_PREFIX}/returns", self.get_returns)
         app.router.add_get(f"{API_PREFIX}/tracking", self.get_tracking)
@@ -229,7 +234,7 @@ class StandIn:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -317,6 +322,8 @@ class StandIn:
             return _error(400, "bad cursor or limit")
         if not 1 <= limit <= 500:
             return _error(400, "limit must be 1..500")
+        if "cursor" not in request.query:
+            self.ledger.feed_from_start += 1
         visible = bisect.bisect_right(self.feed_times, self.now())
         end = min(visible, start + limit)
         data = [item for _, item in self.feed[start:end]] if end > start else []
@@ -347,7 +354,8 @@ class StandIn:
             self.ledger.unknown.append(key)
             return _error(422, "unknown order item")
         item, box = known
-        if key in self.ledger.recorded or (item["order_number"], item["order_item_number"]) in self.ledger.recorded_items:
+        order_item = (item["order_number"], item["order_item_number"])
+        if key in self.ledger.recorded or order_item in self.ledger.recorded_items:
             self.ledger.duplicates += 1
             return _error(409, "duplicate")
         if box.status_at(self.now()) != "delivered" or body["result"] != "collected":
@@ -357,14 +365,13 @@ class StandIn:
         if body["collected_at"] != iso(delivered_at) or body["shipment_number"] != box.shipment_number:
             self.ledger.mismatched.append(key)
         self.ledger.recorded[key] = body
-        self.ledger.recorded_items.add((item["order_number"], item["order_item_number"]))
+        self.ledger.recorded_items.add(order_item)
         return web.json_response({"data": {"result": True}})
 
     # ── admin ───────────────────────────────────────────────────────────────────────────────
 
     def summary(self) -> dict[str, Any]:
         missing = sorted(self.expected - self.ledger.recorded.keys())
-        feed_returns = {item.get("id") for _, item in self.feed}
         return {
             "finished": self.finished,
             "now_s": round(self.now(), 3),
@@ -372,7 +379,7 @@ class StandIn:
             "returns": self.scenario.returns,
             "feed_entries": len(self.feed),
             "feed_visible": bisect.bisect_right(self.feed_times, self.now()),
-            "broken": len(feed_returns - self.by_return.keys()),
+            "broken": sum(1 for _, item in self.feed if item.get("id") not in self.by_return),
             "boxes": len(self.boxes),
             "expected": len(self.expected),
             "recorded": len(self.ledger.recorded),
@@ -384,6 +391,7 @@ class StandIn:
             "missing_sample": missing[:20],
             "unexpected": sorted(self.ledger.recorded.keys() - self.expected)[:20],
             "calls": {e: dict(c) for e, c in self.ledger.calls.items()},
+            "feed_from_start": self.ledger.feed_from_start,
             "slack_messages": len(self.slack_messages),
         }
 
@@ -401,6 +409,8 @@ class StandIn:
         return web.json_response(dataclasses.asdict(self.faults))
 
     async def post_slack(self, request: web.Request) -> web.Response:
+        if self.slack_hang_s:
+            await asyncio.sleep(self.slack_hang_s)
         now = time.monotonic()
         if now - self._slack_last < 1.0:
             return web.Response(status=429, text="rate_limited", headers={"Retry-After": "1"})
@@ -452,10 +462,17 @@ class ThreadedStandIn:
         asyncio.run_coroutine_threadsafe(self.standin.start(), self.loop).result(timeout=10)
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.standin.stop(), self.loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
+
+    async def _shutdown(self) -> None:
+        await self.standin.stop()
+        leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in leftovers:  # handlers still "hanging" on purpose
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
 
     @property
     def url(self) -> str:
@@ -503,10 +520,8 @@ def main() -> None:
                           "slack": standin.root + "/_slack"}), flush=True)
         await asyncio.Event().wait()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ state transition is committed before it is acted on, so kill -9 at any instant l
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -30,7 +32,7 @@ import time
 import tomllib
 import typing
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +161,7 @@ def _typed_config(raw: dict[str, Any]) -> Config:
     for name in raw:
         if name not in known:
             raise ConfigError(name, "unknown section")
-    for name, field in known.items():
+    for name in known:
         table = raw.get(name, {})
         if not isinstance(table, dict):
             raise ConfigError(name, "must be a table ([" + name + "])")
@@ -516,10 +518,8 @@ class Store:
         return CommitResult(added, quarantined, queued)
 
     async def _rollback(self) -> None:
-        try:
+        with contextlib.suppress(sqlite3.Error):  # the failure may already have ended the transaction
             await self._writer.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # the failed statement may already have ended the transaction
 
     async def _write_page(self, page: FeedPage, now: float) -> tuple[int, int, int]:
         w = self._writer
@@ -636,7 +636,8 @@ class Store:
         return [DueBox(*row) for row in rows]
 
     async def next_box_due_at(self) -> float | None:
-        rows = await self._rows("SELECT MIN(next_check_at) FROM boxes WHERE state = ?", (BoxState.TRACKING.value,))
+        rows = await self._rows(
+            "SELECT MIN(next_check_at) FROM boxes WHERE state = ?", (BoxState.TRACKING.value,))
         return rows[0][0]
 
     async def due_reports(self, now: float, limit: int) -> list[DueReport]:
@@ -648,7 +649,8 @@ class Store:
         return [DueReport(*row) for row in rows]
 
     async def next_report_due_at(self) -> float | None:
-        rows = await self._rows("SELECT MIN(next_attempt_at) FROM reports WHERE state = ?", (ReportState.PENDING.value,))
+        rows = await self._rows(
+            "SELECT MIN(next_attempt_at) FROM reports WHERE state = ?", (ReportState.PENDING.value,))
         return rows[0][0]
 
     # ── reads for `status` and the demo ─────────────────────────────────────────────────────
@@ -1026,7 +1028,10 @@ def parse_returns_page(body: Any, sent_cursor: str | None, now: float, first_che
     quarantined: list[QuarantinedItem] = []
     for raw in data:
         checked = validate_return(raw)
-        (items if isinstance(checked, ReturnItem) else quarantined).append(checked)
+        if isinstance(checked, ReturnItem):
+            items.append(checked)
+        else:
+            quarantined.append(checked)
     first_checks: dict[str, float] = {}
     for item in items:  # spread a burst's first checks over an interval instead of all at once
         first_checks.setdefault(item.shipment_number, now + jittered(first_check_in_s, 0.5))
@@ -1148,7 +1153,8 @@ def decide_report_update(report: DueReport, reply: Reply, now: float, schedule: 
     delay = retry_delay(report.attempts + 1, schedule.retry_base_s, schedule.retry_max_s, reply.retry_after)
     if reply.outcome is Outcome.UNAUTHORIZED:
         delay = max(delay, UNAUTHORIZED_RETRY_S)
-    return ReportUpdate(report.return_id, ReportState.PENDING, now + delay, None, f"{reply.outcome.value}: {error}"[:500])
+    return ReportUpdate(report.return_id, ReportState.PENDING, now + delay, None,
+                        f"{reply.outcome.value}: {error}"[:500])
 
 
 class StorageUnavailable(Exception):
@@ -1527,8 +1533,9 @@ class Alerter:
     def pending(self) -> int:
         return len(self._pending)
 
-    async def close(self, timeout_s: float) -> None:
-        """Post what is ready within `timeout_s`; what remains was already logged."""
+    def close(self) -> None:
+        """Post what is pending now, without waiting out fold windows, then let `run` return.
+        The daemon bounds how long that may take; what is not posted was already logged."""
         self._closing = True
         self._changed.set()
 
@@ -1614,7 +1621,7 @@ class Redactor:
                 value = value.replace(secret, self.MASK)
         return value
 
-    def __call__(self, _logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, _logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for key, value in event.items():
             if key.lower() == "authorization":
                 event[key] = self.MASK
@@ -1639,7 +1646,7 @@ def configure_logging(level: str, stream: typing.TextIO | None = None) -> None:
         processors.append(structlog.processors.dict_tracebacks)
     structlog.configure(
         processors=[*processors, REDACT, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(__import__("logging"), level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
@@ -1716,6 +1723,9 @@ async def start_http_server(listen_host: str, listen_port: int, metrics: Metrics
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
+ALERT_FLUSH_S = 2.0  # at shutdown, pending alerts get this long to reach Slack
+
+
 class Daemon:
     def __init__(self, config: Config, log: Any = None) -> None:
         self.config = config
@@ -1781,9 +1791,9 @@ class Daemon:
                         await self._run_stages(stages)
                     committer.close()
                     await commit_task
-                    await alerts.close(timeout_s=1.0)
+                    alerts.close()
                     try:
-                        async with asyncio.timeout(2.0):
+                        async with asyncio.timeout(ALERT_FLUSH_S):
                             await asyncio.shield(alert_task)
                     except TimeoutError:
                         alert_task.cancel()
@@ -1941,7 +1951,8 @@ async def status_lines(store: Store, limit: int = 10) -> list[str]:
         ("Stale boxes (carrier never registered the waybill)", [
             f"  {sn}  first seen {_ago(seen)}  items {items}" for sn, seen, items in await store.stale_boxes(limit)]),
         ("Unknown statuses seen", [
-            f"  {status!r}  seen {seen:,} times, last {_ago(last)}" for status, seen, last in await store.unknown_statuses()]),
+            f"  {status!r}  seen {seen:,} times, last {_ago(last)}"
+            for status, seen, last in await store.unknown_statuses()]),
     ]
     for title, rows in sections:
         lines += ["", f"{title}:"] + (rows or ["  none"])

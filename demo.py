@@ -1,0 +1,228 @@
+"""`python tracker.py demo`: a sales-event burst against the partner stand-in, end to end.
+
+Starts the stand-in (standin.py) in its own process on loopback, writes a config into a fresh
+temporary directory, runs the real daemon (`tracker.py run`) as a second process, shows live
+progress read from the daemon's database and the stand-in's ledger, then stops the daemon with
+SIGTERM and prints a summary. Exit 0 only when nothing is missing and nothing was reported early.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+import tracker
+
+HERE = Path(__file__).resolve().parent
+POLL_S = 0.5
+
+
+def main(*, returns: int, seconds: float, seed: int, deadline_s: float) -> int:
+    return asyncio.run(Demo(returns, seconds, seed, deadline_s).run())
+
+
+class Demo:
+    def __init__(self, returns: int, seconds: float, seed: int, deadline_s: float) -> None:
+        self.returns, self.seconds, self.seed, self.deadline_s = returns, seconds, seed, deadline_s
+        self.workdir = Path(tempfile.mkdtemp(prefix="tracker-demo-"))
+        self.tty = sys.stdout.isatty()
+        self.metrics_url = ""
+
+    async def run(self) -> int:
+        print(f"tracker demo: {self.returns:,} returns arriving over {self.seconds:g} s "
+              f"(a sales event, time compressed), mild partner faults. Work dir: {self.workdir}")
+        standin = await self._start_standin()
+        daemon: asyncio.subprocess.Process | None = None
+        try:
+            info = json.loads((await standin.stdout.readline()).decode())  # type: ignore[union-attr]
+            config_path = self._write_config(info)
+            with open(self.workdir / "tracker.log", "wb") as log:  # the child keeps its own handle
+                daemon = await asyncio.create_subprocess_exec(
+                    sys.executable, str(HERE / "tracker.py"), "run", "--config", str(config_path),
+                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, tracker.ENV_TOKEN: info["token"]},
+                )
+            async with aiohttp.ClientSession() as http:
+                self.metrics_url = await self._metrics_url()
+                ok, elapsed, counts, ledger = await self._follow(http, info["root"], daemon)
+                metrics_text = await self._scrape(http)
+                (self.workdir / "metrics.txt").write_text(metrics_text)
+                daemon.send_signal(signal.SIGTERM)
+                stop_started = time.monotonic()
+                code = await asyncio.wait_for(daemon.wait(), 30)
+                stop_s = time.monotonic() - stop_started
+                ledger = await _get_json(http, info["root"] + "/_ledger")
+            store = await tracker.Store.open(str(self.workdir / "tracker.db"), readonly=True)
+            try:
+                counts = await store.counts()
+            finally:
+                await store.close()
+            return self._summary(ok, elapsed, counts, ledger, code, stop_s)
+        finally:
+            if daemon is not None and daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            standin.terminate()
+            await standin.wait()
+
+    async def _start_standin(self) -> asyncio.subprocess.Process:
+        with open(self.workdir / "standin.log", "wb") as log:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, str(HERE / "standin.py"), "--returns", str(self.returns),
+                "--seconds", str(self.seconds), "--seed", str(self.seed),
+                stdout=asyncio.subprocess.PIPE, stderr=log,
+            )
+
+    def _write_config(self, info: dict[str, str]) -> Path:
+        path = self.workdir / "config.toml"
+        path.write_text(f"""# written by `tracker.py demo`; the token comes from {tracker.ENV_TOKEN}
+[partner]
+base_url = "{info['url']}"
+timeout_s = 2.0
+page_size = 500
+
+[storage]
+path = "tracker.db"
+
+[http]
+listen = "127.0.0.1:0"
+
+[slack]
+webhook_url = "{info['slack']}"
+
+[schedule]
+returns_every_s = 0.5
+track_every_s = 2.0
+stale_after_s = 15.0
+retry_base_s = 0.5
+retry_max_s = 5.0
+shutdown_grace_s = 3.0
+
+[limits]
+concurrency = 64
+rate_per_s = 1500
+""")
+        return path
+
+    async def _metrics_url(self) -> str:
+        """The daemon listens on a free port and logs which: read it from its log."""
+        log = self.workdir / "tracker.log"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+                if '"http.listening"' in line:
+                    return f"http://{json.loads(line)['address']}/metrics"
+            await asyncio.sleep(0.1)
+        return "(the daemon did not report its address; see tracker.log)"
+
+    async def _follow(self, http: aiohttp.ClientSession, root: str,
+                      daemon: asyncio.subprocess.Process) -> tuple[bool, float, dict[str, int], dict[str, Any]]:
+        started = time.monotonic()
+        last_line = 0.0
+        store: tracker.Store | None = None
+        counts: dict[str, int] = {}
+        ledger: dict[str, Any] = {}
+        try:
+            while True:
+                elapsed = time.monotonic() - started
+                if store is None and (self.workdir / "tracker.db").exists():
+                    store = await tracker.Store.open(str(self.workdir / "tracker.db"), readonly=True)
+                if store is not None:
+                    with contextlib.suppress(tracker.sqlite3.Error):  # the schema may still be being created
+                        counts = await store.counts()
+                ledger = await _get_json(http, root + "/_ledger")
+                done = (ledger["finished"] and ledger["missing"] == 0 and "returns" in counts
+                        and counts.get("boxes.tracking", 0) == 0 and counts.get("reports.pending", 0) == 0)
+                if self.tty or elapsed - last_line >= 5 or done:
+                    self._progress(elapsed, counts, ledger)
+                    last_line = elapsed
+                if done:
+                    return True, elapsed, counts, ledger
+                if daemon.returncode is not None:
+                    print(f"\nthe daemon exited with {daemon.returncode}; see {self.workdir / 'tracker.log'}")
+                    return False, elapsed, counts, ledger
+                if elapsed > self.deadline_s:
+                    print(f"\ngave up after {self.deadline_s:g} s")
+                    return False, elapsed, counts, ledger
+                await asyncio.sleep(POLL_S)
+        finally:
+            if store is not None:
+                await store.close()
+            if self.tty:
+                print()
+
+    def _progress(self, elapsed: float, c: dict[str, int], ledger: dict[str, Any]) -> None:
+        expected = max(ledger.get("expected", 0), 1)
+        done = c.get("reports.done", 0)
+        share = min(done / expected, 1.0)
+        bar = "█" * int(share * 24) + "░" * (24 - int(share * 24))
+        problems = (f"{c.get('quarantine.open', 0)} quarantined · {c.get('boxes.stale', 0)} stale · "
+                    f"{c.get('reports.dead', 0)} dead")
+        line = (f"[{bar}] {share:4.0%}  collected {c.get('returns', 0):,}/{self.returns:,}  "
+                f"tracking {c.get('boxes.tracking', 0):,} boxes  reported {done:,}/{expected:,}  "
+                f"problems: {problems}  {elapsed:4.0f}s")
+        print(("\r" + line + "\x1b[K") if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    async def _scrape(self, http: aiohttp.ClientSession) -> str:
+        try:
+            async with http.get(self.metrics_url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                return await resp.text()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            return f"# could not scrape {self.metrics_url}: {exc}\n"
+
+    def _summary(self, ok: bool, elapsed: float, c: dict[str, int], ledger: dict[str, Any],
+                 code: int | None, stop_s: float) -> int:
+        calls = ledger["calls"]
+        by_answer: dict[str, int] = {}
+        for answers in calls.values():
+            for answer, n in answers.items():
+                by_answer[answer] = by_answer.get(answer, 0) + n
+        total_calls = sum(by_answer.values())
+        passed = ok and ledger["missing"] == 0 and ledger["premature"] == 0 and ledger["unknown"] == 0 and code == 0
+        w = self.workdir
+
+        def calls_to(endpoint: str) -> int:
+            return sum(calls.get(endpoint, {}).values())
+
+        answers = " · ".join(f"{k} {v:,}" for k, v in sorted(by_answer.items(), key=lambda kv: -kv[1]))
+        rows = [
+            ("returns", f"{ledger['returns']:,} in the burst, {ledger['feed_entries']:,} feed entries "
+                        "(relisted and broken included)"),
+            ("collected", f"{c.get('returns', 0):,} returns stored · {c.get('quarantine.open', 0):,} broken items "
+                          "quarantined"),
+            ("boxes", f"{ledger['boxes']:,}: {c.get('boxes.delivered', 0):,} delivered · "
+                      f"{c.get('boxes.cancelled', 0):,} cancelled · {c.get('boxes.stale', 0):,} stale (never "
+                      f"registered) · {c.get('boxes.tracking', 0):,} still tracking"),
+            ("reports", f"{ledger['recorded']:,} recorded of {ledger['expected']:,} expected · duplicates "
+                        f"{ledger['duplicates']:,} (409s settling resent reports) · premature {ledger['premature']} "
+                        f"· missing {ledger['missing']}"),
+            ("partner calls", f"{total_calls:,} = returns {calls_to('returns'):,} · tracking "
+                              f"{calls_to('tracking'):,} · results {calls_to('results'):,}"),
+            ("by answer", answers),
+            ("slack alerts", f"{ledger['slack_messages']} messages posted to the stand-in's webhook"),
+            ("elapsed", f"{elapsed:.1f} s from start until every reportable item was reported; "
+                        f"SIGTERM → exit {code} in {stop_s:.1f} s"),
+            ("metrics", f"were at {self.metrics_url} (last scrape saved: {w / 'metrics.txt'})"),
+            ("files", f"{w / 'tracker.log'} · {w / 'tracker.db'} · {w / 'config.toml'}"),
+            ("try", f"python tracker.py status --config {w / 'config.toml'}"),
+        ]
+        print("\nDemo summary")
+        for name, text in rows:
+            print(f"  {name:<15} {text}")
+        print()
+        print("RESULT: OK — every delivered item reported, none missing, none early." if passed else
+              "RESULT: FAILED — see the numbers above and the daemon's log.")
+        return 0 if passed else 1
+
+
+async def _get_json(http: aiohttp.ClientSession, url: str) -> Any:
+    async with http.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+        return await resp.json()

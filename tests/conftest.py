@@ -1,0 +1,255 @@
+"""Shared fixtures: the partner stand-in over real loopback HTTP, configs, daemons in-process and
+as subprocesses, and polling with a deadline (never a bare sleep) for synchronisation."""
+
+import asyncio
+import dataclasses
+import inspect
+import os
+import types
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aioresponses.core
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import standin  # noqa: E402
+import tracker  # noqa: E402
+
+TOKEN = "test-token-5f3a9c"
+
+
+class _MockedResponse(aiohttp.ClientResponse):
+    """aioresponses 0.7.9 builds responses without the `stream_writer` that aiohttp 3.14 (a security
+    release we keep) requires; with writer=None aiohttp only reads its output_size. Drop this shim
+    once aioresponses ships the fix (pnuckowski/aioresponses#289)."""
+
+    def __init__(self, *args: Any, stream_writer: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, stream_writer=stream_writer or types.SimpleNamespace(output_size=0), **kwargs)
+
+
+aioresponses.core.ClientResponse = _MockedResponse  # type: ignore[misc]
+ASYNC_TEST_TIMEOUT_S = 90
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run `async def` tests on a fresh event loop, bounded in time (what pytest-asyncio would do)."""
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    asyncio.run(asyncio.wait_for(pyfuncitem.obj(**kwargs), ASYNC_TEST_TIMEOUT_S))
+    return True
+
+
+# ── scenarios and configs ───────────────────────────────────────────────────────────────────
+
+
+def scenario(**overrides: Any) -> standin.Scenario:
+    """A small burst on a fast clock with no faults; tests switch on what they exercise."""
+    base = standin.Scenario(
+        returns=300, arrive_over_s=1.0, step_s=(0.1, 0.3), cancel_share=0.1, unregistered_share=0.0,
+        relist_share=0.0, broken_share=0.0, unknown_status_share=0.0, token=TOKEN,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+FAST_SCHEDULE = tracker.ScheduleConfig(
+    returns_every_s=0.1, track_every_s=0.2, stale_after_s=3.0, retry_base_s=0.05, retry_max_s=0.5,
+    shutdown_grace_s=1.0,
+)
+
+
+def make_config(db_path: Path, partner_url: str, **sections: Any) -> tracker.Config:
+    config = tracker.Config(
+        partner=tracker.PartnerConfig(base_url=partner_url, token=TOKEN, timeout_s=1.0, page_size=100),
+        storage=tracker.StorageConfig(path=str(db_path)),
+        http=tracker.HttpConfig(listen="127.0.0.1:0"),
+        schedule=FAST_SCHEDULE,
+        limits=tracker.LimitsConfig(concurrency=32, rate_per_s=2000),
+    )
+    return dataclasses.replace(config, **sections)
+
+
+def config_toml(partner_url: str, db_path: Path, *, extra: str = "", webhook: str = "") -> str:
+    """The same settings as make_config, as a file for subprocess daemons."""
+    return f"""
+[partner]
+base_url = "{partner_url}"
+timeout_s = 1.0
+page_size = 100
+[storage]
+path = "{db_path}"
+[http]
+listen = "127.0.0.1:0"
+[slack]
+webhook_url = "{webhook}"
+[schedule]
+returns_every_s = 0.1
+track_every_s = 0.2
+stale_after_s = 3.0
+retry_base_s = 0.05
+retry_max_s = 0.5
+shutdown_grace_s = 1.0
+[limits]
+concurrency = 32
+rate_per_s = 2000
+{extra}
+"""
+
+
+@pytest.fixture
+def start_partner() -> Iterator[Callable[..., standin.ThreadedStandIn]]:
+    """Start a stand-in (real HTTP on loopback, its own thread and loop); stopped after the test."""
+    started: list[standin.ThreadedStandIn] = []
+
+    def start(s: standin.Scenario | None = None) -> standin.ThreadedStandIn:
+        handle = standin.ThreadedStandIn(s or scenario())
+        handle.start()
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.stop()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "tracker.db"
+
+
+# ── waiting with a deadline ─────────────────────────────────────────────────────────────────
+
+
+async def wait_until(check: Callable[[], Awaitable[Any]], timeout_s: float = 30.0,
+                     interval_s: float = 0.05, what: str = "condition") -> Any:
+    """Poll `check` until it returns something truthy; fail with its last value at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
+
+
+def wait_until_sync(check: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.05,
+                    what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
+
+
+async def ledger_of(partner: standin.ThreadedStandIn) -> dict[str, Any]:
+    return await asyncio.to_thread(partner.ledger)
+
+
+def everything_reported(partner: standin.ThreadedStandIn) -> Callable[[], Awaitable[bool]]:
+    """The scenario has played out and the partner recorded every reportable item."""
+    async def check() -> bool:
+        ledger = await ledger_of(partner)
+        return bool(ledger["finished"] and ledger["missing"] == 0)
+    return check
+
+
+def db_count_reaches(db: Path, key: str, expected: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return (await counts_in(db)).get(key, 0) >= expected if db.exists() else False
+    return check
+
+
+async def run_daemon_until(config: tracker.Config, until: Callable[[], Awaitable[Any]],
+                           timeout_s: float = 30.0) -> tracker.Daemon:
+    """Run a daemon in this loop until `until()` holds, then stop it and wait for it to exit."""
+    daemon = tracker.Daemon(config)
+    task = asyncio.create_task(daemon.run())
+    try:
+        async def check() -> Any:
+            if task.done():
+                task.result()  # surface a crash instead of waiting out the deadline
+            return await until()
+        await wait_until(check, timeout_s, what=getattr(until, "__qualname__", "condition"))
+    finally:
+        daemon.stop()
+        await task
+    return daemon
+
+
+async def counts_in(db: Path) -> dict[str, int]:
+    store = await tracker.Store.open(str(db), readonly=True)
+    try:
+        return await store.counts()
+    finally:
+        await store.close()
+
+
+# ── the daemon as a subprocess ──────────────────────────────────────────────────────────────
+
+
+class DaemonProcess:
+    """`python tracker.py run` as a child process with its log in a file."""
+
+    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.env = {**os.environ, tracker.ENV_TOKEN: TOKEN, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, command: str = "run") -> "DaemonProcess":
+        with open(self.log_path, "ab") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "tracker.py"), command, "--config", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.config_path.parent,
+            )
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill9(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait(10)
+
+    def wait(self, timeout_s: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def daemon_process(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    made: list[DaemonProcess] = []
+
+    def make(config_text: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        config_path = tmp_path / "config.toml"
+        config_path.write_text(config_text)
+        process = DaemonProcess(config_path, tmp_path / "tracker.log", env)
+        made.append(process)
+        return process
+
+    yield make
+    for process in made:
+        process.stop()
