@@ -1473,10 +1473,15 @@ class Stages:
 
 
 def _human_duration(seconds: float) -> str:
-    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds >= size:
-            return f"{seconds / size:g} {unit}"
-    return f"{seconds:g} s"
+            return _amount(seconds / size, unit)
+    return f"{_amount(seconds, '')}s"
+
+
+def _amount(value: float, unit: str) -> str:
+    number = f"{value:.0f}" if value >= 10 else f"{value:.1f}".rstrip("0").rstrip(".")
+    return f"{number} {unit}{'' if number == '1' else 's'}" if unit else f"{number} "
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -1964,7 +1969,7 @@ def _ago(timestamp: float | None) -> str:
         return "-"
     when = dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     seconds = max(0.0, time.time() - timestamp)
-    return f"{when} ({_human_duration(seconds) if seconds >= 60 else f'{seconds:.0f} s'} ago)"
+    return f"{when} ({_human_duration(seconds)} ago)"
 
 
 if __name__ == "__main__":
