@@ -14,12 +14,15 @@ state transition is committed before it is acted on, so kill -9 at any instant l
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
 import enum
 import fcntl
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import math
@@ -27,6 +30,7 @@ import os
 import random
 import signal
 import sqlite3
+import statistics
 import sys
 import time
 import tomllib
@@ -418,6 +422,7 @@ class BoxUpdate:
     delivered_at: str | None = None
     last_error: str | None = None
     unknown_status: str | None = None
+    called: bool = True  # False: deferred without a partner call (counters and last error stay)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,6 +451,7 @@ class ReportUpdate:
     next_attempt_at: float | None
     outcome: str | None
     last_error: str | None
+    called: bool = True  # False: deferred without a partner call (attempts and last error stay)
 
 
 Transition = FeedPage | BoxUpdate | ReportUpdate
@@ -564,15 +570,16 @@ class Store:
     async def _write_box_updates(self, updates: Sequence[BoxUpdate], now: float) -> int:
         w = self._writer
         await w.executemany(
-            "UPDATE boxes SET state = ?, next_check_at = ?, checks = checks + 1, not_found = ?, errors = ?,"
+            "UPDATE boxes SET state = ?, next_check_at = ?, checks = checks + ?, not_found = ?, errors = ?,"
             " registered_at = CASE WHEN ? THEN COALESCE(registered_at, ?) ELSE registered_at END,"
             " last_status = COALESCE(?, last_status), delivered_at = COALESCE(?, delivered_at),"
-            " closed_at = ?, last_error = ?"
+            " closed_at = ?, last_error = CASE WHEN ? THEN ? ELSE last_error END"
             " WHERE shipment_number = ? AND state = ?",
             [
                 (
                     u.state.value,
                     u.next_check_at,
+                    int(u.called),
                     u.not_found,
                     u.errors,
                     u.registered,
@@ -580,6 +587,7 @@ class Store:
                     u.last_status,
                     u.delivered_at,
                     None if u.state is BoxState.TRACKING else now,
+                    u.called,
                     u.last_error,
                     u.shipment_number,
                     BoxState.TRACKING.value,
@@ -605,13 +613,15 @@ class Store:
 
     async def _write_report_updates(self, updates: Sequence[ReportUpdate], now: float) -> None:
         await self._writer.executemany(
-            "UPDATE reports SET state = ?, attempts = attempts + 1, next_attempt_at = ?, outcome = ?,"
-            " last_error = ?, done_at = ? WHERE return_id = ? AND state = ?",
+            "UPDATE reports SET state = ?, attempts = attempts + ?, next_attempt_at = ?, outcome = ?,"
+            " last_error = CASE WHEN ? THEN ? ELSE last_error END, done_at = ? WHERE return_id = ? AND state = ?",
             [
                 (
                     u.state.value,
+                    int(u.called),
                     u.next_attempt_at,
                     u.outcome,
+                    u.called,
                     u.last_error,
                     None if u.state is ReportState.PENDING else now,
                     u.return_id,
@@ -763,6 +773,7 @@ class Outcome(enum.StrEnum):
     TIMEOUT = "timeout"
     CONNECTION = "connection"  # refused, reset, closed mid-body
     GARBLED = "garbled"  # 200 whose body is not JSON, or too large
+    DEFERRED = "deferred"  # not sent: the endpoint's retry budget is spent
 
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a feed page of 500 items is ~100 KB; anything near this is broken
@@ -787,17 +798,45 @@ class Reply:
 TRANSIENT_OUTCOMES = frozenset(
     {Outcome.RATE_LIMITED, Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION, Outcome.GARBLED}
 )
+# The partner answered as its contract says: evidence that it is healthy and keeping up.
+ANSWERED_OUTCOMES = frozenset({Outcome.OK, Outcome.NOT_FOUND, Outcome.CONFLICT, Outcome.REFUSED})
+# What opens a circuit. Not 429: that is the adaptive rate's signal, and near the partner's limit a
+# short run of 429s is normal.
+BREAKER_FAILURES = frozenset({Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION, Outcome.GARBLED})
+# Under a backlog the calls that finish work go first.
+PRIORITY = {"results": 0, "tracking": 1, "returns": 2}
 
 
-class RateLimiter:
-    """Spaces calls at 1/rate seconds; `pause` holds every caller until a Retry-After passes."""
+class AdaptiveRate:
+    """Finds and respects the partner's unpublished, changing rate limit for one endpoint (AIMD).
 
-    def __init__(self, rate_per_s: float) -> None:
-        self.interval = 1.0 / rate_per_s
+    Slow start doubles the rate each second from a tenth of the cap until the first sign of
+    congestion; after that the rate grows by a twentieth of the last safe rate each second and is
+    cut by a fifth on a 429 or a timeout, and by a tenth when latency doubles — at most one cut a
+    cooldown, since the answers of calls already in flight tell of the same congestion. It never
+    exceeds limits.rate_per_s. Calls are spaced at 1/rate rather than sent in bursts."""
+
+    DECREASE_ON_LIMIT = 0.8
+    DECREASE_ON_LATENCY = 0.9
+    COOLDOWN_S = 0.5
+    LATENCY_WINDOW = 20
+    LATENCY_RISE = 2.0
+    LATENCY_FLOOR_S = 0.02  # below this, "rising" latency is noise
+
+    def __init__(self, max_rate: float) -> None:
+        self.max_rate = max_rate
+        self.min_rate = min(max_rate, max(0.2, max_rate * 0.005))
+        self.rate = max(self.min_rate, max_rate / 10)
+        self.slow_start = True
+        self._step = max(1.0, self.rate / 20)
+        self._last_cut = -math.inf
         self._next = 0.0
         self._paused_until = 0.0
+        self._recent: collections.deque[float] = collections.deque(maxlen=self.LATENCY_WINDOW)
+        self._baseline: float | None = None
 
     def pause(self, seconds: float) -> None:
+        """Hold every caller until a maintenance Retry-After has passed."""
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     async def acquire(self) -> None:
@@ -805,9 +844,207 @@ class RateLimiter:
             await asyncio.sleep(wait)
         now = time.monotonic()
         slot = max(now, self._next)
-        self._next = slot + self.interval
+        self._next = slot + 1.0 / self.rate
         if slot > now:
             await asyncio.sleep(slot - now)
+
+    def observe(self, outcome: "Outcome", latency_s: float) -> None:
+        if outcome in (Outcome.RATE_LIMITED, Outcome.TIMEOUT):
+            self._cut(self.DECREASE_ON_LIMIT)
+        elif outcome in ANSWERED_OUTCOMES:
+            if self._latency_rising(latency_s):
+                self._cut(self.DECREASE_ON_LATENCY)
+            else:
+                self._grow()
+
+    def _grow(self) -> None:
+        # Per answered call: +1 in slow start (doubling each second at the current rate), else
+        # step/rate (the step each second). Both scale with the calls actually made.
+        increment = 1.0 if self.slow_start else self._step / self.rate
+        self.rate = min(self.max_rate, self.rate + increment)
+
+    def _cut(self, factor: float) -> None:
+        now = time.monotonic()
+        if now - self._last_cut < self.COOLDOWN_S:
+            return
+        self._last_cut = now
+        self.rate = max(self.min_rate, self.rate * factor)
+        self.slow_start = False
+        self._step = max(self.min_rate, self.rate / 20)
+        self._next = min(self._next, now + 1.0 / self.rate)
+
+    def _latency_rising(self, latency_s: float) -> bool:
+        self._recent.append(latency_s)
+        if len(self._recent) < self.LATENCY_WINDOW:
+            return False
+        median = statistics.median(self._recent)  # robust to the odd slow answer
+        if self._baseline is None:
+            self._baseline = median
+        rising = median > max(self.LATENCY_RISE * self._baseline, self.LATENCY_FLOOR_S)
+        self._baseline += 0.01 * (median - self._baseline)  # a slower partner becomes the new normal
+        return rising
+
+
+class CircuitState(enum.StrEnum):
+    CLOSED = "closed"  # calls flow
+    OPEN = "open"  # no calls until the open period ends
+    HALF_OPEN = "half_open"  # one probe at a time; enough successes close it, a failure reopens it
+
+
+class CircuitBreaker:
+    """Per endpoint. Opens when at least half of the last 20 calls failed (with 10 or more seen) or 5
+    failed in a row; while open, callers wait instead of calling. After the open period — doubling
+    from 1 s to 10 s while probes fail, and never shorter than the partner's Retry-After — one probe
+    goes out at a time, and 3 successful probes in a row close it."""
+
+    WINDOW = 20
+    MIN_CALLS = 10
+    FAILURE_RATE = 0.5
+    CONSECUTIVE_FAILURES = 5
+    OPEN_BASE_S = 1.0
+    OPEN_MAX_S = 10.0
+    PROBES_TO_CLOSE = 3
+
+    def __init__(self, endpoint: "Endpoint",
+                 on_change: Callable[["CircuitBreaker", CircuitState, str], None]) -> None:
+        self.endpoint = endpoint
+        self.state = CircuitState.CLOSED
+        self._on_change = on_change
+        self._window: collections.deque[bool] = collections.deque(maxlen=self.WINDOW)
+        self._consecutive = 0
+        self._open_until = 0.0
+        self._open_s = self.OPEN_BASE_S
+        self._probe_in_flight = False
+        self._probe_successes = 0
+        self._changed = asyncio.Event()
+
+    async def admit(self) -> bool:
+        """Wait until a call may go out. True when that call is a half-open probe."""
+        while True:
+            if self.state is CircuitState.CLOSED:
+                return False
+            now = time.monotonic()
+            if self.state is CircuitState.OPEN and now >= self._open_until:
+                self._set(CircuitState.HALF_OPEN, "probing")
+            if self.state is CircuitState.HALF_OPEN and not self._probe_in_flight:
+                self._probe_in_flight = True
+                return True
+            self._changed.clear()
+            wait = self._open_until - now if self.state is CircuitState.OPEN else None
+            try:
+                async with asyncio.timeout(wait):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+
+    def abandon_probe(self) -> None:
+        """A probe cancelled before its answer (shutdown): let another one go."""
+        self._probe_in_flight = False
+        self._changed.set()
+
+    def record(self, reply: "Reply", probe: bool) -> None:
+        failed = reply.outcome in BREAKER_FAILURES
+        if probe:
+            self._probe_in_flight = False
+            self._changed.set()
+            if failed:
+                self._open_s = min(self.OPEN_MAX_S, self._open_s * 2)
+                self._open(reply, f"probe failed: {reply.detail or reply.outcome.value}")
+            elif reply.outcome is not Outcome.DEFERRED:
+                self._probe_successes += 1
+                if self._probe_successes >= self.PROBES_TO_CLOSE:
+                    self._window.clear()
+                    self._consecutive = 0
+                    self._open_s = self.OPEN_BASE_S
+                    self._set(CircuitState.CLOSED, "probes succeeded")
+            return
+        if self.state is not CircuitState.CLOSED or reply.outcome is Outcome.DEFERRED:
+            return  # answers to calls sent before it opened say nothing new
+        self._window.append(failed)
+        self._consecutive = self._consecutive + 1 if failed else 0
+        failures = sum(self._window)
+        if self._consecutive >= self.CONSECUTIVE_FAILURES or (
+                len(self._window) >= self.MIN_CALLS and failures / len(self._window) >= self.FAILURE_RATE):
+            self._open(reply, f"{failures} of the last {len(self._window)} calls failed")
+
+    def _open(self, reply: "Reply", why: str) -> None:
+        self._open_until = time.monotonic() + max(self._open_s, reply.retry_after or 0.0)
+        self._probe_successes = 0
+        self._set(CircuitState.OPEN, why)
+
+    def _set(self, state: CircuitState, why: str) -> None:
+        previous, self.state = self.state, state
+        self._changed.set()
+        if previous is not state:
+            self._on_change(self, previous, why)
+
+
+class RetryBudget:
+    """Retries may be at most ~20% of an endpoint's calls over the last 10 s (plus a few, so a
+    quiet endpoint can still retry): during a partner's bad minute, retries do not multiply the
+    load. A retry over budget is deferred to a later attempt without calling."""
+
+    WINDOW_S = 10.0
+    RATIO = 0.2
+    ALLOWANCE = 5
+
+    def __init__(self) -> None:
+        self._calls: collections.deque[tuple[float, bool]] = collections.deque()
+        self._retries = 0
+
+    def allows_retry(self) -> bool:
+        self._expire(time.monotonic())
+        return self._retries < self.ALLOWANCE + self.RATIO * len(self._calls)
+
+    def record(self, retry: bool) -> None:
+        now = time.monotonic()
+        self._expire(now)
+        self._calls.append((now, retry))
+        self._retries += retry
+
+    def _expire(self, now: float) -> None:
+        while self._calls and self._calls[0][0] < now - self.WINDOW_S:
+            self._retries -= self._calls.popleft()[1]
+
+
+class PrioritySemaphore:
+    """A semaphore whose waiters are served lowest priority number first, in arrival order within
+    a priority: under a backlog, reports (which finish the job) go before tracking, tracking
+    before feed paging."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: int) -> typing.AsyncIterator[None]:
+        await self._acquire(priority)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, priority: int) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._order), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._release()  # the slot was handed over just as we were cancelled: pass it on
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)  # the slot passes straight to the waiter
+                return
+        self._free += 1
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -828,29 +1065,37 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class PartnerClient:
-    def __init__(self, config: Config, session: aiohttp.ClientSession, metrics: "Metrics") -> None:
+    def __init__(self, config: Config, session: aiohttp.ClientSession, metrics: "Metrics",
+                 on_circuit_change: Callable[[CircuitBreaker, CircuitState, str], None]) -> None:
         self._base = config.partner.base_url.rstrip("/")
         self._token = config.partner.token
         self._timeout = config.partner.timeout_s
         self._session = session
         self._metrics = metrics
-        self._slots = asyncio.Semaphore(config.limits.concurrency)
-        self.limiters = {e: RateLimiter(config.limits.rate_per_s) for e in Endpoint}
+        self._slots = PrioritySemaphore(config.limits.concurrency)
+        self.rates = {e: AdaptiveRate(config.limits.rate_per_s) for e in Endpoint}
+        self.budgets = {e: RetryBudget() for e in Endpoint}
 
-    async def returns_page(self, cursor: str | None, limit: int) -> Reply:
+        def changed(breaker: CircuitBreaker, previous: CircuitState, why: str) -> None:
+            metrics.set_circuit(breaker.endpoint.value, breaker.state)
+            on_circuit_change(breaker, previous, why)
+
+        self.breakers = {e: CircuitBreaker(e, changed) for e in Endpoint}
+
+    async def returns_page(self, cursor: str | None, limit: int, *, retry: bool = False) -> Reply:
         params = {"limit": str(limit)}
         if cursor is not None:
             params["cursor"] = cursor
-        return await self._call(Endpoint.RETURNS, "GET", "/returns", params=params)
+        return await self._call(Endpoint.RETURNS, "GET", "/returns", retry, params=params)
 
-    async def tracking(self, shipment_number: str) -> Reply:
+    async def tracking(self, shipment_number: str, *, retry: bool = False) -> Reply:
         return await self._call(
-            Endpoint.TRACKING, "GET", "/tracking", params={"shipment_number": shipment_number}
+            Endpoint.TRACKING, "GET", "/tracking", retry, params={"shipment_number": shipment_number}
         )
 
     async def post_result(self, report: DueReport) -> Reply:
         return await self._call(
-            Endpoint.RESULTS, "POST", "/results", json_body=report.body(),
+            Endpoint.RESULTS, "POST", "/results", report.attempts > 0, json_body=report.body(),
             headers={"Idempotency-Key": report.return_id},
         )
 
@@ -859,22 +1104,36 @@ class PartnerClient:
         endpoint: Endpoint,
         method: str,
         path: str,
+        retry: bool,
         *,
         params: dict[str, str] | None = None,
         json_body: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
     ) -> Reply:
-        limiter = self.limiters[endpoint]
-        await limiter.acquire()
-        async with self._slots:
-            self._metrics.partner_in_flight.labels(endpoint.value).inc()
-            started = time.monotonic()
-            try:
-                reply = await self._exchange(endpoint, method, path, params, json_body, headers, started)
-            finally:
-                self._metrics.partner_in_flight.labels(endpoint.value).dec()
-        if reply.outcome is Outcome.RATE_LIMITED or (reply.retry_after and reply.status == 503):
-            limiter.pause(reply.retry_after or 1.0)
+        breaker, rate, budget = self.breakers[endpoint], self.rates[endpoint], self.budgets[endpoint]
+        probe = await breaker.admit()  # while the circuit is open, callers wait here
+        try:
+            if retry and not probe and not budget.allows_retry():
+                self._metrics.retries_deferred.labels(endpoint.value).inc()
+                return Reply(endpoint, Outcome.DEFERRED, None, None, None, 0.0, "retry budget spent")
+            await rate.acquire()
+            async with self._slots.slot(PRIORITY[endpoint.value]):
+                self._metrics.partner_in_flight.labels(endpoint.value).inc()
+                started = time.monotonic()
+                try:
+                    reply = await self._exchange(endpoint, method, path, params, json_body, headers, started)
+                finally:
+                    self._metrics.partner_in_flight.labels(endpoint.value).dec()
+        except BaseException:
+            if probe:
+                breaker.abandon_probe()
+            raise
+        budget.record(retry)
+        breaker.record(reply, probe)
+        rate.observe(reply.outcome, reply.latency_s)
+        if reply.status == 503 and reply.retry_after:
+            rate.pause(reply.retry_after)  # maintenance: the partner said when to come back
+        self._metrics.partner_rate.labels(endpoint.value).set(rate.rate)
         self._metrics.partner_calls.labels(endpoint.value, reply.outcome.value).inc()
         self._metrics.partner_latency.labels(endpoint.value).observe(reply.latency_s)
         return reply
@@ -1117,6 +1376,10 @@ def decide_box_update(box: DueBox, reply: Reply, now: float, schedule: ScheduleC
             box.shipment_number, BoxState.TRACKING, now + jittered(schedule.track_every_s), 0, 0, True, status,
             unknown_status=None if status in KNOWN_STATUSES else status,
         )
+    if reply.outcome is Outcome.DEFERRED:
+        delay = retry_delay(box.errors, schedule.retry_base_s, schedule.retry_max_s, None)
+        return BoxUpdate(box.shipment_number, BoxState.TRACKING, now + delay, box.not_found, box.errors, False,
+                         called=False)
     if reply.outcome is Outcome.NOT_FOUND:
         not_found = box.not_found + 1
         stale_at = box.first_seen_at + schedule.stale_after_s
@@ -1146,6 +1409,9 @@ def decide_report_update(report: DueReport, reply: Reply, now: float, schedule: 
         return ReportUpdate(report.return_id, ReportState.DONE, None, "duplicate", None)
     if reply.outcome is Outcome.REFUSED:
         return ReportUpdate(report.return_id, ReportState.DEAD, None, "refused", reply.detail[:500])
+    if reply.outcome is Outcome.DEFERRED:
+        delay = retry_delay(report.attempts, schedule.retry_base_s, schedule.retry_max_s, None)
+        return ReportUpdate(report.return_id, ReportState.PENDING, now + delay, None, None, called=False)
     # Anything else leaves the outcome unknown or failed: send the same report again later.
     error = reply.detail or reply.outcome.value
     if reply.outcome is Outcome.OK:
@@ -1367,7 +1633,7 @@ class Stages:
         cursor = await self.store.feed_cursor()
         failures = 0
         while not self._stop.is_set():
-            reply = await self.client.returns_page(cursor, self.config.partner.page_size)
+            reply = await self.client.returns_page(cursor, self.config.partner.page_size, retry=failures > 0)
             page, error = None, reply.detail or reply.outcome.value
             if reply.outcome is Outcome.OK:
                 try:
@@ -1375,8 +1641,9 @@ class Stages:
                 except GarbledAnswer as exc:
                     error = f"garbled page: {exc}"
             if page is None:
-                failures += 1
-                self._partner_failed(Endpoint.RETURNS, reply, error)
+                if reply.outcome is not Outcome.DEFERRED:
+                    failures += 1
+                    self._partner_failed(Endpoint.RETURNS, reply, error)
                 if once:
                     return
                 delay = retry_delay(failures, schedule.retry_base_s, schedule.retry_max_s, reply.retry_after)
@@ -1411,7 +1678,7 @@ class Stages:
     # ── track ───────────────────────────────────────────────────────────────────────────────
 
     async def check_box(self, box: DueBox) -> None:
-        reply = await self.client.tracking(box.shipment_number)
+        reply = await self.client.tracking(box.shipment_number, retry=box.errors > 0)
         update = decide_box_update(box, reply, time.time(), self.config.schedule)
         await self.committer.submit(update)
         self.log.info("track.checked", shipment_number=box.shipment_number, outcome=reply.outcome.value,
@@ -1433,7 +1700,7 @@ class Stages:
                 f"The partner sent an unknown pickup status '{update.unknown_status}' "
                 f"(shipment {box.shipment_number}); still tracking.",
             )
-        if reply.outcome is not Outcome.OK and reply.outcome is not Outcome.NOT_FOUND:
+        if reply.outcome not in (Outcome.OK, Outcome.NOT_FOUND, Outcome.DEFERRED):
             self._partner_failed(Endpoint.TRACKING, reply, update.last_error or "")
         elif update.last_error and update.state is BoxState.TRACKING:
             self.log.warning("track.garbled", shipment_number=box.shipment_number, error=update.last_error)
@@ -1456,7 +1723,7 @@ class Stages:
                 f"(order {report.order_number} item {report.order_item_number}): {reply.detail}. "
                 "It will not be resent until requeued.",
             )
-        elif update.state is ReportState.PENDING and reply.outcome is not Outcome.OK:
+        elif update.state is ReportState.PENDING and reply.outcome not in (Outcome.OK, Outcome.DEFERRED):
             self._partner_failed(Endpoint.RESULTS, reply, update.last_error or "")
 
     # ── shared ──────────────────────────────────────────────────────────────────────────────
@@ -1689,13 +1956,28 @@ class Metrics:
             ["outcome"], registry=r)
         self.feed_last_success = prometheus_client.Gauge(
             "tracker_feed_last_success_timestamp_seconds", "When a feed page was last stored.", registry=r)
+        self.partner_rate = prometheus_client.Gauge(
+            "tracker_partner_rate_limit_per_second", "The adaptive call rate in force, by endpoint.",
+            ["endpoint"], registry=r)
+        self.circuit_state = prometheus_client.Gauge(
+            "tracker_partner_circuit_state", "1 for the circuit's current state (closed, open, half_open).",
+            ["endpoint", "state"], registry=r)
+        self.retries_deferred = prometheus_client.Counter(
+            "tracker_partner_retries_deferred_total", "Retries not sent because the retry budget was spent.",
+            ["endpoint"], registry=r)
         for endpoint in Endpoint:
             self.partner_latency.labels(endpoint.value)
             self.partner_in_flight.labels(endpoint.value)
+            self.retries_deferred.labels(endpoint.value)
+            self.set_circuit(endpoint.value, CircuitState.CLOSED)
         for outcome in ("recorded", "duplicate", "refused", "retry"):
             self.reports.labels(outcome)
         for state in (BoxState.DELIVERED, BoxState.CANCELLED, BoxState.STALE):
             self.boxes_closed.labels(state.value)
+
+    def set_circuit(self, endpoint: str, state: CircuitState) -> None:
+        for each in CircuitState:
+            self.circuit_state.labels(endpoint, each.value).set(1 if each is state else 0)
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
@@ -1765,15 +2047,18 @@ class Daemon:
     async def _run_with(self, store: Store, once: bool) -> None:
         config = self.config
         connector = aiohttp.TCPConnector(limit=config.limits.concurrency, ttl_dns_cache=300)
+        timeout_s = config.partner.timeout_s  # the total is enforced per call around the whole exchange
+        timeouts = aiohttp.ClientTimeout(connect=min(5.0, timeout_s), sock_read=timeout_s)
         async with (
-            aiohttp.ClientSession(connector=connector) as partner_session,
+            aiohttp.ClientSession(connector=connector, timeout=timeouts) as partner_session,
             aiohttp.ClientSession() as slack_session,  # no partner headers ever reach Slack
         ):
             alerts = Alerter(config.slack.webhook_url, slack_session, self.metrics, self.log, REDACT.text)
             committer = Committer(store, self._on_committed, lambda exc: alerts.alert(
                 "storage", f"Cannot write the state database: {exc}. Work is paused until it can."), self.log)
-            stages = Stages(config, store, PartnerClient(config, partner_session, self.metrics), committer,
-                            alerts, self.metrics, self.log)
+            client = PartnerClient(config, partner_session, self.metrics,
+                                   lambda breaker, previous, why: self._circuit_changed(alerts, breaker, previous, why))
+            stages = Stages(config, store, client, committer, alerts, self.metrics, self.log)
             self._stages = stages
             if self._stop.is_set():
                 stages.stop()
@@ -1827,6 +2112,17 @@ class Daemon:
         await self._stop.wait()
         await asyncio.sleep(grace)
         collect.cancel()
+
+    def _circuit_changed(self, alerts: "Alerter", breaker: CircuitBreaker, previous: CircuitState, why: str) -> None:
+        endpoint = breaker.endpoint.value
+        self.log.warning("partner.circuit_changed", endpoint=endpoint, state=breaker.state.value,
+                         previous=previous.value, why=why)
+        if previous is CircuitState.CLOSED and breaker.state is CircuitState.OPEN:
+            alerts.alert(f"circuit_open:{endpoint}",
+                         f"The partner's /{endpoint} is failing ({why}). Calls to it are paused and "
+                         "probed every few seconds; work waits, nothing is lost.")
+        elif breaker.state is CircuitState.CLOSED:
+            alerts.alert(f"circuit_closed:{endpoint}", f"The partner's /{endpoint} answers again; calls resumed.")
 
     def _on_committed(self, result: CommitResult) -> None:
         if result.returns_added:

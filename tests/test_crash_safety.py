@@ -10,6 +10,11 @@ import standin
 from conftest import config_toml, scenario, wait_until_sync
 
 
+def pending_reports(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT COUNT(*) FROM reports WHERE state = 'pending'").fetchone()[0]
+
+
 def test_kill_9_mid_burst_then_restart_loses_nothing(start_partner, daemon_process, tmp_path: Path) -> None:
     faults = standin.Faults(latency_ms=(1, 5), error_share=0.02, garbled_share=0.01, reset_share=0.01)
     partner = start_partner(scenario(returns=3000, arrive_over_s=4.0, relist_share=0.02, faults=faults))
@@ -21,8 +26,9 @@ def test_kill_9_mid_burst_then_restart_loses_nothing(start_partner, daemon_proce
                         what=f"cycle {cycle}: {kill_after_recorded} reports recorded")
         daemon.kill9()
     daemon.start()
-    wait_until_sync(lambda: (ledger := partner.ledger())["finished"] and ledger["missing"] == 0, 60,
-                    what="every reportable item recorded after the restarts")
+    wait_until_sync(lambda: (ledger := partner.ledger())["finished"] and ledger["missing"] == 0
+                    and pending_reports(db) == 0, 60,
+                    what="every reportable item recorded, and known to be, after the restarts")
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(15) == 0
     ledger = partner.ledger()

@@ -12,7 +12,7 @@ from conftest import (FAST_SCHEDULE, counts_in, db_count_reaches, everything_rep
 
 async def test_burst_reports_every_delivered_item_exactly_once(start_partner, db_path: Path) -> None:
     partner = start_partner(scenario(returns=1500, arrive_over_s=1.5))
-    await run_daemon_until(make_config(db_path, partner.url), everything_reported(partner))
+    await run_daemon_until(make_config(db_path, partner.url), everything_reported(partner, db_path))
     ledger = await ledger_of(partner)
     assert ledger["expected"] > 1000
     assert ledger["recorded"] == ledger["expected"]
@@ -110,7 +110,7 @@ async def test_a_faulty_partner_loses_nothing_and_reports_nothing_early(start_pa
     faults = standin.Faults(latency_ms=(1, 10), error_share=0.05, garbled_share=0.03, slow_share=0.02,
                             slow_s=0.3, hang_share=0.01, hang_s=5.0, reset_share=0.03, rate_limit_per_s=1500)
     partner = start_partner(scenario(returns=800, relist_share=0.05, unregistered_share=0.3, faults=faults))
-    await run_daemon_until(make_config(db_path, partner.url), everything_reported(partner), timeout_s=60)
+    await run_daemon_until(make_config(db_path, partner.url), everything_reported(partner, db_path), timeout_s=60)
     ledger = await ledger_of(partner)
     calls = ledger["calls"]
     assert calls["results"].get("reset", 0) + calls["results"].get("200-garbled", 0) > 0
