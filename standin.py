@@ -54,6 +54,9 @@ class Faults:
     rate_limit_per_s: float = 0.0  # per endpoint; 0 = unlimited
     outage_at_s: float | None = None  # every call answers 503 + Retry-After during the window
     outage_s: float = 0.0
+    storm_at_s: float | None = None  # the rate limit drops to storm_limit_per_s during the window
+    storm_s: float = 0.0
+    storm_limit_per_s: float = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +260,10 @@ class StandIn:
         if f.outage_at_s is not None and f.outage_at_s <= now < f.outage_at_s + f.outage_s:
             self.ledger.count(endpoint, "503-outage")
             return _error(503, "maintenance", retry_after=str(max(1, round(f.outage_at_s + f.outage_s - now))))
-        if f.rate_limit_per_s and not self._take_token(endpoint, f.rate_limit_per_s):
+        limit = f.rate_limit_per_s
+        if f.storm_at_s is not None and f.storm_at_s <= now < f.storm_at_s + f.storm_s:
+            limit = f.storm_limit_per_s
+        if limit and not self._take_token(endpoint, limit):
             self.ledger.count(endpoint, "429")
             return _error(429, "too many requests", retry_after="1")
         if request.headers.get("Authorization") != f"Bearer {self.scenario.token}":

@@ -811,26 +811,33 @@ class AdaptiveRate:
     """Finds and respects the partner's unpublished, changing rate limit for one endpoint (AIMD).
 
     Slow start doubles the rate each second from a tenth of the cap until the first sign of
-    congestion; after that the rate grows by a twentieth of the last safe rate each second and is
-    cut by a fifth on a 429 or a timeout, and by a tenth when latency doubles — at most one cut a
-    cooldown, since the answers of calls already in flight tell of the same congestion. It never
-    exceeds limits.rate_per_s. Calls are spaced at 1/rate rather than sent in bursts."""
+    congestion; after that the rate grows by a twentieth of the recent peak each second (doubling
+    again while below half that peak, so it recovers in seconds after a storm) and is cut by a
+    fifth on a 429 or a timeout, and by a tenth when latency doubles — at most one cut
+    until every call already scheduled at the old rate has been answered, since those answers tell
+    of the same congestion (TCP's one cut per window). It never exceeds limits.rate_per_s, and it
+    grows only while callers are waiting for it (an idle endpoint's rate says nothing). Calls are
+    spaced at 1/rate, never sent in bursts; a cut re-spaces the calls already waiting."""
 
     DECREASE_ON_LIMIT = 0.8
     DECREASE_ON_LATENCY = 0.9
-    COOLDOWN_S = 0.5
+    COOLDOWN_MIN_S, COOLDOWN_MAX_S = 0.05, 1.0
     LATENCY_WINDOW = 20
     LATENCY_RISE = 2.0
     LATENCY_FLOOR_S = 0.02  # below this, "rising" latency is noise
+    PEAK_HALF_LIFE_S = 60.0
 
     def __init__(self, max_rate: float) -> None:
         self.max_rate = max_rate
         self.min_rate = min(max_rate, max(0.2, max_rate * 0.005))
         self.rate = max(self.min_rate, max_rate / 10)
         self.slow_start = True
-        self._step = max(1.0, self.rate / 20)
-        self._last_cut = -math.inf
+        self._peak = self.rate  # the highest recent rate, decaying with a half-life of PEAK_HALF_LIFE_S
+        self._peak_at = time.monotonic()
+        self._calm_after = 0.0  # no cut before this: answers until then reflect the previous rate
         self._next = 0.0
+        self._epoch = 0  # bumped by every cut: slots reserved before it are void
+        self._last_wait = -math.inf  # when a caller last had to wait for its slot
         self._paused_until = 0.0
         self._recent: collections.deque[float] = collections.deque(maxlen=self.LATENCY_WINDOW)
         self._baseline: float | None = None
@@ -840,13 +847,19 @@ class AdaptiveRate:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     async def acquire(self) -> None:
-        while (wait := self._paused_until - time.monotonic()) > 0:
-            await asyncio.sleep(wait)
-        now = time.monotonic()
-        slot = max(now, self._next)
-        self._next = slot + 1.0 / self.rate
-        if slot > now:
+        while True:
+            while (wait := self._paused_until - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            now, epoch = time.monotonic(), self._epoch
+            slot = max(now, self._next)
+            self._next = slot + 1.0 / self.rate
+            if slot <= now:
+                return
+            self._last_wait = now
             await asyncio.sleep(slot - now)
+            if epoch == self._epoch:
+                return
+            # The rate was cut while this caller waited: its slot was spaced for the old rate.
 
     def observe(self, outcome: "Outcome", latency_s: float) -> None:
         if outcome in (Outcome.RATE_LIMITED, Outcome.TIMEOUT):
@@ -858,20 +871,32 @@ class AdaptiveRate:
                 self._grow()
 
     def _grow(self) -> None:
-        # Per answered call: +1 in slow start (doubling each second at the current rate), else
+        # Per answered call: +1 while doubling (the rate grows by itself each second), else
         # step/rate (the step each second). Both scale with the calls actually made.
-        increment = 1.0 if self.slow_start else self._step / self.rate
+        if time.monotonic() - self._last_wait > 1.0:
+            return  # demand is below the rate: a higher rate would be untested
+        peak = self._decayed_peak()
+        doubling = self.slow_start or self.rate < peak / 2
+        increment = 1.0 if doubling else max(1.0, peak / 20) / self.rate
         self.rate = min(self.max_rate, self.rate + increment)
+        if self.rate > peak:
+            self._peak, self._peak_at = self.rate, time.monotonic()
+
+    def _decayed_peak(self) -> float:
+        age = time.monotonic() - self._peak_at
+        return self._peak * 0.5 ** (age / self.PEAK_HALF_LIFE_S)
 
     def _cut(self, factor: float) -> None:
         now = time.monotonic()
-        if now - self._last_cut < self.COOLDOWN_S:
+        if now < self._calm_after:
             return
-        self._last_cut = now
+        round_trip = statistics.median(self._recent) if self._recent else self.COOLDOWN_MAX_S / 2
+        self._calm_after = now + min(self.COOLDOWN_MAX_S, max(self.COOLDOWN_MIN_S, 2 * round_trip))
+        self._peak, self._peak_at = max(self._decayed_peak(), self.rate), now
         self.rate = max(self.min_rate, self.rate * factor)
         self.slow_start = False
-        self._step = max(self.min_rate, self.rate / 20)
-        self._next = min(self._next, now + 1.0 / self.rate)
+        self._epoch += 1
+        self._next = now
 
     def _latency_rising(self, latency_s: float) -> bool:
         self._recent.append(latency_s)
@@ -980,31 +1005,42 @@ class CircuitBreaker:
 
 
 class RetryBudget:
-    """Retries may be at most ~20% of an endpoint's calls over the last 10 s (plus a few, so a
-    quiet endpoint can still retry): during a partner's bad minute, retries do not multiply the
-    load. A retry over budget is deferred to a later attempt without calling."""
+    """While an endpoint is failing (10% or more of its calls in the last 10 s failed or were
+    rate-limited), retries may be at most ~20% of its calls (plus a few, so a quiet endpoint can
+    still retry): during a partner's bad minute, retries do not multiply the load. A retry over
+    budget is deferred without calling. While the endpoint is healthy a retry is an ordinary call;
+    otherwise, after a storm in which every pending item failed once, the budget would starve
+    the very calls that now succeed."""
 
     WINDOW_S = 10.0
     RATIO = 0.2
     ALLOWANCE = 5
+    UNHEALTHY = 0.1
 
     def __init__(self) -> None:
-        self._calls: collections.deque[tuple[float, bool]] = collections.deque()
+        self._calls: collections.deque[tuple[float, bool, bool]] = collections.deque()
         self._retries = 0
+        self._failures = 0
 
     def allows_retry(self) -> bool:
         self._expire(time.monotonic())
-        return self._retries < self.ALLOWANCE + self.RATIO * len(self._calls)
+        calls = len(self._calls)
+        if self._failures < self.UNHEALTHY * calls:
+            return True
+        return self._retries < self.ALLOWANCE + self.RATIO * calls
 
-    def record(self, retry: bool) -> None:
+    def record(self, retry: bool, failed: bool) -> None:
         now = time.monotonic()
         self._expire(now)
-        self._calls.append((now, retry))
+        self._calls.append((now, retry, failed))
         self._retries += retry
+        self._failures += failed
 
     def _expire(self, now: float) -> None:
         while self._calls and self._calls[0][0] < now - self.WINDOW_S:
-            self._retries -= self._calls.popleft()[1]
+            _, retry, failed = self._calls.popleft()
+            self._retries -= retry
+            self._failures -= failed
 
 
 class PrioritySemaphore:
@@ -1111,24 +1147,28 @@ class PartnerClient:
         headers: dict[str, str] | None = None,
     ) -> Reply:
         breaker, rate, budget = self.breakers[endpoint], self.rates[endpoint], self.budgets[endpoint]
-        probe = await breaker.admit()  # while the circuit is open, callers wait here
-        try:
-            if retry and not probe and not budget.allows_retry():
-                self._metrics.retries_deferred.labels(endpoint.value).inc()
-                return Reply(endpoint, Outcome.DEFERRED, None, None, None, 0.0, "retry budget spent")
-            await rate.acquire()
-            async with self._slots.slot(PRIORITY[endpoint.value]):
-                self._metrics.partner_in_flight.labels(endpoint.value).inc()
-                started = time.monotonic()
-                try:
-                    reply = await self._exchange(endpoint, method, path, params, json_body, headers, started)
-                finally:
-                    self._metrics.partner_in_flight.labels(endpoint.value).dec()
-        except BaseException:
-            if probe:
-                breaker.abandon_probe()
-            raise
-        budget.record(retry)
+        reply: Reply | None = None
+        while reply is None:
+            probe = await breaker.admit()  # while the circuit is open, callers wait here
+            try:
+                if retry and not probe and not budget.allows_retry():
+                    self._metrics.retries_deferred.labels(endpoint.value).inc()
+                    return Reply(endpoint, Outcome.DEFERRED, None, None, None, 0.0, "retry budget spent")
+                await rate.acquire()
+                async with self._slots.slot(PRIORITY[endpoint.value]):
+                    if not probe and breaker.state is not CircuitState.CLOSED:
+                        continue  # it opened while this call waited its turn: wait again
+                    self._metrics.partner_in_flight.labels(endpoint.value).inc()
+                    started = time.monotonic()
+                    try:
+                        reply = await self._exchange(endpoint, method, path, params, json_body, headers, started)
+                    finally:
+                        self._metrics.partner_in_flight.labels(endpoint.value).dec()
+            except BaseException:
+                if probe:
+                    breaker.abandon_probe()
+                raise
+        budget.record(retry, failed=reply.outcome in TRANSIENT_OUTCOMES)
         breaker.record(reply, probe)
         rate.observe(reply.outcome, reply.latency_s)
         if reply.status == 503 and reply.retry_after:
