@@ -9,6 +9,7 @@ state transition is committed before it is acted on, so kill -9 at any instant l
     python tracker.py run    [--config PATH]   the daemon
     python tracker.py once   [--config PATH]   one pass over what is due now, then exit
     python tracker.py status [--config PATH]   what the state store holds, for a terminal
+    python tracker.py requeue {dead|stale|quarantined} [ids…]   back into the pipeline
     python tracker.py demo                     the whole pipeline against the partner stand-in
 """
 
@@ -630,6 +631,43 @@ class Store:
                 for u in updates
             ],
         )
+
+    # ── operator requeues: back into the pipeline after the cause was fixed ─────────────────
+    # `ids` None means all; otherwise one JSON array parameter, read by json_each.
+
+    async def requeue_dead_reports(self, ids: Sequence[str] | None, now: float) -> list[str]:
+        return await self._requeue(
+            "UPDATE reports SET state = ?, attempts = 0, next_attempt_at = ?, outcome = NULL, done_at = NULL"
+            " WHERE state = ? AND (? IS NULL OR return_id IN (SELECT value FROM json_each(?)))"
+            " RETURNING return_id",
+            (ReportState.PENDING.value, now, ReportState.DEAD.value), ids)
+
+    async def requeue_stale_boxes(self, ids: Sequence[str] | None, now: float) -> list[str]:
+        # first_seen_at restarts, or the box would be stale again at its first 404
+        return await self._requeue(
+            "UPDATE boxes SET state = ?, next_check_at = ?, first_seen_at = ?, not_found = 0, errors = 0,"
+            " closed_at = NULL, last_error = NULL"
+            " WHERE state = ? AND (? IS NULL OR shipment_number IN (SELECT value FROM json_each(?)))"
+            " RETURNING shipment_number",
+            (BoxState.TRACKING.value, now, now, BoxState.STALE.value), ids)
+
+    async def _requeue(self, sql: str, params: tuple[Any, ...], ids: Sequence[str] | None) -> list[str]:
+        id_list = None if ids is None else json.dumps(list(ids))
+        await self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            rows = await self._writer.execute_fetchall(sql, (*params, id_list, id_list))
+            await self._writer.execute("COMMIT")
+        except BaseException:
+            await self._rollback()
+            raise
+        return sorted(row[0] for row in rows)
+
+    async def open_quarantine_for(self, ids: Sequence[str] | None) -> list[tuple[str | None, str]]:
+        id_list = None if ids is None else json.dumps(list(ids))
+        return await self._rows(
+            "SELECT return_id, raw FROM quarantine WHERE resolved_at IS NULL"
+            " AND (? IS NULL OR return_id IN (SELECT value FROM json_each(?))) ORDER BY seen_at",
+            (id_list, id_list))
 
     # ── reads for the stages ────────────────────────────────────────────────────────────────
 
@@ -2197,6 +2235,14 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("--config", type=Path, default=Path("config.toml"),
                              help="config file (default: ./config.toml)")
+    requeue = commands.add_parser(
+        "requeue", help="put dead reports, stale boxes or quarantined returns back into the pipeline",
+        description="After the cause is fixed: dead reports are sent again, stale boxes tracked again, "
+                    "quarantined returns re-validated and, where they now pass, collected. Without ids: all.")
+    requeue.add_argument("kind", choices=("dead", "stale", "quarantined"))
+    requeue.add_argument("ids", nargs="*", help="return ids (dead, quarantined) or shipment numbers (stale)")
+    requeue.add_argument("--config", type=Path, default=Path("config.toml"),
+                         help="config file (default: ./config.toml)")
     demo = commands.add_parser("demo", help="run the whole pipeline against the partner stand-in",
                                description="Start the partner stand-in on loopback with a burst of returns, "
                                            "run the daemon against it, and print a summary.")
@@ -2215,12 +2261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo.main(returns=args.returns, seconds=args.seconds, seed=args.seed, deadline_s=args.deadline)
     try:
-        config = (load_status_config if args.command == "status" else load_config)(args.config)
+        config = (load_config if args.command in ("run", "once") else load_status_config)(args.config)
     except ConfigError as exc:
         print(f"tracker: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "status":
         return asyncio.run(print_status(config))
+    if args.command == "requeue":
+        return asyncio.run(requeue(config, args.kind, args.ids or None))
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # one journald record per line, as it happens
     configure_logging(config.log.level)
@@ -2236,7 +2284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def load_status_config(path: Path) -> Config:
-    """`status` reads only the database: it must work without the partner token."""
+    """`status` and `requeue` touch only the database: they must work without the partner token."""
     return load_config(path, {**os.environ, ENV_TOKEN: os.environ.get(ENV_TOKEN) or "not-needed-for-status"})
 
 
@@ -2246,6 +2294,55 @@ async def run_until_signalled(config: Config, *, once: bool) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
     await daemon.run(once=once)
+
+
+async def requeue(config: Config, kind: str, ids: list[str] | None, out: typing.TextIO | None = None) -> int:
+    """Works beside a running daemon: it picks up what is requeued at its next look (within a second)."""
+    out = out or sys.stdout
+    if not Path(config.storage.path).exists():
+        print(f"tracker: no state database at {config.storage.path}", file=sys.stderr)
+        return EXIT_FAILURE
+    store = await Store.open(config.storage.path)
+    try:
+        now = time.time()
+        if kind == "dead":
+            moved, label = await store.requeue_dead_reports(ids, now), "dead report(s) queued to be sent again"
+        elif kind == "stale":
+            moved, label = await store.requeue_stale_boxes(ids, now), "stale box(es) tracked again"
+        else:
+            moved, still_bad = await requeue_quarantined(store, ids, now)
+            label = "quarantined return(s) collected"
+            for return_id, reason in still_bad:
+                print(f"still invalid, left in quarantine: {return_id or '(no id)'}: {reason}", file=out)
+    finally:
+        await store.close()
+    print(f"{len(moved)} {label}" + (f": {', '.join(moved)}" if moved else ""), file=out)
+    if ids:
+        missing = sorted(set(ids) - set(moved))
+        if missing:
+            print(f"not found in that state: {', '.join(missing)}", file=out)
+    return EXIT_OK
+
+
+async def requeue_quarantined(store: Store, ids: list[str] | None,
+                              now: float) -> tuple[list[str], list[tuple[str | None, str]]]:
+    """Re-validate quarantined raw items; the ones that now pass are collected as from the feed."""
+    items: list[ReturnItem] = []
+    still_bad: list[tuple[str | None, str]] = []
+    for return_id, raw in await store.open_quarantine_for(ids):
+        try:
+            checked = validate_return(json.loads(raw))
+        except (ValueError, RecursionError):
+            still_bad.append((return_id, "the stored raw item is truncated or not JSON"))
+            continue
+        if isinstance(checked, ReturnItem):
+            items.append(checked)
+        else:
+            still_bad.append((return_id, checked.reason))
+    if items:
+        first_checks = tuple({item.shipment_number: now for item in items}.items())
+        await store.commit([FeedPage(tuple(items), (), None, False, first_checks)], now)
+    return sorted(item.id for item in items), still_bad
 
 
 async def print_status(config: Config, out: typing.TextIO | None = None) -> int:
@@ -2287,9 +2384,9 @@ async def status_lines(store: Store, limit: int = 10) -> list[str]:
         ("Quarantined returns (open)", [
             f"  {rid or '(no id)'}  {reason}  seen {_ago(seen)}\n      raw: {raw[:160]}"
             for rid, reason, raw, seen in await store.open_quarantine(limit)]),
-        ("Dead reports (partner refused: fix, then requeue)", [
+        ("Dead reports (partner refused; once fixed: tracker.py requeue dead [ids])", [
             f"  {rid}  box {sn}  {err}  {_ago(done)}" for rid, sn, err, done in await store.dead_reports(limit)]),
-        ("Stale boxes (carrier never registered the waybill)", [
+        ("Stale boxes (never registered; once it is: tracker.py requeue stale [ids])", [
             f"  {sn}  first seen {_ago(seen)}  items {items}" for sn, seen, items in await store.stale_boxes(limit)]),
         ("Unknown statuses seen", [
             f"  {status!r}  seen {seen:,} times, last {_ago(last)}"
