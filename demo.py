@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+import standin
 import tracker
 
 HERE = Path(__file__).resolve().parent
@@ -83,33 +84,15 @@ class Demo:
 
     def _write_config(self, info: dict[str, str]) -> Path:
         path = self.workdir / "config.toml"
-        path.write_text(f"""# written by `tracker.py demo`; the token comes from {tracker.ENV_TOKEN}
-[partner]
-base_url = "{info['url']}"
-timeout_s = 2.0
-page_size = 500
-
-[storage]
-path = "tracker.db"
-
-[http]
-listen = "127.0.0.1:0"
-
-[slack]
-webhook_url = "{info['slack']}"
-
-[schedule]
-returns_every_s = 0.5
-track_every_s = 2.0
-stale_after_s = 15.0
-retry_base_s = 0.5
-retry_max_s = 5.0
-shutdown_grace_s = 3.0
-
-[limits]
-concurrency = 64
-rate_per_s = 1500
-""")
+        path.write_text(standin.daemon_config_toml({
+            "partner": {"base_url": info["url"], "timeout_s": 2.0, "page_size": 500},
+            "storage": {"path": "tracker.db"},
+            "http": {"listen": "127.0.0.1:0"},
+            "slack": {"webhook_url": info["slack"]},
+            "schedule": {"returns_every_s": 0.5, "track_every_s": 2.0, "stale_after_s": 15.0, "retry_base_s": 0.5,
+                         "retry_max_s": 5.0, "shutdown_grace_s": 3.0},
+            "limits": {"concurrency": 64, "rate_per_s": 1500},
+        }, comment=f"written by `tracker.py demo`; the token comes from {tracker.ENV_TOKEN}"))
         return path
 
     async def _metrics_url(self) -> str:

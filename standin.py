@@ -446,6 +446,15 @@ def _decode_cursor(cursor: str | None) -> int:
     return int(text[4:])
 
 
+def daemon_config_toml(sections: dict[str, dict[str, Any]], comment: str = "") -> str:
+    """A tracker config file from {section: {key: value}}: what tests, the demo and the benchmarks
+    run the daemon with against this stand-in. (JSON scalars are valid TOML values.)"""
+    lines = [f"# {comment}"] if comment else []
+    for section, values in sections.items():
+        lines += ["", f"[{section}]"] + [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
 @contextmanager
 def running_in_thread(scenario: Scenario) -> Iterator["ThreadedStandIn"]:
     """The stand-in on its own event loop in a background thread, for synchronous callers."""

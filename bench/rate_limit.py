@@ -24,6 +24,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import standin  # noqa: E402
 
 
 def ledger(root: str) -> dict:
@@ -43,34 +46,22 @@ def main() -> int:
                 "broken_share": 0.0, "unknown_status_share": 0.0,
                 "faults": {"latency_ms": [20, 80], "error_share": 0.0, "garbled_share": 0.0, "slow_share": 0.0,
                            "hang_share": 0.0, "reset_share": 0.0, "rate_limit_per_s": args.limit}}
-    standin = subprocess.Popen(
+    partner = subprocess.Popen(
         [sys.executable, str(ROOT / "standin.py"), "--returns", "40000", "--seconds", "3", "--scenario",
          json.dumps(scenario)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     daemon = None
     try:
-        info = json.loads(standin.stdout.readline())
+        info = json.loads(partner.stdout.readline())
         config = workdir / "config.toml"
-        config.write_text(f"""
-[partner]
-base_url = "{info['url']}"
-timeout_s = 2.0
-page_size = 500
-[storage]
-path = "tracker.db"
-[http]
-listen = "127.0.0.1:0"
-[schedule]
-returns_every_s = 0.5
-track_every_s = 1.0
-stale_after_s = 600
-retry_base_s = 0.5
-retry_max_s = 5.0
-[limits]
-concurrency = 64
-rate_per_s = {args.limit * 4}
-[log]
-level = "warning"
-""")
+        config.write_text(standin.daemon_config_toml({
+            "partner": {"base_url": info["url"], "timeout_s": 2.0, "page_size": 500},
+            "storage": {"path": "tracker.db"},
+            "http": {"listen": "127.0.0.1:0"},
+            "schedule": {"returns_every_s": 0.5, "track_every_s": 1.0, "stale_after_s": 600, "retry_base_s": 0.5,
+                         "retry_max_s": 5.0},
+            "limits": {"concurrency": 64, "rate_per_s": args.limit * 4},
+            "log": {"level": "warning"},
+        }))
         with open(workdir / "tracker.log", "wb") as log:
             daemon = subprocess.Popen([sys.executable, str(ROOT / "tracker.py"), "run", "--config", str(config)],
                                       stdout=log, stderr=subprocess.STDOUT,
@@ -98,8 +89,8 @@ level = "warning"
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(20)
-        standin.terminate()
-        standin.wait(10)
+        partner.terminate()
+        partner.wait(10)
 
 
 if __name__ == "__main__":

@@ -79,31 +79,13 @@ def make_config(db_path: Path, partner_url: str, **sections: Any) -> tracker.Con
     return dataclasses.replace(config, **sections)
 
 
-def config_toml(partner_url: str, db_path: Path, *, extra: str = "", webhook: str = "") -> str:
-    """The same settings as make_config, as a file for subprocess daemons."""
-    return f"""
-[partner]
-base_url = "{partner_url}"
-timeout_s = 1.0
-page_size = 100
-[storage]
-path = "{db_path}"
-[http]
-listen = "127.0.0.1:0"
-[slack]
-webhook_url = "{webhook}"
-[schedule]
-returns_every_s = 0.1
-track_every_s = 0.2
-stale_after_s = 3.0
-retry_base_s = 0.05
-retry_max_s = 0.5
-shutdown_grace_s = 1.0
-[limits]
-concurrency = 32
-rate_per_s = 2000
-{extra}
-"""
+def config_toml(partner_url: str, db_path: Path, *, timeout_s: float = 1.0) -> str:
+    """make_config's settings as a file, for daemons run as subprocesses (the token comes from the
+    environment, as in production)."""
+    sections = dataclasses.asdict(make_config(db_path, partner_url))
+    del sections["partner"]["token"]
+    sections["partner"]["timeout_s"] = timeout_s
+    return standin.daemon_config_toml(sections)
 
 
 @pytest.fixture

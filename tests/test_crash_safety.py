@@ -46,7 +46,7 @@ def test_sigterm_exits_0_within_seconds_even_with_calls_hanging(start_partner, d
     faults = standin.Faults(hang_share=0.3, hang_s=60.0)
     partner = start_partner(scenario(returns=500, faults=faults))
     db = tmp_path / "tracker.db"
-    text = config_toml(partner.url, db).replace("timeout_s = 1.0", "timeout_s = 30.0")
+    text = config_toml(partner.url, db, timeout_s=30.0)
     daemon = daemon_process(text).start()
     wait_until_sync(lambda: sum(partner.ledger()["calls"].get("tracking", {}).values()) > 50, 30,
                     what="tracking under way")
