@@ -30,6 +30,7 @@ import math
 import os
 import random
 import signal
+import socket
 import sqlite3
 import statistics
 import sys
@@ -434,6 +435,7 @@ class DueReport:
     shipment_number: str
     collected_at: str
     attempts: int
+    queued_at: float = 0.0  # when the box was seen delivered and this report queued
 
     def body(self) -> dict[str, str]:
         return {
@@ -690,7 +692,7 @@ class Store:
 
     async def due_reports(self, now: float, limit: int) -> list[DueReport]:
         rows = await self._rows(
-            "SELECT return_id, order_number, order_item_number, shipment_number, collected_at, attempts"
+            "SELECT return_id, order_number, order_item_number, shipment_number, collected_at, attempts, queued_at"
             " FROM reports WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
             (ReportState.PENDING.value, now, limit),
         )
@@ -702,6 +704,16 @@ class Store:
         return rows[0][0]
 
     # ── reads for `status` and the demo ─────────────────────────────────────────────────────
+
+    async def writable(self) -> bool:
+        """A write that changes nothing still needs the write lock and a writable file."""
+        try:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            await self._writer.execute("ROLLBACK")
+        except sqlite3.Error:
+            await self._rollback()
+            return False
+        return True
 
     async def counts(self) -> dict[str, int]:
         """Totals by kind and state, e.g. {"returns": 10, "boxes.tracking": 3, "reports.done": 7}."""
@@ -717,6 +729,10 @@ class Store:
             for state, n in await self._rows(sql, ()):
                 counts[kind if state == "all" else f"{kind}.{state}"] = n
         return counts
+
+    async def oldest_pending_report_queued_at(self) -> float | None:
+        rows = await self._rows("SELECT MIN(queued_at) FROM reports WHERE state = ?", (ReportState.PENDING.value,))
+        return rows[0][0]
 
     async def oldest_pending_reports(self, limit: int) -> list[tuple[str, str, float, int, str | None]]:
         return await self._rows(
@@ -1510,8 +1526,9 @@ class Committer:
     stage's `submit` returns only once its transition is durable."""
 
     def __init__(self, store: Store, on_committed: Callable[[CommitResult], None],
-                 on_failure: Callable[[Exception], None], log: Any) -> None:
+                 on_failure: Callable[[Exception], None], log: Any, latency: Any = None) -> None:
         self._store = store
+        self._latency = latency
         self._on_committed = on_committed
         self._on_failure = on_failure
         self._log = log
@@ -1557,6 +1574,8 @@ class Committer:
             # Give the disk a moment instead of failing every queued transition at full speed.
             await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self._failures, 6)))
             return
+        if self._latency is not None:
+            self._latency.observe(time.monotonic() - started)
         if not self.healthy:
             self._log.info("storage.recovered")
         self._failures, self.healthy = 0, True
@@ -1681,6 +1700,7 @@ class Stages:
         self.metrics = metrics
         self.log = log
         self._stop = asyncio.Event()
+        self.token_refused: set[Endpoint] = set()
         capacity = config.limits.concurrency
         self.tracker = Dispatcher[DueBox](
             "track", store.due_boxes, store.next_box_due_at, lambda b: b.shipment_number, self.check_box,
@@ -1712,6 +1732,7 @@ class Stages:
         failures = 0
         while not self._stop.is_set():
             reply = await self.client.returns_page(cursor, self.config.partner.page_size, retry=failures > 0)
+            self.note_answer(Endpoint.RETURNS, reply)
             page, error = None, reply.detail or reply.outcome.value
             if reply.outcome is Outcome.OK:
                 try:
@@ -1757,6 +1778,7 @@ class Stages:
 
     async def check_box(self, box: DueBox) -> None:
         reply = await self.client.tracking(box.shipment_number, retry=box.errors > 0)
+        self.note_answer(Endpoint.TRACKING, reply)
         update = decide_box_update(box, reply, time.time(), self.config.schedule)
         await self.committer.submit(update)
         self.log.info("track.checked", shipment_number=box.shipment_number, outcome=reply.outcome.value,
@@ -1787,10 +1809,13 @@ class Stages:
 
     async def send_report(self, report: DueReport) -> None:
         reply = await self.client.post_result(report)
+        self.note_answer(Endpoint.RESULTS, reply)
         update = decide_report_update(report, reply, time.time(), self.config.schedule)
         await self.committer.submit(update)
-        outcome = update.outcome or "retry"
+        outcome = update.outcome or ("deferred" if not update.called else "retry")
         self.metrics.reports.labels(outcome).inc()
+        if update.state is ReportState.DONE and report.queued_at:
+            self.metrics.report_delay.observe(max(0.0, time.time() - report.queued_at))
         self.log.info("report.sent", return_id=report.return_id, shipment_number=report.shipment_number,
                       outcome=outcome, attempt=report.attempts + 1, latency_s=round(reply.latency_s, 4),
                       error=update.last_error)
@@ -1805,6 +1830,14 @@ class Stages:
             self._partner_failed(Endpoint.RESULTS, reply, update.last_error or "")
 
     # ── shared ──────────────────────────────────────────────────────────────────────────────
+
+    def note_answer(self, endpoint: Endpoint, reply: Reply) -> None:
+        """Track whether the partner currently refuses our token, per endpoint (for /readyz)."""
+        if reply.outcome is Outcome.UNAUTHORIZED:
+            self.token_refused.add(endpoint)
+        elif reply.outcome in ANSWERED_OUTCOMES:
+            self.token_refused.discard(endpoint)
+        self.metrics.token_refused.labels(endpoint.value).set(1 if endpoint in self.token_refused else 0)
 
     def _partner_failed(self, endpoint: Endpoint, reply: Reply, error: str) -> None:
         self.log.warning("partner.call_failed", endpoint=endpoint.value, outcome=reply.outcome.value,
@@ -2023,7 +2056,8 @@ class Metrics:
         self.reports_queued = prometheus_client.Counter(
             "tracker_reports_queued_total", "Reports queued because their box was delivered.", registry=r)
         self.reports = prometheus_client.Counter(
-            "tracker_reports_total", "Report attempts by outcome (recorded, duplicate, refused, retry).",
+            "tracker_report_attempts_total",
+            "Report attempts by outcome (recorded, duplicate, refused, retry, deferred).",
             ["outcome"], registry=r)
         self.boxes_closed = prometheus_client.Counter(
             "tracker_boxes_closed_total", "Boxes that left tracking, by final state.", ["state"], registry=r)
@@ -2040,6 +2074,31 @@ class Metrics:
         self.circuit_state = prometheus_client.Gauge(
             "tracker_partner_circuit_state", "1 for the circuit's current state (closed, open, half_open).",
             ["endpoint", "state"], registry=r)
+        self.boxes = prometheus_client.Gauge(
+            "tracker_boxes", "Boxes in the database, by state.", ["state"], registry=r)
+        self.reports_by_state = prometheus_client.Gauge(
+            "tracker_reports", "Reports in the database, by state.", ["state"], registry=r)
+        self.quarantine_open = prometheus_client.Gauge(
+            "tracker_quarantine_open", "Quarantined feed items not yet resolved.", registry=r)
+        self.outbox_pending = prometheus_client.Gauge(
+            "tracker_outbox_pending", "Reports queued and not yet accepted by the partner.", registry=r)
+        self.outbox_oldest_age = prometheus_client.Gauge(
+            "tracker_outbox_oldest_age_seconds", "Age of the oldest pending report (0 when none).", registry=r)
+        self.report_delay = prometheus_client.Histogram(
+            "tracker_report_delay_seconds", "From a box seen delivered to its report accepted by the partner.",
+            registry=r, buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400))
+        self.db_commit_latency = prometheus_client.Histogram(
+            "tracker_db_commit_duration_seconds", "Database transaction latency (one batch of transitions).",
+            registry=r, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+        self.token_refused = prometheus_client.Gauge(
+            "tracker_partner_token_refused", "1 while the partner answers 401 to our token, by endpoint.",
+            ["endpoint"], registry=r)
+        self.db_writable = prometheus_client.Gauge(
+            "tracker_db_writable", "1 when the state database accepts writes.", registry=r)
+        self.info = prometheus_client.Info("tracker", "Build information.", registry=r)
+        self.info.info({"version": VERSION})
+        prometheus_client.ProcessCollector(registry=r)
+        prometheus_client.PlatformCollector(registry=r)
         self.retries_deferred = prometheus_client.Counter(
             "tracker_partner_retries_deferred_total", "Retries not sent because the retry budget was spent.",
             ["endpoint"], registry=r)
@@ -2047,11 +2106,28 @@ class Metrics:
             self.partner_latency.labels(endpoint.value)
             self.partner_in_flight.labels(endpoint.value)
             self.retries_deferred.labels(endpoint.value)
+            self.token_refused.labels(endpoint.value).set(0)
             self.set_circuit(endpoint.value, CircuitState.CLOSED)
-        for outcome in ("recorded", "duplicate", "refused", "retry"):
-            self.reports.labels(outcome)
+            for call_outcome in Outcome:
+                self.partner_calls.labels(endpoint.value, call_outcome.value)
+        for alert_outcome in ("sent", "folded", "dropped", "failed", "disabled"):
+            self.alerts.labels(alert_outcome)
+        for report_outcome in ("recorded", "duplicate", "refused", "retry", "deferred"):
+            self.reports.labels(report_outcome)
         for state in (BoxState.DELIVERED, BoxState.CANCELLED, BoxState.STALE):
             self.boxes_closed.labels(state.value)
+
+    async def refresh_from(self, store: Store) -> None:
+        """The gauges that count rows: refreshed on a timer, not per transition."""
+        counts = await store.counts()
+        for box_state in BoxState:
+            self.boxes.labels(box_state.value).set(counts.get(f"boxes.{box_state.value}", 0))
+        for report_state in ReportState:
+            self.reports_by_state.labels(report_state.value).set(counts.get(f"reports.{report_state.value}", 0))
+        self.quarantine_open.set(counts.get("quarantine.open", 0))
+        self.outbox_pending.set(counts.get(f"reports.{ReportState.PENDING.value}", 0))
+        oldest = await store.oldest_pending_report_queued_at()
+        self.outbox_oldest_age.set(0 if oldest is None else max(0.0, time.time() - oldest))
 
     def set_circuit(self, endpoint: str, state: CircuitState) -> None:
         for each in CircuitState:
@@ -2062,9 +2138,16 @@ class Metrics:
 
 
 async def start_http_server(listen_host: str, listen_port: int, metrics: Metrics,
-                            health: Callable[[], dict[str, Any]]) -> tuple[web.AppRunner, str]:
+                            health: Callable[[], dict[str, Any]],
+                            readiness: Callable[[], list[str]]) -> tuple[web.AppRunner, str]:
+    """Only GET (and HEAD) on these three paths; aiohttp answers 404/405 to anything else."""
+
     async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response(health())
+        return web.json_response(health())  # answering at all proves the event loop runs
+
+    async def readyz(_request: web.Request) -> web.Response:
+        problems = readiness()
+        return web.json_response({"ready": not problems, "problems": problems}, status=503 if problems else 200)
 
     async def metrics_page(_request: web.Request) -> web.Response:
         return web.Response(body=metrics.exposition(),
@@ -2072,6 +2155,7 @@ async def start_http_server(listen_host: str, listen_port: int, metrics: Metrics
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
@@ -2088,7 +2172,38 @@ async def start_http_server(listen_host: str, listen_port: int, metrics: Metrics
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
+class SystemdNotifier:
+    """The sd_notify protocol over $NOTIFY_SOCKET (Type=notify): READY=1 once the database is open
+    and the server listens, WATCHDOG=1 from the event loop at half of WatchdogSec (a hung loop stops
+    the pings and systemd restarts the service), STOPPING=1 on shutdown. A no-op outside systemd."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        address = env.get("NOTIFY_SOCKET", "")
+        self._address = "\0" + address[1:] if address.startswith("@") else address  # '@': abstract namespace
+        watchdog_usec = env.get("WATCHDOG_USEC", "")
+        watchdog_pid = env.get("WATCHDOG_PID", "")
+        for_us = not watchdog_pid or watchdog_pid == str(os.getpid())
+        self.watchdog_interval_s = int(watchdog_usec) / 2e6 if watchdog_usec.isdigit() and for_us else None
+
+    def notify(self, message: str) -> None:
+        if not self._address:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)  # a datagram to a local socket: never waits
+            with contextlib.suppress(OSError):  # systemd gone or not listening: nothing to tell
+                sock.sendto(message.encode(), self._address)
+
+    async def keep_watchdog_fed(self) -> None:
+        if self.watchdog_interval_s is None:
+            return
+        while True:
+            self.notify("WATCHDOG=1")
+            await asyncio.sleep(self.watchdog_interval_s)
+
+
 ALERT_FLUSH_S = 2.0  # at shutdown, pending alerts get this long to reach Slack
+HOUSEKEEPING_EVERY_S = 5.0
 
 
 class Daemon:
@@ -2099,12 +2214,16 @@ class Daemon:
         self.http_address: str | None = None
         self._stop = asyncio.Event()
         self._stages: Stages | None = None
+        self._committer: Committer | None = None
+        self._db_writable = True
+        self.notifier = SystemdNotifier()
         self.started = asyncio.Event()
         REDACT.set_secrets(config.secrets)
 
     def stop(self) -> None:
         if not self._stop.is_set():
             self.log.info("shutdown.requested")
+            self.notifier.notify("STOPPING=1")
         self._stop.set()
         if self._stages is not None:
             self._stages.stop()
@@ -2133,7 +2252,9 @@ class Daemon:
         ):
             alerts = Alerter(config.slack.webhook_url, slack_session, self.metrics, self.log, REDACT.text)
             committer = Committer(store, self._on_committed, lambda exc: alerts.alert(
-                "storage", f"Cannot write the state database: {exc}. Work is paused until it can."), self.log)
+                "storage", f"Cannot write the state database: {exc}. Work is paused until it can."), self.log,
+                self.metrics.db_commit_latency)
+            self._committer = committer
             client = PartnerClient(config, partner_session, self.metrics,
                                    lambda breaker, previous, why: self._circuit_changed(alerts, breaker, previous, why))
             stages = Stages(config, store, client, committer, alerts, self.metrics, self.log)
@@ -2143,20 +2264,25 @@ class Daemon:
             runner = None
             if not once:
                 runner, self.http_address = await start_http_server(
-                    config.http.host, config.http.port, self.metrics, self._health)
+                    config.http.host, config.http.port, self.metrics, self._health, self._readiness)
                 self.log.info("http.listening", address=self.http_address)
             self.log.info("daemon.started", mode="once" if once else "run", storage=config.storage.path,
                           partner=config.partner.base_url, concurrency=config.limits.concurrency,
                           rate_per_s=config.limits.rate_per_s)
             self.started.set()
+            self.notifier.notify("READY=1")
             try:
                 async with asyncio.TaskGroup() as tasks:
                     commit_task = tasks.create_task(committer.run(), name="committer")
                     alert_task = tasks.create_task(alerts.run(), name="alerts")
+                    chores = [tasks.create_task(self.notifier.keep_watchdog_fed(), name="watchdog"),
+                              tasks.create_task(self._housekeeping(store), name="housekeeping")]
                     if once:
                         await self._one_pass(stages)
                     else:
                         await self._run_stages(stages)
+                    for chore in chores:
+                        chore.cancel()
                     committer.close()
                     await commit_task
                     alerts.close()
@@ -2212,8 +2338,34 @@ class Daemon:
             if self._stages is not None:
                 self._stages.reporter.wake()
 
+    async def _housekeeping(self, store: Store) -> None:
+        """Row-count gauges and the database's writability, every few seconds."""
+        while True:
+            try:
+                self._db_writable = await store.writable()
+                self.metrics.db_writable.set(1 if self._db_writable else 0)
+                await self.metrics.refresh_from(store)
+            except sqlite3.Error as exc:
+                self.log.warning("storage.read_failed", error=str(exc))
+            await asyncio.sleep(HOUSEKEEPING_EVERY_S)
+
     def _health(self) -> dict[str, Any]:
         return {"status": "ok", "version": VERSION, "stopping": self._stop.is_set()}
+
+    def _readiness(self) -> list[str]:
+        """Why the daemon cannot do its work now; empty when it can."""
+        problems = []
+        if self._stop.is_set():
+            problems.append("shutting down")
+        if not self._db_writable or (self._committer is not None and not self._committer.healthy):
+            problems.append("the state database is not writable")
+        if self._stages is not None:
+            for endpoint, breaker in self._stages.client.breakers.items():
+                if breaker.state is not CircuitState.CLOSED:
+                    problems.append(f"the circuit to /{endpoint.value} is {breaker.state.value}")
+            for endpoint in sorted(self._stages.token_refused):
+                problems.append(f"the partner refuses the token on /{endpoint.value}")
+        return problems
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
