@@ -23,8 +23,8 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import random
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -217,6 +217,10 @@ class StandIn:
 
     def restart_clock(self) -> None:
         self._t0 = time.monotonic()
+
+    def hold_clock(self) -> None:
+        """Nothing has happened yet, until restart_clock(): lets a test set up its observers first."""
+        self._t0 = math.inf
 
     @property
     def finished(self) -> bool:
@@ -510,6 +514,10 @@ class ThreadedStandIn:
         self.call(lambda: setattr(self.standin, "faults", dataclasses.replace(self.standin.faults, **changes)))
 
 
+def _tuples(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -521,11 +529,10 @@ def main() -> None:
     args = parser.parse_args()
     scenario = Scenario.demo(args.returns, args.seconds, args.seed)
     if args.scenario:
-        overrides = json.loads(args.scenario)
+        overrides: dict[str, Any] = _tuples(json.loads(args.scenario))  # JSON lists are the ranges' tuples
         if "faults" in overrides:
-            overrides["faults"] = dataclasses.replace(scenario.faults, **{
-                k: tuple(v) if isinstance(v, list) else v for k, v in overrides["faults"].items()})
-        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+            fault_overrides: dict[str, Any] = _tuples(overrides["faults"])
+            overrides["faults"] = dataclasses.replace(scenario.faults, **fault_overrides)
         scenario = dataclasses.replace(scenario, **overrides)
 
     async def serve() -> None:
@@ -540,4 +547,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
