@@ -21,6 +21,7 @@ import dataclasses
 import datetime as dt
 import enum
 import fcntl
+import functools
 import hashlib
 import heapq
 import itertools
@@ -29,6 +30,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -349,6 +351,7 @@ CREATE TABLE IF NOT EXISTS reports (
     last_error        TEXT
 );
 CREATE INDEX IF NOT EXISTS reports_due ON reports (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS reports_pending_by_age ON reports (queued_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS reports_by_state ON reports (state);
 CREATE TABLE IF NOT EXISTS quarantine (
     id          INTEGER PRIMARY KEY,
@@ -368,7 +371,25 @@ CREATE TABLE IF NOT EXISTS unknown_statuses (
 );
 """
 
+# The hot path: what the stages and the metrics ask many times a minute while the tables grow for
+# years. Each reads a partial index holding only unfinished rows, so its cost follows the backlog,
+# never the history. INDEXED BY pins the plan (without it SQLite picks the state index and sorts
+# every unfinished row per query) and turns a query the index cannot serve into an error instead
+# of a silent scan; the state is written literally because only a literal lets SQLite prove that
+# the partial index covers the query. tests/test_storage.py checks each plan.
+HOT_PATH_SQL = {
+    "due_boxes": "SELECT shipment_number, first_seen_at, not_found, errors FROM boxes INDEXED BY boxes_due"
+                 " WHERE state = 'tracking' AND next_check_at <= ? ORDER BY next_check_at LIMIT ?",
+    "next_box_due_at": "SELECT MIN(next_check_at) FROM boxes INDEXED BY boxes_due WHERE state = 'tracking'",
+    "due_reports": "SELECT return_id, order_number, order_item_number, shipment_number, collected_at, attempts,"
+                   " queued_at FROM reports INDEXED BY reports_due WHERE state = 'pending' AND next_attempt_at <= ?"
+                   " ORDER BY next_attempt_at LIMIT ?",
+    "next_report_due_at": "SELECT MIN(next_attempt_at) FROM reports INDEXED BY reports_due WHERE state = 'pending'",
+    "oldest_pending_report": "SELECT MIN(queued_at) FROM reports INDEXED BY reports_pending_by_age"
+                             " WHERE state = 'pending'",
+}
 FEED_CURSOR_KEY = "feed_cursor"
+HEARTBEAT_KEY = "heartbeat"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,7 +478,13 @@ class ReportUpdate:
     called: bool = True  # False: deferred without a partner call (attempts and last error stay)
 
 
-Transition = FeedPage | BoxUpdate | ReportUpdate
+@dataclasses.dataclass(frozen=True)
+class Heartbeat:
+    """A real write that changes nothing that matters: proves the disk takes writes (a full or
+    read-only disk fails it). It goes through the committer like every write: one writer."""
+
+
+Transition = FeedPage | BoxUpdate | ReportUpdate | Heartbeat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -493,11 +520,24 @@ class Store:
             "PRAGMA foreign_keys = ON",
         ):
             await writer.execute(pragma)
+        await cls._check_integrity(writer, path)
         await writer.executescript(SCHEMA)
         await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         reader = await aiosqlite.connect(path, isolation_level=None)
         await reader.execute("PRAGMA busy_timeout = 5000")
         return cls(writer, reader, path)
+
+    @staticmethod
+    async def _check_integrity(writer: aiosqlite.Connection, path: str) -> None:
+        """A damaged file must stop the start, not be written on. quick_check reads every page
+        (seconds for millions of rows) but skips the slow index-content comparison."""
+        rows = await writer.execute_fetchall("PRAGMA quick_check(5)")
+        problems = [row[0] for row in rows if row[0] != "ok"]
+        if problems:
+            await writer.close()
+            raise sqlite3.DatabaseError(
+                f"{path} failed its integrity check: {'; '.join(problems)} — stop here and restore it from "
+                "a backup (README: Operating it)")
 
     async def close(self) -> None:
         await self._reader.close()
@@ -520,6 +560,10 @@ class Store:
                 queued += await self._write_box_updates(boxes, now)
             if reports:
                 await self._write_report_updates(reports, now)
+            if any(isinstance(t, Heartbeat) for t in transitions):
+                await self._writer.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (HEARTBEAT_KEY, repr(now)))
             await self._writer.execute("COMMIT")
         except BaseException:
             await self._rollback()
@@ -678,42 +722,20 @@ class Store:
         return rows[0][0] if rows else None
 
     async def due_boxes(self, now: float, limit: int) -> list[DueBox]:
-        rows = await self._rows(
-            "SELECT shipment_number, first_seen_at, not_found, errors FROM boxes"
-            " WHERE state = ? AND next_check_at <= ? ORDER BY next_check_at LIMIT ?",
-            (BoxState.TRACKING.value, now, limit),
-        )
+        rows = await self._rows(HOT_PATH_SQL["due_boxes"], (now, limit))
         return [DueBox(*row) for row in rows]
 
     async def next_box_due_at(self) -> float | None:
-        rows = await self._rows(
-            "SELECT MIN(next_check_at) FROM boxes WHERE state = ?", (BoxState.TRACKING.value,))
-        return rows[0][0]
+        return (await self._rows(HOT_PATH_SQL["next_box_due_at"], ()))[0][0]
 
     async def due_reports(self, now: float, limit: int) -> list[DueReport]:
-        rows = await self._rows(
-            "SELECT return_id, order_number, order_item_number, shipment_number, collected_at, attempts, queued_at"
-            " FROM reports WHERE state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
-            (ReportState.PENDING.value, now, limit),
-        )
+        rows = await self._rows(HOT_PATH_SQL["due_reports"], (now, limit))
         return [DueReport(*row) for row in rows]
 
     async def next_report_due_at(self) -> float | None:
-        rows = await self._rows(
-            "SELECT MIN(next_attempt_at) FROM reports WHERE state = ?", (ReportState.PENDING.value,))
-        return rows[0][0]
+        return (await self._rows(HOT_PATH_SQL["next_report_due_at"], ()))[0][0]
 
     # ── reads for `status` and the demo ─────────────────────────────────────────────────────
-
-    async def writable(self) -> bool:
-        """A write that changes nothing still needs the write lock and a writable file."""
-        try:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            await self._writer.execute("ROLLBACK")
-        except sqlite3.Error:
-            await self._rollback()
-            return False
-        return True
 
     async def counts(self) -> dict[str, int]:
         """Totals by kind and state, e.g. {"returns": 10, "boxes.tracking": 3, "reports.done": 7}."""
@@ -731,8 +753,7 @@ class Store:
         return counts
 
     async def oldest_pending_report_queued_at(self) -> float | None:
-        rows = await self._rows("SELECT MIN(queued_at) FROM reports WHERE state = ?", (ReportState.PENDING.value,))
-        return rows[0][0]
+        return (await self._rows(HOT_PATH_SQL["oldest_pending_report"], ()))[0][0]
 
     async def oldest_pending_reports(self, limit: int) -> list[tuple[str, str, float, int, str | None]]:
         return await self._rows(
@@ -1058,6 +1079,63 @@ class CircuitBreaker:
             self._on_change(self, previous, why)
 
 
+UNAUTHORIZED_RETRY_S = 10.0  # after a 401, the endpoint is asked again at most this often
+
+
+class TokenGate:
+    """Per endpoint. After a 401 the endpoint's calls wait here instead of each asking again: one
+    trial call per UNAUTHORIZED_RETRY_S tries the token, and the first answer that is not a 401
+    lets everyone through. A new token (SIGHUP) allows a trial at once."""
+
+    def __init__(self, on_change: Callable[[bool], None]) -> None:
+        self.refused = False
+        self._on_change = on_change
+        self._next_trial_at = 0.0
+        self._trial_in_flight = False
+        self._changed = asyncio.Event()
+
+    async def admit(self) -> bool:
+        """Wait until a call may go out. True when that call is the trial of a refused token."""
+        while self.refused:
+            now = time.monotonic()
+            if not self._trial_in_flight and now >= self._next_trial_at:
+                self._trial_in_flight = True
+                return True
+            self._changed.clear()
+            wait = None if self._trial_in_flight else self._next_trial_at - now
+            try:
+                async with asyncio.timeout(wait):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+        return False
+
+    def record(self, outcome: "Outcome", trial: bool) -> None:
+        if trial:
+            self._trial_in_flight = False
+            self._changed.set()
+        if outcome is Outcome.UNAUTHORIZED:
+            if trial or not self.refused:
+                self._next_trial_at = time.monotonic() + UNAUTHORIZED_RETRY_S
+            self._set(True)
+        elif outcome in ANSWERED_OUTCOMES:
+            self._set(False)  # the partner answered the request itself: it took the token
+
+    def abandon_trial(self) -> None:
+        self._trial_in_flight = False
+        self._changed.set()
+
+    def new_token(self) -> None:
+        self._next_trial_at = 0.0
+        self._changed.set()
+
+    def _set(self, refused: bool) -> None:
+        if refused is not self.refused:
+            self.refused = refused
+            self._changed.set()
+            self._on_change(refused)
+
+
 class RetryBudget:
     """While an endpoint is failing (10% or more of its calls in the last 10 s failed or were
     rate-limited), retries may be at most ~20% of its calls (plus a few, so a quiet endpoint can
@@ -1156,7 +1234,8 @@ def parse_retry_after(value: str | None) -> float | None:
 
 class PartnerClient:
     def __init__(self, config: Config, session: aiohttp.ClientSession, metrics: "Metrics",
-                 on_circuit_change: Callable[[CircuitBreaker, CircuitState, str], None]) -> None:
+                 on_circuit_change: Callable[[CircuitBreaker, CircuitState, str], None],
+                 on_token_change: Callable[[Endpoint, bool], None] = lambda endpoint, refused: None) -> None:
         self._base = config.partner.base_url.rstrip("/")
         self._token = config.partner.token
         self._timeout = config.partner.timeout_s
@@ -1171,6 +1250,18 @@ class PartnerClient:
             on_circuit_change(breaker, previous, why)
 
         self.breakers = {e: CircuitBreaker(e, changed) for e in Endpoint}
+        self.gates = {e: TokenGate(functools.partial(on_token_change, e)) for e in Endpoint}
+        # Metric children looked up once: labels() takes a lock and hashes on every call.
+        self._in_flight = {e: metrics.partner_in_flight.labels(e.value) for e in Endpoint}
+        self._latency = {e: metrics.partner_latency.labels(e.value) for e in Endpoint}
+        self._rate_gauge = {e: metrics.partner_rate.labels(e.value) for e in Endpoint}
+        self._calls = {(e, o): metrics.partner_calls.labels(e.value, o.value) for e in Endpoint for o in Outcome}
+
+    def set_token(self, token: str) -> None:
+        """A new token (SIGHUP): calls from now on carry it, and refused endpoints try it at once."""
+        self._token = token
+        for gate in self.gates.values():
+            gate.new_token()
 
     async def returns_page(self, cursor: str | None, limit: int, *, retry: bool = False) -> Reply:
         params = {"limit": str(limit)}
@@ -1201,10 +1292,14 @@ class PartnerClient:
         headers: dict[str, str] | None = None,
     ) -> Reply:
         breaker, rate, budget = self.breakers[endpoint], self.rates[endpoint], self.budgets[endpoint]
+        gate = self.gates[endpoint]
         reply: Reply | None = None
+        trial = False
         while reply is None:
-            probe = await breaker.admit()  # while the circuit is open, callers wait here
+            trial = await gate.admit()  # while the token is refused, callers wait here
+            probe = False
             try:
+                probe = await breaker.admit()  # while the circuit is open, callers wait here
                 if retry and not probe and not budget.allows_retry():
                     self._metrics.retries_deferred.labels(endpoint.value).inc()
                     return Reply(endpoint, Outcome.DEFERRED, None, None, None, 0.0, "retry budget spent")
@@ -1212,24 +1307,28 @@ class PartnerClient:
                 async with self._slots.slot(PRIORITY[endpoint.value]):
                     if not probe and breaker.state is not CircuitState.CLOSED:
                         continue  # it opened while this call waited its turn: wait again
-                    self._metrics.partner_in_flight.labels(endpoint.value).inc()
+                    self._in_flight[endpoint].inc()
                     started = time.monotonic()
                     try:
                         reply = await self._exchange(endpoint, method, path, params, json_body, headers, started)
                     finally:
-                        self._metrics.partner_in_flight.labels(endpoint.value).dec()
+                        self._in_flight[endpoint].dec()
             except BaseException:
                 if probe:
                     breaker.abandon_probe()
                 raise
+            finally:
+                if trial and reply is None:  # not sent after all: let another call try the token
+                    gate.abandon_trial()
+        gate.record(reply.outcome, trial)
         budget.record(retry, failed=reply.outcome in TRANSIENT_OUTCOMES)
         breaker.record(reply, probe)
         rate.observe(reply.outcome, reply.latency_s)
         if reply.status == 503 and reply.retry_after:
             rate.pause(reply.retry_after)  # maintenance: the partner said when to come back
-        self._metrics.partner_rate.labels(endpoint.value).set(rate.rate)
-        self._metrics.partner_calls.labels(endpoint.value, reply.outcome.value).inc()
-        self._metrics.partner_latency.labels(endpoint.value).observe(reply.latency_s)
+        self._rate_gauge[endpoint].set(rate.rate)
+        self._calls[endpoint, reply.outcome].inc()
+        self._latency[endpoint].observe(reply.latency_s)
         return reply
 
     async def _exchange(
@@ -1281,8 +1380,10 @@ _NOT_JSON = object()
 
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
     """Read the body, refusing one over MAX_BODY_BYTES without holding it all in memory."""
-    if resp.content_length is not None and resp.content_length > MAX_BODY_BYTES:
-        raise _BodyTooLarge
+    if resp.content_length is not None:
+        if resp.content_length > MAX_BODY_BYTES:
+            raise _BodyTooLarge
+        return await resp.read()  # the common case: a declared length under the cap, read at once
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(65536):
@@ -1353,8 +1454,8 @@ MAX_FIELD_CHARS = 128
 MAX_STATUS_CHARS = 64
 QUARANTINE_RAW_CHARS = 2000
 NOT_FOUND_GROWTH_CAP = 16  # a 404'd box is re-asked at most every 16 × track_every_s
-UNAUTHORIZED_RETRY_S = 10.0
 COMMIT_BATCH_MAX = 1000
+COMMIT_GATHER_S = 0.002
 
 
 def parse_returns_page(body: Any, sent_cursor: str | None, now: float, first_check_in_s: float) -> FeedPage:
@@ -1541,6 +1642,14 @@ class Committer:
         self._queue.put_nowait((transition, future))
         await future
 
+    async def probe(self) -> bool:
+        """Whether the database takes a write now."""
+        try:
+            await self.submit(Heartbeat())
+        except StorageUnavailable:
+            return False
+        return True
+
     def close(self) -> None:
         self._queue.put_nowait(None)
 
@@ -1550,6 +1659,9 @@ class Committer:
             first = await self._queue.get()
             if first is None:
                 return
+            if self._queue.qsize() < COMMIT_BATCH_MAX:
+                # Calls finishing within a moment of each other share one transaction.
+                await asyncio.sleep(COMMIT_GATHER_S)
             batch = [first]
             while len(batch) < COMMIT_BATCH_MAX and not self._queue.empty():
                 entry = self._queue.get_nowait()
@@ -1591,9 +1703,15 @@ Item = typing.TypeVar("Item")
 
 class Dispatcher(typing.Generic[Item]):
     """Runs `handle` for every due item, at most `capacity` at a time and each item at most once
-    at a time (an item stays in flight until its transition is committed)."""
+    at a time (an item stays in flight until its transition is committed).
+
+    Due items are fetched a few batches ahead and started from memory as slots free up: one
+    query per PREFETCH × capacity items, not one per finished call. What is in memory stays
+    valid — only this dispatcher acts on a due item, and nothing it holds is in flight."""
 
     IDLE_POLL_S = 1.0
+    MIN_TICK_S = 0.05
+    PREFETCH = 4
 
     def __init__(
         self,
@@ -1615,6 +1733,7 @@ class Dispatcher(typing.Generic[Item]):
         self._nudge = asyncio.Event()
         self._stopping = False
         self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self._ready: collections.deque[Item] = collections.deque()
         self._settled_during_fetch: set[str] | None = None
 
     def wake(self) -> None:
@@ -1635,22 +1754,30 @@ class Dispatcher(typing.Generic[Item]):
                 if started and len(self.in_flight) < self._capacity:
                     continue
                 await self._idle(once)
+            self._ready.clear()
             await self._drain(grace_s)
 
     async def _dispatch(self, tasks: asyncio.TaskGroup, now: float) -> int:
         free = self._capacity - len(self.in_flight)
         if free <= 0:
             return 0
-        # An item that settles while the query runs may still look due in the query's snapshot.
-        self._settled_during_fetch = set()
-        due = await self._fetch_due(now, free + len(self.in_flight))
-        busy = self.in_flight.keys() | self._settled_during_fetch
-        self._settled_during_fetch = None
-        fresh = [item for item in due if self._key(item) not in busy][:free]
-        for item in fresh:
+        if not self._ready:
+            await self._fetch_ahead(now)
+        started = 0
+        while self._ready and started < free:
+            item = self._ready.popleft()
             key = self._key(item)
             self.in_flight[key] = tasks.create_task(self._run_one(key, item))
-        return len(fresh)
+            started += 1
+        return started
+
+    async def _fetch_ahead(self, now: float) -> None:
+        # An item that settles while the query runs may still look due in the query's snapshot.
+        self._settled_during_fetch = set()
+        due = await self._fetch_due(now, self._capacity * self.PREFETCH + len(self.in_flight))
+        busy = self.in_flight.keys() | self._settled_during_fetch
+        self._settled_during_fetch = None
+        self._ready.extend(item for item in due if self._key(item) not in busy)
 
     async def _run_one(self, key: str, item: Item) -> None:
         try:
@@ -1658,17 +1785,21 @@ class Dispatcher(typing.Generic[Item]):
         except StorageUnavailable:
             pass  # nothing changed in the database; the item is due again and will be retried
         finally:
+            slot_was_the_limit = len(self.in_flight) >= self._capacity
             del self.in_flight[key]
             if self._settled_during_fetch is not None:
                 self._settled_during_fetch.add(key)
-            self._nudge.set()
+            # Wake the loop only when the freed slot can be used: otherwise nothing new is due
+            # and the timer finds what becomes due (a query per finished call would not).
+            if slot_was_the_limit or self._ready or not self.in_flight:
+                self._nudge.set()
 
     async def _idle(self, once: bool) -> None:
         timeout = self.IDLE_POLL_S
         if not once and len(self.in_flight) < self._capacity:
             next_due = await self._next_due_at()
-            if next_due is not None:
-                timeout = min(timeout, max(0.0, next_due - time.time()))
+            if next_due is not None:  # items coming due close together are started together
+                timeout = min(timeout, max(self.MIN_TICK_S, next_due - time.time()))
         try:
             async with asyncio.timeout(timeout):
                 await self._nudge.wait()
@@ -1700,7 +1831,6 @@ class Stages:
         self.metrics = metrics
         self.log = log
         self._stop = asyncio.Event()
-        self.token_refused: set[Endpoint] = set()
         capacity = config.limits.concurrency
         self.tracker = Dispatcher[DueBox](
             "track", store.due_boxes, store.next_box_due_at, lambda b: b.shipment_number, self.check_box,
@@ -1732,7 +1862,6 @@ class Stages:
         failures = 0
         while not self._stop.is_set():
             reply = await self.client.returns_page(cursor, self.config.partner.page_size, retry=failures > 0)
-            self.note_answer(Endpoint.RETURNS, reply)
             page, error = None, reply.detail or reply.outcome.value
             if reply.outcome is Outcome.OK:
                 try:
@@ -1778,7 +1907,6 @@ class Stages:
 
     async def check_box(self, box: DueBox) -> None:
         reply = await self.client.tracking(box.shipment_number, retry=box.errors > 0)
-        self.note_answer(Endpoint.TRACKING, reply)
         update = decide_box_update(box, reply, time.time(), self.config.schedule)
         await self.committer.submit(update)
         self.log.info("track.checked", shipment_number=box.shipment_number, outcome=reply.outcome.value,
@@ -1809,7 +1937,6 @@ class Stages:
 
     async def send_report(self, report: DueReport) -> None:
         reply = await self.client.post_result(report)
-        self.note_answer(Endpoint.RESULTS, reply)
         update = decide_report_update(report, reply, time.time(), self.config.schedule)
         await self.committer.submit(update)
         outcome = update.outcome or ("deferred" if not update.called else "retry")
@@ -1831,23 +1958,9 @@ class Stages:
 
     # ── shared ──────────────────────────────────────────────────────────────────────────────
 
-    def note_answer(self, endpoint: Endpoint, reply: Reply) -> None:
-        """Track whether the partner currently refuses our token, per endpoint (for /readyz)."""
-        if reply.outcome is Outcome.UNAUTHORIZED:
-            self.token_refused.add(endpoint)
-        elif reply.outcome in ANSWERED_OUTCOMES:
-            self.token_refused.discard(endpoint)
-        self.metrics.token_refused.labels(endpoint.value).set(1 if endpoint in self.token_refused else 0)
-
     def _partner_failed(self, endpoint: Endpoint, reply: Reply, error: str) -> None:
         self.log.warning("partner.call_failed", endpoint=endpoint.value, outcome=reply.outcome.value,
                          status=reply.status, error=error, latency_s=round(reply.latency_s, 4))
-        if reply.outcome is Outcome.UNAUTHORIZED:
-            self.alerts.alert(
-                f"unauthorized:{endpoint.value}",
-                f"The partner refused our token on /{endpoint.value} (401). Work is paused and "
-                "retried every few seconds; replace the token and restart the service.",
-            )
 
 
 def _human_duration(seconds: float) -> str:
@@ -1998,11 +2111,20 @@ class Redactor:
     def set_secrets(self, secrets: Iterable[str]) -> None:
         self._secrets = tuple(s for s in secrets if len(s) >= 4)
 
+    def add_secrets(self, secrets: Iterable[str]) -> None:
+        """A replaced token stays a secret: old log lines and messages may still carry it."""
+        self.set_secrets((*self._secrets, *secrets))
+
     def text(self, value: str) -> str:
         for secret in self._secrets:
             if secret in value:
                 value = value.replace(secret, self.MASK)
         return value
+
+    def rendered(self, _logger: Any, _method: str, line: str) -> str:
+        """The last processor, on the finished line: whatever field, nesting or traceback a secret
+        hid in, it is caught here; so is any bearer token, known or not."""
+        return self.text(BEARER_TOKEN.sub("Bearer " + self.MASK, line))
 
     def __call__(self, _logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for key, value in event.items():
@@ -2014,6 +2136,7 @@ class Redactor:
 
 
 REDACT = Redactor()
+BEARER_TOKEN = re.compile(r"Bearer\s+[^\s\"',;]+")
 
 
 def configure_logging(level: str, stream: typing.TextIO | None = None) -> None:
@@ -2028,10 +2151,10 @@ def configure_logging(level: str, stream: typing.TextIO | None = None) -> None:
     if not tty:
         processors.append(structlog.processors.dict_tracebacks)
     structlog.configure(
-        processors=[*processors, REDACT, renderer],
+        processors=[*processors, REDACT, renderer, REDACT.rendered],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.WriteLoggerFactory(stream),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
 
 
@@ -2207,8 +2330,9 @@ HOUSEKEEPING_EVERY_S = 5.0
 
 
 class Daemon:
-    def __init__(self, config: Config, log: Any = None) -> None:
+    def __init__(self, config: Config, log: Any = None, config_path: Path | None = None) -> None:
         self.config = config
+        self._config_path = config_path
         self.log = log or structlog.get_logger("tracker")
         self.metrics = Metrics()
         self.http_address: str | None = None
@@ -2244,8 +2368,9 @@ class Daemon:
     async def _run_with(self, store: Store, once: bool) -> None:
         config = self.config
         connector = aiohttp.TCPConnector(limit=config.limits.concurrency, ttl_dns_cache=300)
-        timeout_s = config.partner.timeout_s  # the total is enforced per call around the whole exchange
-        timeouts = aiohttp.ClientTimeout(connect=min(5.0, timeout_s), sock_read=timeout_s)
+        # No aiohttp timeouts: partner.timeout_s bounds each whole exchange (connect, headers, body)
+        # in PartnerClient, and aiohttp's own would only add timers to every call.
+        timeouts = aiohttp.ClientTimeout()
         async with (
             aiohttp.ClientSession(connector=connector, timeout=timeouts) as partner_session,
             aiohttp.ClientSession() as slack_session,  # no partner headers ever reach Slack
@@ -2256,7 +2381,8 @@ class Daemon:
                 self.metrics.db_commit_latency)
             self._committer = committer
             client = PartnerClient(config, partner_session, self.metrics,
-                                   lambda breaker, previous, why: self._circuit_changed(alerts, breaker, previous, why))
+                                   lambda breaker, previous, why: self._circuit_changed(alerts, breaker, previous, why),
+                                   lambda endpoint, refused: self._token_changed(alerts, endpoint, refused))
             stages = Stages(config, store, client, committer, alerts, self.metrics, self.log)
             self._stages = stages
             if self._stop.is_set():
@@ -2276,7 +2402,7 @@ class Daemon:
                     commit_task = tasks.create_task(committer.run(), name="committer")
                     alert_task = tasks.create_task(alerts.run(), name="alerts")
                     chores = [tasks.create_task(self.notifier.keep_watchdog_fed(), name="watchdog"),
-                              tasks.create_task(self._housekeeping(store), name="housekeeping")]
+                              tasks.create_task(self._housekeeping(store, committer), name="housekeeping")]
                     if once:
                         await self._one_pass(stages)
                     else:
@@ -2328,6 +2454,39 @@ class Daemon:
         elif breaker.state is CircuitState.CLOSED:
             alerts.alert(f"circuit_closed:{endpoint}", f"The partner's /{endpoint} answers again; calls resumed.")
 
+    def _token_changed(self, alerts: "Alerter", endpoint: Endpoint, refused: bool) -> None:
+        self.metrics.token_refused.labels(endpoint.value).set(1 if refused else 0)
+        if refused:
+            self.log.error("partner.token_refused", endpoint=endpoint.value)
+            alerts.alert(f"unauthorized:{endpoint.value}",
+                         f"The partner refuses our token on /{endpoint.value} (401). Calls to it wait; one "
+                         f"every {UNAUTHORIZED_RETRY_S:g} s tries again. Replace the token, then "
+                         "`systemctl reload tracker` (SIGHUP re-reads it); nothing is lost meanwhile.")
+        else:
+            self.log.info("partner.token_accepted", endpoint=endpoint.value)
+            alerts.alert(f"authorized:{endpoint.value}",
+                         f"The partner accepts our token on /{endpoint.value} again; calls resumed.")
+
+    def reload_token(self) -> None:
+        """SIGHUP: read the token again from where `run` read it (config file, environment,
+        systemd credential). Only the token changes; other settings need a restart."""
+        if self._config_path is None or self._stages is None:
+            return
+        try:
+            fresh = load_config(self._config_path)
+        except ConfigError as exc:
+            self.log.error("config.reload_failed", error=str(exc))
+            return
+        changed = fresh.partner.token != self.config.partner.token
+        if changed:
+            REDACT.add_secrets([fresh.partner.token])
+            self.config = dataclasses.replace(self.config, partner=dataclasses.replace(
+                self.config.partner, token=fresh.partner.token))
+        self._stages.client.set_token(self.config.partner.token)
+        ignored = [f.name for f in dataclasses.fields(Config) if f.name != "partner"
+                   and getattr(fresh, f.name) != getattr(self.config, f.name)]
+        self.log.info("config.reloaded", token_changed=changed, needs_restart_for=ignored or None)
+
     def _on_committed(self, result: CommitResult) -> None:
         if result.returns_added:
             self.metrics.returns_collected.inc(result.returns_added)
@@ -2338,11 +2497,11 @@ class Daemon:
             if self._stages is not None:
                 self._stages.reporter.wake()
 
-    async def _housekeeping(self, store: Store) -> None:
+    async def _housekeeping(self, store: Store, committer: Committer) -> None:
         """Row-count gauges and the database's writability, every few seconds."""
         while True:
             try:
-                self._db_writable = await store.writable()
+                self._db_writable = await committer.probe()
                 self.metrics.db_writable.set(1 if self._db_writable else 0)
                 await self.metrics.refresh_from(store)
             except sqlite3.Error as exc:
@@ -2363,8 +2522,9 @@ class Daemon:
             for endpoint, breaker in self._stages.client.breakers.items():
                 if breaker.state is not CircuitState.CLOSED:
                     problems.append(f"the circuit to /{endpoint.value} is {breaker.state.value}")
-            for endpoint in sorted(self._stages.token_refused):
-                problems.append(f"the partner refuses the token on /{endpoint.value}")
+            for endpoint, gate in self._stages.client.gates.items():
+                if gate.refused:
+                    problems.append(f"the partner refuses the token on /{endpoint.value}")
         return problems
 
 
@@ -2380,9 +2540,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tracker.py", description="Collect returns, track pickups, report collected items to the partner.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (
-        ("run", "run the daemon until SIGTERM/SIGINT"),
+        ("run", "run the daemon until SIGTERM/SIGINT (SIGHUP re-reads the partner token)"),
         ("once", "one pass over what is due now (feed, tracking, reports), then exit"),
         ("status", "show what the state database holds"),
+        ("check-config", "validate the config (and the token's sources) as `run` would, start nothing"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("--config", type=Path, default=Path("config.toml"),
@@ -2413,10 +2574,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo.main(returns=args.returns, seconds=args.seconds, seed=args.seed, deadline_s=args.deadline)
     try:
-        config = (load_config if args.command in ("run", "once") else load_status_config)(args.config)
+        loader = load_config if args.command in ("run", "once", "check-config") else load_status_config
+        config = loader(args.config)
     except ConfigError as exc:
         print(f"tracker: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    for warning in config_file_warnings(args.config):
+        print(f"tracker: warning: {warning}", file=sys.stderr)
+    if args.command == "check-config":
+        print(f"tracker: {args.config}: ok (partner {config.partner.base_url}, database {config.storage.path}, "
+              f"listening on {config.http.listen}, Slack {'on' if config.slack.webhook_url else 'off'})")
+        return EXIT_OK
     if args.command == "status":
         return asyncio.run(print_status(config))
     if args.command == "requeue":
@@ -2425,7 +2593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)  # one journald record per line, as it happens
     configure_logging(config.log.level)
     try:
-        asyncio.run(run_until_signalled(config, once=args.command == "once"))
+        asyncio.run(run_until_signalled(config, once=args.command == "once", config_path=args.config))
     except RuntimeError as exc:  # e.g. another instance holds the lock
         print(f"tracker: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -2435,16 +2603,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
+def config_file_warnings(path: Path) -> list[str]:
+    """A config file that holds a secret must be private to its owner."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+    except OSError:
+        return []
+    raw = tomllib.loads(text)
+    holds = [key for key, value in (("partner.token", raw.get("partner", {}).get("token")),
+                                    ("slack.webhook_url", raw.get("slack", {}).get("webhook_url"))) if value]
+    if holds and mode & 0o077:
+        return [f"{path} holds {' and '.join(holds)} and can be read by other users "
+                f"(mode {mode & 0o777:o}); run: chmod 600 {path} — or move the token to {ENV_TOKEN} "
+                f"or the systemd credential '{CREDENTIAL_TOKEN_FILE}'"]
+    return []
+
+
 def load_status_config(path: Path) -> Config:
     """`status` and `requeue` touch only the database: they must work without the partner token."""
     return load_config(path, {**os.environ, ENV_TOKEN: os.environ.get(ENV_TOKEN) or "not-needed-for-status"})
 
 
-async def run_until_signalled(config: Config, *, once: bool) -> None:
-    daemon = Daemon(config)
+async def run_until_signalled(config: Config, *, once: bool, config_path: Path | None = None) -> None:
+    daemon = Daemon(config, config_path=config_path)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_token)
     await daemon.run(once=once)
 
 

@@ -1,0 +1,93 @@
+"""The state database: hot-path queries stay index searches as history grows, the single writer
+is never interleaved with, and the file is private."""
+
+import asyncio
+import sqlite3
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import structlog
+
+import tracker
+
+
+def query_plan(db: Path, sql: str) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, (0,) * sql.count("?"))]
+
+
+def write_history(db: Path, finished: int, unfinished: int) -> None:
+    """Finished returns (delivered boxes, done reports) and a few still in flight."""
+    now = time.time()
+    with sqlite3.connect(db) as conn:
+        conn.executemany(
+            "INSERT INTO boxes (shipment_number, state, next_check_at, first_seen_at) VALUES (?, ?, ?, ?)",
+            [(f"S{i}", "delivered" if i < finished else "tracking", None if i < finished else now, now)
+             for i in range(finished + unfinished)])
+        conn.executemany(
+            "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
+            " state, next_attempt_at, queued_at) VALUES (?, 'o', '1', ?, 'c', ?, ?, ?)",
+            [(f"R{i}", f"S{i}", "done" if i < finished else "pending", None if i < finished else now, now)
+             for i in range(finished + unfinished)])
+        conn.execute("ANALYZE")  # statistics that make a scan look cheap must not change the plan
+
+
+def create_schema(db: Path) -> None:
+    async def create() -> None:
+        await (await tracker.Store.open(str(db))).close()
+    asyncio.run(create())
+
+
+@pytest.mark.parametrize("name", sorted(tracker.HOT_PATH_SQL))
+def test_hot_path_query_searches_a_partial_index_and_never_scans(name: str, db_path: Path) -> None:
+    create_schema(db_path)
+    write_history(db_path, finished=20000, unfinished=50)
+    plan = query_plan(db_path, tracker.HOT_PATH_SQL[name])
+    assert plan and all(step.startswith("SEARCH") for step in plan), plan
+    assert not any("TEMP B-TREE" in step for step in plan), plan  # no per-query sort of the backlog
+
+
+def test_hot_path_queries_return_only_unfinished_rows_in_due_order(db_path: Path) -> None:
+    create_schema(db_path)
+    write_history(db_path, finished=100, unfinished=3)
+    asyncio.run(assert_due_rows(db_path))
+
+
+async def assert_due_rows(db_path: Path) -> None:
+    store = await tracker.Store.open(str(db_path))
+    try:
+        due = await store.due_boxes(time.time() + 1, 10)
+        assert [b.shipment_number for b in due] == ["S100", "S101", "S102"]
+        assert [r.return_id for r in await store.due_reports(time.time() + 1, 10)] == ["R100", "R101", "R102"]
+        assert await store.next_box_due_at() is not None
+        assert await store.oldest_pending_report_queued_at() is not None
+    finally:
+        await store.close()
+
+
+async def test_writability_probes_never_break_a_commit_in_progress(db_path: Path) -> None:
+    """The housekeeping probe and the stages' transitions share one writer: a probe that opened its
+    own transaction on that connection used to end a commit half-way (and lose its batch)."""
+    store = await tracker.Store.open(str(db_path))
+    failures: list[Exception] = []
+    committer = tracker.Committer(store, lambda result: None, failures.append, structlog.get_logger())
+    runner = asyncio.create_task(committer.run())
+    try:
+        page = tracker.FeedPage((), (), "c1", False)
+        submits = [committer.submit(page) for _ in range(300)]
+        probes = [committer.probe() for _ in range(50)]
+        results = await asyncio.gather(*submits, *probes)
+        assert failures == []
+        assert all(results[300:])
+    finally:
+        committer.close()
+        await runner
+        await store.close()
+
+
+async def test_database_file_is_readable_by_its_owner_only(db_path: Path) -> None:
+    store = await tracker.Store.open(str(db_path))
+    await store.close()
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
