@@ -62,6 +62,7 @@ USER_AGENT = f"returns-tracker/{VERSION}"
 ENV_TOKEN = "TRACKER_PARTNER_TOKEN"
 ENV_WEBHOOK = "TRACKER_SLACK_WEBHOOK_URL"
 CREDENTIAL_TOKEN_FILE = "partner_token"
+SECRET_KEYS = frozenset({"partner.token", "slack.webhook_url"})
 
 
 class ConfigError(Exception):
@@ -206,12 +207,14 @@ def _typed_value(key: str, kind: type, value: Any) -> Any:
         return value
     if kind is str:
         if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {_describe(value)}")
+            raise ConfigError(key, f"expected a string, got {_describe(value, key)}")
         return value
     raise TypeError(f"unsupported config type {kind!r}")  # a programming error, not user input
 
 
-def _describe(value: Any) -> str:
+def _describe(value: Any, key: str = "") -> str:
+    if key in SECRET_KEYS:  # a mistyped secret is still a secret: name its type only
+        return type(value).__name__
     return f"{type(value).__name__} {json.dumps(value, default=str)[:40]}"
 
 
@@ -513,16 +516,20 @@ class Store:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # the file holds customer data: owner only
         os.close(fd)
         writer = await aiosqlite.connect(path, isolation_level=None)
-        for pragma in (
-            "PRAGMA journal_mode = WAL",
-            "PRAGMA synchronous = NORMAL",
-            "PRAGMA busy_timeout = 5000",
-            "PRAGMA foreign_keys = ON",
-        ):
-            await writer.execute(pragma)
-        await cls._check_integrity(writer, path)
-        await writer.executescript(SCHEMA)
-        await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        try:
+            for pragma in (
+                "PRAGMA journal_mode = WAL",
+                "PRAGMA synchronous = NORMAL",
+                "PRAGMA busy_timeout = 5000",
+                "PRAGMA foreign_keys = ON",
+            ):
+                await writer.execute(pragma)
+            await cls._check_integrity(writer, path)
+            await writer.executescript(SCHEMA)
+            await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            await writer.close()  # its thread would otherwise keep the failed process alive
+            raise
         reader = await aiosqlite.connect(path, isolation_level=None)
         await reader.execute("PRAGMA busy_timeout = 5000")
         return cls(writer, reader, path)
@@ -534,7 +541,6 @@ class Store:
         rows = await writer.execute_fetchall("PRAGMA quick_check(5)")
         problems = [row[0] for row in rows if row[0] != "ok"]
         if problems:
-            await writer.close()
             raise sqlite3.DatabaseError(
                 f"{path} failed its integrity check: {'; '.join(problems)} — stop here and restore it from "
                 "a backup (README: Operating it)")
@@ -1367,7 +1373,7 @@ class PartnerClient:
             return reply(Outcome.OK, status, body)
         outcome = _outcome_for_status(status)
         error = body.get("error") if isinstance(body, dict) else None
-        detail = f"{status} {str(error)[:200]}" if isinstance(error, str) else f"{status}"
+        detail = f"{status} {storable_text(error, 200)}" if isinstance(error, str) else f"{status}"
         return reply(outcome, status, None if body is _NOT_JSON else body, retry_after, detail)
 
 
@@ -1452,10 +1458,12 @@ KNOWN_STATUSES = frozenset(s.value for s in PickupStatus)
 RETURN_FIELDS = ("id", "order_number", "order_item_number", "shipment_number")
 MAX_FIELD_CHARS = 128
 MAX_STATUS_CHARS = 64
+MAX_CURSOR_CHARS = 1024
 QUARANTINE_RAW_CHARS = 2000
 NOT_FOUND_GROWTH_CAP = 16  # a 404'd box is re-asked at most every 16 × track_every_s
 COMMIT_BATCH_MAX = 1000
 COMMIT_GATHER_S = 0.002
+STORAGE_SETTLE_S = 15.0  # after a failed commit, the database counts as unwritable this long
 
 
 def parse_returns_page(body: Any, sent_cursor: str | None, now: float, first_check_in_s: float) -> FeedPage:
@@ -1470,8 +1478,8 @@ def parse_returns_page(body: Any, sent_cursor: str | None, now: float, first_che
     if not isinstance(has_more, bool):
         raise GarbledAnswer("has_more is not a boolean")
     next_cursor = body.get("next_cursor")
-    if next_cursor is not None and not isinstance(next_cursor, str):
-        raise GarbledAnswer("next_cursor is not a string")
+    if next_cursor is not None and printable_or_none(next_cursor, MAX_CURSOR_CHARS) is None:
+        raise GarbledAnswer("next_cursor is not a short printable string")
     if not next_cursor:
         if data:
             raise GarbledAnswer("items without a next_cursor")
@@ -1495,7 +1503,7 @@ def parse_returns_page(body: Any, sent_cursor: str | None, now: float, first_che
 def validate_return(raw: Any) -> ReturnItem | QuarantinedItem:
     if not isinstance(raw, dict):
         return _quarantine(raw, None, f"item is {type(raw).__name__}, not an object")
-    return_id = raw.get("id") if isinstance(raw.get("id"), str) and raw.get("id") else None
+    return_id = printable_or_none(raw.get("id")) or None
     for name in RETURN_FIELDS:
         value = raw.get(name)
         if name not in raw:
@@ -1506,23 +1514,32 @@ def validate_return(raw: Any) -> ReturnItem | QuarantinedItem:
             return _quarantine(raw, return_id, f"{name} is empty")
         if len(value) > MAX_FIELD_CHARS or not value.isprintable():
             return _quarantine(raw, return_id, f"{name} is too long or unprintable")
-    requested_at = raw.get("requested_at")
     return ReturnItem(
         id=raw["id"],
         order_number=raw["order_number"],
         order_item_number=raw["order_item_number"],
         shipment_number=raw["shipment_number"],
-        requested_at=requested_at[:MAX_FIELD_CHARS] if isinstance(requested_at, str) else None,
+        requested_at=printable_or_none(raw.get("requested_at")),
     )
 
 
+def printable_or_none(value: Any, limit: int = MAX_FIELD_CHARS) -> str | None:
+    """A short printable string, or None. Lone surrogates (JSON can carry them; UTF-8 cannot)
+    are not printable, so nothing unstorable gets through."""
+    return value if isinstance(value, str) and len(value) <= limit and value.isprintable() else None
+
+
+def storable_text(value: str, limit: int) -> str:
+    """Text from the partner for logs and the database: cut to `limit`, anything UTF-8 cannot
+    carry escaped."""
+    return value[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _quarantine(raw: Any, return_id: str | None, reason: str) -> QuarantinedItem:
-    try:
-        text = json.dumps(raw, ensure_ascii=False, sort_keys=True)
+    try:  # ASCII: a lone surrogate or control character is kept as an escape, not as itself
+        text = json.dumps(raw, sort_keys=True)
     except (TypeError, ValueError, RecursionError):
-        text = repr(raw)
-    if return_id is not None and len(return_id) > MAX_FIELD_CHARS:
-        return_id = return_id[:MAX_FIELD_CHARS]
+        text = "(not representable: nested too deeply)"
     return QuarantinedItem(return_id, reason, text[:QUARANTINE_RAW_CHARS])
 
 
@@ -1635,7 +1652,13 @@ class Committer:
         self._log = log
         self._queue: asyncio.Queue[tuple[Transition, asyncio.Future[None]] | None] = asyncio.Queue()
         self._failures = 0
-        self.healthy = True
+        self._last_failure_at = -math.inf
+
+    @property
+    def healthy(self) -> bool:
+        """No failed commit for a while. Not just "the last commit worked": on a full disk a
+        write into existing pages can succeed between failing ones, and readiness must not flap."""
+        return time.monotonic() - self._last_failure_at > STORAGE_SETTLE_S
 
     async def submit(self, transition: Transition) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -1677,7 +1700,7 @@ class Committer:
             result = await self._store.commit([t for t, _ in batch], time.time())
         except sqlite3.Error as exc:
             self._failures += 1
-            self.healthy = False
+            self._last_failure_at = time.monotonic()
             self._log.error("storage.commit_failed", error=str(exc), transitions=len(batch))
             self._on_failure(exc)
             for _, future in batch:
@@ -1688,9 +1711,9 @@ class Committer:
             return
         if self._latency is not None:
             self._latency.observe(time.monotonic() - started)
-        if not self.healthy:
+        if self._failures:
             self._log.info("storage.recovered")
-        self._failures, self.healthy = 0, True
+        self._failures = 0
         self._log.debug("storage.committed", transitions=len(batch), latency_s=round(time.monotonic() - started, 4))
         for _, future in batch:
             if not future.done():

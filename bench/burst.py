@@ -13,6 +13,8 @@ from /proc at that moment. Four runs:
 
     .venv/bin/python bench/burst.py                 all four (about 6 minutes)
     .venv/bin/python bench/burst.py --runs tracker,peer --returns 10000
+    .venv/bin/python bench/burst.py --runs tracker --profile      cProfile of the daemon (kept)
+    BENCH_THREADS=1 .venv/bin/python bench/burst.py …             CPU by thread, and the stand-in's
 
 Targets (issue 5): ≤ 1.0 CPU-s per 1,000 returns; wall ≤ 0.4× and CPU ≤ 0.25× the peer's;
 history within 10% of the empty-database run (CPU per 1,000 returns, peak RSS); ≥ 90% of the
