@@ -1854,6 +1854,7 @@ class Stages:
         self.metrics = metrics
         self.log = log
         self._stop = asyncio.Event()
+        self._feed_nudge = asyncio.Event()
         capacity = config.limits.concurrency
         self.tracker = Dispatcher[DueBox](
             "track", store.due_boxes, store.next_box_due_at, lambda b: b.shipment_number, self.check_box,
@@ -1870,11 +1871,17 @@ class Stages:
         self.reporter.stop()
 
     async def _pause(self, seconds: float) -> None:
+        """The feed loop's wait: ended early by shutdown or by `wake_feed` (a new token)."""
+        self._feed_nudge.clear()
+        waits = [asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(self._feed_nudge.wait())]
         try:
-            async with asyncio.timeout(seconds):
-                await self._stop.wait()
-        except TimeoutError:
-            pass
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
+    def wake_feed(self) -> None:
+        self._feed_nudge.set()
 
     # ── collect ─────────────────────────────────────────────────────────────────────────────
 
@@ -2506,6 +2513,7 @@ class Daemon:
             self.config = dataclasses.replace(self.config, partner=dataclasses.replace(
                 self.config.partner, token=fresh.partner.token))
         self._stages.client.set_token(self.config.partner.token)
+        self._stages.wake_feed()  # a feed loop resting after a 401 tries the new token now
         ignored = [f.name for f in dataclasses.fields(Config) if f.name != "partner"
                    and getattr(fresh, f.name) != getattr(self.config, f.name)]
         self.log.info("config.reloaded", token_changed=changed, needs_restart_for=ignored or None)
