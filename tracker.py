@@ -391,6 +391,21 @@ HOT_PATH_SQL = {
     "oldest_pending_report": "SELECT MIN(queued_at) FROM reports INDEXED BY reports_pending_by_age"
                              " WHERE state = 'pending'",
 }
+# Per feed page, over the page's ids (one JSON array parameter) instead of a statement per item.
+# CROSS JOIN fixes the join order — the page's ids first, then primary keys: left to itself the
+# planner starts from every delivered box, and those grow with history. Also checked by test.
+PAGE_SQL = {
+    "reports_for_delivered_boxes":  # an item joining a box already delivered is reportable at once
+        "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
+        " state, next_attempt_at, queued_at)"
+        " SELECT r.id, r.order_number, r.order_item_number, r.shipment_number, b.delivered_at, 'pending', ?, ?"
+        " FROM json_each(?) j CROSS JOIN returns r ON r.id = j.value"
+        " CROSS JOIN boxes b ON b.shipment_number = r.shipment_number"
+        " WHERE b.state = 'delivered' ON CONFLICT (return_id) DO NOTHING",
+    "resolve_quarantine":  # a relisted item that now validates closes its quarantine entry
+        "UPDATE quarantine SET resolved_at = ? WHERE resolved_at IS NULL"
+        " AND return_id IN (SELECT value FROM json_each(?))",
+}
 FEED_CURSOR_KEY = "feed_cursor"
 HEARTBEAT_KEY = "heartbeat"
 
@@ -593,20 +608,10 @@ class Store:
             " ON CONFLICT (shipment_number) DO NOTHING",
             [(s, BoxState.TRACKING.value, t, now) for s, t in page.first_checks],
         )
-        # An item that joins a box already delivered is reportable at once; never before.
-        cur = await w.executemany(
-            "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
-            " state, next_attempt_at, queued_at)"
-            " SELECT r.id, r.order_number, r.order_item_number, r.shipment_number, b.delivered_at, ?, ?, ?"
-            " FROM returns r JOIN boxes b ON b.shipment_number = r.shipment_number"
-            " WHERE r.id = ? AND b.state = ? ON CONFLICT (return_id) DO NOTHING",
-            [(ReportState.PENDING.value, now, now, i.id, BoxState.DELIVERED.value) for i in page.items],
-        )
+        ids = json.dumps([i.id for i in page.items])
+        cur = await w.execute(PAGE_SQL["reports_for_delivered_boxes"], (now, now, ids))
         queued = max(cur.rowcount, 0)
-        await w.executemany(
-            "UPDATE quarantine SET resolved_at = ? WHERE return_id = ? AND resolved_at IS NULL",
-            [(now, i.id) for i in page.items],
-        )
+        await w.execute(PAGE_SQL["resolve_quarantine"], (now, ids))
         cur = await w.executemany(
             "INSERT INTO quarantine (fingerprint, return_id, reason, raw, seen_at) VALUES (?, ?, ?, ?, ?)"
             " ON CONFLICT (fingerprint) DO NOTHING",

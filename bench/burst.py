@@ -232,7 +232,7 @@ def daemon_config(partner_url: str, listen: str, rate_limit: float) -> dict[str,
         "schedule": {"returns_every_s": 0.5, "track_every_s": TRACK_EVERY_S, "stale_after_s": 600,
                      "retry_base_s": 0.5, "retry_max_s": 5.0},
         "limits": {"concurrency": CONCURRENCY, "rate_per_s": rate_limit * 4 if rate_limit else 5000},
-        "log": {"level": "info"},  # production's level: the daemon's log lines are part of its cost
+        "log": {"level": os.environ.get("BENCH_LOG_LEVEL", "info")},  # production's level: the daemon's log lines are part of its cost
     }
 
 

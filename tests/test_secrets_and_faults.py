@@ -135,42 +135,54 @@ def test_a_config_file_holding_the_token_that_others_can_read_is_warned_about(tm
 # ── storage faults ──────────────────────────────────────────────────────────────────────────
 
 
-async def set_max_pages(daemon: tracker.Daemon, pages: int | None) -> None:
-    """SQLite's own limit on the file's size: past it every write fails with SQLITE_FULL, exactly
-    as on a full disk. The test reaches into the daemon's writer connection to set it."""
+async def break_storage(daemon: tracker.Daemon, fault: str) -> None:
+    """Make every write that needs it fail the way SQLite fails on a bad disk. "full": SQLite's
+    own cap on the file's size, so growing it fails with SQLITE_FULL as on a full disk.
+    "read-only": query_only, so every write fails with SQLITE_READONLY as on a read-only mount.
+    The test reaches into the daemon's writer connection to do it."""
     assert daemon._committer is not None
     writer = daemon._committer._store._writer
-    if pages is None:
+    if fault == "full":
         pages = (await writer.execute_fetchall("PRAGMA page_count"))[0][0]
-    await writer.execute(f"PRAGMA max_page_count = {int(pages)}")
+        await writer.execute(f"PRAGMA max_page_count = {int(pages)}")
+    else:
+        await writer.execute("PRAGMA query_only = ON")
 
 
-async def test_a_full_disk_pauses_work_alerts_and_recovers_by_itself_losing_nothing(
-        start_partner, db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def repair_storage(daemon: tracker.Daemon) -> None:
+    assert daemon._committer is not None
+    writer = daemon._committer._store._writer
+    await writer.execute("PRAGMA max_page_count = 1000000000")
+    await writer.execute("PRAGMA query_only = OFF")
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+async def test_a_full_or_read_only_disk_pauses_work_alerts_and_recovers_by_itself_losing_nothing(
+        start_partner, db_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
     monkeypatch.setattr(tracker, "STORAGE_SETTLE_S", 1.0)
     partner = start_partner(scenario(returns=400, arrive_over_s=2.0))
     partner.call(partner.standin.hold_clock)
     daemon = tracker.Daemon(make_config(db_path, partner.url))
     with capture_logs() as logs:
-        await run_through_a_full_disk(daemon, partner, db_path)
+        await run_through_a_storage_fault(daemon, partner, db_path, fault)
     alerts = [e for e in logs if e["event"] == "alert.raised"]
     assert any(a["key"] == "storage" and "Cannot write the state database" in a["text"] for a in alerts), alerts
     ledger = await ledger_of(partner)
     assert ledger["missing"] == 0 and ledger["premature"] == 0 and ledger["unknown"] == 0
 
 
-async def run_through_a_full_disk(daemon: tracker.Daemon, partner, db_path: Path) -> None:
+async def run_through_a_storage_fault(daemon: tracker.Daemon, partner, db_path: Path, fault: str) -> None:
     task = asyncio.create_task(daemon.run())
     try:
         await wait_until(lambda: asyncio.sleep(0, daemon.started.is_set()), 10, what="the daemon started")
-        await set_max_pages(daemon, None)
+        await break_storage(daemon, fault)
         partner.call(partner.standin.restart_clock)
         await wait_until(lambda: asyncio.sleep(0, "the state database is not writable" in daemon._readiness()),
-                         20, what="readiness to report the full disk")
+                         20, what="readiness to report the broken disk")
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://{daemon.http_address}/readyz") as resp:
                 assert resp.status == 503
-        await set_max_pages(daemon, 1_000_000)  # space is back
+        await repair_storage(daemon)
         await wait_until(everything_reported(partner, db_path), 60, what="everything reported after recovery")
         await wait_until(lambda: asyncio.sleep(0, daemon._readiness() == []), 20, what="ready again")
     finally:

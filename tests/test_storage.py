@@ -49,6 +49,15 @@ def test_hot_path_query_searches_a_partial_index_and_never_scans(name: str, db_p
     assert not any("TEMP B-TREE" in step for step in plan), plan  # no per-query sort of the backlog
 
 
+@pytest.mark.parametrize("name", sorted(tracker.PAGE_SQL))
+def test_per_page_statement_starts_from_the_pages_ids_and_never_scans_a_table(name: str, db_path: Path) -> None:
+    create_schema(db_path)
+    write_history(db_path, finished=20000, unfinished=50)
+    plan = query_plan(db_path, tracker.PAGE_SQL[name])
+    scans = [step for step in plan if step.startswith("SCAN")]
+    assert all("VIRTUAL TABLE" in step for step in scans), plan  # json_each over the page, nothing else
+
+
 def test_hot_path_queries_return_only_unfinished_rows_in_due_order(db_path: Path) -> None:
     create_schema(db_path)
     write_history(db_path, finished=100, unfinished=3)
