@@ -899,7 +899,8 @@ class AdaptiveRate:
     Slow start doubles the rate each second from a tenth of the cap until the first sign of
     congestion; after that the rate grows by a twentieth of the recent peak each second (doubling
     again while below half that peak, so it recovers in seconds after a storm) and is cut by a
-    fifth on a 429 or a timeout, and by a tenth when latency doubles — at most one cut
+    fifth on a 429 or on a second timeout within 20 answers (one call hanging is a fault of that
+    call, not congestion), and by a tenth when latency doubles — at most one cut
     until every call already scheduled at the old rate has been answered, since those answers tell
     of the same congestion (TCP's one cut per window). It never exceeds limits.rate_per_s, and it
     grows only while callers are waiting for it (an idle endpoint's rate says nothing). Calls are
@@ -912,6 +913,7 @@ class AdaptiveRate:
     LATENCY_RISE = 2.0
     LATENCY_FLOOR_S = 0.02  # below this, "rising" latency is noise
     PEAK_HALF_LIFE_S = 60.0
+    TIMEOUT_WINDOW = 20  # a timeout cuts when another came within this many observed calls
 
     def __init__(self, max_rate: float) -> None:
         self.max_rate = max_rate
@@ -927,6 +929,8 @@ class AdaptiveRate:
         self._paused_until = 0.0
         self._recent: collections.deque[float] = collections.deque(maxlen=self.LATENCY_WINDOW)
         self._baseline: float | None = None
+        self._observed = 0
+        self._last_timeout = -math.inf
 
     def pause(self, seconds: float) -> None:
         """Hold every caller until a maintenance Retry-After has passed."""
@@ -948,8 +952,13 @@ class AdaptiveRate:
             # The rate was cut while this caller waited: its slot was spaced for the old rate.
 
     def observe(self, outcome: "Outcome", latency_s: float) -> None:
-        if outcome in (Outcome.RATE_LIMITED, Outcome.TIMEOUT):
+        self._observed += 1
+        if outcome is Outcome.RATE_LIMITED:
             self._cut(self.DECREASE_ON_LIMIT)
+        elif outcome is Outcome.TIMEOUT:
+            if self._observed - self._last_timeout <= self.TIMEOUT_WINDOW:
+                self._cut(self.DECREASE_ON_LIMIT)
+            self._last_timeout = self._observed
         elif outcome in ANSWERED_OUTCOMES:
             if self._latency_rising(latency_s):
                 self._cut(self.DECREASE_ON_LATENCY)

@@ -55,9 +55,31 @@ def test_a_429_cuts_the_rate_once_for_one_congestion_event() -> None:
     assert rate.rate == pytest.approx(before * 0.8)
 
 
+def test_a_lone_timeout_does_not_cut_the_rate_but_a_second_one_soon_after_does() -> None:
+    rate = busy(AdaptiveRate(1000.0))
+    for _ in range(100):
+        rate.observe(Outcome.OK, 0.01)
+    before = rate.rate
+    rate.observe(Outcome.TIMEOUT, 2.0)  # one hanging call: that call's fault, not congestion
+    assert rate.rate == before
+    for _ in range(tracker.AdaptiveRate.TIMEOUT_WINDOW - 2):
+        rate.observe(Outcome.SERVER_ERROR, 0.01)  # neither grows nor cuts
+    rate.observe(Outcome.TIMEOUT, 2.0)
+    assert rate.rate == pytest.approx(before * 0.8)
+
+
+def test_timeouts_far_apart_never_cut_the_rate() -> None:
+    rate = busy(AdaptiveRate(1000.0))
+    for _ in range(5):
+        rate.observe(Outcome.TIMEOUT, 2.0)
+        for _ in range(tracker.AdaptiveRate.TIMEOUT_WINDOW):
+            rate.observe(Outcome.SERVER_ERROR, 0.01)
+    assert rate.rate == 100.0 and rate.slow_start
+
+
 def test_after_the_first_cut_growth_is_additive() -> None:
     rate = busy(AdaptiveRate(1000.0))
-    rate.observe(Outcome.TIMEOUT, 0.01)
+    rate.observe(Outcome.RATE_LIMITED, 0.01)
     cut = rate.rate
     for _ in range(int(cut)):  # about one second of calls at this rate
         rate.observe(Outcome.OK, 0.01)
