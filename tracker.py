@@ -583,8 +583,8 @@ class Store:
                 await self._write_report_updates(reports, now)
             if any(isinstance(t, Heartbeat) for t in transitions):
                 await self._writer.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (HEARTBEAT_KEY, repr(now)))
+                    "INSERT INTO meta (key, value) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (HEARTBEAT_KEY, repr(now)))
             await self._writer.execute("COMMIT")
         except BaseException:
             await self._rollback()
@@ -2194,8 +2194,9 @@ def configure_logging(level: str, stream: typing.TextIO | None = None) -> None:
     ]
     if not tty:
         processors.append(structlog.processors.dict_tracebacks)
+    final_chain: list[Any] = [*processors, REDACT, renderer, REDACT.rendered]  # the last one gets the line
     structlog.configure(
-        processors=[*processors, REDACT, renderer, REDACT.rendered],
+        processors=final_chain,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,

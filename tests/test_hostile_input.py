@@ -2,7 +2,6 @@
 cannot use and never stores what SQLite cannot hold. Property-based: hypothesis generates the
 answers; a real loopback server sends the bodies no mock can (endless, slow, wrong bytes)."""
 
-import asyncio
 import json
 import re
 import sqlite3

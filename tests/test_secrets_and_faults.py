@@ -2,7 +2,6 @@
 message, loses nothing, and lets no secret out."""
 
 import asyncio
-import dataclasses
 import json
 import os
 import signal
