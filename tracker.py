@@ -308,7 +308,7 @@ class ReportState(enum.StrEnum):
     DEAD = "dead"  # partner answered 422: resending the same body cannot help
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: state_counts, kept by triggers
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -366,6 +366,18 @@ CREATE TABLE IF NOT EXISTS quarantine (
     resolved_at REAL
 );
 CREATE INDEX IF NOT EXISTS quarantine_open ON quarantine (return_id) WHERE resolved_at IS NULL;
+-- Rows per table and state, kept by the triggers below in the same transaction as the rows, so
+-- the metrics gauges read a handful of rows instead of counting a history that grows for years.
+CREATE TABLE IF NOT EXISTS state_counts (
+    kind  TEXT NOT NULL,
+    state TEXT NOT NULL,
+    n     INTEGER NOT NULL,
+    PRIMARY KEY (kind, state)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS returns_counted AFTER INSERT ON returns BEGIN
+    INSERT INTO state_counts (kind, state, n) VALUES ('returns', '', 1)
+    ON CONFLICT (kind, state) DO UPDATE SET n = n + 1;
+END;
 CREATE TABLE IF NOT EXISTS unknown_statuses (
     status        TEXT PRIMARY KEY,
     first_seen_at REAL NOT NULL,
@@ -406,6 +418,19 @@ PAGE_SQL = {
         "UPDATE quarantine SET resolved_at = ? WHERE resolved_at IS NULL"
         " AND return_id IN (SELECT value FROM json_each(?))",
 }
+STATE_COUNT_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS {table}_counted AFTER INSERT ON {table} BEGIN
+    INSERT INTO state_counts (kind, state, n) VALUES ('{table}', NEW.state, 1)
+    ON CONFLICT (kind, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_recounted AFTER UPDATE OF state ON {table}
+WHEN OLD.state IS NOT NEW.state BEGIN
+    UPDATE state_counts SET n = n - 1 WHERE kind = '{table}' AND state = OLD.state;
+    INSERT INTO state_counts (kind, state, n) VALUES ('{table}', NEW.state, 1)
+    ON CONFLICT (kind, state) DO UPDATE SET n = n + 1;
+END;
+"""
+SCHEMA += "".join(STATE_COUNT_TRIGGERS.format(table=table) for table in ("boxes", "reports"))  # our names only
 FEED_CURSOR_KEY = "feed_cursor"
 HEARTBEAT_KEY = "heartbeat"
 
@@ -541,13 +566,33 @@ class Store:
                 await writer.execute(pragma)
             await cls._check_integrity(writer, path)
             await writer.executescript(SCHEMA)
-            await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await cls._migrate(writer)
         except BaseException:
             await writer.close()  # its thread would otherwise keep the failed process alive
             raise
         reader = await aiosqlite.connect(path, isolation_level=None)
         await reader.execute("PRAGMA busy_timeout = 5000")
         return cls(writer, reader, path)
+
+    @staticmethod
+    async def _migrate(writer: aiosqlite.Connection) -> None:
+        """Version 2 counts rows by state with triggers: count what a version-1 file already
+        holds, once. One transaction, so a concurrent `requeue` cannot slip between."""
+        await writer.execute("BEGIN IMMEDIATE")
+        try:
+            version = list(await writer.execute_fetchall("PRAGMA user_version"))[0][0]
+            if version < 2:
+                await writer.execute("DELETE FROM state_counts")
+                await writer.execute("INSERT INTO state_counts SELECT 'returns', '', COUNT(*) FROM returns")
+                for table in ("boxes", "reports"):  # names from this code, not from outside
+                    await writer.execute(
+                        f"INSERT INTO state_counts SELECT '{table}', state, COUNT(*) FROM {table} GROUP BY state")
+            await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await writer.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await writer.execute("ROLLBACK")
+            raise
 
     @staticmethod
     async def _check_integrity(writer: aiosqlite.Connection, path: str) -> None:
@@ -751,10 +796,18 @@ class Store:
     async def counts(self) -> dict[str, int]:
         """Totals by kind and state, e.g. {"returns": 10, "boxes.tracking": 3, "reports.done": 7}."""
         counts: dict[str, int] = {}
+        try:
+            kept = await self._rows("SELECT kind, state, n FROM state_counts", ())
+        except sqlite3.OperationalError:  # a version-1 file opened read-only (`status`): count
+            kept = await self._rows(
+                "SELECT 'returns', '', COUNT(*) FROM returns"
+                " UNION ALL SELECT 'boxes', state, COUNT(*) FROM boxes GROUP BY state"
+                " UNION ALL SELECT 'reports', state, COUNT(*) FROM reports GROUP BY state", ())
+        for kind, state, n in kept:
+            if n:
+                counts[f"{kind}.{state}" if state else kind] = n
+        counts.setdefault("returns", 0)
         queries = (
-            ("returns", "SELECT 'all', COUNT(*) FROM returns"),
-            ("boxes", "SELECT state, COUNT(*) FROM boxes GROUP BY state"),
-            ("reports", "SELECT state, COUNT(*) FROM reports GROUP BY state"),
             ("quarantine", "SELECT 'open', COUNT(*) FROM quarantine WHERE resolved_at IS NULL"),
             ("unknown_statuses", "SELECT 'all', COUNT(*) FROM unknown_statuses"),
         )

@@ -100,3 +100,56 @@ async def test_database_file_is_readable_by_its_owner_only(db_path: Path) -> Non
     store = await tracker.Store.open(str(db_path))
     await store.close()
     assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+
+
+def counted_by_hand(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as conn:
+        counts = {"returns": conn.execute("SELECT COUNT(*) FROM returns").fetchone()[0]}
+        for table in ("boxes", "reports"):
+            counts.update({f"{table}.{state}": n for state, n in
+                           conn.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")})
+    return counts
+
+
+def without_quarantine(counts: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in counts.items() if not k.startswith(("quarantine", "unknown_statuses"))}
+
+
+async def test_state_counts_follow_every_transition_without_counting_the_tables(db_path: Path) -> None:
+    store = await tracker.Store.open(str(db_path))
+    try:
+        items = tuple(tracker.ReturnItem(f"R{i}", "O", str(i), f"S{i % 3}", None) for i in range(7))
+        await store.commit([tracker.FeedPage(items, (), "c1", False, tuple((f"S{i}", 0.0) for i in range(3)))], 1.0)
+        await store.commit([tracker.BoxUpdate("S0", tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
+                                              "2026-11-24T10:00:00Z"),
+                            tracker.BoxUpdate("S1", tracker.BoxState.CANCELLED, None, 0, 0, True, "cancelled")], 2.0)
+        await store.commit([tracker.ReportUpdate("R0", tracker.ReportState.DONE, None, "recorded", None),
+                            tracker.ReportUpdate("R3", tracker.ReportState.DEAD, None, "refused", "422")], 3.0)
+        await store.requeue_dead_reports(None, 4.0)
+        counts = without_quarantine(await store.counts())
+    finally:
+        await store.close()
+    assert counts == counted_by_hand(db_path)
+    assert counts == {"returns": 7, "boxes.delivered": 1, "boxes.cancelled": 1, "boxes.tracking": 1,
+                      "reports.done": 1, "reports.pending": 2}
+
+
+async def test_a_version_1_database_gets_its_counts_once_on_open(db_path: Path) -> None:
+    await (await tracker.Store.open(str(db_path))).close()
+    write_history(db_path, finished=300, unfinished=20)
+    with sqlite3.connect(db_path) as conn:  # as version 1 left it: no counts, no triggers
+        for trigger in ("returns_counted", "boxes_counted", "boxes_recounted", "reports_counted", "reports_recounted"):
+            conn.execute(f"DROP TRIGGER {trigger}")
+        conn.execute("DROP TABLE state_counts")
+        conn.execute("PRAGMA user_version = 1")
+    readonly = await tracker.Store.open(str(db_path), readonly=True)  # `status` before any upgrade
+    try:
+        assert without_quarantine(await readonly.counts()) == counted_by_hand(db_path)
+    finally:
+        await readonly.close()
+    store = await tracker.Store.open(str(db_path))
+    try:
+        assert without_quarantine(await store.counts()) == counted_by_hand(db_path)
+        assert (await store._rows("PRAGMA user_version", ()))[0][0] == tracker.SCHEMA_VERSION
+    finally:
+        await store.close()
