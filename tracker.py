@@ -1050,7 +1050,7 @@ class AdaptiveRate:
         self._recent.append(latency_s)
         if len(self._recent) < self.LATENCY_WINDOW:
             return False
-        median = statistics.median(self._recent)  # robust to the odd slow answer
+        median = sorted(self._recent)[self.LATENCY_WINDOW // 2]  # robust to the odd slow answer
         if self._baseline is None:
             self._baseline = median
         rising = median > max(self.LATENCY_RISE * self._baseline, self.LATENCY_FLOOR_S)
@@ -1258,15 +1258,7 @@ class PrioritySemaphore:
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
 
-    @contextlib.asynccontextmanager
-    async def slot(self, priority: int) -> typing.AsyncIterator[None]:
-        await self._acquire(priority)
-        try:
-            yield
-        finally:
-            self._release()
-
-    async def _acquire(self, priority: int) -> None:
+    async def acquire(self, priority: int) -> None:
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return
@@ -1276,10 +1268,10 @@ class PrioritySemaphore:
             await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
-                self._release()  # the slot was handed over just as we were cancelled: pass it on
+                self.release()  # the slot was handed over just as we were cancelled: pass it on
             raise
 
-    def _release(self) -> None:
+    def release(self) -> None:
         while self._waiters:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():
@@ -1377,7 +1369,8 @@ class PartnerClient:
                     self._metrics.retries_deferred.labels(endpoint.value).inc()
                     return Reply(endpoint, Outcome.DEFERRED, None, None, None, 0.0, "retry budget spent")
                 await rate.acquire()
-                async with self._slots.slot(PRIORITY[endpoint.value]):
+                await self._slots.acquire(PRIORITY[endpoint.value])
+                try:
                     if not probe and breaker.state is not CircuitState.CLOSED:
                         continue  # it opened while this call waited its turn: wait again
                     self._in_flight[endpoint].inc()
@@ -1386,6 +1379,8 @@ class PartnerClient:
                         reply = await self._exchange(endpoint, method, path, params, json_body, headers, started)
                     finally:
                         self._in_flight[endpoint].dec()
+                finally:
+                    self._slots.release()
             except BaseException:
                 if probe:
                     breaker.abandon_probe()
@@ -1922,6 +1917,10 @@ class Stages:
         self.log = log
         self._stop = asyncio.Event()
         self._feed_nudge = asyncio.Event()
+        self._boxes_closed = {state: metrics.boxes_closed.labels(state.value)
+                              for state in (BoxState.DELIVERED, BoxState.CANCELLED, BoxState.STALE)}
+        self._report_attempts = {outcome: metrics.reports.labels(outcome)
+                                 for outcome in ("recorded", "duplicate", "refused", "retry", "deferred")}
         capacity = config.limits.concurrency
         self.tracker = Dispatcher[DueBox](
             "track", store.due_boxes, store.next_box_due_at, lambda b: b.shipment_number, self.check_box,
@@ -2009,7 +2008,7 @@ class Stages:
         self.log.info("track.checked", shipment_number=box.shipment_number, outcome=reply.outcome.value,
                       status=update.last_status, state=update.state.value, latency_s=round(reply.latency_s, 4))
         if update.state is not BoxState.TRACKING:
-            self.metrics.boxes_closed.labels(update.state.value).inc()
+            self._boxes_closed[update.state].inc()
         if update.state is BoxState.STALE:
             self.alerts.alert(
                 "stale",
@@ -2037,7 +2036,7 @@ class Stages:
         update = decide_report_update(report, reply, time.time(), self.config.schedule)
         await self.committer.submit(update)
         outcome = update.outcome or ("deferred" if not update.called else "retry")
-        self.metrics.reports.labels(outcome).inc()
+        self._report_attempts[outcome].inc()
         if update.state is ReportState.DONE and report.queued_at:
             self.metrics.report_delay.observe(max(0.0, time.time() - report.queued_at))
         self.log.info("report.sent", return_id=report.return_id, shipment_number=report.shipment_number,
@@ -2224,11 +2223,11 @@ class Redactor:
         return self.text(BEARER_TOKEN.sub("Bearer " + self.MASK, line))
 
     def __call__(self, _logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        for key, value in event.items():
+        """Before rendering: an Authorization field is masked whatever it holds (a scheme other
+        than Bearer, a token we never knew). Secrets in values are caught on the finished line."""
+        for key in event:
             if key.lower() == "authorization":
                 event[key] = self.MASK
-            elif isinstance(value, str):
-                event[key] = self.text(value)
         return event
 
 
@@ -2241,7 +2240,6 @@ def configure_logging(level: str, stream: typing.TextIO | None = None) -> None:
     tty = stream.isatty()
     renderer: Any = structlog.dev.ConsoleRenderer(colors=True) if tty else structlog.processors.JSONRenderer()
     processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

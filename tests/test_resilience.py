@@ -246,9 +246,12 @@ async def test_waiting_calls_get_slots_by_priority_then_arrival() -> None:
     gate = asyncio.Event()
 
     async def call(name: str, priority: int) -> None:
-        async with slots.slot(priority):
+        await slots.acquire(priority)
+        try:
             order.append(name)
             await gate.wait()
+        finally:
+            slots.release()
 
     holder = asyncio.create_task(call("holder", 1))
     await asyncio.sleep(0)
@@ -262,11 +265,11 @@ async def test_waiting_calls_get_slots_by_priority_then_arrival() -> None:
 
 async def test_a_cancelled_waiter_does_not_lose_the_slot() -> None:
     slots = tracker.PrioritySemaphore(1)
-    async with slots.slot(0):
-        waiter = asyncio.create_task(slots._acquire(1))
-        await asyncio.sleep(0)
-        waiter.cancel()
-        await asyncio.gather(waiter, return_exceptions=True)
+    await slots.acquire(0)
+    waiter = asyncio.create_task(slots.acquire(1))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    slots.release()
     async with asyncio.timeout(1):
-        async with slots.slot(2):
-            pass
+        await slots.acquire(2)  # the slot came back: a lost one would wait here forever
