@@ -1668,9 +1668,9 @@ def decide_box_update(box: DueBox, reply: Reply, now: float, schedule: ScheduleC
 
 def _box_retry(box: DueBox, now: float, schedule: ScheduleConfig, reply: Reply, error: str) -> BoxUpdate:
     errors = box.errors + 1
+    # A 401 needs no longer delay here: the endpoint's token gate holds the call until its trial,
+    # and lets it go the moment a new token works.
     delay = retry_delay(errors, schedule.retry_base_s, schedule.retry_max_s, reply.retry_after)
-    if reply.outcome is Outcome.UNAUTHORIZED:
-        delay = max(delay, UNAUTHORIZED_RETRY_S)
     return BoxUpdate(box.shipment_number, BoxState.TRACKING, now + delay, box.not_found, errors, False,
                      last_error=f"{reply.outcome.value}: {error}"[:500])
 
@@ -1691,8 +1691,6 @@ def decide_report_update(report: DueReport, reply: Reply, now: float, schedule: 
     if reply.outcome is Outcome.OK:
         error = "200 without {data: {result: true}}"
     delay = retry_delay(report.attempts + 1, schedule.retry_base_s, schedule.retry_max_s, reply.retry_after)
-    if reply.outcome is Outcome.UNAUTHORIZED:
-        delay = max(delay, UNAUTHORIZED_RETRY_S)
     return ReportUpdate(report.return_id, ReportState.PENDING, now + delay, None,
                         f"{reply.outcome.value}: {error}"[:500])
 
@@ -1971,7 +1969,7 @@ class Stages:
                 if once:
                     return
                 delay = retry_delay(failures, schedule.retry_base_s, schedule.retry_max_s, reply.retry_after)
-                await self._pause(max(delay, UNAUTHORIZED_RETRY_S) if reply.outcome is Outcome.UNAUTHORIZED else delay)
+                await self._pause(delay)  # after a 401 the token gate paces the next call
                 continue
             failures = 0
             try:
