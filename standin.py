@@ -27,6 +27,7 @@ import math
 import random
 import threading
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -457,6 +458,12 @@ def daemon_config_toml(sections: dict[str, dict[str, Any]], comment: str = "") -
     for section, values in sections.items():
         lines += ["", f"[{section}]"] + [f"{key} = {json.dumps(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def read_ledger(root: str) -> dict[str, Any]:
+    """GET /_ledger of a stand-in running in another process (the benchmarks)."""
+    with urllib.request.urlopen(root + "/_ledger", timeout=10) as resp:
+        return json.load(resp)
 
 
 @contextmanager

@@ -431,6 +431,12 @@ WHEN OLD.state IS NOT NEW.state BEGIN
 END;
 """
 SCHEMA += "".join(STATE_COUNT_TRIGGERS.format(table=table) for table in ("boxes", "reports"))  # our names only
+# What state_counts holds, counted the slow way: to fill it once for a version-1 file, and for
+# `status` on a version-1 file it may not write to.
+COUNT_BY_STATE_SQL = (
+    "SELECT 'returns', '', COUNT(*) FROM returns"
+    " UNION ALL SELECT 'boxes', state, COUNT(*) FROM boxes GROUP BY state"
+    " UNION ALL SELECT 'reports', state, COUNT(*) FROM reports GROUP BY state")
 FEED_CURSOR_KEY = "feed_cursor"
 HEARTBEAT_KEY = "heartbeat"
 
@@ -583,10 +589,7 @@ class Store:
             version = list(await writer.execute_fetchall("PRAGMA user_version"))[0][0]
             if version < 2:
                 await writer.execute("DELETE FROM state_counts")
-                await writer.execute("INSERT INTO state_counts SELECT 'returns', '', COUNT(*) FROM returns")
-                for table in ("boxes", "reports"):  # names from this code, not from outside
-                    await writer.execute(
-                        f"INSERT INTO state_counts SELECT '{table}', state, COUNT(*) FROM {table} GROUP BY state")
+                await writer.execute("INSERT INTO state_counts (kind, state, n) " + COUNT_BY_STATE_SQL)
             await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             await writer.execute("COMMIT")
         except BaseException:
@@ -799,10 +802,7 @@ class Store:
         try:
             kept = await self._rows("SELECT kind, state, n FROM state_counts", ())
         except sqlite3.OperationalError:  # a version-1 file opened read-only (`status`): count
-            kept = await self._rows(
-                "SELECT 'returns', '', COUNT(*) FROM returns"
-                " UNION ALL SELECT 'boxes', state, COUNT(*) FROM boxes GROUP BY state"
-                " UNION ALL SELECT 'reports', state, COUNT(*) FROM reports GROUP BY state", ())
+            kept = await self._rows(COUNT_BY_STATE_SQL, ())
         for kind, state, n in kept:
             if n:
                 counts[f"{kind}.{state}" if state else kind] = n
@@ -2433,7 +2433,6 @@ class Daemon:
         self._stop = asyncio.Event()
         self._stages: Stages | None = None
         self._committer: Committer | None = None
-        self._db_writable = True
         self.notifier = SystemdNotifier()
         self.started = asyncio.Event()
         REDACT.set_secrets(config.secrets)
@@ -2596,8 +2595,7 @@ class Daemon:
         """Row-count gauges and the database's writability, every few seconds."""
         while True:
             try:
-                self._db_writable = await committer.probe()
-                self.metrics.db_writable.set(1 if self._db_writable else 0)
+                self.metrics.db_writable.set(1 if await committer.probe() else 0)
                 await self.metrics.refresh_from(store)
             except sqlite3.Error as exc:
                 self.log.warning("storage.read_failed", error=str(exc))
@@ -2611,7 +2609,7 @@ class Daemon:
         problems = []
         if self._stop.is_set():
             problems.append("shutting down")
-        if not self._db_writable or (self._committer is not None and not self._committer.healthy):
+        if self._committer is not None and not self._committer.healthy:  # a failed probe counts too
             problems.append("the state database is not writable")
         if self._stages is not None:
             for endpoint, breaker in self._stages.client.breakers.items():
@@ -2706,8 +2704,7 @@ def config_file_warnings(path: Path) -> list[str]:
     except OSError:
         return []
     raw = tomllib.loads(text)
-    holds = [key for key, value in (("partner.token", raw.get("partner", {}).get("token")),
-                                    ("slack.webhook_url", raw.get("slack", {}).get("webhook_url"))) if value]
+    holds = sorted(key for key in SECRET_KEYS if raw.get(key.split(".")[0], {}).get(key.split(".")[1]))
     if holds and mode & 0o077:
         return [f"{path} holds {' and '.join(holds)} and can be read by other users "
                 f"(mode {mode & 0o777:o}); run: chmod 600 {path} — or move the token to {ENV_TOKEN} "

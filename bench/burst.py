@@ -118,11 +118,6 @@ def start_standin(returns: int, rate_limit: float) -> tuple[subprocess.Popen[byt
     return process, json.loads(process.stdout.readline())
 
 
-def ledger(root: str) -> dict[str, Any]:
-    with urllib.request.urlopen(root + "/_ledger", timeout=10) as resp:
-        return json.load(resp)
-
-
 def cpu_and_peak_rss(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
@@ -175,7 +170,7 @@ def measure(name: str, returns: int, rate_limit: float, command_for: Callable[[s
         samples = []
         while True:
             time.sleep(0.5)  # a benchmark's sampling period, not synchronisation
-            state = ledger(info["root"])
+            state = standin.read_ledger(info["root"])
             samples.append((time.monotonic() - started, state["calls"]))
             if state["finished"] and state["missing"] == 0:
                 break

@@ -20,18 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import standin  # noqa: E402
-
-
-def ledger(root: str) -> dict:
-    with urllib.request.urlopen(root + "/_ledger", timeout=10) as resp:
-        return json.load(resp)
 
 
 def main() -> int:
@@ -67,9 +61,9 @@ def main() -> int:
                                       stdout=log, stderr=subprocess.STDOUT,
                                       env={**os.environ, "TRACKER_PARTNER_TOKEN": info["token"]})
         time.sleep(args.warmup)  # a benchmark's fixed warm-up, not synchronisation
-        first, t0 = ledger(info["root"]), time.monotonic()
+        first, t0 = standin.read_ledger(info["root"]), time.monotonic()
         time.sleep(args.window)
-        last, t1 = ledger(info["root"]), time.monotonic()
+        last, t1 = standin.read_ledger(info["root"]), time.monotonic()
         elapsed = t1 - t0
         print(f"rate-limit benchmark: partner limit {args.limit:g} calls/s per endpoint, daemon cap "
               f"{args.limit * 4:g}, measured over {elapsed:.1f} s after {args.warmup:g} s warm-up")
