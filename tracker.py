@@ -22,6 +22,7 @@ import datetime as dt
 import enum
 import fcntl
 import functools
+import gc
 import hashlib
 import heapq
 import itertools
@@ -2685,6 +2686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # one journald record per line, as it happens
     configure_logging(config.log.level)
+    settle_garbage_collector()
     try:
         asyncio.run(run_until_signalled(config, once=args.command == "once", config_path=args.config))
     except RuntimeError as exc:  # e.g. another instance holds the lock
@@ -2715,6 +2717,19 @@ def config_file_warnings(path: Path) -> list[str]:
 def load_status_config(path: Path) -> Config:
     """`status` and `requeue` touch only the database: they must work without the partner token."""
     return load_config(path, {**os.environ, ENV_TOKEN: os.environ.get(ENV_TOKEN) or "not-needed-for-status"})
+
+
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def settle_garbage_collector() -> None:
+    """A partner call allocates a few dozen short-lived objects, all freed by reference counting;
+    at Python's default threshold (700) the cyclic collector then ran ~600 times per 30k burst,
+    finding next to nothing, for 1.4 CPU-s (6–7% of the daemon's CPU). What exists at start-up
+    (modules, config) lives as long as the process, so it is frozen out of the collector's scans."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 async def run_until_signalled(config: Config, *, once: bool, config_path: Path | None = None) -> None:
