@@ -957,8 +957,10 @@ class AdaptiveRate:
     call, not congestion), and by a tenth when latency doubles — at most one cut
     until every call already scheduled at the old rate has been answered, since those answers tell
     of the same congestion (TCP's one cut per window). It never exceeds limits.rate_per_s, and it
-    grows only while callers are waiting for it (an idle endpoint's rate says nothing). Calls are
-    spaced at 1/rate, never sent in bursts; a cut re-spaces the calls already waiting."""
+    grows only while callers are waiting for it (an idle endpoint's rate says nothing). Each call
+    takes the next slot 1/rate after the previous one, and goes out at the start of the 10 ms tick
+    its slot falls in: at most rate/100 + 1 calls together (a partner's bucket holds far more), the
+    rate over any second exact. A cut re-spaces the calls already waiting."""
 
     DECREASE_ON_LIMIT = 0.8
     DECREASE_ON_LATENCY = 0.9
@@ -968,6 +970,7 @@ class AdaptiveRate:
     LATENCY_FLOOR_S = 0.02  # below this, "rising" latency is noise
     PEAK_HALF_LIFE_S = 60.0
     TIMEOUT_WINDOW = 20  # a timeout cuts when another came within this many observed calls
+    TICK_S = 0.01  # callers whose slots share a tick wake together: one loop pass, not one each
 
     def __init__(self, max_rate: float) -> None:
         self.max_rate = max_rate
@@ -995,15 +998,22 @@ class AdaptiveRate:
             while (wait := self._paused_until - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
             now, epoch = time.monotonic(), self._epoch
-            slot = max(now, self._next)
-            self._next = slot + 1.0 / self.rate
-            if slot <= now:
+            wait = self.reserve(now)
+            if wait <= 0:
                 return
-            self._last_wait = now
-            await asyncio.sleep(slot - now)
+            await asyncio.sleep(wait)
             if epoch == self._epoch:
                 return
             # The rate was cut while this caller waited: its slot was spaced for the old rate.
+
+    def reserve(self, now: float) -> float:
+        """Take the next slot; how long to wait before calling (0: call now)."""
+        slot = max(now, self._next)
+        self._next = slot + 1.0 / self.rate
+        if slot > now:
+            self._last_wait = now  # callers are queueing: the rate, not demand, holds them back
+        tick_start = math.ceil(slot / self.TICK_S) * self.TICK_S - self.TICK_S
+        return tick_start - now
 
     def observe(self, outcome: "Outcome", latency_s: float) -> None:
         self._observed += 1

@@ -118,6 +118,31 @@ def test_rising_latency_cuts_the_rate() -> None:
     assert rate.rate < peak
 
 
+def test_calls_whose_slots_share_a_tick_go_out_together() -> None:
+    rate = AdaptiveRate(1000.0)
+    rate.rate = 1000.0  # a slot every millisecond
+    now = 100.0045  # mid-tick
+    waits = [rate.reserve(now) for _ in range(3000)]
+    assert waits == sorted(waits)
+    assert sum(1 for w in waits if w <= 0) <= 1000 * AdaptiveRate.TICK_S + 1  # only this tick's slots now
+    # one wake-up time per tick, not one per caller
+    assert len({round(w, 6) for w in waits}) <= 3000 * (0.001 / AdaptiveRate.TICK_S) + 2
+
+
+def test_ticks_never_let_more_than_the_rate_through_in_a_second() -> None:
+    rate = AdaptiveRate(1000.0)
+    rate.rate = 1000.0
+    waits = [rate.reserve(100.0045) for _ in range(5000)]
+    for start in (0.0, 0.5, 1.0, 2.5):  # any one-second window, as a partner's limiter counts
+        assert sum(1 for w in waits if start <= w < start + 1.0) <= 1000 * (1 + AdaptiveRate.TICK_S) + 1
+
+
+def test_a_caller_that_finds_no_queue_goes_at_once_and_does_not_count_as_waiting() -> None:
+    rate = AdaptiveRate(1000.0)
+    assert rate.reserve(time.monotonic()) <= 0
+    assert rate._last_wait == float("-inf")
+
+
 # ── circuit breaker ─────────────────────────────────────────────────────────────────────────
 
 class Recorder:
