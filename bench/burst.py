@@ -13,6 +13,7 @@ from /proc at that moment. Four runs:
 
     .venv/bin/python bench/burst.py                 all four (about 6 minutes)
     .venv/bin/python bench/burst.py --runs tracker,peer --returns 10000
+    .venv/bin/python bench/burst.py --runs tracker,peer --repeat 3    each run three times, interleaved
     .venv/bin/python bench/burst.py --runs tracker --profile      cProfile of the daemon (kept)
     BENCH_THREADS=1 .venv/bin/python bench/burst.py …             CPU by thread, and the stand-in's
     BENCH_LOG_LEVEL=warning .venv/bin/python bench/burst.py …     the daemon at another log level
@@ -408,6 +409,22 @@ def endpoint_rates(result: Result, endpoint: str) -> tuple[float, float, float]:
     return (calls - limited) / window, limited / max(calls, 1), window
 
 
+def median_run(done: list[Result]) -> Result:
+    """The run with the median CPU time: this VM's CPU time varies by 10–20% from run to run."""
+    return sorted(done, key=lambda r: r.cpu_s)[len(done) // 2]  # of two, the costlier
+
+
+def print_spread(every: dict[str, list[Result]]) -> None:
+    print()
+    print(f"{len(next(iter(every.values())))} runs each, in this order; the tables below show each one's median-CPU run")
+    for run, done in every.items():
+        print(f"  {run:<14}CPU s " + ", ".join(f"{r.cpu_s:.1f}" for r in done)
+              + "   wall s " + ", ".join(f"{r.wall_s:.1f}" for r in done))
+    if "tracker" in every and "peer" in every:
+        pairs = [t.cpu_s / p.cpu_s for t, p in zip(every["tracker"], every["peer"], strict=True)]
+        print("  tracker / peer CPU, run by run: " + ", ".join(f"{x:.2f}×" for x in pairs))
+
+
 def print_results(results: dict[str, Result], returns: int, args_history: int) -> bool:
     checks: list[tuple[str, bool]] = []
     print()
@@ -481,6 +498,8 @@ def main() -> int:
     parser.add_argument("--returns", type=int, default=30000)
     parser.add_argument("--history", type=int, default=1_000_000, help="finished returns in the history run")
     parser.add_argument("--runs", default="tracker,peer,history,rate-limited")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="do the runs this many times, interleaved; each is judged by its median-CPU run")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
     parser.add_argument("--profile", action="store_true",
                         help="run the daemon under cProfile; profile.pstats is left in the work directory")
@@ -488,22 +507,28 @@ def main() -> int:
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     workdir = Path(tempfile.mkdtemp(prefix="tracker-bench-burst-"))
     min_calls = minimum_calls(args.returns)
-    results: dict[str, Result] = {}
-    for run in runs:
-        print(f"running {run} …", flush=True)
-        if run == "tracker":
-            results[run] = run_tracker(run, workdir / run, args.returns, min_calls, profile=args.profile)
-        elif run == "peer":
-            results[run] = run_peer(workdir / run, args.returns, min_calls)
-        elif run == "history":
-            results[run] = run_tracker(run, workdir / run, args.returns, min_calls, history=args.history)
-        elif run == "rate-limited":
-            results[run] = run_tracker(run, workdir / run, args.returns, min_calls, rate_limit=RATE_LIMIT)
-        else:
-            parser.error(f"unknown run {run!r}")
-        r = results[run]
-        print(f"  {run}: {r.wall_s:.1f} s, {r.cpu_s:.1f} CPU-s, {r.peak_rss_mb:.0f} MB, {r.total_calls:,} calls",
-              flush=True)
+    unknown = set(runs) - {"tracker", "peer", "history", "rate-limited"}
+    if unknown:
+        parser.error(f"unknown run(s): {', '.join(sorted(unknown))}")
+    every: dict[str, list[Result]] = {run: [] for run in runs}
+    for repetition in range(args.repeat):
+        for run in runs:
+            print(f"running {run} …", flush=True)
+            where = workdir / f"{run}-{repetition + 1}"
+            if run == "tracker":
+                r = run_tracker(run, where, args.returns, min_calls, profile=args.profile)
+            elif run == "peer":
+                r = run_peer(where, args.returns, min_calls)
+            elif run == "history":
+                r = run_tracker(run, where, args.returns, min_calls, history=args.history)
+            else:
+                r = run_tracker(run, where, args.returns, min_calls, rate_limit=RATE_LIMIT)
+            every[run].append(r)
+            print(f"  {run}: {r.wall_s:.1f} s, {r.cpu_s:.1f} CPU-s, {r.peak_rss_mb:.0f} MB, {r.total_calls:,} calls",
+                  flush=True)
+    results = {run: median_run(done) for run, done in every.items()}
+    if args.repeat > 1:
+        print_spread(every)
     ok = print_results(results, args.returns, args.history)
     if args.keep or args.profile:
         print(f"work directory: {workdir}")
