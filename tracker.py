@@ -1327,10 +1327,13 @@ class PartnerClient:
 
         self.breakers = {e: CircuitBreaker(e, changed) for e in Endpoint}
         self.gates = {e: TokenGate(functools.partial(on_token_change, e)) for e in Endpoint}
-        # Metric children looked up once: labels() takes a lock and hashes on every call.
-        self._in_flight = {e: metrics.partner_in_flight.labels(e.value) for e in Endpoint}
+        # Metric children looked up once: labels() takes a lock and hashes on every call. Gauges of
+        # state the client holds anyway are read when scraped, not set on every call.
         self._latency = {e: metrics.partner_latency.labels(e.value) for e in Endpoint}
-        self._rate_gauge = {e: metrics.partner_rate.labels(e.value) for e in Endpoint}
+        self.in_flight = dict.fromkeys(Endpoint, 0)
+        for e in Endpoint:
+            metrics.partner_in_flight.labels(e.value).set_function(functools.partial(self.in_flight.__getitem__, e))
+            metrics.partner_rate.labels(e.value).set_function(functools.partial(getattr, self.rates[e], "rate"))
         self._calls = {(e, o): metrics.partner_calls.labels(e.value, o.value) for e in Endpoint for o in Outcome}
 
     def set_token(self, token: str) -> None:
@@ -1387,12 +1390,12 @@ class PartnerClient:
                 try:
                     if not probe and breaker.state is not CircuitState.CLOSED:
                         continue  # it opened while this call waited its turn: wait again
-                    self._in_flight[endpoint].inc()
+                    self.in_flight[endpoint] += 1
                     started = time.monotonic()
                     try:
                         reply = await self._exchange(endpoint, method, path, params, json_body, headers, started)
                     finally:
-                        self._in_flight[endpoint].dec()
+                        self.in_flight[endpoint] -= 1
                 finally:
                     self._slots.release()
             except BaseException:
@@ -1408,7 +1411,6 @@ class PartnerClient:
         rate.observe(reply.outcome, reply.latency_s)
         if reply.status == 503 and reply.retry_after:
             rate.pause(reply.retry_after)  # maintenance: the partner said when to come back
-        self._rate_gauge[endpoint].set(rate.rate)
         self._calls[endpoint, reply.outcome].inc()
         self._latency[endpoint].observe(reply.latency_s)
         return reply

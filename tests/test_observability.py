@@ -75,7 +75,21 @@ async def test_healthz_and_metrics_are_served_while_running(start_partner, db_pa
         await task
     assert 'tracker_partner_calls_total{endpoint="results",outcome="ok"}' in text
     assert "tracker_returns_collected_total 200.0" in text
+    assert 'tracker_partner_calls_in_flight{endpoint="results"} 0.0' in text  # every call answered
     assert TOKEN not in text
+
+
+async def test_the_in_flight_and_rate_gauges_read_the_client_when_scraped(db_path: Path) -> None:
+    metrics = tracker.Metrics()
+    async with aiohttp.ClientSession() as session:
+        client = tracker.PartnerClient(make_config(db_path, "http://127.0.0.1:9"), session, metrics,
+                                       lambda breaker, previous, why: None)
+        client.in_flight[tracker.Endpoint.TRACKING] = 3
+        client.rates[tracker.Endpoint.RESULTS].rate = 42.0
+    sample = metrics.registry.get_sample_value
+    assert sample("tracker_partner_calls_in_flight", {"endpoint": "tracking"}) == 3
+    assert sample("tracker_partner_calls_in_flight", {"endpoint": "results"}) == 0
+    assert sample("tracker_partner_rate_limit_per_second", {"endpoint": "results"}) == 42.0
 
 
 async def test_status_shows_counts_and_the_problem_lists(start_partner, db_path: Path) -> None:
