@@ -6,14 +6,14 @@ calls answered 5xx) and the program under test in another, then polls the stand-
 until every collected return has been reported, and reads the program's CPU time and peak RSS
 from /proc at that moment. Four runs:
 
-  tracker        the daemon (tracker.py run), concurrency 64, empty database
+  tracker        the daemon (tracker.py run), limits.concurrency 256, empty database
   peer           requests + ThreadPoolExecutor(64) with urllib3 retries (below), same workload
   history        the daemon again, its database already holding 1,000,000 finished returns
   rate-limited   the daemon against a partner limiting each endpoint to 250 calls/s
 
     .venv/bin/python bench/burst.py                 all four (about 6 minutes)
     .venv/bin/python bench/burst.py --runs tracker,peer --returns 10000
-    .venv/bin/python bench/burst.py --runs tracker,peer --repeat 3    each run three times, interleaved
+    .venv/bin/python bench/burst.py --repeat 3      each run three times, interleaved; medians judged
     .venv/bin/python bench/burst.py --runs tracker --profile      cProfile of the daemon (kept)
     BENCH_THREADS=1 .venv/bin/python bench/burst.py …             CPU by thread, and the stand-in's
     BENCH_LOG_LEVEL=warning .venv/bin/python bench/burst.py …     the daemon at another log level
@@ -416,7 +416,8 @@ def median_run(done: list[Result]) -> Result:
 
 def print_spread(every: dict[str, list[Result]]) -> None:
     print()
-    print(f"{len(next(iter(every.values())))} runs each, in this order; the tables below show each one's median-CPU run")
+    repeats = len(next(iter(every.values())))
+    print(f"{repeats} runs each, in this order; the tables below show each one's median-CPU run")
     for run, done in every.items():
         print(f"  {run:<14}CPU s " + ", ".join(f"{r.cpu_s:.1f}" for r in done)
               + "   wall s " + ", ".join(f"{r.wall_s:.1f}" for r in done))
