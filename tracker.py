@@ -544,6 +544,11 @@ class CommitResult:
     reports_queued: int = 0
 
 
+async def _rollback(connection: aiosqlite.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):  # the failure may already have ended the transaction
+        await connection.execute("ROLLBACK")
+
+
 class Store:
     """All SQL lives here. Callers hand transitions to `commit`; reads go through the reader."""
 
@@ -594,8 +599,7 @@ class Store:
             await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             await writer.execute("COMMIT")
         except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await writer.execute("ROLLBACK")
+            await _rollback(writer)
             raise
 
     @staticmethod
@@ -636,13 +640,9 @@ class Store:
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (HEARTBEAT_KEY, repr(now)))
             await self._writer.execute("COMMIT")
         except BaseException:
-            await self._rollback()
+            await _rollback(self._writer)
             raise
         return CommitResult(added, quarantined, queued)
-
-    async def _rollback(self) -> None:
-        with contextlib.suppress(sqlite3.Error):  # the failure may already have ended the transaction
-            await self._writer.execute("ROLLBACK")
 
     async def _write_page(self, page: FeedPage, now: float) -> tuple[int, int, int]:
         w = self._writer
@@ -764,7 +764,7 @@ class Store:
             rows = await self._writer.execute_fetchall(sql, (*params, id_list, id_list))
             await self._writer.execute("COMMIT")
         except BaseException:
-            await self._rollback()
+            await _rollback(self._writer)
             raise
         return sorted(row[0] for row in rows)
 

@@ -1,6 +1,7 @@
 """Configuration and command line: a wrong value stops the start with exit 2 and one line naming
 the key; overrides come from the environment and systemd credentials; bad arguments get usage."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -123,3 +124,14 @@ def test_status_without_a_database_says_so_and_exits_1(tmp_path: Path) -> None:
     result = run_cli("status", "--config", str(config))  # no token needed to read the state
     assert result.returncode == 1
     assert "no state database" in result.stderr
+
+
+def test_the_daemon_freezes_its_start_up_objects_and_collects_young_ones_rarely() -> None:
+    thresholds = gc.get_threshold()
+    try:
+        tracker.settle_garbage_collector()
+        assert gc.get_threshold() == (tracker.GC_YOUNG_THRESHOLD, *thresholds[1:])
+        assert gc.get_freeze_count() > 0  # modules and config: out of every collection's scan
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
