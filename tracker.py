@@ -2593,8 +2593,8 @@ class Daemon:
                 self.config.partner, token=fresh.partner.token))
         self._stages.client.set_token(self.config.partner.token)
         self._stages.wake_feed()  # a feed loop resting after a 401 tries the new token now
-        ignored = [f.name for f in dataclasses.fields(Config) if f.name != "partner"
-                   and getattr(fresh, f.name) != getattr(self.config, f.name)]
+        # The token is now the same in both: any section that still differs keeps its old values.
+        ignored = [f.name for f in dataclasses.fields(Config) if getattr(fresh, f.name) != getattr(self.config, f.name)]
         self.log.info("config.reloaded", token_changed=changed, needs_restart_for=ignored or None)
 
     def _on_committed(self, result: CommitResult) -> None:

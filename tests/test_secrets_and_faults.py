@@ -79,7 +79,9 @@ def test_a_revoked_token_alerts_once_calls_once_per_10_s_and_sighup_recovers(sta
     wait_until_sync(lambda: partner.ledger()["calls"]["returns"].get("401", 0) >= 2, 15, what="the second trial")
     first_trial_count = partner.ledger()["calls"]["returns"]["401"]
     assert first_trial_count == 2  # one at the start, one 10 s later: not one per retry
-    daemon.config_path.write_text(text.replace("old-token", "the-rotated-token"))
+    # with a timeout change too, which a reload does not apply: the log names what needs a restart
+    daemon.config_path.write_text(text.replace("old-token", "the-rotated-token").replace("timeout_s = 1.0",
+                                                                                      "timeout_s = 2.0"))
     daemon.signal(signal.SIGHUP)
     wait_until_sync(lambda: partner.ledger()["missing"] == 0 and partner.ledger()["finished"], 30,
                     what="everything reported after the reload")
@@ -89,7 +91,8 @@ def test_a_revoked_token_alerts_once_calls_once_per_10_s_and_sighup_recovers(sta
     log = daemon.log()
     alerts = [json.loads(line) for line in log.splitlines() if '"alert.raised"' in line]
     assert [a["key"] for a in alerts if a["key"].startswith("unauthorized")] == ["unauthorized:returns"]
-    assert '"token_changed": true' in log
+    reloaded = [json.loads(line) for line in log.splitlines() if '"config.reloaded"' in line]
+    assert [(r["token_changed"], r["needs_restart_for"]) for r in reloaded] == [(True, ["partner"])]
     assert "old-token" not in log and "the-rotated-token" not in log
 
 
