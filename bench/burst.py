@@ -119,12 +119,16 @@ def start_standin(returns: int, rate_limit: float) -> tuple[subprocess.Popen[byt
     return process, json.loads(process.stdout.readline())
 
 
+def cpu_seconds(stat: Path) -> float:
+    """utime + stime from a /proc/…/stat file (a process's or one of its threads')."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def cpu_and_peak_rss(pid: int) -> tuple[float, float]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
     status = Path(f"/proc/{pid}/status").read_text()
     hwm_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    return cpu, hwm_kb / 1024
+    return cpu_seconds(Path(f"/proc/{pid}/stat")), hwm_kb / 1024
 
 
 def free_port() -> int:
@@ -184,9 +188,8 @@ def measure(name: str, returns: int, rate_limit: float, command_for: Callable[[s
         if os.environ.get("BENCH_THREADS"):
             print(f"    stand-in: {cpu_and_peak_rss(partner.pid)[0]:.1f} CPU-s")
             for task in sorted(Path(f"/proc/{subject.pid}/task").iterdir()):
-                f = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                cpu_s = (int(f[11]) + int(f[12])) / CLOCK_TICKS
-                print(f"    thread {task.name} {(task / 'comm').read_text().strip()}: {cpu_s:.2f} s")
+                print(f"    thread {task.name} {(task / 'comm').read_text().strip()}: "
+                      f"{cpu_seconds(task / 'stat'):.2f} s")
         transactions = scrape_transactions(listen) / wall if listen else None
         if state["duplicates"] or state["premature"] or state["unknown"]:
             print(f"  ! {name}: duplicates {state['duplicates']}, premature {state['premature']}, "
@@ -387,6 +390,7 @@ class Peer:
 
 def run_peer(workdir: Path, returns: int, min_calls: dict[str, int]) -> Result:
     workdir.mkdir(parents=True, exist_ok=True)
+
     def command_for(partner_url: str) -> list[str]:
         return [sys.executable, str(ROOT / "bench" / "burst.py"), "peer", "--url", partner_url]
 
