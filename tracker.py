@@ -1540,7 +1540,7 @@ MAX_CURSOR_CHARS = 1024
 QUARANTINE_RAW_CHARS = 2000
 NOT_FOUND_GROWTH_CAP = 16  # a 404'd box is re-asked at most every 16 × track_every_s
 COMMIT_BATCH_MAX = 1000
-COMMIT_GATHER_S = 0.002
+COMMIT_GATHER_S = 0.02  # a call waits at most this long for its transition's transaction to begin
 STORAGE_SETTLE_S = 15.0  # after a failed commit, the database counts as unwritable this long
 
 
@@ -1759,7 +1759,9 @@ class Committer:
             if first is None:
                 return
             if self._queue.qsize() < COMMIT_BATCH_MAX:
-                # Calls finishing within a moment of each other share one transaction.
+                # Calls finishing within COMMIT_GATHER_S of each other share one transaction: a
+                # commit costs about the same for one transition as for a hundred (WAL pages, a
+                # round trip to the writer thread), and a partner call takes 20 ms or more anyway.
                 await asyncio.sleep(COMMIT_GATHER_S)
             batch = [first]
             while len(batch) < COMMIT_BATCH_MAX and not self._queue.empty():
