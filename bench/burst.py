@@ -15,7 +15,7 @@ from /proc at that moment. Four runs:
     .venv/bin/python bench/burst.py --runs tracker,peer --returns 10000
     .venv/bin/python bench/burst.py --repeat 3      each run three times, interleaved; medians judged
     .venv/bin/python bench/burst.py --runs tracker --profile      cProfile of the daemon (kept)
-    BENCH_THREADS=1 .venv/bin/python bench/burst.py …             CPU by thread, and the stand-in's
+    BENCH_THREADS=1 .venv/bin/python bench/burst.py …             CPU, waits, preemptions by thread
     BENCH_LOG_LEVEL=warning .venv/bin/python bench/burst.py …     the daemon at another log level
 
 Targets (issue 5): ≤ 1.0 CPU-s per 1,000 returns; wall ≤ 0.4× and CPU ≤ 0.25× the peer's;
@@ -188,8 +188,11 @@ def measure(name: str, returns: int, rate_limit: float, command_for: Callable[[s
         if os.environ.get("BENCH_THREADS"):
             print(f"    stand-in: {cpu_and_peak_rss(partner.pid)[0]:.1f} CPU-s")
             for task in sorted(Path(f"/proc/{subject.pid}/task").iterdir()):
+                switches = dict(line.split(":\t") for line in (task / "status").read_text().splitlines()
+                                if line.endswith(tuple("0123456789")) and "ctxt_switches" in line)
                 print(f"    thread {task.name} {(task / 'comm').read_text().strip()}: "
-                      f"{cpu_seconds(task / 'stat'):.2f} s")
+                      f"{cpu_seconds(task / 'stat'):.2f} s, {int(switches['voluntary_ctxt_switches']):,} waits, "
+                      f"{int(switches['nonvoluntary_ctxt_switches']):,} preemptions")
         transactions = scrape_transactions(listen) / wall if listen else None
         if state["duplicates"] or state["premature"] or state["unknown"]:
             print(f"  ! {name}: duplicates {state['duplicates']}, premature {state['premature']}, "
