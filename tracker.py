@@ -1720,9 +1720,11 @@ class Committer:
     stage's `submit` returns only once its transition is durable."""
 
     def __init__(self, store: Store, on_committed: Callable[[CommitResult], None],
-                 on_failure: Callable[[Exception], None], log: Any, latency: Any = None) -> None:
+                 on_failure: Callable[[Exception], None], log: Any, latency: Any = None,
+                 gather_s: float = COMMIT_GATHER_S) -> None:
         self._store = store
         self._latency = latency
+        self._gather_s = gather_s
         self._on_committed = on_committed
         self._on_failure = on_failure
         self._log = log
@@ -1759,10 +1761,10 @@ class Committer:
             if first is None:
                 return
             if self._queue.qsize() < COMMIT_BATCH_MAX:
-                # Calls finishing within COMMIT_GATHER_S of each other share one transaction: a
+                # Calls finishing within the gather window of each other share one transaction: a
                 # commit costs about the same for one transition as for a hundred (WAL pages, a
                 # round trip to the writer thread), and a partner call takes 20 ms or more anyway.
-                await asyncio.sleep(COMMIT_GATHER_S)
+                await asyncio.sleep(self._gather_s)
             batch = [first]
             while len(batch) < COMMIT_BATCH_MAX and not self._queue.empty():
                 entry = self._queue.get_nowait()

@@ -1,5 +1,5 @@
 """The state database: hot-path queries stay index searches as history grows, the single writer
-is never interleaved with, and the file is private."""
+is never interleaved with and batches what arrives together, and the file is private."""
 
 import asyncio
 import sqlite3
@@ -11,6 +11,7 @@ import pytest
 import structlog
 
 import tracker
+from conftest import wait_until
 
 
 def query_plan(db: Path, sql: str) -> list[str]:
@@ -90,6 +91,31 @@ async def test_writability_probes_never_break_a_commit_in_progress(db_path: Path
         results = await asyncio.gather(*submits, *probes)
         assert failures == []
         assert all(results[300:])
+    finally:
+        committer.close()
+        await runner
+        await store.close()
+
+
+async def test_transitions_arriving_within_the_gather_window_share_one_transaction(db_path: Path) -> None:
+    """A commit costs about the same for one transition as for a hundred: one arriving while the
+    committer gathers joins the batch instead of waiting for a transaction of its own."""
+    store = await tracker.Store.open(str(db_path))
+    commits: list[tracker.CommitResult] = []
+    committer = tracker.Committer(store, commits.append, lambda exc: None, structlog.get_logger(), gather_s=0.5)
+    runner = asyncio.create_task(committer.run())
+    try:
+        first = asyncio.create_task(committer.submit(tracker.Heartbeat()))
+        await asyncio.sleep(0)  # one scheduling turn: `first` has queued its transition
+
+        async def first_taken() -> bool:  # the committer holds it and is gathering
+            return committer._queue.empty() and not first.done()
+
+        await wait_until(first_taken, timeout_s=5, interval_s=0.001, what="the committer to take the first")
+        second = asyncio.create_task(committer.submit(tracker.FeedPage((), (), "c2", False)))
+        await asyncio.gather(first, second)
+        assert len(commits) == 1
+        assert await store.feed_cursor() == "c2"
     finally:
         committer.close()
         await runner
