@@ -1760,10 +1760,12 @@ class Committer:
             first = await self._queue.get()
             if first is None:
                 return
-            if self._queue.qsize() < COMMIT_BATCH_MAX:
+            if self._queue.qsize() < COMMIT_BATCH_MAX and not isinstance(first[0], FeedPage):
                 # Calls finishing within the gather window of each other share one transaction: a
                 # commit costs about the same for one transition as for a hundred (WAL pages, a
                 # round trip to the writer thread), and a partner call takes 20 ms or more anyway.
+                # A feed page is a batch by itself, and the feed reads its next page only after
+                # this one is stored: waiting would slow a catch-up by the window per page.
                 await asyncio.sleep(self._gather_s)
             batch = [first]
             while len(batch) < COMMIT_BATCH_MAX and not self._queue.empty():
