@@ -23,6 +23,7 @@ import time
 
 import aiohttp
 from aiohttp import web
+from burst import free_port  # bench/ is this script's directory, first on sys.path
 
 BODY = {"order_number": "20261124-0001", "order_item_number": "1", "shipment_number": "SHP_00000001",
         "result": "collected", "collected_at": "2026-11-24T15:42:00Z"}
@@ -73,12 +74,6 @@ async def run(base: str, calls: int, rate: float | None) -> tuple[float, float]:
                     await asyncio.sleep(max(0.0, started + i / per_tick * TICK_S - time.monotonic()))
                 tasks.create_task(call(session, base, i, slots))
         return (time.process_time() - cpu) / calls, calls / (time.monotonic() - started)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:

@@ -188,11 +188,12 @@ def measure(name: str, returns: int, rate_limit: float, command_for: Callable[[s
         if os.environ.get("BENCH_THREADS"):
             print(f"    stand-in: {cpu_and_peak_rss(partner.pid)[0]:.1f} CPU-s")
             for task in sorted(Path(f"/proc/{subject.pid}/task").iterdir()):
-                switches = dict(line.split(":\t") for line in (task / "status").read_text().splitlines()
-                                if line.endswith(tuple("0123456789")) and "ctxt_switches" in line)
+                switches = {key: int(value) for key, _, value in
+                            (line.partition(":") for line in (task / "status").read_text().splitlines())
+                            if key.endswith("ctxt_switches")}
                 print(f"    thread {task.name} {(task / 'comm').read_text().strip()}: "
-                      f"{cpu_seconds(task / 'stat'):.2f} s, {int(switches['voluntary_ctxt_switches']):,} waits, "
-                      f"{int(switches['nonvoluntary_ctxt_switches']):,} preemptions")
+                      f"{cpu_seconds(task / 'stat'):.2f} s, {switches['voluntary_ctxt_switches']:,} waits, "
+                      f"{switches['nonvoluntary_ctxt_switches']:,} preemptions")
         transactions = scrape_transactions(listen) / wall if listen else None
         if state["duplicates"] or state["premature"] or state["unknown"]:
             print(f"  ! {name}: duplicates {state['duplicates']}, premature {state['premature']}, "

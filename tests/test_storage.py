@@ -2,10 +2,13 @@
 is never interleaved with and batches what arrives together, and the file is private."""
 
 import asyncio
+import contextlib
 import sqlite3
 import stat
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -77,34 +80,39 @@ async def assert_due_rows(db_path: Path) -> None:
         await store.close()
 
 
-async def test_writability_probes_never_break_a_commit_in_progress(db_path: Path) -> None:
-    """The housekeeping probe and the stages' transitions share one writer: a probe that opened its
-    own transaction on that connection used to end a commit half-way (and lose its batch)."""
-    store = await tracker.Store.open(str(db_path))
-    failures: list[Exception] = []
-    committer = tracker.Committer(store, lambda result: None, failures.append, structlog.get_logger())
+@contextlib.asynccontextmanager
+async def running_committer(db: Path, **options: Any) -> AsyncIterator[tuple[tracker.Store, tracker.Committer]]:
+    """A store and its committer, running; `options` go to Committer (on_committed, gather_s …)."""
+    store = await tracker.Store.open(str(db))
+    options = {"on_committed": lambda result: None, "on_failure": lambda exc: None, **options}
+    committer = tracker.Committer(store, log=structlog.get_logger(), **options)
     runner = asyncio.create_task(committer.run())
     try:
-        page = tracker.FeedPage((), (), "c1", False)
-        submits = [committer.submit(page) for _ in range(300)]
-        probes = [committer.probe() for _ in range(50)]
-        results = await asyncio.gather(*submits, *probes)
-        assert failures == []
-        assert all(results[300:])
+        yield store, committer
     finally:
         committer.close()
         await runner
         await store.close()
 
 
+async def test_writability_probes_never_break_a_commit_in_progress(db_path: Path) -> None:
+    """The housekeeping probe and the stages' transitions share one writer: a probe that opened its
+    own transaction on that connection used to end a commit half-way (and lose its batch)."""
+    failures: list[Exception] = []
+    async with running_committer(db_path, on_failure=failures.append) as (_, committer):
+        page = tracker.FeedPage((), (), "c1", False)
+        submits = [committer.submit(page) for _ in range(300)]
+        probes = [committer.probe() for _ in range(50)]
+        results = await asyncio.gather(*submits, *probes)
+    assert failures == []
+    assert all(results[300:])
+
+
 async def test_transitions_arriving_within_the_gather_window_share_one_transaction(db_path: Path) -> None:
     """A commit costs about the same for one transition as for a hundred: one arriving while the
     committer gathers joins the batch instead of waiting for a transaction of its own."""
-    store = await tracker.Store.open(str(db_path))
     commits: list[tracker.CommitResult] = []
-    committer = tracker.Committer(store, commits.append, lambda exc: None, structlog.get_logger(), gather_s=0.5)
-    runner = asyncio.create_task(committer.run())
-    try:
+    async with running_committer(db_path, on_committed=commits.append, gather_s=0.5) as (store, committer):
         first = asyncio.create_task(committer.submit(tracker.Heartbeat()))
         await asyncio.sleep(0)  # one scheduling turn: `first` has queued its transition
 
@@ -116,26 +124,14 @@ async def test_transitions_arriving_within_the_gather_window_share_one_transacti
         await asyncio.gather(first, second)
         assert len(commits) == 1
         assert await store.feed_cursor() == "c2"
-    finally:
-        committer.close()
-        await runner
-        await store.close()
 
 
 async def test_a_feed_page_is_committed_without_waiting_for_the_gather_window(db_path: Path) -> None:
     """The feed asks for its next page only once this one is stored: a page waiting out the window
     would slow a backlog's catch-up by the window for every 500 returns."""
-    store = await tracker.Store.open(str(db_path))
-    committer = tracker.Committer(store, lambda result: None, lambda exc: None, structlog.get_logger(),
-                                  gather_s=60.0)
-    runner = asyncio.create_task(committer.run())
-    try:
+    async with running_committer(db_path, gather_s=60.0) as (store, committer):
         await asyncio.wait_for(committer.submit(tracker.FeedPage((), (), "c1", True)), timeout=10)
         assert await store.feed_cursor() == "c1"
-    finally:
-        committer.close()
-        await runner
-        await store.close()
 
 
 async def test_database_file_is_readable_by_its_owner_only(db_path: Path) -> None:
