@@ -309,7 +309,7 @@ class ReportState(enum.StrEnum):
     DEAD = "dead"  # partner answered 422: resending the same body cannot help
 
 
-SCHEMA_VERSION = 2  # 2: state_counts, kept by triggers
+SCHEMA_VERSION = 3  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -339,7 +339,7 @@ CREATE TABLE IF NOT EXISTS boxes (
     last_error      TEXT
 );
 CREATE INDEX IF NOT EXISTS boxes_due ON boxes (next_check_at) WHERE state = 'tracking';
-CREATE INDEX IF NOT EXISTS boxes_by_state ON boxes (state);
+CREATE INDEX IF NOT EXISTS boxes_stale ON boxes (first_seen_at) WHERE state = 'stale';
 CREATE TABLE IF NOT EXISTS reports (
     return_id         TEXT PRIMARY KEY,
     order_number      TEXT NOT NULL,
@@ -356,7 +356,7 @@ CREATE TABLE IF NOT EXISTS reports (
 );
 CREATE INDEX IF NOT EXISTS reports_due ON reports (next_attempt_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS reports_pending_by_age ON reports (queued_at) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS reports_by_state ON reports (state);
+CREATE INDEX IF NOT EXISTS reports_dead ON reports (done_at) WHERE state = 'dead';
 CREATE TABLE IF NOT EXISTS quarantine (
     id          INTEGER PRIMARY KEY,
     fingerprint TEXT NOT NULL UNIQUE,
@@ -418,6 +418,31 @@ PAGE_SQL = {
     "resolve_quarantine":  # a relisted item that now validates closes its quarantine entry
         "UPDATE quarantine SET resolved_at = ? WHERE resolved_at IS NULL"
         " AND return_id IN (SELECT value FROM json_each(?))",
+}
+# What `status` lists and `requeue` moves: rare, but never a scan of the history. Each reads the
+# partial index of its state (stale and dead rows are few; tracking and pending ones are the
+# backlog) — a full index on state would be written by every transition of every row, for these
+# alone (it was: a third of the burst's SQLite writer time). The state is literal for the reason
+# given above; also checked by test.
+OPERATOR_SQL = {
+    "oldest_pending_reports": "SELECT return_id, shipment_number, queued_at, attempts, last_error FROM reports"
+                              " WHERE state = 'pending' ORDER BY queued_at LIMIT ?",
+    "oldest_tracking_boxes": "SELECT shipment_number, first_seen_at, last_status, checks FROM boxes"
+                             " WHERE state = 'tracking' ORDER BY first_seen_at LIMIT ?",
+    "dead_reports": "SELECT return_id, shipment_number, last_error, done_at FROM reports WHERE state = 'dead'"
+                    " ORDER BY done_at LIMIT ?",
+    "stale_boxes": "SELECT b.shipment_number, b.first_seen_at,"
+                   " (SELECT COUNT(*) FROM returns r WHERE r.shipment_number = b.shipment_number)"
+                   " FROM boxes b WHERE b.state = 'stale' ORDER BY b.first_seen_at LIMIT ?",
+    # `ids` NULL means all of them; otherwise one JSON array parameter, read by json_each
+    "requeue_dead_reports": "UPDATE reports SET state = 'pending', attempts = 0, next_attempt_at = ?, outcome = NULL,"
+                            " done_at = NULL WHERE state = 'dead'"
+                            " AND (? IS NULL OR return_id IN (SELECT value FROM json_each(?))) RETURNING return_id",
+    # first_seen_at restarts, or the box would be stale again at its first 404
+    "requeue_stale_boxes": "UPDATE boxes SET state = 'tracking', next_check_at = ?, first_seen_at = ?, not_found = 0,"
+                           " errors = 0, closed_at = NULL, last_error = NULL WHERE state = 'stale'"
+                           " AND (? IS NULL OR shipment_number IN (SELECT value FROM json_each(?)))"
+                           " RETURNING shipment_number",
 }
 STATE_COUNT_TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS {table}_counted AFTER INSERT ON {table} BEGIN
@@ -589,13 +614,17 @@ class Store:
     @staticmethod
     async def _migrate(writer: aiosqlite.Connection) -> None:
         """Version 2 counts rows by state with triggers: count what a version-1 file already
-        holds, once. One transaction, so a concurrent `requeue` cannot slip between."""
+        holds, once. Version 3 reads stale and dead rows by partial indexes (SCHEMA creates them):
+        the full indexes on state go. One transaction, so a concurrent `requeue` cannot slip between."""
         await writer.execute("BEGIN IMMEDIATE")
         try:
             version = list(await writer.execute_fetchall("PRAGMA user_version"))[0][0]
             if version < 2:
                 await writer.execute("DELETE FROM state_counts")
                 await writer.execute("INSERT INTO state_counts (kind, state, n) " + COUNT_BY_STATE_SQL)
+            if version < 3:
+                await writer.execute("DROP INDEX IF EXISTS boxes_by_state")
+                await writer.execute("DROP INDEX IF EXISTS reports_by_state")
             await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             await writer.execute("COMMIT")
         except BaseException:
@@ -739,23 +768,13 @@ class Store:
         )
 
     # ── operator requeues: back into the pipeline after the cause was fixed ─────────────────
-    # `ids` None means all; otherwise one JSON array parameter, read by json_each.
+    # `ids` None means all.
 
     async def requeue_dead_reports(self, ids: Sequence[str] | None, now: float) -> list[str]:
-        return await self._requeue(
-            "UPDATE reports SET state = ?, attempts = 0, next_attempt_at = ?, outcome = NULL, done_at = NULL"
-            " WHERE state = ? AND (? IS NULL OR return_id IN (SELECT value FROM json_each(?)))"
-            " RETURNING return_id",
-            (ReportState.PENDING.value, now, ReportState.DEAD.value), ids)
+        return await self._requeue(OPERATOR_SQL["requeue_dead_reports"], (now,), ids)
 
     async def requeue_stale_boxes(self, ids: Sequence[str] | None, now: float) -> list[str]:
-        # first_seen_at restarts, or the box would be stale again at its first 404
-        return await self._requeue(
-            "UPDATE boxes SET state = ?, next_check_at = ?, first_seen_at = ?, not_found = 0, errors = 0,"
-            " closed_at = NULL, last_error = NULL"
-            " WHERE state = ? AND (? IS NULL OR shipment_number IN (SELECT value FROM json_each(?)))"
-            " RETURNING shipment_number",
-            (BoxState.TRACKING.value, now, now, BoxState.STALE.value), ids)
+        return await self._requeue(OPERATOR_SQL["requeue_stale_boxes"], (now, now), ids)
 
     async def _requeue(self, sql: str, params: tuple[Any, ...], ids: Sequence[str] | None) -> list[str]:
         id_list = None if ids is None else json.dumps(list(ids))
@@ -821,18 +840,10 @@ class Store:
         return (await self._rows(HOT_PATH_SQL["oldest_pending_report"], ()))[0][0]
 
     async def oldest_pending_reports(self, limit: int) -> list[tuple[str, str, float, int, str | None]]:
-        return await self._rows(
-            "SELECT return_id, shipment_number, queued_at, attempts, last_error FROM reports"
-            " WHERE state = ? ORDER BY queued_at LIMIT ?",
-            (ReportState.PENDING.value, limit),
-        )
+        return await self._rows(OPERATOR_SQL["oldest_pending_reports"], (limit,))
 
     async def oldest_tracking_boxes(self, limit: int) -> list[tuple[str, float, str | None, int]]:
-        return await self._rows(
-            "SELECT shipment_number, first_seen_at, last_status, checks FROM boxes"
-            " WHERE state = ? ORDER BY first_seen_at LIMIT ?",
-            (BoxState.TRACKING.value, limit),
-        )
+        return await self._rows(OPERATOR_SQL["oldest_tracking_boxes"], (limit,))
 
     async def open_quarantine(self, limit: int) -> list[tuple[str | None, str, str, float]]:
         return await self._rows(
@@ -842,19 +853,10 @@ class Store:
         )
 
     async def dead_reports(self, limit: int) -> list[tuple[str, str, str | None, float]]:
-        return await self._rows(
-            "SELECT return_id, shipment_number, last_error, done_at FROM reports WHERE state = ?"
-            " ORDER BY done_at LIMIT ?",
-            (ReportState.DEAD.value, limit),
-        )
+        return await self._rows(OPERATOR_SQL["dead_reports"], (limit,))
 
     async def stale_boxes(self, limit: int) -> list[tuple[str, float, int]]:
-        return await self._rows(
-            "SELECT b.shipment_number, b.first_seen_at,"
-            " (SELECT COUNT(*) FROM returns r WHERE r.shipment_number = b.shipment_number)"
-            " FROM boxes b WHERE b.state = ? ORDER BY b.first_seen_at LIMIT ?",
-            (BoxState.STALE.value, limit),
-        )
+        return await self._rows(OPERATOR_SQL["stale_boxes"], (limit,))
 
     async def unknown_statuses(self) -> list[tuple[str, int, float]]:
         return await self._rows("SELECT status, seen, last_seen_at FROM unknown_statuses ORDER BY status", ())

@@ -44,22 +44,65 @@ def create_schema(db: Path) -> None:
     asyncio.run(create())
 
 
+def plan_over_history(db: Path, sql: str) -> list[str]:
+    """The plan of `sql` on a database with much finished history and a small backlog."""
+    create_schema(db)
+    write_history(db, finished=20000, unfinished=50)
+    return query_plan(db, sql)
+
+
+def indexes(db: Path) -> dict[str, str]:
+    """Each index's name and its CREATE statement."""
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("SELECT name, COALESCE(sql, '') FROM sqlite_master WHERE type = 'index'"))
+
+
 @pytest.mark.parametrize("name", sorted(tracker.HOT_PATH_SQL))
 def test_hot_path_query_searches_a_partial_index_and_never_scans(name: str, db_path: Path) -> None:
-    create_schema(db_path)
-    write_history(db_path, finished=20000, unfinished=50)
-    plan = query_plan(db_path, tracker.HOT_PATH_SQL[name])
+    plan = plan_over_history(db_path, tracker.HOT_PATH_SQL[name])
     assert plan and all(step.startswith("SEARCH") for step in plan), plan
     assert not any("TEMP B-TREE" in step for step in plan), plan  # no per-query sort of the backlog
 
 
 @pytest.mark.parametrize("name", sorted(tracker.PAGE_SQL))
 def test_per_page_statement_starts_from_the_pages_ids_and_never_scans_a_table(name: str, db_path: Path) -> None:
-    create_schema(db_path)
-    write_history(db_path, finished=20000, unfinished=50)
-    plan = query_plan(db_path, tracker.PAGE_SQL[name])
+    plan = plan_over_history(db_path, tracker.PAGE_SQL[name])
     scans = [step for step in plan if step.startswith("SCAN")]
     assert all("VIRTUAL TABLE" in step for step in scans), plan  # json_each over the page, nothing else
+
+
+@pytest.mark.parametrize("name", sorted(tracker.OPERATOR_SQL))
+def test_operator_statement_reads_only_the_partial_index_of_its_state(name: str, db_path: Path) -> None:
+    plan = plan_over_history(db_path, tracker.OPERATOR_SQL[name])
+    partial = {name for name, sql in indexes(db_path).items() if " WHERE " in sql}
+    scans = [step for step in plan if step.startswith("SCAN")]
+    assert scans, plan
+    for step in scans:  # the backlog or the few stale/dead rows: never the finished history
+        assert "VIRTUAL TABLE" in step or step.split(" INDEX ")[-1] in partial, plan
+
+
+async def test_a_version_2_database_trades_its_full_state_indexes_for_partial_ones(db_path: Path) -> None:
+    await (await tracker.Store.open(str(db_path))).close()
+    write_history(db_path, finished=300, unfinished=20)
+    with sqlite3.connect(db_path) as conn:  # as version 2 left it
+        conn.execute("DROP INDEX boxes_stale")
+        conn.execute("DROP INDEX reports_dead")
+        conn.execute("CREATE INDEX boxes_by_state ON boxes (state)")
+        conn.execute("CREATE INDEX reports_by_state ON reports (state)")
+        conn.execute("PRAGMA user_version = 2")
+    readonly = await tracker.Store.open(str(db_path), readonly=True)  # `status` before any upgrade
+    try:
+        assert len(await readonly.oldest_tracking_boxes(50)) == 20
+        assert await readonly.dead_reports(50) == []
+    finally:
+        await readonly.close()
+    store = await tracker.Store.open(str(db_path))
+    try:
+        assert (await store._rows("PRAGMA user_version", ()))[0][0] == tracker.SCHEMA_VERSION == 3
+    finally:
+        await store.close()
+    assert {"boxes_stale", "reports_dead"} <= indexes(db_path).keys()
+    assert not {"boxes_by_state", "reports_by_state"} & indexes(db_path).keys()
 
 
 def test_hot_path_queries_return_only_unfinished_rows_in_due_order(db_path: Path) -> None:

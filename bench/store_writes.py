@@ -1,0 +1,87 @@
+"""The SQLite side of a burst alone: what the writer thread spends on the burst's transitions.
+
+30,000 returns (two items a box) go into a fresh database through `Store.commit` the way the daemon
+writes them — feed pages of 500, then every box delivered and every report done, in batches of 50
+transitions, boxes and reports in shuffled order — and the writer thread's CPU time is printed.
+No partner, no event-loop work to speak of: a schema or statement change shows here without the
+burst's noise.
+
+    .venv/bin/python bench/store_writes.py [--returns 30000] [--repeat 3]
+"""
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tracker  # noqa: E402
+
+BATCH = 50
+PAGE_SIZE = 500
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """utime + stime of each of this process's threads, by thread id."""
+    task = Path(f"/proc/{os.getpid()}/task")
+    cpu = {}
+    for tid in os.listdir(task):
+        fields = (task / tid / "stat").read_text().rsplit(")", 1)[1].split()
+        cpu[tid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return cpu
+
+
+async def write_burst(db_path: str, returns: int) -> tuple[float, int]:
+    """The writer thread's CPU seconds for the burst's transitions, and the transactions committed."""
+    store = await tracker.Store.open(db_path)
+    before = thread_cpu_seconds()
+    shuffle = random.Random(1).shuffle
+    now = time.time()
+    items = [tracker.ReturnItem(f"RET_{i:08d}", f"O-{i // 2:08d}", str(i % 2 + 1), f"SHP_{i // 2:08d}",
+                                "2026-11-24T09:00:00Z") for i in range(returns)]
+    transactions: list[Sequence[tracker.Transition]] = []
+    for start in range(0, returns, PAGE_SIZE):
+        page = items[start:start + PAGE_SIZE]
+        first_checks = tuple({item.shipment_number: now for item in page}.items())
+        transactions.append([tracker.FeedPage(tuple(page), (), f"cursor-{start}", True, first_checks)])
+    boxes = sorted({item.shipment_number for item in items})
+    shuffle(boxes)
+    delivered = [tracker.BoxUpdate(box, tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
+                                   "2026-11-24T10:00:00Z") for box in boxes]
+    reports = [item.id for item in items]
+    shuffle(reports)
+    done = [tracker.ReportUpdate(rid, tracker.ReportState.DONE, None, "recorded", None) for rid in reports]
+    for updates in (delivered, done):
+        transactions += [updates[start:start + BATCH] for start in range(0, len(updates), BATCH)]
+    try:
+        for transitions in transactions:
+            await store.commit(transitions, now)
+        after = thread_cpu_seconds()  # before close: the threads end with their connections
+    finally:
+        await store.close()
+    spent = sorted((after[tid] - before.get(tid, 0.0) for tid in after if tid != str(os.getpid())), reverse=True)
+    return spent[0], len(transactions)  # the writer; the reader thread is idle here
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--returns", type=int, default=30_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    for _ in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="tracker-bench-writes-") as work:
+            cpu, transactions = asyncio.run(write_burst(os.path.join(work, "tracker.db"), args.returns))
+        print(f"{args.returns:,} returns, {transactions:,} transactions: SQLite writer thread {cpu:.2f} CPU-s",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
