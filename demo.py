@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,6 +26,13 @@ import tracker
 
 HERE = Path(__file__).resolve().parent
 POLL_S = 0.5
+
+
+def as_typed(path: str | Path) -> str:
+    """A path as the user would type it here: relative when it lies below the current directory
+    (`.venv/bin/python`, not the bare `python` that may lack the dependencies)."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
 
 
 def main(*, returns: int, seconds: float, seed: int, deadline_s: float) -> int:
@@ -84,6 +92,7 @@ class Demo:
 
     def _write_config(self, info: dict[str, str]) -> Path:
         path = self.workdir / "config.toml"
+        path.touch(mode=0o600)  # it holds a webhook URL: a secret, which `status` would warn of
         path.write_text(standin.daemon_config_toml({
             "partner": {"base_url": info["url"], "timeout_s": 2.0, "page_size": 500},
             "storage": {"path": "tracker.db"},
@@ -195,7 +204,8 @@ class Demo:
                         f"SIGTERM → exit {code} in {stop_s:.1f} s"),
             ("metrics", f"were at {self.metrics_url} (last scrape saved: {w / 'metrics.txt'})"),
             ("files", f"{w / 'tracker.log'} · {w / 'tracker.db'} · {w / 'config.toml'}"),
-            ("try", f"python tracker.py status --config {w / 'config.toml'}"),
+            ("try", shlex.join([as_typed(sys.executable), as_typed(HERE / "tracker.py"), "status", "--config",
+                                str(w / "config.toml")])),
         ]
         print("\nDemo summary")
         for name, text in rows:
