@@ -422,8 +422,8 @@ PAGE_SQL = {
 # What `status` lists and `requeue` moves: rare, but never a scan of the history. Each reads the
 # partial index of its state (stale and dead rows are few; tracking and pending ones are the
 # backlog) — a full index on state would be written by every transition of every row, for these
-# alone (it was: a third of the burst's SQLite writer time). The state is literal for the reason
-# given above; also checked by test.
+# alone (it was: a quarter of the SQLite writer's time in bench/store_writes.py). The state is
+# literal for the reason given above; also checked by test.
 OPERATOR_SQL = {
     "oldest_pending_reports": "SELECT return_id, shipment_number, queued_at, attempts, last_error FROM reports"
                               " WHERE state = 'pending' ORDER BY queued_at LIMIT ?",
