@@ -33,7 +33,8 @@ class _MockedResponse(aiohttp.ClientResponse):
     once aioresponses ships the fix (pnuckowski/aioresponses#289)."""
 
     def __init__(self, *args: Any, stream_writer: Any = None, **kwargs: Any) -> None:
-        super().__init__(*args, stream_writer=stream_writer or types.SimpleNamespace(output_size=0), **kwargs)
+        writer: Any = stream_writer or types.SimpleNamespace(output_size=0)  # duck-typed: output_size only
+        super().__init__(*args, stream_writer=writer, **kwargs)
 
 
 aioresponses.core.ClientResponse = _MockedResponse  # type: ignore[misc]
