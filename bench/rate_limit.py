@@ -43,6 +43,7 @@ def main() -> int:
     partner = subprocess.Popen(
         [sys.executable, str(ROOT / "standin.py"), "--returns", "40000", "--seconds", "3", "--scenario",
          json.dumps(scenario)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert partner.stdout is not None  # stdout=PIPE
     daemon = None
     try:
         info = json.loads(partner.stdout.readline())
