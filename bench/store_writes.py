@@ -22,20 +22,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tracker  # noqa: E402
+from burst import cpu_seconds  # noqa: E402  (bench/ is this script's directory, first on sys.path)
 
 BATCH = 50
 PAGE_SIZE = 500
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu_seconds() -> dict[str, float]:
-    """utime + stime of each of this process's threads, by thread id."""
-    task = Path(f"/proc/{os.getpid()}/task")
-    cpu = {}
-    for tid in os.listdir(task):
-        fields = (task / tid / "stat").read_text().rsplit(")", 1)[1].split()
-        cpu[tid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return cpu
+    """CPU seconds of each of this process's threads, by thread id."""
+    return {task.name: cpu_seconds(task / "stat") for task in Path(f"/proc/{os.getpid()}/task").iterdir()}
 
 
 async def write_burst(db_path: str, returns: int) -> tuple[float, int]:
