@@ -132,6 +132,7 @@ class Demo:
                         counts = await store.counts()
                 ledger = await _get_json(http, root + "/_ledger")
                 done = (ledger["finished"] and ledger["missing"] == 0 and "returns" in counts
+                        and ledger["feed_acknowledged"] == ledger["feed_entries"]
                         and counts.get("boxes.tracking", 0) == 0 and counts.get("reports.pending", 0) == 0)
                 if self.tty or elapsed - last_line >= 5 or done:
                     self._progress(elapsed, counts, ledger)
@@ -178,7 +179,8 @@ class Demo:
             for answer, n in answers.items():
                 by_answer[answer] = by_answer.get(answer, 0) + n
         total_calls = sum(by_answer.values())
-        passed = ok and ledger["missing"] == 0 and ledger["premature"] == 0 and ledger["unknown"] == 0 and code == 0
+        passed = (ok and ledger["missing"] == 0 and ledger["premature"] == 0 and ledger["unknown"] == 0
+                  and ledger["changed_duplicates"] == 0 and code == 0)
         w = self.workdir
 
         def calls_to(endpoint: str) -> int:
@@ -187,12 +189,17 @@ class Demo:
         answers = " · ".join(f"{k} {v:,}" for k, v in sorted(by_answer.items(), key=lambda kv: -kv[1]))
         rows = [
             ("returns", f"{ledger['returns']:,} in the burst, {ledger['feed_entries']:,} feed entries "
-                        "(relisted and broken included)"),
+                        "(relisted, corrected and broken included)"),
+            ("corrections", f"{ledger['corrections']:,} in the feed ({ledger['reissued']:,} waybills reissued, the "
+                            f"old ones cancelled) · {c.get('corrections', 0):,} applied · "
+                            f"{ledger['superseded']:,} recorded before their correction arrived (left to a person) "
+                            f"· {ledger['stale']:,} refused as outdated, then resent corrected"),
             ("collected", f"{c.get('returns', 0):,} returns stored · {c.get('quarantine.open', 0):,} broken items "
                           "quarantined"),
             ("boxes", f"{ledger['boxes']:,}: {c.get('boxes.delivered', 0):,} delivered · "
                       f"{c.get('boxes.cancelled', 0):,} cancelled · {c.get('boxes.stale', 0):,} stale (never "
-                      f"registered) · {c.get('boxes.tracking', 0):,} still tracking"),
+                      f"registered) · {c.get('boxes.emptied', 0):,} emptied by corrections · "
+                      f"{c.get('boxes.tracking', 0):,} still tracking"),
             ("reports", f"{ledger['recorded']:,} recorded of {ledger['expected']:,} expected · duplicates "
                         f"{ledger['duplicates']:,} (409s settling resent reports) · premature {ledger['premature']} "
                         f"· missing {ledger['missing']}"),

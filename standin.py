@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The partner stand-in: a simulator of ../shared/partner-api.md for tests, the demo and the
 benchmarks. It plays a seeded scenario — a burst of returns, pickups whose statuses advance on
-a compressed clock, relisted and broken feed items, unknown statuses, and the partner's faults
+a compressed clock, relisted, corrected and broken feed items, unknown statuses, and the partner's faults
 (5xx, 429 with Retry-After, slow and hanging answers, garbled 200s, resets, an outage) — and
 keeps a ledger of what the caller did, for tests to assert on.
 
@@ -71,7 +71,12 @@ class Scenario:
     unregistered_share: float = 0.3  # boxes answering 404 for a while after their return arrives
     unregistered_s: tuple[float, float] = (0.5, 2.0)
     never_registered_share: float = 0.0  # boxes the carrier never registers (they go stale)
-    relist_share: float = 0.02
+    relist_share: float = 0.02  # returns listed again unchanged (as they are at that moment)
+    # Corrections (the partner re-emits a return when it corrects it; the latest listing is the truth):
+    reissue_share: float = 0.0  # boxes whose waybill is reissued before pickup: the old one ends cancelled
+    fix_share: float = 0.0  # returns first listed with a typo in order_number or order_item_number
+    correction_delay_s: tuple[float, float] = (0.2, 5.0)  # reissue (or first listing) → corrected listing
+    broken_correction_share: float = 0.0  # corrections also listed once unusable (a field null)
     broken_share: float = 0.0
     unknown_status_share: float = 0.0
     token: str = "standin-token"
@@ -79,10 +84,11 @@ class Scenario:
 
     @classmethod
     def demo(cls, returns: int = 30000, seconds: float = 20.0, seed: int = 1) -> "Scenario":
-        """A sales-event burst on a compressed clock, with mild faults."""
+        """A sales-event burst on a compressed clock, with mild faults; 5% of waybills are reissued."""
         return cls(
             seed=seed, returns=returns, arrive_over_s=seconds, step_s=(2.0, 6.0),
             unregistered_s=(1.0, 5.0), never_registered_share=0.002, relist_share=0.02,
+            reissue_share=0.05, fix_share=0.002, correction_delay_s=(1.0, 20.0), broken_correction_share=0.02,
             broken_share=0.001, unknown_status_share=0.01, token="demo-token",
             faults=Faults(latency_ms=(10, 50), error_share=0.01, garbled_share=0.003, slow_share=0.005,
                           slow_s=1.0, hang_share=0.001, hang_s=30.0, reset_share=0.002,
@@ -120,7 +126,8 @@ def iso(t: float) -> str:
 
 
 def build_world(s: Scenario) -> tuple[list[Box], list[tuple[float, dict[str, Any]]]]:
-    """The boxes and the feed (time-ordered entries) the scenario will play."""
+    """The boxes and the feed (time-ordered entries) the scenario will play. A box's items are the
+    returns whose final version lies in it (a reissued waybill's box ends with none)."""
     rng = random.Random(s.seed)
     boxes: list[Box] = []
     feed: list[tuple[float, dict[str, Any]]] = []
@@ -150,15 +157,81 @@ def build_world(s: Scenario) -> tuple[list[Box], list[tuple[float, dict[str, Any
             for status in steps:
                 t += rng.uniform(*s.step_s)
                 timeline.append((t, status))
-        boxes.append(Box(shipment, items, arrive, registered, timeline))
+        box = Box(shipment, items, arrive, registered, timeline)
+        boxes.append(box)
+        # What each item's listings change, and when: [(time, {field: value})], the first listing at 0.
+        changes: list[list[tuple[float, dict[str, str]]]] = [[] for _ in items]
+        if s.reissue_share and len(timeline) > 1 and rng.random() < s.reissue_share:
+            boxes.append(reissue(rng, s, box, changes))
+        if s.fix_share:
+            for k, item in enumerate(items):
+                if rng.random() < s.fix_share:
+                    field = rng.choice(["order_number", "order_item_number"])
+                    changes[k].append((arrive + rng.uniform(*s.correction_delay_s), {field: item[field]}))
+                    item[field] = item[field] + "0"  # first listed with a typo; the correction fixes it
         for k, item in enumerate(items):
-            feed.append((arrive + k * 1e-6, item))
+            versions = listings(item, sorted(changes[k], key=lambda change: change[0]))
+            feed.append((arrive + k * 1e-6, versions[0][1]))
+            feed.extend(versions[1:])
+            if s.broken_correction_share and len(versions) > 1 and rng.random() < s.broken_correction_share:
+                at, version = rng.choice(versions[1:])
+                feed.append((at + 1e-6, {**version, rng.choice(["shipment_number", "order_number"]): None}))
             if rng.random() < s.relist_share:
-                feed.append((arrive + rng.uniform(0.5, 5.0), dict(item)))
+                at = arrive + rng.uniform(0.5, 5.0)
+                feed.append((at, dict(version_at(versions, at))))
     for i in range(int(round(s.returns * s.broken_share))):
         feed.append((rng.uniform(0, s.arrive_over_s), broken_item(rng, i)))
     feed.sort(key=lambda entry: entry[0])
+    by_shipment = {box.shipment_number: box for box in boxes}
+    for box in boxes:
+        box.items = []
+    for versions in versions_by_return(feed).values():
+        final = versions[-1][1]
+        by_shipment[final["shipment_number"]].items.append(final)
     return boxes, feed
+
+
+def versions_by_return(feed: list[tuple[float, dict[str, Any]]]) -> dict[str, list[tuple[float, dict[str, Any]]]]:
+    """Each return's usable listings in feed order (unusable ones correct nothing)."""
+    versions: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+    for at, item in feed:
+        if _usable(item):
+            versions.setdefault(item["id"], []).append((at, item))
+    return versions
+
+
+def reissue(rng: random.Random, s: Scenario, box: Box, changes: list[list[tuple[float, dict[str, str]]]]) -> Box:
+    """The carrier reissues the box's waybill before its pickup ends: the old waybill ends cancelled
+    then, the pickup goes on under the new one, and each item is relisted with the new waybill."""
+    at = rng.uniform(box.timeline[0][0], box.timeline[-1][0])
+    final = box.timeline[-1][1]
+    box.timeline = [event for event in box.timeline if event[0] < at] + [(at, "cancelled")]
+    new = Box(box.shipment_number + "R", [], at, at, [(at, "requested")])
+    t = at
+    for status in ("assigned", "picking_up", final):
+        t += rng.uniform(*s.step_s)
+        new.timeline.append((t, status))
+    for k in range(len(box.items)):
+        changes[k].append((at + rng.uniform(*s.correction_delay_s), {"shipment_number": new.shipment_number}))
+    return new
+
+
+def listings(first: dict[str, Any], changes: list[tuple[float, dict[str, str]]]) -> list[tuple[float, dict[str, Any]]]:
+    """An item's versions in time order: the first listing (time 0), then each change applied to the last."""
+    versions = [(0.0, dict(first))]
+    for at, change in changes:
+        versions.append((at, {**versions[-1][1], **change}))
+    return versions
+
+
+def version_at(versions: list[tuple[float, dict[str, Any]]], now: float) -> dict[str, Any]:
+    """The version listed last by `now` (the first one before any was listed): the partner's truth."""
+    current = versions[0][1]
+    for at, version in versions[1:]:
+        if at > now:
+            break
+        current = version
+    return current
 
 
 def broken_item(rng: random.Random, i: int) -> dict[str, Any]:
@@ -180,11 +253,15 @@ class Ledger:
         self.recorded: dict[str, dict[str, Any]] = {}
         self.recorded_items: set[tuple[str, str]] = set()
         self.duplicates = 0
+        self.changed_duplicates: list[str] = []  # a 409 to a body other than the one recorded under its key
+        self.stale: list[str] = []  # reports carrying fields a correction in the feed had already replaced
+        self.superseded: list[str] = []  # recorded under fields a correction listed later replaced
         self.premature: list[str] = []
         self.unknown: list[str] = []
         self.mismatched: list[str] = []
         self.calls: dict[str, Counter[str]] = defaultdict(Counter)
         self.feed_from_start = 0  # /returns calls without a cursor: a restarted caller re-reading
+        self.feed_acknowledged = 0  # the furthest cursor the caller sent back: it has stored all before it
 
     def count(self, endpoint: str, answer: str) -> None:
         self.calls[endpoint][answer] += 1
@@ -197,7 +274,16 @@ class StandIn:
         self.boxes, self.feed = build_world(scenario)
         self.feed_times = [t for t, _ in self.feed]
         self.by_shipment = {b.shipment_number: b for b in self.boxes}
-        self.by_return = {item["id"]: (item, b) for b in self.boxes for item in b.items}
+        self.versions = versions_by_return(self.feed)
+        self.final = {return_id: versions[-1][1] for return_id, versions in self.versions.items()}
+        self.world = {  # what the scenario lists, counted once (the ledger is read twice a second)
+            "broken": sum(1 for _, item in self.feed if item.get("id") not in self.versions),
+            "broken_corrections": sum(1 for _, item in self.feed if item.get("id") in self.versions
+                                      and not _usable(item)),
+            "corrections": sum(1 for versions in self.versions.values()
+                               for (_, a), (_, b) in zip(versions, versions[1:]) if not _same_item(a, b)),
+            "reissued": sum(1 for b in self.boxes if b.shipment_number.endswith("R")),
+        }
         self.expected = {item["id"] for b in self.boxes if b.final_status == "delivered" for item in b.items}
         self.ends_at = max([b.ends_at for b in self.boxes] + [self.scenario.arrive_over_s] +
                            [t for t, _ in self.feed[-1:]])
@@ -335,6 +421,7 @@ class StandIn:
             return _error(400, "limit must be 1..500")
         if "cursor" not in request.query:
             self.ledger.feed_from_start += 1
+        self.ledger.feed_acknowledged = max(self.ledger.feed_acknowledged, start)
         visible = bisect.bisect_right(self.feed_times, self.now())
         end = min(visible, start + limit)
         data = [item for _, item in self.feed[start:end]] if end > start else []
@@ -359,25 +446,40 @@ class StandIn:
         fields = ("order_number", "order_item_number", "shipment_number", "result", "collected_at")
         if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in fields):
             return _error(422, "bad body")
-        known = self.by_return.get(key)
-        if known is None or (known[0]["order_number"], known[0]["order_item_number"]) != (
-                body["order_number"], body["order_item_number"]):
+        versions = self.versions.get(key)
+        if versions is None or not any(_same_item(body, version) for _, version in versions):
             self.ledger.unknown.append(key)
             return _error(422, "unknown order item")
-        item, box = known
-        order_item = (item["order_number"], item["order_item_number"])
+        order_item = (body["order_number"], body["order_item_number"])
         if key in self.ledger.recorded or order_item in self.ledger.recorded_items:
             self.ledger.duplicates += 1
+            if key in self.ledger.recorded and not _same_item(body, self.ledger.recorded[key]):
+                self.ledger.changed_duplicates.append(key)
             return _error(409, "duplicate")
+        # Judged against the return as the feed lists it now: an older version's order item or
+        # waybill no longer exists on the partner's side.
+        current = version_at(versions, self.now())
+        if not _same_item(body, current):
+            self.ledger.stale.append(key)
+            return _error(422, "unknown order item" if body["shipment_number"] == current["shipment_number"]
+                          else "shipment not collected")
+        box = self.by_shipment[current["shipment_number"]]
         if box.status_at(self.now()) != "delivered" or body["result"] != "collected":
             self.ledger.premature.append(key)
             return _error(422, "shipment not collected")
         delivered_at = next(at for at, status in box.timeline if status == "delivered")
-        if body["collected_at"] != iso(delivered_at) or body["shipment_number"] != box.shipment_number:
+        if body["collected_at"] != iso(delivered_at):
             self.ledger.mismatched.append(key)
         self.ledger.recorded[key] = body
         self.ledger.recorded_items.add(order_item)
+        if not _same_item(body, self.final[key]):
+            self.ledger.superseded.append(key)
         return web.json_response({"data": {"result": True}})
+
+    def superseded(self) -> list[str]:
+        """Reports recorded under fields a later correction changed: the caller could not have known
+        when it sent them, and must tell a person rather than send them again."""
+        return sorted(self.ledger.superseded)
 
     # ── admin ───────────────────────────────────────────────────────────────────────────────
 
@@ -390,11 +492,15 @@ class StandIn:
             "returns": self.scenario.returns,
             "feed_entries": len(self.feed),
             "feed_visible": bisect.bisect_right(self.feed_times, self.now()),
-            "broken": sum(1 for _, item in self.feed if item.get("id") not in self.by_return),
+            "feed_acknowledged": self.ledger.feed_acknowledged,
+            **self.world,
             "boxes": len(self.boxes),
             "expected": len(self.expected),
             "recorded": len(self.ledger.recorded),
             "duplicates": self.ledger.duplicates,
+            "changed_duplicates": len(self.ledger.changed_duplicates),
+            "stale": len(self.ledger.stale),
+            "superseded": len(self.ledger.superseded),
             "premature": len(self.ledger.premature),
             "unknown": len(self.ledger.unknown),
             "mismatched": len(self.ledger.mismatched),
@@ -431,6 +537,18 @@ class StandIn:
 
     async def get_slack(self, _request: web.Request) -> web.Response:
         return web.json_response(self.slack_messages)
+
+
+RETURN_FIELDS = ("id", "order_number", "order_item_number", "shipment_number")
+
+
+def _usable(item: dict[str, Any]) -> bool:
+    return all(isinstance(item.get(k), str) and item[k] for k in RETURN_FIELDS)
+
+
+def _same_item(body: dict[str, Any], version: dict[str, Any]) -> bool:
+    """Whether a report body carries this version's order item and waybill."""
+    return all(body.get(k) == version.get(k) for k in ("order_number", "order_item_number", "shipment_number"))
 
 
 def _error(status: int, message: str, retry_after: str | None = None) -> web.Response:

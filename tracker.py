@@ -301,15 +301,18 @@ class BoxState(enum.StrEnum):
     DELIVERED = "delivered"  # courier collected it; its items' reports are queued
     CANCELLED = "cancelled"  # customer withdrew; nothing to report
     STALE = "stale"  # carrier never registered the waybill; needs a person
+    EMPTIED = "emptied"  # corrections moved every item in it to another waybill; no longer polled
 
 
 class ReportState(enum.StrEnum):
     PENDING = "pending"  # queued, not yet acknowledged by the partner
     DONE = "done"  # partner answered 200 (recorded) or 409 (recorded earlier)
     DEAD = "dead"  # partner answered 422: resending the same body cannot help
+    WITHDRAWN = "withdrawn"  # a correction moved its return to a box not yet delivered; queued again when it is
 
 
-SCHEMA_VERSION = 3  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state
+SCHEMA_VERSION = 4  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
+#                    4: corrections, and the report revisions they bump
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -352,8 +355,16 @@ CREATE TABLE IF NOT EXISTS reports (
     queued_at         REAL NOT NULL,
     done_at           REAL,
     outcome           TEXT,
-    last_error        TEXT
+    last_error        TEXT,
+    revision            INTEGER NOT NULL DEFAULT 0,
+    first_sent_revision INTEGER,
+    accepted_revision   INTEGER
 );
+-- reports: a correction to a report's fields bumps `revision`; each answer is applied with the
+-- revision its attempt sent, so an answer to an outdated body is told apart. first_sent_revision is
+-- the oldest revision ever sent (a later 409 may be holding it); accepted_revision the one the
+-- partner recorded, or may hold after a 409. (No comments inside CREATE TABLE: ALTER TABLE
+-- rewrites that text.)
 CREATE INDEX IF NOT EXISTS reports_due ON reports (next_attempt_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS reports_pending_by_age ON reports (queued_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS reports_dead ON reports (done_at) WHERE state = 'dead';
@@ -379,6 +390,23 @@ CREATE TRIGGER IF NOT EXISTS returns_counted AFTER INSERT ON returns BEGIN
     INSERT INTO state_counts (kind, state, n) VALUES ('returns', '', 1)
     ON CONFLICT (kind, state) DO UPDATE SET n = n + 1;
 END;
+-- One row per applied correction: a relisted return whose fields differ from the stored ones.
+-- `fields` names the changed fields (comma-separated), `before` and `after` are their two versions
+-- (JSON objects), `report_state` is the report's state when the correction arrived (NULL: none yet).
+CREATE TABLE IF NOT EXISTS corrections (
+    id           INTEGER PRIMARY KEY,
+    return_id    TEXT NOT NULL,
+    fields       TEXT NOT NULL,
+    before       TEXT NOT NULL,
+    after        TEXT NOT NULL,
+    report_state TEXT,
+    corrected_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS corrections_by_return ON corrections (return_id);
+CREATE TRIGGER IF NOT EXISTS corrections_counted AFTER INSERT ON corrections BEGIN
+    INSERT INTO state_counts (kind, state, n) VALUES ('corrections', '', 1)
+    ON CONFLICT (kind, state) DO UPDATE SET n = n + 1;
+END;
 CREATE TABLE IF NOT EXISTS unknown_statuses (
     status        TEXT PRIMARY KEY,
     first_seen_at REAL NOT NULL,
@@ -398,27 +426,86 @@ HOT_PATH_SQL = {
                  " WHERE state = 'tracking' AND next_check_at <= ? ORDER BY next_check_at LIMIT ?",
     "next_box_due_at": "SELECT MIN(next_check_at) FROM boxes INDEXED BY boxes_due WHERE state = 'tracking'",
     "due_reports": "SELECT return_id, order_number, order_item_number, shipment_number, collected_at, attempts,"
-                   " queued_at FROM reports INDEXED BY reports_due WHERE state = 'pending' AND next_attempt_at <= ?"
-                   " ORDER BY next_attempt_at LIMIT ?",
+                   " queued_at, revision, first_sent_revision FROM reports INDEXED BY reports_due"
+                   " WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
     "next_report_due_at": "SELECT MIN(next_attempt_at) FROM reports INDEXED BY reports_due WHERE state = 'pending'",
     "oldest_pending_report": "SELECT MIN(queued_at) FROM reports INDEXED BY reports_pending_by_age"
                              " WHERE state = 'pending'",
 }
-# Per feed page, over the page's ids (one JSON array parameter) instead of a statement per item.
-# CROSS JOIN fixes the join order — the page's ids first, then primary keys: left to itself the
-# planner starts from every delivered box, and those grow with history. Also checked by test.
+# A report queued for a delivered box: new, or one a correction withdrew when it moved its return
+# to this box before the box was delivered. Any other report of the return is left as it is.
+QUEUE_REPORT_UPSERT = (
+    " ON CONFLICT (return_id) DO UPDATE SET state = 'pending', order_number = excluded.order_number,"
+    " order_item_number = excluded.order_item_number, shipment_number = excluded.shipment_number,"
+    " collected_at = excluded.collected_at, next_attempt_at = excluded.next_attempt_at,"
+    " queued_at = excluded.queued_at WHERE reports.state = 'withdrawn'")
+# Per feed page (or per batch of report answers), over its ids (one JSON array parameter) instead
+# of a statement per item. CROSS JOIN fixes the join order — the page's ids first, then primary
+# keys: left to itself the planner starts from every delivered box, and those grow with history.
+# Also checked by test.
 PAGE_SQL = {
+    "stored_returns":  # what the page's ids hold now: a relisting that differs is a correction
+        "SELECT r.id, r.order_number, r.order_item_number, r.shipment_number, r.requested_at"
+        " FROM json_each(?) j CROSS JOIN returns r ON r.id = j.value",
+    "report_states":
+        "SELECT p.return_id, p.state FROM json_each(?) j CROSS JOIN reports p ON p.return_id = j.value",
     "reports_for_delivered_boxes":  # an item joining a box already delivered is reportable at once
         "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
         " state, next_attempt_at, queued_at)"
         " SELECT r.id, r.order_number, r.order_item_number, r.shipment_number, b.delivered_at, 'pending', ?, ?"
         " FROM json_each(?) j CROSS JOIN returns r ON r.id = j.value"
         " CROSS JOIN boxes b ON b.shipment_number = r.shipment_number"
-        " WHERE b.state = 'delivered' ON CONFLICT (return_id) DO NOTHING",
+        " WHERE b.state = 'delivered'" + QUEUE_REPORT_UPSERT,
+    "empty_boxes":  # boxes a correction took the last item from: no longer polled, nor stale
+        "UPDATE boxes SET state = 'emptied', next_check_at = NULL, closed_at = ?"
+        " WHERE shipment_number IN (SELECT value FROM json_each(?)) AND state IN ('tracking', 'stale')"
+        " AND NOT EXISTS (SELECT 1 FROM returns r WHERE r.shipment_number = boxes.shipment_number)",
+    "revive_emptied_boxes":  # an item listed again in an emptied box: tracked again, the stale clock anew
+        "UPDATE boxes SET state = 'tracking', next_check_at = ?, first_seen_at = ?, not_found = 0, errors = 0,"
+        " closed_at = NULL WHERE shipment_number IN (SELECT value FROM json_each(?)) AND state = 'emptied'",
     "resolve_quarantine":  # a relisted item that now validates closes its quarantine entry
         "UPDATE quarantine SET resolved_at = ? WHERE resolved_at IS NULL"
         " AND return_id IN (SELECT value FROM json_each(?))",
+    "superseded_answers":  # [[return id, revision sent], …]: which answers were to an outdated body
+        "SELECT p.return_id FROM json_each(?) j CROSS JOIN reports p ON p.return_id = j.value ->> 0"
+        " WHERE p.revision <> j.value ->> 1",
 }
+# A correction to a report not yet accepted: the next attempt carries the corrected fields. A
+# move to another waybill withdraws it until that box is delivered (QUEUE_REPORT_UPSERT queues it
+# again, at once if it already is); a dead one is sent again, since the correction may be what
+# the partner refused it for. An accepted report keeps the body the partner holds; only its
+# revision moves, which marks it outdated for an operator.
+CORRECT_REPORT_SQL = (
+    "UPDATE reports SET revision = revision + 1,"
+    " order_number = CASE WHEN state = 'done' THEN order_number ELSE :order_number END,"
+    " order_item_number = CASE WHEN state = 'done' THEN order_item_number ELSE :order_item_number END,"
+    " shipment_number = CASE WHEN state = 'done' THEN shipment_number ELSE :shipment_number END,"
+    " state = CASE WHEN state = 'done' THEN 'done' WHEN :moved THEN 'withdrawn' ELSE 'pending' END,"
+    " next_attempt_at = CASE WHEN state = 'done' OR :moved THEN NULL WHEN state = 'dead' THEN :now"
+    " ELSE next_attempt_at END,"
+    " attempts = CASE WHEN state = 'dead' THEN 0 ELSE attempts END,"
+    " outcome = CASE WHEN state = 'dead' THEN NULL ELSE outcome END,"
+    " done_at = CASE WHEN state = 'dead' THEN NULL ELSE done_at END"
+    " WHERE return_id = :return_id")
+# One partner answer to a report. An answer to a body a correction has since changed (the call was
+# already on its way) settles the report only if the partner recorded it — then it holds the old
+# body, and accepted_revision < revision says so; any other answer leaves the corrected report
+# to be sent, at once if it is pending.
+REPORT_ANSWER_SQL = (
+    "UPDATE reports SET"
+    " state = CASE WHEN :state = 'done' OR revision = :revision THEN :state ELSE state END,"
+    " attempts = attempts + :called,"
+    " next_attempt_at = CASE WHEN :state = 'done' OR revision = :revision THEN :next_attempt_at"
+    " WHEN state = 'pending' THEN :now ELSE next_attempt_at END,"
+    " outcome = CASE WHEN :state = 'done' OR revision = :revision THEN :outcome ELSE outcome END,"
+    " last_error = CASE WHEN :called THEN :last_error ELSE last_error END,"
+    " done_at = CASE WHEN :state = 'done' OR revision = :revision THEN :done_at ELSE done_at END,"
+    " first_sent_revision = CASE WHEN :called THEN MIN(COALESCE(first_sent_revision, :revision), :revision)"
+    " ELSE first_sent_revision END,"
+    # a 409 says an earlier send was recorded: the oldest body ever sent is the one it may hold
+    " accepted_revision = CASE :outcome WHEN 'recorded' THEN :revision"
+    " WHEN 'duplicate' THEN MIN(COALESCE(first_sent_revision, :revision), :revision) ELSE accepted_revision END"
+    " WHERE return_id = :return_id AND state IN ('pending', 'withdrawn')")
 # What `status` lists and `requeue` moves: rare, but never a scan of the history. Each reads the
 # partial index of its state (stale and dead rows are few; tracking and pending ones are the
 # backlog) — a full index on state would be written by every transition of every row, for these
@@ -431,6 +518,10 @@ OPERATOR_SQL = {
                              " WHERE state = 'tracking' ORDER BY first_seen_at LIMIT ?",
     "dead_reports": "SELECT return_id, shipment_number, last_error, done_at FROM reports WHERE state = 'dead'"
                     " ORDER BY done_at LIMIT ?",
+    # with the latest correction's two versions of the changed fields
+    "outdated_reports": "SELECT p.return_id, c.before, c.after, p.done_at FROM reports p"
+                        " JOIN corrections c ON c.id = (SELECT MAX(id) FROM corrections WHERE return_id = p.return_id)"
+                        " WHERE p.accepted_revision < p.revision ORDER BY p.done_at LIMIT ?",
     "stale_boxes": "SELECT b.shipment_number, b.first_seen_at,"
                    " (SELECT COUNT(*) FROM returns r WHERE r.shipment_number = b.shipment_number)"
                    " FROM boxes b WHERE b.state = 'stale' ORDER BY b.first_seen_at LIMIT ?",
@@ -463,6 +554,12 @@ COUNT_BY_STATE_SQL = (
     "SELECT 'returns', '', COUNT(*) FROM returns"
     " UNION ALL SELECT 'boxes', state, COUNT(*) FROM boxes GROUP BY state"
     " UNION ALL SELECT 'reports', state, COUNT(*) FROM reports GROUP BY state")
+# Columns a version-3 file lacks (its CREATE TABLE has run already), and what reads them.
+REPORT_REVISION_COLUMNS = ("revision INTEGER NOT NULL DEFAULT 0", "first_sent_revision INTEGER",
+                           "accepted_revision INTEGER")
+SCHEMA_AFTER_MIGRATION = (
+    "CREATE INDEX IF NOT EXISTS reports_outdated ON reports (done_at) WHERE accepted_revision < revision",
+)
 FEED_CURSOR_KEY = "feed_cursor"
 HEARTBEAT_KEY = "heartbeat"
 
@@ -474,6 +571,54 @@ class ReturnItem:
     order_item_number: str
     shipment_number: str
     requested_at: str | None
+
+
+REPORTED_FIELDS = ("order_number", "order_item_number", "shipment_number")  # what a report carries
+CORRECTABLE_FIELDS = (*REPORTED_FIELDS, "requested_at")
+
+
+@dataclasses.dataclass(frozen=True)
+class Correction:
+    """A relisted return whose fields differ from the stored ones. The latest listing is the truth."""
+
+    before: ReturnItem
+    after: ReturnItem
+    report_state: ReportState | None = None  # the report's, when the correction arrived (None: none yet)
+
+    @property
+    def return_id(self) -> str:
+        return self.after.id
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(f for f in CORRECTABLE_FIELDS if getattr(self.before, f) != getattr(self.after, f))
+
+    @property
+    def moved(self) -> bool:
+        """The waybill was reissued: the return now belongs to another box."""
+        return self.before.shipment_number != self.after.shipment_number
+
+    @property
+    def changes_report(self) -> bool:
+        return any(f in REPORTED_FIELDS for f in self.fields)
+
+    def describe(self) -> str:
+        return ", ".join(f"{f} {getattr(self.before, f)!r} → {getattr(self.after, f)!r}" for f in self.fields)
+
+
+def reconcile_listings(items: Iterable[ReturnItem],
+                       stored: Mapping[str, ReturnItem]) -> tuple[list[ReturnItem], list[Correction]]:
+    """A page's listings against what is stored: the returns never seen before (in their last
+    listing) and the corrections, one per changed return, from the version before this page (or its
+    first listing in it) to its last listing in it. An unchanged relisting is neither."""
+    first: dict[str, ReturnItem] = {}
+    last: dict[str, ReturnItem] = {}
+    for item in items:
+        first.setdefault(item.id, stored.get(item.id, item))
+        last[item.id] = item
+    new = [item for return_id, item in last.items() if return_id not in stored]
+    corrections = [Correction(first[return_id], item) for return_id, item in last.items() if first[return_id] != item]
+    return new, corrections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -532,6 +677,13 @@ class DueReport:
     collected_at: str
     attempts: int
     queued_at: float = 0.0  # when the box was seen delivered and this report queued
+    revision: int = 0  # bumped by each correction of its fields
+    first_sent_revision: int | None = None  # the oldest revision an earlier attempt sent
+
+    @property
+    def sent_before_correction(self) -> bool:
+        """An earlier attempt sent fields a correction has since changed (its answer unknown)."""
+        return self.first_sent_revision is not None and self.first_sent_revision < self.revision
 
     def body(self) -> dict[str, str]:
         return {
@@ -551,6 +703,7 @@ class ReportUpdate:
     outcome: str | None
     last_error: str | None
     called: bool = True  # False: deferred without a partner call (attempts and last error stay)
+    revision: int = 0  # the revision of the body this answer was to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -567,6 +720,15 @@ class CommitResult:
     returns_added: int = 0
     quarantined_added: int = 0
     reports_queued: int = 0
+    corrections: tuple[Correction, ...] = ()
+    broken_corrections: frozenset[str] = frozenset()  # ids of stored returns relisted unusable
+    superseded: frozenset[str] = frozenset()  # reports whose settling answer was to an outdated body
+
+    def __add__(self, other: "CommitResult") -> "CommitResult":
+        return CommitResult(
+            self.returns_added + other.returns_added, self.quarantined_added + other.quarantined_added,
+            self.reports_queued + other.reports_queued, self.corrections + other.corrections,
+            self.broken_corrections | other.broken_corrections, self.superseded | other.superseded)
 
 
 async def _rollback(connection: aiosqlite.Connection) -> None:
@@ -615,7 +777,8 @@ class Store:
     async def _migrate(writer: aiosqlite.Connection) -> None:
         """Version 2 counts rows by state with triggers: count what a version-1 file already
         holds, once. Version 3 reads stale and dead rows by partial indexes (SCHEMA creates them):
-        the full indexes on state go. One transaction, so a concurrent `requeue` cannot slip between."""
+        the full indexes on state go. Version 4 gives reports their revisions (SCHEMA creates the
+        corrections table). One transaction, so a concurrent `requeue` cannot slip between."""
         await writer.execute("BEGIN IMMEDIATE")
         try:
             version = list(await writer.execute_fetchall("PRAGMA user_version"))[0][0]
@@ -625,6 +788,13 @@ class Store:
             if version < 3:
                 await writer.execute("DROP INDEX IF EXISTS boxes_by_state")
                 await writer.execute("DROP INDEX IF EXISTS reports_by_state")
+            if version < 4:
+                present = {row[1] for row in await writer.execute_fetchall("PRAGMA table_info(reports)")}
+                for column in REPORT_REVISION_COLUMNS:
+                    if column.split()[0] not in present:
+                        await writer.execute(f"ALTER TABLE reports ADD COLUMN {column}")  # our names only
+            for statement in SCHEMA_AFTER_MIGRATION:
+                await writer.execute(statement)
             await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             await writer.execute("COMMIT")
         except BaseException:
@@ -655,14 +825,13 @@ class Store:
         reports = [t for t in transitions if isinstance(t, ReportUpdate)]
         await self._writer.execute("BEGIN IMMEDIATE")
         try:
-            added = quarantined = queued = 0
+            result = CommitResult()
             for page in pages:
-                a, q, r = await self._write_page(page, now)
-                added, quarantined, queued = added + a, quarantined + q, queued + r
+                result += await self._write_page(page, now)
             if boxes:
-                queued += await self._write_box_updates(boxes, now)
+                result += CommitResult(reports_queued=await self._write_box_updates(boxes, now))
             if reports:
-                await self._write_report_updates(reports, now)
+                result += CommitResult(superseded=await self._write_report_updates(reports, now))
             if any(isinstance(t, Heartbeat) for t in transitions):
                 await self._writer.execute(
                     "INSERT INTO meta (key, value) VALUES (?, ?)"
@@ -671,22 +840,30 @@ class Store:
         except BaseException:
             await _rollback(self._writer)
             raise
-        return CommitResult(added, quarantined, queued)
+        return result
 
-    async def _write_page(self, page: FeedPage, now: float) -> tuple[int, int, int]:
+    async def _write_page(self, page: FeedPage, now: float) -> CommitResult:
         w = self._writer
+        listed = {i.id for i in page.items} | {q.return_id for q in page.quarantined if q.return_id}
+        stored = {row[0]: ReturnItem(*row) for row in
+                  await w.execute_fetchall(PAGE_SQL["stored_returns"], (json.dumps(sorted(listed)),))}
+        new, corrections = reconcile_listings(page.items, stored)
         cur = await w.executemany(
             "INSERT INTO returns (id, order_number, order_item_number, shipment_number, requested_at, seen_at)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            [(i.id, i.order_number, i.order_item_number, i.shipment_number, i.requested_at, now) for i in page.items],
+            [(i.id, i.order_number, i.order_item_number, i.shipment_number, i.requested_at, now) for i in new],
         )
         added = max(cur.rowcount, 0)
+        if corrections:
+            corrections = await self._write_corrections(corrections, now)
         await w.executemany(
             "INSERT INTO boxes (shipment_number, state, next_check_at, first_seen_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (shipment_number) DO NOTHING",
             [(s, BoxState.TRACKING.value, t, now) for s, t in page.first_checks],
         )
-        ids = json.dumps([i.id for i in page.items])
+        shipments = json.dumps([s for s, _ in page.first_checks])
+        await w.execute(PAGE_SQL["revive_emptied_boxes"], (now, now, shipments))
+        ids = json.dumps(sorted({i.id for i in page.items}))
         cur = await w.execute(PAGE_SQL["reports_for_delivered_boxes"], (now, now, ids))
         queued = max(cur.rowcount, 0)
         await w.execute(PAGE_SQL["resolve_quarantine"], (now, ids))
@@ -701,7 +878,36 @@ class Store:
                 "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (FEED_CURSOR_KEY, page.next_cursor),
             )
-        return added, quarantined, queued
+        broken = frozenset(q.return_id for q in page.quarantined if q.return_id and q.return_id in stored)
+        return CommitResult(added, quarantined, queued, tuple(corrections), broken)
+
+    async def _write_corrections(self, corrections: Sequence[Correction], now: float) -> list[Correction]:
+        """Apply corrections: the return takes its latest fields, its report follows them (see
+        CORRECT_REPORT_SQL), a box left without items stops being polled, and each is recorded."""
+        w = self._writer
+        ids = json.dumps([c.return_id for c in corrections])
+        reports = {row[0]: ReportState(row[1]) for row in await w.execute_fetchall(PAGE_SQL["report_states"], (ids,))}
+        corrections = [dataclasses.replace(c, report_state=reports.get(c.return_id)) for c in corrections]
+        await w.executemany(
+            "UPDATE returns SET order_number = ?, order_item_number = ?, shipment_number = ?, requested_at = ?"
+            " WHERE id = ?",
+            [(c.after.order_number, c.after.order_item_number, c.after.shipment_number, c.after.requested_at,
+              c.return_id) for c in corrections],
+        )
+        await w.executemany(
+            "INSERT INTO corrections (return_id, fields, before, after, report_state, corrected_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(c.return_id, ",".join(c.fields), json.dumps({f: getattr(c.before, f) for f in c.fields}),
+              json.dumps({f: getattr(c.after, f) for f in c.fields}),
+              c.report_state.value if c.report_state else None, now) for c in corrections],
+        )
+        await w.executemany(CORRECT_REPORT_SQL, [
+            {"order_number": c.after.order_number, "order_item_number": c.after.order_item_number,
+             "shipment_number": c.after.shipment_number, "moved": c.moved, "now": now, "return_id": c.return_id}
+            for c in corrections if c.report_state is not None and c.changes_report])
+        left = json.dumps(sorted({c.before.shipment_number for c in corrections if c.moved}))
+        await w.execute(PAGE_SQL["empty_boxes"], (now, left))
+        return corrections
 
     async def _write_box_updates(self, updates: Sequence[BoxUpdate], now: float) -> int:
         w = self._writer
@@ -736,7 +942,7 @@ class Store:
             "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
             " state, next_attempt_at, queued_at)"
             " SELECT id, order_number, order_item_number, shipment_number, ?, ?, ?, ?"
-            " FROM returns WHERE shipment_number = ? ON CONFLICT (return_id) DO NOTHING",
+            " FROM returns WHERE shipment_number = ?" + QUEUE_REPORT_UPSERT,
             [(u.delivered_at, ReportState.PENDING.value, now, now, u.shipment_number) for u in delivered],
         )
         unknown = [u.unknown_status for u in updates if u.unknown_status]
@@ -747,25 +953,19 @@ class Store:
         )
         return max(cur.rowcount, 0) if delivered else 0
 
-    async def _write_report_updates(self, updates: Sequence[ReportUpdate], now: float) -> None:
-        await self._writer.executemany(
-            "UPDATE reports SET state = ?, attempts = attempts + ?, next_attempt_at = ?, outcome = ?,"
-            " last_error = CASE WHEN ? THEN ? ELSE last_error END, done_at = ? WHERE return_id = ? AND state = ?",
-            [
-                (
-                    u.state.value,
-                    int(u.called),
-                    u.next_attempt_at,
-                    u.outcome,
-                    u.called,
-                    u.last_error,
-                    None if u.state is ReportState.PENDING else now,
-                    u.return_id,
-                    ReportState.PENDING.value,
-                )
-                for u in updates
-            ],
-        )
+    async def _write_report_updates(self, updates: Sequence[ReportUpdate], now: float) -> frozenset[str]:
+        """Returns the reports settled (done or dead) by an answer to a body since corrected."""
+        await self._writer.executemany(REPORT_ANSWER_SQL, [
+            {"state": u.state.value, "revision": u.revision, "called": int(u.called),
+             "next_attempt_at": u.next_attempt_at, "now": now, "outcome": u.outcome, "last_error": u.last_error,
+             "done_at": None if u.state is ReportState.PENDING else now, "return_id": u.return_id}
+            for u in updates
+        ])
+        settling = [[u.return_id, u.revision] for u in updates if u.state is not ReportState.PENDING]
+        if not settling:
+            return frozenset()
+        rows = await self._writer.execute_fetchall(PAGE_SQL["superseded_answers"], (json.dumps(settling),))
+        return frozenset(row[0] for row in rows)
 
     # ── operator requeues: back into the pipeline after the cause was fixed ─────────────────
     # `ids` None means all.
@@ -857,6 +1057,23 @@ class Store:
 
     async def stale_boxes(self, limit: int) -> list[tuple[str, float, int]]:
         return await self._rows(OPERATOR_SQL["stale_boxes"], (limit,))
+
+    async def latest_corrections(self, limit: int) -> list[tuple[str, str, str, str | None, float]]:
+        """(return id, before, after, report state then, when), newest first; before/after are JSON."""
+        return await self._rows_since_version_4(
+            "SELECT return_id, before, after, report_state, corrected_at FROM corrections ORDER BY id DESC LIMIT ?",
+            (limit,))
+
+    async def outdated_reports(self, limit: int) -> list[tuple[str, str, str, float | None]]:
+        """Reports the partner recorded under fields a correction has since changed: (return id, the
+        latest correction's before and after as JSON, when the report was recorded)."""
+        return await self._rows_since_version_4(OPERATOR_SQL["outdated_reports"], (limit,))
+
+    async def _rows_since_version_4(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        try:
+            return await self._rows(sql, params)
+        except sqlite3.OperationalError:  # a version-3 file opened read-only (`status`): it has none
+            return []
 
     async def unknown_statuses(self) -> list[tuple[str, int, float]]:
         return await self._rows("SELECT status, seen, last_seen_at FROM unknown_statuses ORDER BY status", ())
@@ -1696,21 +1913,23 @@ def _box_retry(box: DueBox, now: float, schedule: ScheduleConfig, reply: Reply, 
 def decide_report_update(report: DueReport, reply: Reply, now: float, schedule: ScheduleConfig) -> ReportUpdate:
     """What one results answer means for a report. 200/409 settle it, 422 kills it, the rest retry."""
     if reply.outcome is Outcome.OK and reply.body == {"data": {"result": True}}:
-        return ReportUpdate(report.return_id, ReportState.DONE, None, "recorded", None)
+        return ReportUpdate(report.return_id, ReportState.DONE, None, "recorded", None, revision=report.revision)
     if reply.outcome is Outcome.CONFLICT:
-        return ReportUpdate(report.return_id, ReportState.DONE, None, "duplicate", None)
+        return ReportUpdate(report.return_id, ReportState.DONE, None, "duplicate", None, revision=report.revision)
     if reply.outcome is Outcome.REFUSED:
-        return ReportUpdate(report.return_id, ReportState.DEAD, None, "refused", reply.detail[:500])
+        return ReportUpdate(report.return_id, ReportState.DEAD, None, "refused", reply.detail[:500],
+                            revision=report.revision)
     if reply.outcome is Outcome.DEFERRED:
         delay = retry_delay(report.attempts, schedule.retry_base_s, schedule.retry_max_s, None)
-        return ReportUpdate(report.return_id, ReportState.PENDING, now + delay, None, None, called=False)
+        return ReportUpdate(report.return_id, ReportState.PENDING, now + delay, None, None, called=False,
+                            revision=report.revision)
     # Anything else leaves the outcome unknown or failed: send the same report again later.
     error = reply.detail or reply.outcome.value
     if reply.outcome is Outcome.OK:
         error = "200 without {data: {result: true}}"
     delay = retry_delay(report.attempts + 1, schedule.retry_base_s, schedule.retry_max_s, reply.retry_after)
     return ReportUpdate(report.return_id, ReportState.PENDING, now + delay, None,
-                        f"{reply.outcome.value}: {error}"[:500])
+                        f"{reply.outcome.value}: {error}"[:500], revision=report.revision)
 
 
 class StorageUnavailable(Exception):
@@ -1730,7 +1949,7 @@ class Committer:
         self._on_committed = on_committed
         self._on_failure = on_failure
         self._log = log
-        self._queue: asyncio.Queue[tuple[Transition, asyncio.Future[None]] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Transition, asyncio.Future[CommitResult]] | None] = asyncio.Queue()
         self._failures = 0
         self._last_failure_at = -math.inf
 
@@ -1740,10 +1959,11 @@ class Committer:
         write into existing pages can succeed between failing ones, and readiness must not flap."""
         return time.monotonic() - self._last_failure_at > STORAGE_SETTLE_S
 
-    async def submit(self, transition: Transition) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def submit(self, transition: Transition) -> CommitResult:
+        """What the transaction that made it durable did (shared with the rest of its batch)."""
+        future: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((transition, future))
-        await future
+        return await future
 
     async def probe(self) -> bool:
         """Whether the database takes a write now."""
@@ -1778,7 +1998,7 @@ class Committer:
                 batch.append(entry)
             await self._commit(batch)
 
-    async def _commit(self, batch: list[tuple[Transition, asyncio.Future[None]]]) -> None:
+    async def _commit(self, batch: list[tuple[Transition, asyncio.Future[CommitResult]]]) -> None:
         started = time.monotonic()
         try:
             result = await self._store.commit([t for t, _ in batch], time.time())
@@ -1801,7 +2021,7 @@ class Committer:
         self._log.debug("storage.committed", transitions=len(batch), latency_s=round(time.monotonic() - started, 4))
         for _, future in batch:
             if not future.done():
-                future.set_result(None)
+                future.set_result(result)
         self._on_committed(result)
 
 
@@ -1849,6 +2069,15 @@ class Dispatcher(typing.Generic[Item]):
     def stop(self) -> None:
         self._stopping = True
         self._nudge.set()
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Drop these items from what was fetched ahead: they changed in the database (a
+        correction) and are fetched again as they are now. One in flight finishes as it started."""
+        keys = set(keys)
+        if self._settled_during_fetch is not None:  # a fetch running now may still hold the old rows
+            self._settled_during_fetch |= keys
+        if self._ready:
+            self._ready = collections.deque(item for item in self._ready if self._key(item) not in keys)
 
     async def run(self, *, once: bool = False, grace_s: float = 5.0) -> None:
         pass_time = time.time()  # in `once`, only what was due when the pass started
@@ -1997,11 +2226,11 @@ class Stages:
                 continue
             failures = 0
             try:
-                await self.committer.submit(page)
+                result = await self.committer.submit(page)
             except StorageUnavailable:
                 await self._pause(schedule.retry_base_s)
                 continue
-            self._page_committed(page, reply)
+            self._page_committed(page, reply, result)
             cursor = page.next_cursor or cursor
             if page.has_more:
                 continue
@@ -2009,17 +2238,41 @@ class Stages:
                 return
             await self._pause(schedule.returns_every_s)
 
-    def _page_committed(self, page: FeedPage, reply: Reply) -> None:
+    def _page_committed(self, page: FeedPage, reply: Reply, result: CommitResult) -> None:
         self.metrics.feed_last_success.set(time.time())
         self.log.info("collect.page", items=len(page.items), quarantined=len(page.quarantined),
-                      has_more=page.has_more, latency_s=round(reply.latency_s, 4))
+                      corrected=len(result.corrections), has_more=page.has_more, latency_s=round(reply.latency_s, 4))
         for q in page.quarantined:
-            self.log.warning("collect.quarantined", return_id=q.return_id, reason=q.reason)
-            self.alerts.alert(
-                "quarantine",
-                f"Return {q.return_id or '(no id)'} was set aside: {q.reason}. "
-                "See `tracker.py status` for the raw item.",
-            )
+            self.log.warning("collect.quarantined", return_id=q.return_id, reason=q.reason,
+                             correction=q.return_id in result.broken_corrections)
+            if q.return_id in result.broken_corrections:
+                self.alerts.alert(
+                    "broken_correction",
+                    f"A correction of return {q.return_id} was set aside: {q.reason}. The stored version is "
+                    "kept and used. See `tracker.py status` for the raw item.")
+            else:
+                self.alerts.alert(
+                    "quarantine",
+                    f"Return {q.return_id or '(no id)'} was set aside: {q.reason}. "
+                    "See `tracker.py status` for the raw item.",
+                )
+        if result.corrections:
+            self._corrections_applied(result.corrections)
+
+    def _corrections_applied(self, corrections: Sequence[Correction]) -> None:
+        self.reporter.forget(c.return_id for c in corrections)  # fetched ahead with the old fields
+        self.tracker.forget(c.before.shipment_number for c in corrections if c.moved)  # maybe emptied
+        for c in corrections:
+            report = c.report_state.value if c.report_state else None
+            self.log.info("collect.corrected", return_id=c.return_id, fields=list(c.fields),
+                          before={f: getattr(c.before, f) for f in c.fields},
+                          after={f: getattr(c.after, f) for f in c.fields}, report=report)
+            if c.report_state is ReportState.DONE and c.changes_report:
+                self.alerts.alert(
+                    f"corrected_after_report:{c.return_id}",
+                    f"Return {c.return_id} was corrected after the partner recorded its report: {c.describe()}. "
+                    "The partner holds the old fields and the report is not sent again. "
+                    "Check with the partner and decide; `tracker.py status` lists every such return.")
 
     # ── track ───────────────────────────────────────────────────────────────────────────────
 
@@ -2056,7 +2309,11 @@ class Stages:
     async def send_report(self, report: DueReport) -> None:
         reply = await self.client.post_result(report)
         update = decide_report_update(report, reply, time.time(), self.config.schedule)
-        await self.committer.submit(update)
+        superseded = report.return_id in (await self.committer.submit(update)).superseded
+        if superseded and update.state is ReportState.DEAD:
+            # The partner refused the fields a correction has since replaced: the corrected report
+            # is still pending and goes next.
+            update = dataclasses.replace(update, state=ReportState.PENDING, outcome=None)
         outcome = update.outcome or ("deferred" if not update.called else "retry")
         self._report_attempts[outcome].inc()
         if update.state is ReportState.DONE and report.queued_at:
@@ -2064,6 +2321,19 @@ class Stages:
         self.log.info("report.sent", return_id=report.return_id, shipment_number=report.shipment_number,
                       outcome=outcome, attempt=report.attempts + 1, latency_s=round(reply.latency_s, 4),
                       error=update.last_error)
+        if update.state is ReportState.DONE and superseded:
+            self.alerts.alert(
+                f"corrected_after_report:{report.return_id}",
+                f"The partner recorded return {report.return_id} as order {report.order_number} item "
+                f"{report.order_item_number}, box {report.shipment_number}: a report sent just before a "
+                "correction of those fields arrived. The corrected report is not sent. Check with the partner "
+                "and decide; `tracker.py status` lists every such return.")
+        elif update.outcome == "duplicate" and report.sent_before_correction:
+            self.alerts.alert(
+                f"corrected_after_report:{report.return_id}",
+                f"The partner answered 409 to the corrected report of return {report.return_id}: it had "
+                "recorded an earlier send, made before the correction, and may hold the old fields. Check with "
+                "the partner and decide; `tracker.py status` lists every such return.")
         if update.state is ReportState.DEAD:
             self.alerts.alert(
                 "dead",
@@ -2292,6 +2562,9 @@ class Metrics:
             "tracker_partner_calls_in_flight", "Partner API calls awaiting an answer.", ["endpoint"], registry=r)
         self.returns_collected = prometheus_client.Counter(
             "tracker_returns_collected_total", "New returns stored from the feed.", registry=r)
+        self.returns_corrected = prometheus_client.Counter(
+            "tracker_returns_corrected_total", "Relisted returns whose fields changed, by changed field.",
+            ["field"], registry=r)
         self.returns_quarantined = prometheus_client.Counter(
             "tracker_returns_quarantined_total", "Feed items set aside as unusable.", registry=r)
         self.reports_queued = prometheus_client.Counter(
@@ -2357,6 +2630,8 @@ class Metrics:
             self.reports.labels(report_outcome)
         for state in (BoxState.DELIVERED, BoxState.CANCELLED, BoxState.STALE):
             self.boxes_closed.labels(state.value)
+        for field in CORRECTABLE_FIELDS:
+            self.returns_corrected.labels(field)
 
     async def refresh_from(self, store: Store) -> None:
         """The gauges that count rows: refreshed on a timer, not per transition."""
@@ -2610,6 +2885,9 @@ class Daemon:
             self.metrics.returns_collected.inc(result.returns_added)
         if result.quarantined_added:
             self.metrics.returns_quarantined.inc(result.quarantined_added)
+        for correction in result.corrections:
+            for field in correction.fields:
+                self.metrics.returns_corrected.labels(field).inc()
         if result.reports_queued:
             self.metrics.reports_queued.inc(result.reports_queued)
             if self._stages is not None:
@@ -2837,7 +3115,8 @@ async def status_lines(store: Store, limit: int = 10) -> list[str]:
     lines = [
         f"tracker status — {store.path}",
         "",
-        f"  returns   {c.get('returns', 0):,} collected · {c.get('quarantine.open', 0):,} quarantined",
+        (f"  returns   {c.get('returns', 0):,} collected · {c.get('corrections', 0):,} corrections applied · "
+         f"{c.get('quarantine.open', 0):,} quarantined"),
         f"  boxes     {states('boxes', (s.value for s in BoxState))}",
         f"  reports   {states('reports', (s.value for s in ReportState))}",
         f"  feed      cursor {'set' if await store.feed_cursor() else 'not set (starts at the beginning)'}",
@@ -2854,6 +3133,12 @@ async def status_lines(store: Store, limit: int = 10) -> list[str]:
             for rid, reason, raw, seen in await store.open_quarantine(limit)]),
         ("Dead reports (partner refused; once fixed: tracker.py requeue dead [ids])", [
             f"  {rid}  box {sn}  {err}  {_ago(done)}" for rid, sn, err, done in await store.dead_reports(limit)]),
+        ("Reports the partner recorded before a correction of their fields (not resent: decide with the partner)", [
+            f"  {rid}  {_changes(before, after)}  recorded {_ago(done)}"
+            for rid, before, after, done in await store.outdated_reports(limit)]),
+        ("Latest corrections (relisted returns whose fields changed)", [
+            f"  {rid}  {_changes(before, after)}  report {report or 'not queued yet'}  {_ago(when)}"
+            for rid, before, after, report, when in await store.latest_corrections(limit)]),
         ("Stale boxes (never registered; once it is: tracker.py requeue stale [ids])", [
             f"  {sn}  first seen {_ago(seen)}  items {items}" for sn, seen, items in await store.stale_boxes(limit)]),
         ("Unknown statuses seen", [
@@ -2863,6 +3148,11 @@ async def status_lines(store: Store, limit: int = 10) -> list[str]:
     for title, rows in sections:
         lines += ["", f"{title}:"] + (rows or ["  none"])
     return lines
+
+
+def _changes(before: str, after: str) -> str:
+    old, new = json.loads(before), json.loads(after)
+    return ", ".join(f"{field} {old[field]!r} → {new[field]!r}" for field in new)
 
 
 def _ago(timestamp: float | None) -> str:

@@ -64,6 +64,7 @@ def scenario_overrides(returns: int, rate_limit: float = 0.0) -> dict[str, Any]:
     return appearing, so one tracking call per box is enough for a caller that waits for it."""
     return {"returns": returns, "arrive_over_s": 10.0, "step_s": [0.1, 0.3], "unregistered_share": 0.0,
             "never_registered_share": 0.0, "relist_share": 0.0, "broken_share": 0.0, "unknown_status_share": 0.0,
+            "reissue_share": 0.0, "fix_share": 0.0, "broken_correction_share": 0.0,
             "faults": {"latency_ms": [20, 80], "error_share": 0.01, "garbled_share": 0.0, "slow_share": 0.0,
                        "hang_share": 0.0, "reset_share": 0.0, "rate_limit_per_s": rate_limit}}
 

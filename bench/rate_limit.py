@@ -37,7 +37,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tracker-bench-rate-"))
     # Boxes deliver within seconds of registering, so tracking and reports are both backlogged.
     scenario = {"step_s": [0.5, 1.5], "unregistered_share": 0.0, "never_registered_share": 0.0, "relist_share": 0.0,
-                "broken_share": 0.0, "unknown_status_share": 0.0,
+                "broken_share": 0.0, "unknown_status_share": 0.0, "reissue_share": 0.0, "fix_share": 0.0,
+                "broken_correction_share": 0.0,
                 "faults": {"latency_ms": [20, 80], "error_share": 0.0, "garbled_share": 0.0, "slow_share": 0.0,
                            "hang_share": 0.0, "reset_share": 0.0, "rate_limit_per_s": args.limit}}
     partner = subprocess.Popen(

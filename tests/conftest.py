@@ -143,11 +143,12 @@ async def ledger_of(partner: standin.ThreadedStandIn) -> dict[str, Any]:
 
 
 def everything_reported(partner: standin.ThreadedStandIn, db: Path | None = None) -> Callable[[], Awaitable[bool]]:
-    """The scenario has played out and the partner recorded every reportable item — and, given the
-    database, the daemon knows it too (a report whose answer was lost is still pending until resent)."""
+    """The scenario has played out, the daemon has stored the whole feed (a late correction too) and
+    the partner recorded every reportable item — and, given the database, the daemon knows it too (a
+    report whose answer was lost is still pending until resent)."""
     async def check() -> bool:
         ledger = await ledger_of(partner)
-        if not (ledger["finished"] and ledger["missing"] == 0):
+        if not (ledger["finished"] and ledger["missing"] == 0 and ledger["feed_acknowledged"] == ledger["feed_entries"]):
             return False
         return db is None or (await counts_in(db)).get("reports.pending", 0) == 0
     return check

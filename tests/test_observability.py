@@ -102,7 +102,7 @@ async def test_status_shows_counts_and_the_problem_lists(start_partner, db_path:
         capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "returns   200 collected · 4 quarantined" in out
+    assert "returns   200 collected · 0 corrections applied · 4 quarantined" in out
     for title in ("Oldest pending reports:", "Quarantined returns (open):", "Dead reports", "Stale boxes",
                   "Unknown statuses seen:"):
         assert title in out

@@ -1,0 +1,87 @@
+"""The stand-in does what the contract allows the partner to do, corrections included: it must, or
+the daemon's handling of them is never exercised (a stand-in that relisted only identical copies is
+how dropped corrections went unnoticed)."""
+
+import asyncio
+import hashlib
+import json
+
+import aiohttp
+
+import standin
+from conftest import TOKEN, scenario
+
+
+def world(**overrides: object) -> tuple[list[standin.Box], dict[str, list[tuple[float, dict]]]]:
+    boxes, feed = standin.build_world(scenario(returns=2000, **overrides))
+    return boxes, standin.versions_by_return(feed)
+
+
+def test_a_reissued_waybill_ends_cancelled_and_its_items_are_relisted_with_the_new_one() -> None:
+    boxes, versions = world(reissue_share=0.2)
+    by_shipment = {b.shipment_number: b for b in boxes}
+    reissued = [b for b in boxes if b.shipment_number + "R" in by_shipment]
+    assert len(reissued) > 50
+    for old in reissued:
+        new = by_shipment[old.shipment_number + "R"]
+        assert old.final_status == "cancelled" and old.items == []
+        assert old.timeline[-1][0] == new.timeline[0][0]  # the new waybill starts as the old one ends
+        for item in new.items:
+            first, *later = versions[item["id"]]
+            assert first[1]["shipment_number"] == old.shipment_number
+            assert later and later[-1][1]["shipment_number"] == new.shipment_number
+            assert later[-1][0] > old.timeline[-1][0]  # relisted after the old box closed
+
+
+def test_a_typo_fix_can_arrive_before_or_after_the_box_is_collected() -> None:
+    boxes, versions = world(fix_share=0.2, correction_delay_s=(0.05, 3.0))
+    box_end = {b.shipment_number: b.ends_at for b in boxes}
+    fixed = [v for v in versions.values() if len(v) > 1]
+    assert len(fixed) > 200
+    assert all(v[0][1]["order_number"] + v[0][1]["order_item_number"] !=
+               v[-1][1]["order_number"] + v[-1][1]["order_item_number"] for v in fixed)
+    after_close = [v for v in fixed if v[-1][0] > box_end[v[-1][1]["shipment_number"]]]
+    assert 0 < len(after_close) < len(fixed)
+
+
+def test_a_broken_correction_is_listed_but_corrects_nothing() -> None:
+    _, feed = standin.build_world(scenario(returns=2000, fix_share=0.2, broken_correction_share=1.0))
+    versions = standin.versions_by_return(feed)
+    broken = [item for _, item in feed if item.get("id") in versions and not standin._usable(item)]
+    assert len(broken) > 200
+    assert all(all(standin._usable(v) for _, v in versions[item["id"]]) for item in broken)
+
+
+def test_scenarios_without_corrections_play_the_same_world_as_before_they_existed() -> None:
+    """Benchmarks compare runs across versions: a scenario that asks for no corrections must draw
+    the same world from its seed as the stand-in did before corrections existed."""
+    _, feed = standin.build_world(standin.Scenario(seed=1, returns=3000))
+    assert hashlib.sha256(json.dumps(feed).encode()).hexdigest()[:16] == "0c70cf4aa7421cf3"
+
+
+async def test_the_ledger_refuses_a_report_carrying_fields_a_correction_has_replaced() -> None:
+    partner = standin.StandIn(scenario(returns=200, fix_share=1.0, correction_delay_s=(0.0, 0.001),
+                                       step_s=(0.01, 0.02)))
+    await partner.start()
+    try:
+        while not partner.finished:
+            await asyncio.sleep(0.05)
+        return_id, versions = next(iter(partner.versions.items()))
+        old, new = versions[0][1], versions[-1][1]
+        box = partner.by_shipment[new["shipment_number"]]
+        delivered_at = next(standin.iso(at) for at, status in box.timeline if status == "delivered")
+
+        async def post(item: dict) -> int:
+            body = {k: item[k] for k in ("order_number", "order_item_number", "shipment_number")}
+            async with aiohttp.ClientSession() as http, http.post(
+                    partner.url + "/results", json={**body, "result": "collected", "collected_at": delivered_at},
+                    headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": return_id}) as resp:
+                return resp.status
+
+        assert box.final_status == "delivered"
+        assert await post(old) == 422
+        assert partner.ledger.stale == [return_id]
+        assert await post(new) == 200
+        assert partner.superseded() == []
+    finally:
+        await partner.stop()
