@@ -98,8 +98,8 @@ class Demo:
             "storage": {"path": "tracker.db"},
             "http": {"listen": "127.0.0.1:0"},
             "slack": {"webhook_url": info["slack"]},
-            "schedule": {"returns_every_s": 0.5, "track_every_s": 2.0, "stale_after_s": 15.0, "retry_base_s": 0.5,
-                         "retry_max_s": 5.0, "shutdown_grace_s": 3.0},
+            "schedule": {"returns_every_s": 0.5, "track_every_s": 2.0, "detect_within_s": 2.0, "stale_after_s": 15.0,
+                         "retry_base_s": 0.5, "retry_max_s": 5.0, "shutdown_grace_s": 3.0},
             "limits": {"concurrency": 64, "rate_per_s": 1500},
         }, comment=f"written by `tracker.py demo`; the token comes from {tracker.ENV_TOKEN}"))
         return path

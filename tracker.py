@@ -15,6 +15,7 @@ state transition is committed before it is acted on, so kill -9 at any instant l
 
 import argparse
 import asyncio
+import bisect
 import collections
 import contextlib
 import dataclasses
@@ -40,6 +41,8 @@ import sys
 import time
 import tomllib
 import typing
+import zlib
+import zoneinfo
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
@@ -110,6 +113,8 @@ class SlackConfig:
 class ScheduleConfig:
     returns_every_s: float = 30.0
     track_every_s: float = 900.0
+    detect_within_s: float = 900.0
+    timezone: str = "Asia/Seoul"
     stale_after_s: float = 259200.0
     retry_base_s: float = 1.0
     retry_max_s: float = 300.0
@@ -255,9 +260,13 @@ def _validate(config: Config) -> None:
     if config.slack.webhook_url:
         _require_http_url("slack.webhook_url", config.slack.webhook_url)
     schedule = config.schedule
-    for name in ("returns_every_s", "track_every_s", "retry_base_s", "retry_max_s"):
+    for name in ("returns_every_s", "track_every_s", "detect_within_s", "retry_base_s", "retry_max_s"):
         _require_range(f"schedule.{name}", getattr(schedule, name), 0.01, 7 * 86400)
     _require_range("schedule.stale_after_s", schedule.stale_after_s, 0.1, 365 * 86400)
+    try:
+        zoneinfo.ZoneInfo(schedule.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError("schedule.timezone", f'not a known IANA time zone: "{schedule.timezone}"') from None
     _require_range("schedule.shutdown_grace_s", schedule.shutdown_grace_s, 0.1, 60)
     if schedule.retry_max_s < schedule.retry_base_s:
         raise ConfigError("schedule.retry_max_s", "must not be below schedule.retry_base_s")
@@ -311,8 +320,8 @@ class ReportState(enum.StrEnum):
     WITHDRAWN = "withdrawn"  # a correction moved its return to a box not yet delivered; queued again when it is
 
 
-SCHEMA_VERSION = 4  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
-#                    4: corrections, and the report revisions they bump
+SCHEMA_VERSION = 5  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
+#                    4: corrections, and the report revisions they bump; 5: box status histories
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -339,8 +348,10 @@ CREATE TABLE IF NOT EXISTS boxes (
     last_status     TEXT,
     delivered_at    TEXT,
     closed_at       REAL,
-    last_error      TEXT
+    last_error      TEXT,
+    status_since    REAL
 );
+-- boxes.status_since: the partner's time of the newest status in box_history (NULL: none yet).
 CREATE INDEX IF NOT EXISTS boxes_due ON boxes (next_check_at) WHERE state = 'tracking';
 CREATE INDEX IF NOT EXISTS boxes_stale ON boxes (first_seen_at) WHERE state = 'stale';
 CREATE TABLE IF NOT EXISTS reports (
@@ -390,6 +401,16 @@ CREATE TRIGGER IF NOT EXISTS returns_counted AFTER INSERT ON returns BEGIN
     INSERT INTO state_counts (kind, state, n) VALUES ('returns', '', 1)
     ON CONFLICT (kind, state) DO UPDATE SET n = n + 1;
 END;
+-- Every status a box passed through, as the partner's history shows it (changed_at is its
+-- updated_at), with when a check first saw it; at most HISTORY_PER_BOX a box. What the tracking
+-- schedule learns from, and what an operator reads.
+CREATE TABLE IF NOT EXISTS box_history (
+    shipment_number TEXT NOT NULL,
+    changed_at      REAL NOT NULL,
+    status          TEXT NOT NULL,
+    seen_at         REAL NOT NULL,
+    PRIMARY KEY (shipment_number, changed_at, status)
+) WITHOUT ROWID;
 -- One row per applied correction: a relisted return whose fields differ from the stored ones.
 -- `fields` names the changed fields (comma-separated), `before` and `after` are their two versions
 -- (JSON objects), `report_state` is the report's state when the correction arrived (NULL: none yet).
@@ -422,7 +443,8 @@ CREATE TABLE IF NOT EXISTS unknown_statuses (
 # of a silent scan; the state is written literally because only a literal lets SQLite prove that
 # the partial index covers the query. tests/test_storage.py checks each plan.
 HOT_PATH_SQL = {
-    "due_boxes": "SELECT shipment_number, first_seen_at, not_found, errors FROM boxes INDEXED BY boxes_due"
+    "due_boxes": "SELECT shipment_number, first_seen_at, not_found, errors, status_since, checks"
+                 " FROM boxes INDEXED BY boxes_due"
                  " WHERE state = 'tracking' AND next_check_at <= ? ORDER BY next_check_at LIMIT ?",
     "next_box_due_at": "SELECT MIN(next_check_at) FROM boxes INDEXED BY boxes_due WHERE state = 'tracking'",
     "due_reports": "SELECT return_id, order_number, order_item_number, shipment_number, collected_at, attempts,"
@@ -487,6 +509,15 @@ CORRECT_REPORT_SQL = (
     " outcome = CASE WHEN state = 'dead' THEN NULL ELSE outcome END,"
     " done_at = CASE WHEN state = 'dead' THEN NULL ELSE done_at END"
     " WHERE return_id = :return_id")
+# Every tracked box in a status that woke, not due within the spread, is due at a random moment in it.
+WAKE_BOXES_SQL = (
+    "UPDATE boxes SET next_check_at = :now + (abs(random()) % 1000000) / 1000000.0 * :spread"
+    " WHERE state = 'tracking' AND (last_status = :status OR :status = '*') AND next_check_at > :now + :spread")
+# The histories the tracking schedule learns from at start: boxes closed in the last days.
+LEARNED_HISTORY_SQL = (
+    "SELECT h.shipment_number, h.changed_at, h.status FROM boxes b JOIN box_history h"
+    " ON h.shipment_number = b.shipment_number WHERE b.state IN ('delivered', 'cancelled') AND b.closed_at >= ?"
+    " ORDER BY h.shipment_number, h.changed_at")
 # One partner answer to a report. An answer to a body a correction has since changed (the call was
 # already on its way) settles the report only if the partner recorded it — then it holds the old
 # body, and accepted_revision < revision says so; any other answer leaves the corrected report
@@ -554,12 +585,17 @@ COUNT_BY_STATE_SQL = (
     "SELECT 'returns', '', COUNT(*) FROM returns"
     " UNION ALL SELECT 'boxes', state, COUNT(*) FROM boxes GROUP BY state"
     " UNION ALL SELECT 'reports', state, COUNT(*) FROM reports GROUP BY state")
-# Columns a version-3 file lacks (its CREATE TABLE has run already), and what reads them.
-REPORT_REVISION_COLUMNS = ("revision INTEGER NOT NULL DEFAULT 0", "first_sent_revision INTEGER",
-                           "accepted_revision INTEGER")
+# Columns an older file lacks (its CREATE TABLE has run already): (table, column definition).
+ADDED_COLUMNS = (
+    ("reports", "revision INTEGER NOT NULL DEFAULT 0"),  # 4
+    ("reports", "first_sent_revision INTEGER"),  # 4
+    ("reports", "accepted_revision INTEGER"),  # 4
+    ("boxes", "status_since REAL"),  # 5
+)
 SCHEMA_AFTER_MIGRATION = (
     "CREATE INDEX IF NOT EXISTS reports_outdated ON reports (done_at) WHERE accepted_revision < revision",
 )
+HISTORY_PER_BOX = 32  # status history entries kept a box (a failed pickup attempt adds two)
 FEED_CURSOR_KEY = "feed_cursor"
 HEARTBEAT_KEY = "heartbeat"
 
@@ -649,6 +685,16 @@ class DueBox:
     first_seen_at: float
     not_found: int
     errors: int
+    status_since: float | None = None  # the partner's time of the newest status already recorded
+    checks: int = 0  # calls made for it so far
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusChange:
+    """One entry of a box's status history: the status and the partner's time it took effect."""
+
+    status: str
+    at: float  # the entry's updated_at, Unix seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -666,6 +712,7 @@ class BoxUpdate:
     last_error: str | None = None
     unknown_status: str | None = None
     called: bool = True  # False: deferred without a partner call (counters and last error stay)
+    history: tuple[StatusChange, ...] = ()  # entries newer than the box's status_since, oldest first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -707,12 +754,21 @@ class ReportUpdate:
 
 
 @dataclasses.dataclass(frozen=True)
+class WakeBoxes:
+    """A quiet status woke (a box was just seen leaving it): its boxes are asked again within
+    `spread_s`, spread over it, instead of when their quiet-time intervals end."""
+
+    status: str
+    spread_s: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Heartbeat:
     """A real write that changes nothing that matters: proves the disk takes writes (a full or
     read-only disk fails it). It goes through the committer like every write: one writer."""
 
 
-Transition = FeedPage | BoxUpdate | ReportUpdate | Heartbeat
+Transition = FeedPage | BoxUpdate | ReportUpdate | WakeBoxes | Heartbeat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -777,8 +833,8 @@ class Store:
     async def _migrate(writer: aiosqlite.Connection) -> None:
         """Version 2 counts rows by state with triggers: count what a version-1 file already
         holds, once. Version 3 reads stale and dead rows by partial indexes (SCHEMA creates them):
-        the full indexes on state go. Version 4 gives reports their revisions (SCHEMA creates the
-        corrections table). One transaction, so a concurrent `requeue` cannot slip between."""
+        the full indexes on state go. Versions 4 and 5 add columns (ADDED_COLUMNS; SCHEMA creates
+        their new tables). One transaction, so a concurrent `requeue` cannot slip between."""
         await writer.execute("BEGIN IMMEDIATE")
         try:
             version = list(await writer.execute_fetchall("PRAGMA user_version"))[0][0]
@@ -788,11 +844,11 @@ class Store:
             if version < 3:
                 await writer.execute("DROP INDEX IF EXISTS boxes_by_state")
                 await writer.execute("DROP INDEX IF EXISTS reports_by_state")
-            if version < 4:
-                present = {row[1] for row in await writer.execute_fetchall("PRAGMA table_info(reports)")}
-                for column in REPORT_REVISION_COLUMNS:
+            if version < SCHEMA_VERSION:
+                for table, column in ADDED_COLUMNS:
+                    present = {row[1] for row in await writer.execute_fetchall(f"PRAGMA table_info({table})")}
                     if column.split()[0] not in present:
-                        await writer.execute(f"ALTER TABLE reports ADD COLUMN {column}")  # our names only
+                        await writer.execute(f"ALTER TABLE {table} ADD COLUMN {column}")  # our names only
             for statement in SCHEMA_AFTER_MIGRATION:
                 await writer.execute(statement)
             await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -832,6 +888,8 @@ class Store:
                 result += CommitResult(reports_queued=await self._write_box_updates(boxes, now))
             if reports:
                 result += CommitResult(superseded=await self._write_report_updates(reports, now))
+            for wake in (t for t in transitions if isinstance(t, WakeBoxes)):
+                await self._writer.execute(WAKE_BOXES_SQL, {"now": now, "spread": wake.spread_s, "status": wake.status})
             if any(isinstance(t, Heartbeat) for t in transitions):
                 await self._writer.execute(
                     "INSERT INTO meta (key, value) VALUES (?, ?)"
@@ -915,7 +973,8 @@ class Store:
             "UPDATE boxes SET state = ?, next_check_at = ?, checks = checks + ?, not_found = ?, errors = ?,"
             " registered_at = CASE WHEN ? THEN COALESCE(registered_at, ?) ELSE registered_at END,"
             " last_status = COALESCE(?, last_status), delivered_at = COALESCE(?, delivered_at),"
-            " closed_at = ?, last_error = CASE WHEN ? THEN ? ELSE last_error END"
+            " closed_at = ?, last_error = CASE WHEN ? THEN ? ELSE last_error END,"
+            " status_since = MAX(COALESCE(status_since, ?), COALESCE(?, status_since))"
             " WHERE shipment_number = ? AND state = ?",
             [
                 (
@@ -931,12 +990,24 @@ class Store:
                     None if u.state is BoxState.TRACKING else now,
                     u.called,
                     u.last_error,
+                    u.history[-1].at if u.history else None,
+                    u.history[-1].at if u.history else None,
                     u.shipment_number,
                     BoxState.TRACKING.value,
                 )
                 for u in updates
             ],
         )
+        recorded = [u for u in updates if u.history]
+        if recorded:
+            await w.executemany(
+                "INSERT INTO box_history (shipment_number, changed_at, status, seen_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                [(u.shipment_number, h.at, h.status, now) for u in recorded for h in u.history])
+            await w.executemany(  # bounded per box: the oldest entries past HISTORY_PER_BOX go
+                "DELETE FROM box_history WHERE shipment_number = ? AND changed_at < (SELECT changed_at"
+                " FROM box_history WHERE shipment_number = ? ORDER BY changed_at DESC LIMIT 1 OFFSET ?)",
+                [(u.shipment_number, u.shipment_number, HISTORY_PER_BOX - 1) for u in recorded])
         delivered = [u for u in updates if u.state is BoxState.DELIVERED]
         cur = await w.executemany(
             "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
@@ -995,6 +1066,13 @@ class Store:
             (id_list, id_list))
 
     # ── reads for the stages ────────────────────────────────────────────────────────────────
+
+    async def closed_histories(self, since: float) -> list[tuple[StatusChange, ...]]:
+        """The status histories of boxes closed since `since`, each oldest first."""
+        histories: dict[str, list[StatusChange]] = {}
+        for shipment_number, at, status in await self._rows(LEARNED_HISTORY_SQL, (since,)):
+            histories.setdefault(shipment_number, []).append(StatusChange(status, at))
+        return [tuple(history) for history in histories.values()]
 
     async def feed_cursor(self) -> str | None:
         rows = await self._rows("SELECT value FROM meta WHERE key = ?", (FEED_CURSOR_KEY,))
@@ -1860,6 +1938,36 @@ def parse_tracking(body: Any, shipment_number: str) -> tuple[str, str | None]:
     return status, updated_at if isinstance(updated_at, str) else None
 
 
+def parse_history(body: Any, since: float | None) -> tuple[StatusChange, ...]:
+    """The history entries newer than `since`, oldest first, at most HISTORY_PER_BOX. Called on a
+    body parse_tracking accepted; an entry without a usable status or time is left out. Read from
+    the newest back to the first not newer than `since` (the contract lists them oldest first)."""
+    changes = []
+    for entry in reversed(body["data"][-HISTORY_PER_BOX:]):
+        if not isinstance(entry, dict):
+            continue
+        status, at = entry.get("return_status"), _epoch(entry.get("updated_at"))
+        if at is None or not isinstance(status, str) or not status or len(status) > MAX_STATUS_CHARS \
+                or not status.isprintable():
+            continue
+        if since is not None and at <= since:
+            break
+        changes.append(StatusChange(status, at))
+    changes.sort(key=lambda change: change.at)
+    return tuple(changes)
+
+
+def _epoch(value: Any) -> float | None:
+    """An ISO 8601 time as Unix seconds (UTC when it names no zone), or None."""
+    if not isinstance(value, str) or len(value) > MAX_FIELD_CHARS:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
 def _is_timestamp(value: Any) -> bool:
     if not isinstance(value, str) or len(value) > MAX_FIELD_CHARS:
         return False
@@ -1870,20 +1978,213 @@ def _is_timestamp(value: Any) -> bool:
     return True
 
 
-def decide_box_update(box: DueBox, reply: Reply, now: float, schedule: ScheduleConfig) -> BoxUpdate:
-    """What one tracking answer means for a box. Pure: no I/O, no clock but `now`."""
+# ── the tracking schedule ───────────────────────────────────────────────────────────────────
+# When to ask about a box again. Only the move to `delivered` has to be noticed soon (within
+# detect_within_s, meant as the 95th percentile); every other move is read from the history the
+# answer carries, exactly, whenever it is asked. So a box is asked again after detect_within_s plus
+# a hold: how long, at the least, the boxes seen before it in the same status, as long in it, at the
+# same local hour of the week, still took to be delivered (their LEAD_RISK quantile) — and never
+# less than the shortest lead from entering a last-mile status (one a delivery follows) on its way.
+# What they show is all it knows — the couriers' hours, days off, a status's usual length; nothing
+# is assumed. Without deliveries behind it, the hold is 0: the fixed cadence.
+#
+# A sales event's boxes move in step, so the first night is one nobody has seen. A status no box
+# has left for a while (with many checks to show it) is quiet, and so is the fleet while no box
+# comes near delivery: their boxes are asked again after twice as long as it has been quiet (up to
+# QUIET_CAP_S), except one in SENTINEL_EVERY, which keeps the cadence. The first move out of the
+# quiet — a sentinel usually sees it — wakes every box concerned. docs/schedule.md has the numbers.
+
+LEAD_RISK = 0.05
+LEAD_MIN_SAMPLES = 30
+LEAD_CELL_SAMPLES = 100  # a cell's most recent deliveries
+LEAD_DWELL_GRID_S = (0, 300, 900, 1800, 3600, 5400, 7200, 10800, 14400, 21600, 28800, 43200, 64800, 86400,
+                     129600, 172800, 259200)
+LEARN_FROM_DAYS = 28  # at start, the schedule learns again from the boxes closed this recently
+QUIET_CAP_S = 8 * 3600.0
+QUIET_GROWTH = 2.0  # a status quiet for q is asked again after QUIET_GROWTH × q
+QUIET_MIN_CHECKS = 50  # checks of a status's boxes that saw nobody leave it, before it counts as quiet
+SENTINEL_EVERY = 50
+ANY_STATUS = "*"  # the fleet: quiet while no box comes near delivery; woken, it wakes every box
+CHECK_JITTER = 0.1
+
+
+class TrackingSchedule:
+    """Learns from the status histories tracking answers carry; decides each box's next check.
+    With learn=False it is the fixed cadence: track_every_s ±20%, whatever the box.
+
+    A hold is read from a cell: (status, time in it — a point of LEAD_DWELL_GRID_S —, local hour of
+    the week). Each delivery behind a status adds, for every grid point its box reached in it, how
+    long the delivery still took from that moment, to the cell of that moment's hour."""
+
+    def __init__(self, config: ScheduleConfig, *, learn: bool = True) -> None:
+        self._config = config
+        self.learning = learn
+        self._zone = zoneinfo.ZoneInfo(config.timezone)
+        self._cells: dict[tuple[str, int, int], collections.deque[float]] = {}
+        self._holds: dict[tuple[str, int, int], float | None] = {}  # computed from a cell, until it changes
+        self._last_exit: dict[str, float] = {}  # status → the latest partner time a box left it
+        self._quiet_from: dict[str, float] = {}  # status → since when no box has been seen leaving it
+        self._checks_since_exit: dict[str, int] = {}
+        self._followers: dict[str, set[str]] = {}  # status → the statuses seen to follow it
+        self._seen: set[str] = set()  # every status seen
+        self._entry_leads: dict[str, collections.deque[float]] = {}  # status → entered it … delivered
+        self._mile_leads: dict[str, float] | None = None  # from the two above, until they change
+
+    def hour_of_week(self, at: float) -> int:
+        local = dt.datetime.fromtimestamp(at, self._zone)
+        return local.weekday() * 24 + local.hour
+
+    # ── deciding ───────────────────────────────────────────────────────────────────────────
+
+    def next_check(self, shipment_number: str, status: str, entered_at: float | None, now: float) -> float:
+        if not self.learning:
+            return now + jittered(self._config.track_every_s)
+        within = self._config.detect_within_s
+        dwell = max(0.0, now - entered_at) if entered_at is not None else 0.0
+        point = bisect.bisect_right(LEAD_DWELL_GRID_S, dwell) - 1
+        past_point = dwell - LEAD_DWELL_GRID_S[point]
+        hold = max(0.0, (self._hold((status, point, self.hour_of_week(now))) or 0.0) - past_point,
+                   self._last_mile_lead(status))
+        interval = within + hold
+        if zlib.crc32(shipment_number.encode()) % SENTINEL_EVERY:  # a sentinel keeps the cadence while quiet
+            interval = max(interval, self._quiet_for(status, now), self._quiet_for(ANY_STATUS, now))
+        return now + jittered(interval, CHECK_JITTER)
+
+    def _last_mile_lead(self, status: str) -> float:
+        """However a box moves on from `status`, it is delivered only from a last-mile status (one a
+        delivery has been seen to follow), and never sooner after entering the first one on its way
+        than the boxes before it took (their LEAD_RISK quantile). Of the first last-mile statuses
+        on the ways seen from `status`, the shortest such lead; 0 when `status` is one itself, or
+        when one on the way has too few deliveries behind it."""
+        if self._mile_leads is None:
+            self._mile_leads = self._compute_mile_leads()
+        return self._mile_leads.get(status, 0.0)
+
+    def _compute_mile_leads(self) -> dict[str, float]:
+        last_mile = {s for s, followers in self._followers.items() if PickupStatus.DELIVERED in followers}
+        entry_leads: dict[str, float] = {}
+        for status in last_mile:
+            samples = sorted(self._entry_leads.get(status, ()))
+            entry_leads[status] = samples[int(LEAD_RISK * len(samples))] if len(samples) >= LEAD_MIN_SAMPLES else 0.0
+        leads: dict[str, float] = {}
+        for status in self._followers.keys() - last_mile:
+            first_miles, seen, frontier = set(), {status}, [status]
+            while frontier:  # the ways on from `status`, each as far as its first last-mile status
+                for follower in self._followers.get(frontier.pop(), ()):
+                    if follower in last_mile:
+                        first_miles.add(follower)
+                    elif follower not in seen:
+                        seen.add(follower)
+                        frontier.append(follower)
+            if first_miles:
+                leads[status] = min(entry_leads[s] for s in first_miles)
+        return leads
+
+    def _hold(self, key: tuple[str, int, int]) -> float | None:
+        if key not in self._holds:
+            remaining = sorted(self._cells.get(key, ()))
+            self._holds[key] = (remaining[int(LEAD_RISK * len(remaining))] if len(remaining) >= LEAD_MIN_SAMPLES
+                                else None)
+        return self._holds[key]
+
+    def _quiet_for(self, status: str, now: float) -> float:
+        if self._checks_since_exit.get(status, 0) < QUIET_MIN_CHECKS:
+            return 0.0
+        quiet = now - max(self._last_exit.get(status, -math.inf), self._quiet_from.get(status, now))
+        return min(QUIET_CAP_S, QUIET_GROWTH * quiet) if quiet >= 2 * self._config.detect_within_s else 0.0
+
+    # ── learning ───────────────────────────────────────────────────────────────────────────
+
+    def learn(self, history: Sequence[StatusChange], now: float) -> list[str]:
+        """Take in one answer's whole history (oldest first). Returns the statuses it woke: quiet
+        ones a box has just been seen leaving, whose boxes should all be asked again soon."""
+        if not self.learning or not history:
+            return []
+        woken = []
+        for left, entered in zip(history, history[1:]):
+            if entered.status == PickupStatus.CANCELLED:
+                continue  # a withdrawal is no sign the couriers are at work, and needs no haste
+            followers = self._followers.setdefault(left.status, set())
+            if entered.status not in followers:
+                followers.add(entered.status)
+                self._mile_leads = None
+            last = self._last_exit.get(left.status)
+            if last is not None and entered.at <= last:
+                continue
+            if self._quiet_for(left.status, now) > 0:
+                woken.append(left.status)
+            self._last_exit[left.status] = entered.at
+            self._checks_since_exit[left.status] = 0
+        current = history[-1].status
+        # ANY_STATUS stands for the fleet: it is quiet while no box comes near delivery — none is
+        # delivered, none enters a last-mile status or one never seen before (it might be one).
+        near = [entry.at for entry in history if entry.status != PickupStatus.CANCELLED and (
+                entry.status not in self._seen or entry.status == PickupStatus.DELIVERED
+                or PickupStatus.DELIVERED in self._followers.get(entry.status, ()))]
+        self._seen.update(entry.status for entry in history)
+        if near and max(near) > self._last_exit.get(ANY_STATUS, -math.inf):
+            if self._quiet_for(ANY_STATUS, now) > 0:
+                woken.append(ANY_STATUS)
+            self._last_exit[ANY_STATUS] = max(near)
+            self._checks_since_exit[ANY_STATUS] = 0
+        for counted in (current, ANY_STATUS):
+            self._quiet_from.setdefault(counted, now)
+            self._checks_since_exit[counted] = self._checks_since_exit.get(counted, 0) + 1
+        if current in (PickupStatus.DELIVERED, PickupStatus.CANCELLED):
+            self._learn_leads(history)
+        return woken
+
+    def restore(self, histories: Iterable[Sequence[StatusChange]]) -> None:
+        """At start: what the boxes closed lately showed (their recorded histories)."""
+        for history in histories:
+            self._seen.update(entry.status for entry in history)
+            for left, entered in zip(history, history[1:]):
+                if entered.status != PickupStatus.CANCELLED:
+                    self._last_exit[left.status] = max(self._last_exit.get(left.status, -math.inf), entered.at)
+                    self._followers.setdefault(left.status, set()).add(entered.status)
+            if history and history[-1].status in (PickupStatus.DELIVERED, PickupStatus.CANCELLED):
+                self._learn_leads(history)
+
+    def _learn_leads(self, history: Sequence[StatusChange]) -> None:
+        delivered_at = history[-1].at if history[-1].status == PickupStatus.DELIVERED else math.inf
+        if delivered_at < math.inf:
+            for entry in history[:-1]:
+                leads = self._entry_leads.setdefault(entry.status, collections.deque(maxlen=LEAD_CELL_SAMPLES * 10))
+                leads.append(delivered_at - entry.at)
+            self._mile_leads = None
+        for entry, following in zip(history, history[1:]):
+            for point, dwell in enumerate(LEAD_DWELL_GRID_S):
+                if dwell > following.at - entry.at:
+                    break
+                moment = entry.at + dwell
+                key = (entry.status, point, self.hour_of_week(moment))
+                cell = self._cells.get(key)
+                if cell is None:
+                    cell = self._cells[key] = collections.deque(maxlen=LEAD_CELL_SAMPLES)
+                cell.append(delivered_at - moment)
+                self._holds.pop(key, None)
+
+
+def decide_box_update(box: DueBox, reply: Reply, now: float, schedule: ScheduleConfig,
+                      tracking: TrackingSchedule | None = None) -> BoxUpdate:
+    """What one tracking answer means for a box. Pure but for what `tracking` has learned: no I/O,
+    no clock but `now`. Without `tracking`, the fixed cadence."""
     if reply.outcome is Outcome.OK:
         try:
             status, updated_at = parse_tracking(reply.body, box.shipment_number)
         except GarbledAnswer as exc:
             return _box_retry(box, now, schedule, reply, f"garbled: {exc}")
+        history = parse_history(reply.body, box.status_since)
         if status == PickupStatus.DELIVERED:
-            return BoxUpdate(box.shipment_number, BoxState.DELIVERED, None, 0, 0, True, status, updated_at)
+            return BoxUpdate(box.shipment_number, BoxState.DELIVERED, None, 0, 0, True, status, updated_at,
+                             history=history)
         if status == PickupStatus.CANCELLED:
-            return BoxUpdate(box.shipment_number, BoxState.CANCELLED, None, 0, 0, True, status)
+            return BoxUpdate(box.shipment_number, BoxState.CANCELLED, None, 0, 0, True, status, history=history)
+        next_check = (tracking.next_check(box.shipment_number, status, _epoch(updated_at), now) if tracking
+                      else now + jittered(schedule.track_every_s))
         return BoxUpdate(
-            box.shipment_number, BoxState.TRACKING, now + jittered(schedule.track_every_s), 0, 0, True, status,
-            unknown_status=None if status in KNOWN_STATUSES else status,
+            box.shipment_number, BoxState.TRACKING, next_check, 0, 0, True, status,
+            unknown_status=None if status in KNOWN_STATUSES else status, history=history,
         )
     if reply.outcome is Outcome.DEFERRED:
         delay = retry_delay(box.errors, schedule.retry_base_s, schedule.retry_max_s, None)
@@ -2170,6 +2471,7 @@ class Stages:
         self._feed_nudge = asyncio.Event()
         self._boxes_closed = {state: metrics.boxes_closed.labels(state.value)
                               for state in (BoxState.DELIVERED, BoxState.CANCELLED, BoxState.STALE)}
+        self.schedule = TrackingSchedule(config.schedule)
         self._report_attempts = {outcome: metrics.reports.labels(outcome)
                                  for outcome in ("recorded", "duplicate", "refused", "retry", "deferred")}
         capacity = config.limits.concurrency
@@ -2278,12 +2580,19 @@ class Stages:
 
     async def check_box(self, box: DueBox) -> None:
         reply = await self.client.tracking(box.shipment_number, retry=box.errors > 0)
-        update = decide_box_update(box, reply, time.time(), self.config.schedule)
+        now = time.time()
+        update = decide_box_update(box, reply, now, self.config.schedule, self.schedule)
         await self.committer.submit(update)
         self.log.info("track.checked", shipment_number=box.shipment_number, outcome=reply.outcome.value,
-                      status=update.last_status, state=update.state.value, latency_s=round(reply.latency_s, 4))
+                      status=update.last_status, state=update.state.value, next_check_at=update.next_check_at,
+                      latency_s=round(reply.latency_s, 4))
         if update.state is not BoxState.TRACKING:
             self._boxes_closed[update.state].inc()
+            self.metrics.box_checks.observe(box.checks + 1)
+        if update.state is BoxState.DELIVERED and (delivered_at := _epoch(update.delivered_at)) is not None:
+            self.metrics.detect_delay.observe(max(0.0, now - delivered_at))
+        if reply.outcome is Outcome.OK and update.last_status is not None:
+            await self._learn(parse_history(reply.body, None), now)
         if update.state is BoxState.STALE:
             self.alerts.alert(
                 "stale",
@@ -2303,6 +2612,13 @@ class Stages:
             self._partner_failed(Endpoint.TRACKING, reply, update.last_error or "")
         elif update.last_error and update.state is BoxState.TRACKING:
             self.log.warning("track.garbled", shipment_number=box.shipment_number, error=update.last_error)
+
+    async def _learn(self, history: Sequence[StatusChange], now: float) -> None:
+        for status in self.schedule.learn(history, now):
+            spread = self.config.schedule.detect_within_s
+            self.log.info("track.woken", status=status, within_s=spread)
+            await self.committer.submit(WakeBoxes(status, spread))
+            self.tracker.wake()
 
     # ── report ──────────────────────────────────────────────────────────────────────────────
 
@@ -2601,6 +2917,13 @@ class Metrics:
         self.report_delay = prometheus_client.Histogram(
             "tracker_report_delay_seconds", "From a box seen delivered to its report accepted by the partner.",
             registry=r, buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400))
+        self.detect_delay = prometheus_client.Histogram(
+            "tracker_delivery_detect_delay_seconds",
+            "From the partner's delivered time to the check that saw it (the tracking schedule's aim).",
+            registry=r, buckets=(60, 300, 600, 900, 1200, 1800, 3600, 7200, 21600, 86400))
+        self.box_checks = prometheus_client.Histogram(
+            "tracker_box_checks", "Tracking calls a box took, counted when it closes.",
+            registry=r, buckets=(1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233))
         self.db_commit_latency = prometheus_client.Histogram(
             "tracker_db_commit_duration_seconds", "Database transaction latency (one batch of transitions).",
             registry=r, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
@@ -2776,6 +3099,9 @@ class Daemon:
                                    lambda breaker, previous, why: self._circuit_changed(alerts, breaker, previous, why),
                                    lambda endpoint, refused: self._token_changed(alerts, endpoint, refused))
             stages = Stages(config, store, client, committer, alerts, self.metrics, self.log)
+            histories = await store.closed_histories(time.time() - LEARN_FROM_DAYS * 86400)
+            stages.schedule.restore(histories)  # what was learned before a restart is in the histories
+            self.log.info("schedule.restored", boxes=len(histories))
             self._stages = stages
             if self._stop.is_set():
                 stages.stop()
@@ -2951,6 +3277,16 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("ids", nargs="*", help="return ids (dead, quarantined) or shipment numbers (stale)")
     requeue.add_argument("--config", type=Path, default=Path("config.toml"),
                          help="config file (default: ./config.toml)")
+    replay = commands.add_parser(
+        "replay", help="what-if: replay pickup timelines through the tracking schedule on a virtual clock",
+        description="Replays pickup timelines (JSON lines: shipment_number, requested_at, registered_at, "
+                    "events) through the same scheduling decisions the track stage makes, starting with no "
+                    "history, and against fixed polling at track_every_s. Prints a summary; the last line "
+                    "is one JSON object.")
+    replay.add_argument("timelines", type=Path, help="a JSON-lines file of pickup timelines")
+    replay.add_argument("--config", type=Path, default=Path("config.toml"),
+                        help="config file whose [schedule] to use (default: ./config.toml, if it exists)")
+    replay.add_argument("--seed", type=int, default=1, help="seed of the schedule's jitter (default 1)")
     demo = commands.add_parser("demo", help="run the whole pipeline against the partner stand-in",
                                description="Start the partner stand-in on loopback with a burst of returns, "
                                            "run the daemon against it, and print a summary.")
@@ -2968,6 +3304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import demo  # the demo and the stand-in live beside this file, never inside it
 
         return demo.main(returns=args.returns, seconds=args.seconds, seed=args.seed, deadline_s=args.deadline)
+    if args.command == "replay":
+        return replay_command(args.timelines, args.config, args.seed)
     try:
         loader = load_config if args.command in ("run", "once", "check-config") else load_status_config
         config = loader(args.config)
@@ -3089,6 +3427,140 @@ async def requeue_quarantined(store: Store, ids: list[str] | None,
         first_checks = tuple({item.shipment_number: now for item in items}.items())
         await store.commit([FeedPage(tuple(items), (), None, False, first_checks)], now)
     return sorted(item.id for item in items), still_bad
+
+
+@dataclasses.dataclass(frozen=True)
+class PickupTimeline:
+    """One box's real (or modelled) pickup, as ../shared/timelines.py writes it."""
+
+    shipment_number: str
+    requested_at: float
+    registered_at: float | None  # before it the partner answers 404; None: never
+    events: tuple[StatusChange, ...]  # oldest first
+
+    @classmethod
+    def from_json(cls, line: str) -> "PickupTimeline":
+        raw = json.loads(line)
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        events = raw.get("events")
+        if not isinstance(events, list) or not events:
+            raise ValueError("events must be a non-empty list")
+        try:
+            changes = tuple(StatusChange(str(e["status"]), float(e["at"])) for e in events)
+            registered = raw.get("registered_at")
+            return cls(str(raw["shipment_number"]), float(raw["requested_at"]),
+                       None if registered is None else float(registered), tuple(sorted(changes, key=lambda c: c.at)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"missing or wrong field: {exc}") from None
+
+
+@dataclasses.dataclass
+class ReplayResult:
+    boxes: int = 0
+    calls: int = 0
+    delivered: int = 0
+    delays: list[float] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        delays = sorted(self.delays)
+
+        def quantile(q: float) -> float | None:
+            return round(delays[min(len(delays) - 1, int(q * len(delays)))], 1) if delays else None
+        return {"boxes": self.boxes, "calls": self.calls,
+                "calls_per_box": round(self.calls / self.boxes, 2) if self.boxes else 0.0,
+                "delivered": self.delivered, "undetected": self.delivered - len(delays),
+                "detect_delay_s": {"p50": quantile(0.5), "p95": quantile(0.95), "p99": quantile(0.99),
+                                   "max": round(delays[-1], 1) if delays else None}}
+
+
+def replay_timelines(timelines: Sequence[PickupTimeline], config: ScheduleConfig, *, learn: bool,
+                     seed: int = 1) -> ReplayResult:
+    """Every box checked as the daemon would — the feed seen every returns_every_s, first checks
+    spread as collect spreads them, each answer decided by decide_box_update — on a virtual clock.
+    The partner answers 404 before registered_at, then the events up to that moment."""
+    random.seed(seed)  # the schedule's jitter, repeatable
+    tracking = TrackingSchedule(config, learn=learn)
+    result = ReplayResult(boxes=len(timelines))
+    answers = [[{"shipment_number": t.shipment_number, "return_status": e.status,
+                 "updated_at": dt.datetime.fromtimestamp(e.at, dt.UTC).isoformat()} for e in t.events]
+               for t in timelines]
+    times = [[e.at for e in t.events] for t in timelines]
+    due: list[DueBox] = []
+    status_of: list[str | None] = [None] * len(timelines)
+    by_status: dict[str, set[int]] = collections.defaultdict(set)
+    next_at: list[float] = []
+    queue: list[tuple[float, int]] = []
+    for i, timeline in enumerate(timelines):
+        collected = timeline.requested_at + random.uniform(0, config.returns_every_s)
+        due.append(DueBox(timeline.shipment_number, collected, 0, 0))
+        next_at.append(collected + jittered(config.track_every_s, 0.5))
+        heapq.heappush(queue, (next_at[i], i))
+        result.delivered += timelines[i].events[-1].status == PickupStatus.DELIVERED
+    while queue:
+        now, i = heapq.heappop(queue)
+        if now != next_at[i]:
+            continue  # rescheduled since (a wake-up)
+        timeline, box = timelines[i], due[i]
+        if timeline.registered_at is None or now < timeline.registered_at:
+            reply = Reply(Endpoint.TRACKING, Outcome.NOT_FOUND, 404, None, None, 0.0)
+        else:
+            seen = answers[i][:bisect.bisect_right(times[i], now)]
+            reply = Reply(Endpoint.TRACKING, Outcome.OK, 200, {"data": seen}, None, 0.0)
+        update = decide_box_update(box, reply, now, config, tracking)
+        result.calls += 1
+        if reply.outcome is Outcome.OK and learn:  # what the track stage learns: the history as answered
+            for status in tracking.learn(timeline.events[:len(reply.body["data"])], now):
+                woken = set().union(*by_status.values()) if status == ANY_STATUS else by_status[status]
+                for j in woken:  # every box in it asked again soon
+                    if next_at[j] > now + config.detect_within_s:
+                        next_at[j] = now + random.uniform(0, config.detect_within_s)
+                        heapq.heappush(queue, (next_at[j], j))
+        if status_of[i] is not None:
+            by_status[status_of[i]].discard(i)  # type: ignore[index]
+        if update.state is BoxState.DELIVERED:
+            result.delays.append(now - timeline.events[-1].at)
+        if update.state is not BoxState.TRACKING or update.next_check_at is None:
+            continue
+        since = update.history[-1].at if update.history else box.status_since
+        due[i] = DueBox(box.shipment_number, box.first_seen_at, update.not_found, update.errors, since, box.checks + 1)
+        status_of[i] = update.last_status or status_of[i]
+        if status_of[i] is not None:
+            by_status[status_of[i]].add(i)  # type: ignore[index]
+        next_at[i] = update.next_check_at
+        heapq.heappush(queue, (next_at[i], i))
+    return result
+
+
+def replay_command(path: Path, config_path: Path, seed: int) -> int:
+    schedule = ScheduleConfig()
+    if config_path.exists():
+        try:
+            schedule = load_status_config(config_path).schedule
+        except ConfigError as exc:
+            print(f"tracker: config error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        with path.open(encoding="utf-8") as lines:
+            timelines = [PickupTimeline.from_json(line) for line in lines if line.strip()]
+    except OSError as exc:
+        print(f"tracker: cannot read {path}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ValueError as exc:
+        print(f"tracker: {path}: not pickup timelines ({exc})", file=sys.stderr)
+        return EXIT_FAILURE
+    started = time.monotonic()
+    learned = replay_timelines(timelines, schedule, learn=True, seed=seed).summary()
+    fixed = replay_timelines(timelines, schedule, learn=False, seed=seed).summary()
+    print(f"replayed {len(timelines):,} pickups in {time.monotonic() - started:.1f} s "
+          f"(detect_within_s {schedule.detect_within_s:g}, track_every_s {schedule.track_every_s:g})")
+    for name, run in (("learned schedule", learned), (f"fixed every {schedule.track_every_s:g} s", fixed)):
+        delay = run["detect_delay_s"]
+        print(f"  {name:<22} {run['calls']:>10,} calls  {run['calls_per_box']:>7.1f} per box  "
+              f"delay p50 {delay['p50']} s  p95 {delay['p95']} s  p99 {delay['p99']} s  max {delay['max']} s  "
+              f"undetected {run['undetected']} of {run['delivered']:,} delivered")
+    print(json.dumps({**learned, "fixed": fixed}))
+    return EXIT_OK
 
 
 async def print_status(config: Config, out: typing.TextIO | None = None) -> int:

@@ -64,7 +64,7 @@ def scenario(**overrides: Any) -> standin.Scenario:
 
 
 FAST_SCHEDULE = tracker.ScheduleConfig(
-    returns_every_s=0.1, track_every_s=0.2, stale_after_s=3.0, retry_base_s=0.05, retry_max_s=0.5,
+    returns_every_s=0.1, track_every_s=0.2, detect_within_s=0.2, stale_after_s=3.0, retry_base_s=0.05, retry_max_s=0.5,
     shutdown_grace_s=1.0,
 )
 
@@ -148,7 +148,8 @@ def everything_reported(partner: standin.ThreadedStandIn, db: Path | None = None
     report whose answer was lost is still pending until resent)."""
     async def check() -> bool:
         ledger = await ledger_of(partner)
-        if not (ledger["finished"] and ledger["missing"] == 0 and ledger["feed_acknowledged"] == ledger["feed_entries"]):
+        whole_feed = ledger["feed_acknowledged"] == ledger["feed_entries"]
+        if not (ledger["finished"] and ledger["missing"] == 0 and whole_feed):
             return False
         return db is None or (await counts_in(db)).get("reports.pending", 0) == 0
     return check

@@ -20,6 +20,7 @@ timeout_s = 2
 path = "state.db"
 [schedule]
 track_every_s = 0.2
+detect_within_s = 0.2
 """
 
 
@@ -39,6 +40,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     (("[schedule]", "[limits]\nrate_per_s = true\n[schedule]"), "limits.rate_per_s"),
     (("[schedule]", '[http]\nlisten = "9108"\n[schedule]'), "http.listen"),
     (("track_every_s = 0.2", "track_every_s = -1"), "schedule.track_every_s"),
+    (("detect_within_s = 0.2", "detect_within_s = 0"), "schedule.detect_within_s"),
+    (("detect_within_s = 0.2", 'detect_within_s = 0.2\ntimezone = "Mars/Olympus_Mons"'), "schedule.timezone"),
     (("[schedule]", '[log]\nlevel = "loud"\n[schedule]'), "log.level"),
     (("timeout_s = 2", "timeout_s = 2\n["), "config"),
 ])
