@@ -2027,6 +2027,7 @@ class TrackingSchedule:
         self._checks_since_exit: dict[str, int] = {}
         self._followers: dict[str, set[str]] = {}  # status → the statuses seen to follow it
         self._seen: set[str] = set()  # every status seen
+        self._first_statuses: collections.Counter[str] = collections.Counter()  # what histories start with
         self._entry_leads: dict[str, collections.deque[float]] = {}  # status → entered it … delivered
         self._mile_leads: dict[str, float] | None = None  # from the two above, until they change
 
@@ -2079,6 +2080,15 @@ class TrackingSchedule:
             if first_miles:
                 leads[status] = min(entry_leads[s] for s in first_miles)
         return leads
+
+    def first_check_in(self) -> float:
+        """How long after collection a new box is first asked (±50%, so a burst does not land at
+        once): track_every_s, or — once deliveries have taught it — the cadence plus the lead of
+        the status boxes are first seen in: nothing can have come near delivery sooner."""
+        if not self.learning or not self._first_statuses:
+            return self._config.track_every_s
+        first = self._first_statuses.most_common(1)[0][0]
+        return max(self._config.track_every_s, self._config.detect_within_s + self._last_mile_lead(first))
 
     def _hold(self, key: tuple[str, int, int]) -> float | None:
         if key not in self._holds:
@@ -2146,6 +2156,7 @@ class TrackingSchedule:
                 self._learn_leads(history)
 
     def _learn_leads(self, history: Sequence[StatusChange]) -> None:
+        self._first_statuses[history[0].status] += 1
         delivered_at = history[-1].at if history[-1].status == PickupStatus.DELIVERED else math.inf
         if delivered_at < math.inf:
             for entry in history[:-1]:
@@ -2514,7 +2525,7 @@ class Stages:
             page, error = None, reply.detail or reply.outcome.value
             if reply.outcome is Outcome.OK:
                 try:
-                    page = parse_returns_page(reply.body, cursor, time.time(), schedule.track_every_s)
+                    page = parse_returns_page(reply.body, cursor, time.time(), self.schedule.first_check_in())
                 except GarbledAnswer as exc:
                     error = f"garbled page: {exc}"
             if page is None:
@@ -3491,16 +3502,22 @@ def replay_timelines(timelines: Sequence[PickupTimeline], config: ScheduleConfig
     by_status: dict[str, set[int]] = collections.defaultdict(set)
     next_at: list[float] = []
     queue: list[tuple[float, int]] = []
+    collected = [False] * len(timelines)
     for i, timeline in enumerate(timelines):
-        collected = timeline.requested_at + random.uniform(0, config.returns_every_s)
-        due.append(DueBox(timeline.shipment_number, collected, 0, 0))
-        next_at.append(collected + jittered(config.track_every_s, 0.5))
+        seen_in_feed = timeline.requested_at + random.uniform(0, config.returns_every_s)
+        due.append(DueBox(timeline.shipment_number, seen_in_feed, 0, 0))
+        next_at.append(seen_in_feed)
         heapq.heappush(queue, (next_at[i], i))
         result.delivered += timelines[i].events[-1].status == PickupStatus.DELIVERED
     while queue:
         now, i = heapq.heappop(queue)
         if now != next_at[i]:
             continue  # rescheduled since (a wake-up)
+        if not collected[i]:  # the feed lists it now: its first check, as collect spreads them
+            collected[i] = True
+            next_at[i] = now + jittered(tracking.first_check_in(), 0.5)
+            heapq.heappush(queue, (next_at[i], i))
+            continue
         timeline, box = timelines[i], due[i]
         if timeline.registered_at is None or now < timeline.registered_at:
             reply = Reply(Endpoint.TRACKING, Outcome.NOT_FOUND, 404, None, None, 0.0)

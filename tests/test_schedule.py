@@ -76,6 +76,12 @@ def test_a_learned_night_shift_is_waited_for_in_the_afternoon_and_watched_at_nig
     assert interval(night, "picking_up", at(0, 22.5), at(0, 22.6)) <= 1.1 * D + 3600
 
 
+def test_a_burst_is_first_asked_no_sooner_than_anything_can_have_come_near_delivery() -> None:
+    assert tracker.TrackingSchedule(CONFIG).first_check_in() == CONFIG.track_every_s  # no history: as always
+    schedule = taught(pickups(60, assigned_h=9, picked_h=10, collect_min=90))
+    assert schedule.first_check_in() >= D + 89 * 60  # requested → … → picking_up took 90 minutes at least
+
+
 def test_a_status_nobody_leaves_is_asked_less_and_less_while_a_sentinel_keeps_the_cadence() -> None:
     schedule = tracker.TrackingSchedule(CONFIG)
     for k in range(tracker.QUIET_MIN_CHECKS):
