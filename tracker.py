@@ -3652,5 +3652,14 @@ def _ago(timestamp: float | None) -> str:
     return f"{when} ({_human_duration(seconds)} ago)"
 
 
+def main_quietly_on_a_closed_pipe(argv: Sequence[str] | None = None) -> int:
+    """`tracker.py status | head` closes stdout early: end quietly (no traceback), as `head` meant."""
+    try:
+        return main(argv)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
+        return EXIT_FAILURE
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_quietly_on_a_closed_pipe())

@@ -2,6 +2,7 @@
 the key; overrides come from the environment and systemd credentials; bad arguments get usage."""
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -138,3 +139,17 @@ def test_the_daemon_freezes_its_start_up_objects_and_collects_young_ones_rarely(
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+
+
+def test_a_command_whose_reader_went_away_ends_quietly(tmp_path: Path) -> None:
+    """`tracker.py status | head` closes the pipe early: no BrokenPipeError traceback on stderr."""
+    event = {"shipment_number": "S", "requested_at": 0.0, "registered_at": 0.0,
+             "events": [{"status": "requested", "at": 0.0}, {"status": "delivered", "at": 3600.0}]}
+    (tmp_path / "timelines.jsonl").write_text(json.dumps(event) + "\n")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tracker.py"), "replay", "timelines.jsonl"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line is written
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert stderr == ""
