@@ -336,6 +336,7 @@ CREATE TABLE IF NOT EXISTS returns (
     seen_at           REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS returns_by_shipment ON returns (shipment_number);
+CREATE INDEX IF NOT EXISTS returns_by_order ON returns (order_number);
 CREATE TABLE IF NOT EXISTS boxes (
     shipment_number TEXT PRIMARY KEY,
     state           TEXT NOT NULL,
@@ -389,6 +390,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
     resolved_at REAL
 );
 CREATE INDEX IF NOT EXISTS quarantine_open ON quarantine (return_id) WHERE resolved_at IS NULL;
+CREATE INDEX IF NOT EXISTS quarantine_by_return ON quarantine (return_id);
 -- Rows per table and state, kept by the triggers below in the same transaction as the rows, so
 -- the metrics gauges read a handful of rows instead of counting a history that grows for years.
 CREATE TABLE IF NOT EXISTS state_counts (
@@ -411,6 +413,18 @@ CREATE TABLE IF NOT EXISTS box_history (
     seen_at         REAL NOT NULL,
     PRIMARY KEY (shipment_number, changed_at, status)
 ) WITHOUT ROWID;
+-- Each call made for a report (at most ATTEMPTS_PER_REPORT a report, the latest): for `show`.
+CREATE TABLE IF NOT EXISTS report_attempts (
+    id           INTEGER PRIMARY KEY,
+    return_id    TEXT NOT NULL,
+    attempt      INTEGER NOT NULL,
+    attempted_at REAL NOT NULL,
+    outcome      TEXT NOT NULL,
+    http_status  INTEGER,
+    latency_s    REAL,
+    error        TEXT
+);
+CREATE INDEX IF NOT EXISTS report_attempts_by_return ON report_attempts (return_id, id);
 -- One row per applied correction: a relisted return whose fields differ from the stored ones.
 -- `fields` names the changed fields (comma-separated), `before` and `after` are their two versions
 -- (JSON objects), `report_state` is the report's state when the correction arrived (NULL: none yet).
@@ -566,6 +580,25 @@ OPERATOR_SQL = {
                            " AND (? IS NULL OR shipment_number IN (SELECT value FROM json_each(?)))"
                            " RETURNING shipment_number",
 }
+# `show`: one return's whole story, found by its id, order number or shipment number. Each reads by
+# an index (the OR by three); the lists by one JSON array parameter of ids.
+SHOW_SQL = {
+    "returns": "SELECT id, order_number, order_item_number, shipment_number, requested_at, seen_at FROM returns"
+               " WHERE id = :key OR order_number = :key OR shipment_number = :key ORDER BY seen_at, id",
+    "quarantine": "SELECT return_id, reason, raw, seen_at, resolved_at FROM quarantine"
+                  " WHERE return_id IN (SELECT value FROM json_each(:ids)) ORDER BY seen_at",
+    "boxes": "SELECT shipment_number, state, last_status, checks, not_found, first_seen_at, next_check_at, closed_at,"
+             " last_error FROM boxes WHERE shipment_number IN (SELECT value FROM json_each(:ids))",
+    "history": "SELECT shipment_number, changed_at, status, seen_at FROM box_history"
+               " WHERE shipment_number IN (SELECT value FROM json_each(:ids)) ORDER BY shipment_number, changed_at",
+    "reports": "SELECT return_id, state, order_number, order_item_number, shipment_number, collected_at, attempts,"
+               " next_attempt_at, queued_at, done_at, outcome, last_error, revision, accepted_revision FROM reports"
+               " WHERE return_id IN (SELECT value FROM json_each(:ids))",
+    "attempts": "SELECT return_id, attempt, attempted_at, outcome, http_status, latency_s, error FROM report_attempts"
+                " WHERE return_id IN (SELECT value FROM json_each(:ids)) ORDER BY return_id, id",
+    "corrections": "SELECT return_id, fields, before, after, report_state, corrected_at FROM corrections"
+                   " WHERE return_id IN (SELECT value FROM json_each(:ids)) ORDER BY id",
+}
 STATE_COUNT_TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS {table}_counted AFTER INSERT ON {table} BEGIN
     INSERT INTO state_counts (kind, state, n) VALUES ('{table}', NEW.state, 1)
@@ -596,6 +629,7 @@ SCHEMA_AFTER_MIGRATION = (
     "CREATE INDEX IF NOT EXISTS reports_outdated ON reports (done_at) WHERE accepted_revision < revision",
 )
 HISTORY_PER_BOX = 32  # status history entries kept a box (a failed pickup attempt adds two)
+ATTEMPTS_PER_REPORT = 20  # report attempts kept a report, the latest
 FEED_CURSOR_KEY = "feed_cursor"
 HEARTBEAT_KEY = "heartbeat"
 
@@ -751,6 +785,9 @@ class ReportUpdate:
     last_error: str | None
     called: bool = True  # False: deferred without a partner call (attempts and last error stay)
     revision: int = 0  # the revision of the body this answer was to
+    attempt: int = 0  # which attempt this was (recorded in report_attempts when called)
+    http_status: int | None = None
+    latency_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1032,6 +1069,16 @@ class Store:
              "done_at": None if u.state is ReportState.PENDING else now, "return_id": u.return_id}
             for u in updates
         ])
+        called = [u for u in updates if u.called]
+        await self._writer.executemany(
+            "INSERT INTO report_attempts (return_id, attempt, attempted_at, outcome, http_status, latency_s, error)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(u.return_id, u.attempt, now, u.outcome or "retry", u.http_status, u.latency_s, u.last_error)
+             for u in called])
+        await self._writer.executemany(  # bounded per report: only a report retried that often has older ones
+            "DELETE FROM report_attempts WHERE return_id = ? AND id NOT IN (SELECT id FROM report_attempts"
+            " WHERE return_id = ? ORDER BY id DESC LIMIT ?)",
+            [(u.return_id, u.return_id, ATTEMPTS_PER_REPORT) for u in called if u.attempt > ATTEMPTS_PER_REPORT])
         settling = [[u.return_id, u.revision] for u in updates if u.state is not ReportState.PENDING]
         if not settling:
             return frozenset()
@@ -1146,6 +1193,35 @@ class Store:
         """Reports the partner recorded under fields a correction has since changed: (return id, the
         latest correction's before and after as JSON, when the report was recorded)."""
         return await self._rows_since_version_4(OPERATOR_SQL["outdated_reports"], (limit,))
+
+    async def story(self, key: str) -> dict[str, Any]:
+        """Everything known about the returns `key` names (an id, order number or shipment number),
+        their boxes and reports, as plain data; empty lists when it names nothing."""
+        returns = await self._dicts(SHOW_SQL["returns"], {"key": key})
+        ids = json.dumps(sorted({r["id"] for r in returns} | {key}))
+        shipments = json.dumps(sorted({r["shipment_number"] for r in returns} | {key}))
+        return {
+            "returns": returns,
+            "quarantine": await self._dicts(SHOW_SQL["quarantine"], {"ids": ids}),
+            "boxes": await self._dicts(SHOW_SQL["boxes"], {"ids": shipments}),
+            "history": await self._dicts(SHOW_SQL["history"], {"ids": shipments}),
+            "reports": await self._dicts(SHOW_SQL["reports"], {"ids": ids}),
+            "attempts": await self._dicts(SHOW_SQL["attempts"], {"ids": ids}),
+            "corrections": await self._dicts(SHOW_SQL["corrections"], {"ids": ids}),
+        }
+
+    async def _dicts(self, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        try:
+            cursor = await self._reader.execute(sql, params)
+            try:
+                names = [column[0] for column in cursor.description]
+                return [dict(zip(names, row)) for row in await cursor.fetchall()]
+            finally:
+                await cursor.close()
+        except sqlite3.OperationalError as exc:  # an older file opened read-only: it has none of these yet
+            if "no such" not in str(exc):
+                raise
+            return []
 
     async def _rows_since_version_4(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         try:
@@ -2224,13 +2300,15 @@ def _box_retry(box: DueBox, now: float, schedule: ScheduleConfig, reply: Reply, 
 
 def decide_report_update(report: DueReport, reply: Reply, now: float, schedule: ScheduleConfig) -> ReportUpdate:
     """What one results answer means for a report. 200/409 settle it, 422 kills it, the rest retry."""
+    sent: dict[str, Any] = {"revision": report.revision, "attempt": report.attempts + 1, "http_status": reply.status,
+            "latency_s": round(reply.latency_s, 4)}
     if reply.outcome is Outcome.OK and reply.body == {"data": {"result": True}}:
-        return ReportUpdate(report.return_id, ReportState.DONE, None, "recorded", None, revision=report.revision)
+        return ReportUpdate(report.return_id, ReportState.DONE, None, "recorded", None, **sent)
     if reply.outcome is Outcome.CONFLICT:
-        return ReportUpdate(report.return_id, ReportState.DONE, None, "duplicate", None, revision=report.revision)
+        return ReportUpdate(report.return_id, ReportState.DONE, None, "duplicate", None, **sent)
     if reply.outcome is Outcome.REFUSED:
         return ReportUpdate(report.return_id, ReportState.DEAD, None, "refused", reply.detail[:500],
-                            revision=report.revision)
+                            **sent)
     if reply.outcome is Outcome.DEFERRED:
         delay = retry_delay(report.attempts, schedule.retry_base_s, schedule.retry_max_s, None)
         return ReportUpdate(report.return_id, ReportState.PENDING, now + delay, None, None, called=False,
@@ -2241,7 +2319,7 @@ def decide_report_update(report: DueReport, reply: Reply, now: float, schedule: 
         error = "200 without {data: {result: true}}"
     delay = retry_delay(report.attempts + 1, schedule.retry_base_s, schedule.retry_max_s, reply.retry_after)
     return ReportUpdate(report.return_id, ReportState.PENDING, now + delay, None,
-                        f"{reply.outcome.value}: {error}"[:500], revision=report.revision)
+                        f"{reply.outcome.value}: {error}"[:500], **sent)
 
 
 class StorageUnavailable(Exception):
@@ -3288,6 +3366,14 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("ids", nargs="*", help="return ids (dead, quarantined) or shipment numbers (stale)")
     requeue.add_argument("--config", type=Path, default=Path("config.toml"),
                          help="config file (default: ./config.toml)")
+    show = commands.add_parser(
+        "show", help="one return's whole story: by return id, order number or shipment number",
+        description="Everything known about the returns each ID names (a return id, an order number or a "
+                    "shipment number): when collected, corrections, the box's status history and checks, every "
+                    "report attempt, and where it stands now. Needs no token.")
+    show.add_argument("ids", nargs="+", metavar="ID")
+    show.add_argument("--json", action="store_true", help="one JSON object per ID, for scripts")
+    show.add_argument("--config", type=Path, default=Path("config.toml"), help="config file (default: ./config.toml)")
     replay = commands.add_parser(
         "replay", help="what-if: replay pickup timelines through the tracking schedule on a virtual clock",
         description="Replays pickup timelines (JSON lines: shipment_number, requested_at, registered_at, "
@@ -3333,6 +3419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(print_status(config))
     if args.command == "requeue":
         return asyncio.run(requeue(config, args.kind, args.ids or None))
+    if args.command == "show":
+        return asyncio.run(show(config, args.ids, as_json=args.json))
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # one journald record per line, as it happens
     configure_logging(config.log.level)
@@ -3578,6 +3666,128 @@ def replay_command(path: Path, config_path: Path, seed: int) -> int:
               f"undetected {run['undetected']} of {run['delivered']:,} delivered")
     print(json.dumps({**learned, "fixed": fixed}))
     return EXIT_OK
+
+
+async def show(config: Config, keys: Sequence[str], *, as_json: bool, out: typing.TextIO | None = None) -> int:
+    """`tracker.py show`: exit 1 when an ID names nothing (the others are still shown)."""
+    out = out or sys.stdout
+    try:
+        store = await Store.open(config.storage.path, readonly=True)
+    except (FileNotFoundError, sqlite3.Error) as exc:
+        print(f"tracker: no state database at {config.storage.path} ({exc})", file=sys.stderr)
+        return EXIT_FAILURE
+    unknown = []
+    try:
+        for key in keys:
+            story = await store.story(key)
+            if not (story["returns"] or story["boxes"] or story["quarantine"]):
+                unknown.append(key)
+                print(f"tracker: no return, order or shipment is known as {key!r}", file=sys.stderr)
+                continue
+            story["now"] = {r["id"]: where_it_stands(r["id"], story) for r in story["returns"]}
+            if as_json:
+                print(json.dumps({"query": key, **story}, default=str), file=out)
+            else:
+                print("\n".join(story_lines(key, story)), file=out)
+    finally:
+        await store.close()
+    return EXIT_FAILURE if unknown else EXIT_OK
+
+
+def where_it_stands(return_id: str, story: Mapping[str, Any]) -> str:
+    """One line: what has become of this return, and what happens next."""
+    ret = next(r for r in story["returns"] if r["id"] == return_id)
+    report = next((p for p in story["reports"] if p["return_id"] == return_id), None)
+    box = next((b for b in story["boxes"] if b["shipment_number"] == ret["shipment_number"]), None)
+    if report is not None:
+        state = report["state"]
+        if state == ReportState.DONE and (report["accepted_revision"] or 0) < report["revision"]:
+            return (f"reported ({report['outcome']}) {_when(report['done_at'])}, but under fields a correction has "
+                    "since changed: not resent — decide with the partner")
+        if state == ReportState.DONE:
+            verb = "had already recorded it (409)" if report["outcome"] == "duplicate" else "recorded it"
+            return f"reported: the partner {verb} {_when(report['done_at'])}"
+        if state == ReportState.DEAD:
+            return (f"the partner refused the report ({report['last_error']}); once fixed: "
+                    f"tracker.py requeue dead {return_id}")
+        if state == ReportState.WITHDRAWN:
+            return f"a correction moved it to box {ret['shipment_number']}: reported once that box is collected"
+        last = f", last attempt: {report['last_error']}" if report["last_error"] else ""
+        return (f"collected {report['collected_at']}; report pending after {report['attempts']} attempt(s){last}; "
+                f"next attempt {_when(report['next_attempt_at'])}")
+    if box is None:
+        return "waiting for its box to be created (the feed page is being stored)"
+    if box["state"] == BoxState.TRACKING:
+        status = box["last_status"] or "not registered by the carrier yet"
+        return f"pickup not collected yet: {status}; next check {_when(box['next_check_at'])}"
+    if box["state"] == BoxState.CANCELLED:
+        return "the customer withdrew the return (cancelled): nothing to report"
+    if box["state"] == BoxState.STALE:
+        return (f"the carrier never registered waybill {box['shipment_number']}; once it does: "
+                f"tracker.py requeue stale {box['shipment_number']}")
+    return f"box {box['shipment_number']} is {box['state']}"
+
+
+def story_lines(key: str, story: Mapping[str, Any]) -> list[str]:
+    lines = [f"tracker show {key}"]
+    for q in story["quarantine"]:
+        if not any(r["id"] == q["return_id"] for r in story["returns"]):
+            lines += ["", f"return {q['return_id']} — set aside {_when(q['seen_at'])}: {q['reason']}",
+                      f"  raw: {q['raw'][:160]}"]
+    for ret in story["returns"]:
+        rid = ret["id"]
+        lines += ["", f"return {rid} — order {ret['order_number']} item {ret['order_item_number']}, "
+                      f"box {ret['shipment_number']}",
+                  f"  {_stamp(ret['seen_at'])}  collected from the feed (requested {ret['requested_at'] or '-'})"]
+        events: list[tuple[float, str]] = []
+        for c in story["corrections"]:
+            if c["return_id"] == rid:
+                events.append((c["corrected_at"], f"corrected: {_changes(c['before'], c['after'])}"))
+        for q in story["quarantine"]:
+            if q["return_id"] == rid:
+                resolved = f" (resolved {_stamp(q['resolved_at'])})" if q["resolved_at"] else ""
+                events.append((q["seen_at"], f"a listing was set aside: {q['reason']}{resolved}"))
+        lines += [f"  {_stamp(at)}  {text}" for at, text in sorted(events, key=lambda e: e[0])]
+        for box in story["boxes"]:
+            if box["shipment_number"] != ret["shipment_number"]:
+                continue
+            closed = f", closed {_stamp(box['closed_at'])}" if box["closed_at"] else ""
+            lines.append(f"  box {box['shipment_number']}: {box['state']}, {box['checks']} check(s), "
+                         f"next {_stamp(box['next_check_at']) if box['next_check_at'] else 'none'}{closed}")
+            lines += _history_lines(story, box["shipment_number"])
+        report = next((p for p in story["reports"] if p["return_id"] == rid), None)
+        if report is not None:
+            lines.append(f"  report: {report['state']}, {report['attempts']} attempt(s), queued "
+                         f"{_stamp(report['queued_at'])}, collected_at {report['collected_at']}")
+            lines += [_attempt_line(a) for a in story["attempts"] if a["return_id"] == rid]
+        lines.append(f"  now: {story['now'][rid]}")
+    if not story["returns"] and story["boxes"]:
+        for box in story["boxes"]:
+            lines += ["", f"box {box['shipment_number']}: {box['state']} (no return is in it now), "
+                          f"{box['checks']} check(s)"]
+            lines += _history_lines(story, box["shipment_number"])
+    return lines
+
+
+def _history_lines(story: Mapping[str, Any], shipment_number: str) -> list[str]:
+    """A box's statuses: the partner's time, and when a check first saw each."""
+    return [f"    {_stamp(h['changed_at'])}  {h['status']:<14} (seen {_stamp(h['seen_at'])})"
+            for h in story["history"] if h["shipment_number"] == shipment_number]
+
+
+def _attempt_line(attempt: Mapping[str, Any]) -> str:
+    latency = "-" if attempt["latency_s"] is None else f"{attempt['latency_s']:.3f}"
+    error = f"  {attempt['error']}" if attempt["error"] else ""
+    return (f"    {_stamp(attempt['attempted_at'])}  #{attempt['attempt']} {attempt['outcome']:<9} "
+            f"HTTP {attempt['http_status'] or '-'}  {latency} s{error}")
+
+
+def _stamp(timestamp: float | None) -> str:
+    return "-" if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _when(timestamp: float | None) -> str:
+    return "-" if timestamp is None else f"at {_stamp(timestamp)}"
 
 
 async def print_status(config: Config, out: typing.TextIO | None = None) -> int:

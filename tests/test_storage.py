@@ -71,6 +71,17 @@ def test_per_page_statement_starts_from_the_pages_ids_and_never_scans_a_table(na
     assert all("VIRTUAL TABLE" in step for step in scans), plan  # json_each over the page, nothing else
 
 
+@pytest.mark.parametrize("name", sorted(tracker.SHOW_SQL))
+def test_show_statement_searches_an_index_and_never_scans_a_table(name: str, db_path: Path) -> None:
+    create_schema(db_path)
+    write_history(db_path, finished=20000, unfinished=50)
+    with sqlite3.connect(db_path) as conn:
+        explained = conn.execute("EXPLAIN QUERY PLAN " + tracker.SHOW_SQL[name], {"key": "R1", "ids": "[]"})
+        plan = [row[3] for row in explained]
+    scans = [step for step in plan if step.startswith("SCAN")]
+    assert all("VIRTUAL TABLE" in step for step in scans), plan  # json_each over the ids, nothing else
+
+
 @pytest.mark.parametrize("name", sorted(tracker.OPERATOR_SQL))
 def test_operator_statement_reads_only_the_partial_index_of_its_state(name: str, db_path: Path) -> None:
     plan = plan_over_history(db_path, tracker.OPERATOR_SQL[name])
