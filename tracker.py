@@ -3671,10 +3671,8 @@ def replay_command(path: Path, config_path: Path, seed: int) -> int:
 async def show(config: Config, keys: Sequence[str], *, as_json: bool, out: typing.TextIO | None = None) -> int:
     """`tracker.py show`: exit 1 when an ID names nothing (the others are still shown)."""
     out = out or sys.stdout
-    try:
-        store = await Store.open(config.storage.path, readonly=True)
-    except (FileNotFoundError, sqlite3.Error) as exc:
-        print(f"tracker: no state database at {config.storage.path} ({exc})", file=sys.stderr)
+    store = await open_for_reading(config)
+    if store is None:
         return EXIT_FAILURE
     unknown = []
     try:
@@ -3790,12 +3788,19 @@ def _when(timestamp: float | None) -> str:
     return "-" if timestamp is None else f"at {_stamp(timestamp)}"
 
 
-async def print_status(config: Config, out: typing.TextIO | None = None) -> int:
-    out = out or sys.stdout
+async def open_for_reading(config: Config) -> Store | None:
+    """The state database, read-only (`status`, `show`); None, said on stderr, when there is none."""
     try:
-        store = await Store.open(config.storage.path, readonly=True)
+        return await Store.open(config.storage.path, readonly=True)
     except (FileNotFoundError, sqlite3.Error) as exc:
         print(f"tracker: no state database at {config.storage.path} ({exc})", file=sys.stderr)
+        return None
+
+
+async def print_status(config: Config, out: typing.TextIO | None = None) -> int:
+    out = out or sys.stdout
+    store = await open_for_reading(config)
+    if store is None:
         return EXIT_FAILURE
     try:
         for line in await status_lines(store):

@@ -2,10 +2,12 @@
 number — as customer service asks it a day later."""
 
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -87,18 +89,25 @@ def test_show_an_unknown_id_says_so_and_exits_1(reported_burst) -> None:
     assert "RET_NOT_THERE" not in result.stdout.replace("tracker show RET_NOT_THERE", "")
 
 
-async def test_show_tells_a_pending_report_its_failed_attempt_and_next_try(db_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def a_delivered_return(db_path: Path) -> AsyncIterator[tracker.Store]:
+    """A store holding return R1 in box S1, delivered: its report is pending, not yet sent."""
     store = await tracker.Store.open(str(db_path))
     try:
         item = tracker.ReturnItem("R1", "O1", "1", "S1", None)
         await store.commit([tracker.FeedPage((item,), (), "c", False, (("S1", 0.0),))], 1.0)
         await store.commit([tracker.BoxUpdate("S1", tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
                                               "2026-11-24T10:00:00Z")], 2.0)
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_show_tells_a_pending_report_its_failed_attempt_and_next_try(db_path: Path) -> None:
+    async with a_delivered_return(db_path) as store:
         await store.commit([tracker.ReportUpdate("R1", tracker.ReportState.PENDING, 100.0, None, "server_error: 503",
                                                  attempt=1, http_status=503, latency_s=0.2)], 3.0)
         story = await store.story("R1")
-    finally:
-        await store.close()
     assert [(a["attempt"], a["outcome"], a["http_status"]) for a in story["attempts"]] == [(1, "retry", 503)]
     now = tracker.where_it_stands("R1", story)
     assert "report pending after 1 attempt(s), last attempt: server_error: 503" in now
@@ -106,16 +115,9 @@ async def test_show_tells_a_pending_report_its_failed_attempt_and_next_try(db_pa
 
 
 async def test_report_attempts_are_kept_for_the_latest_attempts_per_report(db_path: Path) -> None:
-    store = await tracker.Store.open(str(db_path))
-    try:
-        item = tracker.ReturnItem("R1", "O1", "1", "S1", None)
-        await store.commit([tracker.FeedPage((item,), (), "c", False, (("S1", 0.0),))], 1.0)
-        await store.commit([tracker.BoxUpdate("S1", tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
-                                              "2026-11-24T10:00:00Z")], 2.0)
+    async with a_delivered_return(db_path) as store:
         for attempt in range(1, tracker.ATTEMPTS_PER_REPORT + 6):
             await store.commit([tracker.ReportUpdate("R1", tracker.ReportState.PENDING, 100.0, None, "timeout",
                                                      attempt=attempt)], 2.0 + attempt)
         attempts = [a["attempt"] for a in (await store.story("R1"))["attempts"]]
-    finally:
-        await store.close()
     assert attempts == list(range(6, tracker.ATTEMPTS_PER_REPORT + 6))
