@@ -116,6 +116,7 @@ class ScheduleConfig:
     detect_within_s: float = 900.0
     timezone: str = "Asia/Seoul"
     stale_after_s: float = 259200.0
+    overdue_after_s: float = 259200.0
     retry_base_s: float = 1.0
     retry_max_s: float = 300.0
     shutdown_grace_s: float = 5.0
@@ -263,6 +264,7 @@ def _validate(config: Config) -> None:
     for name in ("returns_every_s", "track_every_s", "detect_within_s", "retry_base_s", "retry_max_s"):
         _require_range(f"schedule.{name}", getattr(schedule, name), 0.01, 7 * 86400)
     _require_range("schedule.stale_after_s", schedule.stale_after_s, 0.1, 365 * 86400)
+    _require_range("schedule.overdue_after_s", schedule.overdue_after_s, 0.1, 365 * 86400)
     try:
         zoneinfo.ZoneInfo(schedule.timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
@@ -320,8 +322,9 @@ class ReportState(enum.StrEnum):
     WITHDRAWN = "withdrawn"  # a correction moved its return to a box not yet delivered; queued again when it is
 
 
-SCHEMA_VERSION = 5  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
-#                    4: corrections, and the report revisions they bump; 5: box status histories
+SCHEMA_VERSION = 6  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
+#                    4: corrections, and the report revisions they bump; 5: box status histories;
+#                    6: report attempts, boxes' requested_at (overdue pickups)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -350,9 +353,11 @@ CREATE TABLE IF NOT EXISTS boxes (
     delivered_at    TEXT,
     closed_at       REAL,
     last_error      TEXT,
-    status_since    REAL
+    status_since    REAL,
+    requested_at    REAL
 );
--- boxes.status_since: the partner's time of the newest status in box_history (NULL: none yet).
+-- boxes.status_since: the partner's time of the newest status in box_history (NULL: none yet);
+-- boxes.requested_at: when its first return was requested (the feed's requested_at), for overdue.
 CREATE INDEX IF NOT EXISTS boxes_due ON boxes (next_check_at) WHERE state = 'tracking';
 CREATE INDEX IF NOT EXISTS boxes_stale ON boxes (first_seen_at) WHERE state = 'stale';
 CREATE TABLE IF NOT EXISTS reports (
@@ -467,6 +472,8 @@ HOT_PATH_SQL = {
     "next_report_due_at": "SELECT MIN(next_attempt_at) FROM reports INDEXED BY reports_due WHERE state = 'pending'",
     "oldest_pending_report": "SELECT MIN(queued_at) FROM reports INDEXED BY reports_pending_by_age"
                              " WHERE state = 'pending'",
+    "overdue_boxes": "SELECT COUNT(*), MIN(COALESCE(requested_at, first_seen_at)) FROM boxes INDEXED BY boxes_overdue"
+                     " WHERE state = 'tracking' AND COALESCE(requested_at, first_seen_at) < ?",
 }
 # A report queued for a delivered box: new, or one a correction withdrew when it moved its return
 # to this box before the box was delivered. Any other report of the return is left as it is.
@@ -567,6 +574,9 @@ OPERATOR_SQL = {
     "outdated_reports": "SELECT p.return_id, c.before, c.after, p.done_at FROM reports p"
                         " JOIN corrections c ON c.id = (SELECT MAX(id) FROM corrections WHERE return_id = p.return_id)"
                         " WHERE p.accepted_revision < p.revision ORDER BY p.done_at LIMIT ?",
+    "overdue_boxes": "SELECT shipment_number, COALESCE(requested_at, first_seen_at), last_status, status_since,"
+                     " checks FROM boxes WHERE state = 'tracking' AND COALESCE(requested_at, first_seen_at) < ?"
+                     " ORDER BY COALESCE(requested_at, first_seen_at) LIMIT ?",
     "stale_boxes": "SELECT b.shipment_number, b.first_seen_at,"
                    " (SELECT COUNT(*) FROM returns r WHERE r.shipment_number = b.shipment_number)"
                    " FROM boxes b WHERE b.state = 'stale' ORDER BY b.first_seen_at LIMIT ?",
@@ -624,9 +634,12 @@ ADDED_COLUMNS = (
     ("reports", "first_sent_revision INTEGER"),  # 4
     ("reports", "accepted_revision INTEGER"),  # 4
     ("boxes", "status_since REAL"),  # 5
+    ("boxes", "requested_at REAL"),  # 6
 )
 SCHEMA_AFTER_MIGRATION = (
     "CREATE INDEX IF NOT EXISTS reports_outdated ON reports (done_at) WHERE accepted_revision < revision",
+    "CREATE INDEX IF NOT EXISTS boxes_overdue ON boxes (COALESCE(requested_at, first_seen_at))"
+    " WHERE state = 'tracking'",
 )
 HISTORY_PER_BOX = 32  # status history entries kept a box (a failed pickup attempt adds two)
 ATTEMPTS_PER_REPORT = 20  # report attempts kept a report, the latest
@@ -870,7 +883,7 @@ class Store:
     async def _migrate(writer: aiosqlite.Connection) -> None:
         """Version 2 counts rows by state with triggers: count what a version-1 file already
         holds, once. Version 3 reads stale and dead rows by partial indexes (SCHEMA creates them):
-        the full indexes on state go. Versions 4 and 5 add columns (ADDED_COLUMNS; SCHEMA creates
+        the full indexes on state go. Versions 4 to 6 add columns (ADDED_COLUMNS; SCHEMA creates
         their new tables). One transaction, so a concurrent `requeue` cannot slip between."""
         await writer.execute("BEGIN IMMEDIATE")
         try:
@@ -952,9 +965,11 @@ class Store:
         if corrections:
             corrections = await self._write_corrections(corrections, now)
         await w.executemany(
-            "INSERT INTO boxes (shipment_number, state, next_check_at, first_seen_at) VALUES (?, ?, ?, ?)"
+            "INSERT INTO boxes (shipment_number, state, next_check_at, first_seen_at, requested_at)"
+            " VALUES (?, ?, ?, ?, (SELECT MIN((julianday(requested_at) - 2440587.5) * 86400.0) FROM returns"
+            " WHERE shipment_number = ?))"
             " ON CONFLICT (shipment_number) DO NOTHING",
-            [(s, BoxState.TRACKING.value, t, now) for s, t in page.first_checks],
+            [(s, BoxState.TRACKING.value, t, now, s) for s, t in page.first_checks],
         )
         shipments = json.dumps([s for s, _ in page.first_checks])
         await w.execute(PAGE_SQL["revive_emptied_boxes"], (now, now, shipments))
@@ -1160,6 +1175,19 @@ class Store:
             for state, n in await self._rows(sql, ()):
                 counts[kind if state == "all" else f"{kind}.{state}"] = n
         return counts
+
+    async def overdue(self, before: float) -> tuple[int, float | None]:
+        """How many tracked boxes were requested before `before`, and the oldest one's request."""
+        try:
+            count, oldest = (await self._rows(HOT_PATH_SQL["overdue_boxes"], (before,)))[0]
+        except sqlite3.OperationalError as exc:  # an older file opened read-only (`status`)
+            if "no such" not in str(exc):
+                raise
+            return 0, None
+        return count, oldest
+
+    async def overdue_boxes(self, before: float, limit: int) -> list[tuple[str, float, str | None, float | None, int]]:
+        return await self._rows_since_version_4(OPERATOR_SQL["overdue_boxes"], (before, limit))
 
     async def oldest_pending_report_queued_at(self) -> float | None:
         return (await self._rows(HOT_PATH_SQL["oldest_pending_report"], ()))[0][0]
@@ -3001,6 +3029,9 @@ class Metrics:
             "tracker_quarantine_open", "Quarantined feed items not yet resolved.", registry=r)
         self.outbox_pending = prometheus_client.Gauge(
             "tracker_outbox_pending", "Reports queued and not yet accepted by the partner.", registry=r)
+        self.boxes_overdue = prometheus_client.Gauge(
+            "tracker_boxes_overdue", "Boxes not collected schedule.overdue_after_s after their first return was "
+            "requested, still tracked.", registry=r)
         self.outbox_oldest_age = prometheus_client.Gauge(
             "tracker_outbox_oldest_age_seconds", "Age of the oldest pending report (0 when none).", registry=r)
         self.report_delay = prometheus_client.Histogram(
@@ -3131,6 +3162,8 @@ class SystemdNotifier:
 
 
 ALERT_FLUSH_S = 2.0  # at shutdown, pending alerts get this long to reach Slack
+OVERDUE_ALERT_EVERY_S = 3600.0  # while pickups are overdue, Slack hears of them this often at most
+OVERDUE_ALERT_NAMES = 5  # the oldest overdue shipments an alert names
 HOUSEKEEPING_EVERY_S = 5.0
 
 
@@ -3146,6 +3179,7 @@ class Daemon:
         self._committer: Committer | None = None
         self.notifier = SystemdNotifier()
         self.started = asyncio.Event()
+        self._overdue_alerted_at = -math.inf
         REDACT.set_secrets(config.secrets)
 
     def stop(self) -> None:
@@ -3209,7 +3243,7 @@ class Daemon:
                     commit_task = tasks.create_task(committer.run(), name="committer")
                     alert_task = tasks.create_task(alerts.run(), name="alerts")
                     chores = [tasks.create_task(self.notifier.keep_watchdog_fed(), name="watchdog"),
-                              tasks.create_task(self._housekeeping(store, committer), name="housekeeping")]
+                              tasks.create_task(self._housekeeping(store, committer, alerts), name="housekeeping")]
                     if once:
                         await self._one_pass(stages)
                     else:
@@ -3308,15 +3342,36 @@ class Daemon:
             if self._stages is not None:
                 self._stages.reporter.wake()
 
-    async def _housekeeping(self, store: Store, committer: Committer) -> None:
-        """Row-count gauges and the database's writability, every few seconds."""
+    async def _housekeeping(self, store: Store, committer: Committer, alerts: "Alerter") -> None:
+        """Row-count gauges, overdue pickups and the database's writability, every few seconds."""
         while True:
             try:
                 self.metrics.db_writable.set(1 if await committer.probe() else 0)
                 await self.metrics.refresh_from(store)
+                await self._watch_overdue(store, alerts, time.time())
             except sqlite3.Error as exc:
                 self.log.warning("storage.read_failed", error=str(exc))
             await asyncio.sleep(HOUSEKEEPING_EVERY_S)
+
+    async def _watch_overdue(self, store: Store, alerts: "Alerter", now: float) -> None:
+        """The overdue gauge; one Slack message an hour at most while pickups are overdue, and one
+        when none are any more."""
+        overdue_after = self.config.schedule.overdue_after_s
+        count, oldest = await store.overdue(now - overdue_after)
+        self.metrics.boxes_overdue.set(count)
+        if count and now - self._overdue_alerted_at >= OVERDUE_ALERT_EVERY_S:
+            sample = [row[0] for row in await store.overdue_boxes(now - overdue_after, OVERDUE_ALERT_NAMES)]
+            more = ", …" if count > len(sample) else ""
+            age = now - (oldest or now)
+            alerts.alert("overdue", f"{count} pickup(s) overdue — not collected {_human_duration(overdue_after)} "
+                                    f"after the return was requested — oldest {_human_duration(age)}: "
+                                    f"{', '.join(sample)}{more}. `tracker.py status` lists them; "
+                                    "`tracker.py show SHIPMENT` tells one's story.")
+            self.log.warning("track.overdue", boxes=count, oldest_s=round(age))
+            self._overdue_alerted_at = now
+        elif not count and self._overdue_alerted_at > -math.inf:
+            alerts.alert("overdue_cleared", "No pickup is overdue any more.")
+            self._overdue_alerted_at = -math.inf
 
     def _health(self) -> dict[str, Any]:
         return {"status": "ok", "version": VERSION, "stopping": self._stop.is_set()}
@@ -3803,15 +3858,17 @@ async def print_status(config: Config, out: typing.TextIO | None = None) -> int:
     if store is None:
         return EXIT_FAILURE
     try:
-        for line in await status_lines(store):
+        for line in await status_lines(store, overdue_after_s=config.schedule.overdue_after_s):
             print(line, file=out)
     finally:
         await store.close()
     return EXIT_OK
 
 
-async def status_lines(store: Store, limit: int = 10) -> list[str]:
+async def status_lines(store: Store, limit: int = 10, overdue_after_s: float = ScheduleConfig.overdue_after_s
+                       ) -> list[str]:
     c = await store.counts()
+    overdue_before = time.time() - overdue_after_s
 
     def states(kind: str, names: Iterable[str]) -> str:
         return " · ".join(f"{name} {c.get(f'{kind}.{name}', 0):,}" for name in names)
@@ -3821,7 +3878,8 @@ async def status_lines(store: Store, limit: int = 10) -> list[str]:
         "",
         (f"  returns   {c.get('returns', 0):,} collected · {c.get('corrections', 0):,} corrections applied · "
          f"{c.get('quarantine.open', 0):,} quarantined"),
-        f"  boxes     {states('boxes', (s.value for s in BoxState))}",
+        f"  boxes     {states('boxes', (s.value for s in BoxState))} · overdue "
+        f"{(await store.overdue(overdue_before))[0]:,}",
         f"  reports   {states('reports', (s.value for s in ReportState))}",
         f"  feed      cursor {'set' if await store.feed_cursor() else 'not set (starts at the beginning)'}",
     ]
@@ -3829,6 +3887,10 @@ async def status_lines(store: Store, limit: int = 10) -> list[str]:
         ("Oldest pending reports", [
             f"  {rid}  box {sn}  queued {_ago(queued)}  attempts {attempts}" + (f"  last: {err}" if err else "")
             for rid, sn, queued, attempts, err in await store.oldest_pending_reports(limit)]),
+        (f"Overdue pickups (not collected {_human_duration(overdue_after_s)} after the request)", [
+            f"  {sn}  requested {_ago(requested)}  status {status or '(not registered yet)'} since {_ago(since)}"
+            f"  checks {checks}"
+            for sn, requested, status, since, checks in await store.overdue_boxes(overdue_before, limit)]),
         ("Longest-tracked boxes", [
             f"  {sn}  first seen {_ago(seen)}  status {status or '(not registered yet)'}  checks {checks}"
             for sn, seen, status, checks in await store.oldest_tracking_boxes(limit)]),

@@ -53,7 +53,7 @@ def test_alert_rules_pass_their_promtool_unit_tests() -> None:
 def test_the_scrape_config_and_rules_are_valid() -> None:
     result = run(tool("promtool"), "check", "config", str(ROOT / "prometheus" / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 async def test_metrics_pass_promtool_check_metrics(start_partner, db_path: Path) -> None:
@@ -143,7 +143,7 @@ def test_real_prometheus_scrapes_the_daemon_and_every_dashboard_query_and_alert_
         assert not empty, f"dashboard queries without data: {empty}"
         groups = prometheus.api("/api/v1/rules")["data"]["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
-        assert len(rules) == 10
+        assert len(rules) == 11
         for rule in rules:
             prometheus.query(rule["query"])  # evaluates without error
         wait_until_sync(lambda: all(r["health"] == "ok" for g in prometheus.api("/api/v1/rules")["data"]["groups"]
