@@ -18,6 +18,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import csv
 import dataclasses
 import datetime as dt
 import enum
@@ -608,6 +609,24 @@ SHOW_SQL = {
                 " WHERE return_id IN (SELECT value FROM json_each(:ids)) ORDER BY return_id, id",
     "corrections": "SELECT return_id, fields, before, after, report_state, corrected_at FROM corrections"
                    " WHERE return_id IN (SELECT value FROM json_each(:ids)) ORDER BY id",
+}
+# `export`: every return (or every closed box's history), streamed in rowid order — one pass over
+# the tables, constant memory however many rows. `:state` is a report or a box state, or NULL.
+EXPORT_SQL = {
+    "returns": "SELECT r.id AS return_id, r.order_number, r.order_item_number, r.shipment_number, r.requested_at,"
+               " r.seen_at AS collected_at, b.state AS box_state, b.last_status, b.delivered_at,"
+               " p.state AS report_state, p.outcome AS report_outcome, p.done_at AS reported_at,"
+               " p.attempts AS report_attempts, p.last_error AS report_error"
+               " FROM returns r LEFT JOIN boxes b ON b.shipment_number = r.shipment_number"
+               " LEFT JOIN reports p ON p.return_id = r.id"
+               " WHERE r.seen_at >= :since AND r.seen_at < :until"
+               " AND (:state IS NULL OR p.state = :state OR b.state = :state) ORDER BY r.rowid",
+    "timelines": "SELECT b.shipment_number, COALESCE(b.requested_at, b.first_seen_at) AS requested_at,"
+                 " b.registered_at, (SELECT COUNT(*) FROM returns r WHERE r.shipment_number = b.shipment_number)"
+                 " AS items, h.changed_at, h.status FROM boxes b JOIN box_history h"
+                 " ON h.shipment_number = b.shipment_number WHERE b.state IN ('delivered', 'cancelled')"
+                 " AND b.first_seen_at >= :since AND b.first_seen_at < :until AND (:state IS NULL OR b.state = :state)"
+                 " ORDER BY b.shipment_number, h.changed_at",
 }
 STATE_COUNT_TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS {table}_counted AFTER INSERT ON {table} BEGIN
@@ -1237,6 +1256,13 @@ class Store:
             "attempts": await self._dicts(SHOW_SQL["attempts"], {"ids": ids}),
             "corrections": await self._dicts(SHOW_SQL["corrections"], {"ids": ids}),
         }
+
+    async def stream(self, sql: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
+        """Rows as dicts, fetched a chunk at a time within one read snapshot (a consistent export)."""
+        async with self._reader.execute(sql, params) as cursor:
+            names = [column[0] for column in cursor.description]
+            async for row in cursor:
+                yield dict(zip(names, row))
 
     async def _dicts(self, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         try:
@@ -3429,6 +3455,20 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("ids", nargs="+", metavar="ID")
     show.add_argument("--json", action="store_true", help="one JSON object per ID, for scripts")
     show.add_argument("--config", type=Path, default=Path("config.toml"), help="config file (default: ./config.toml)")
+    export = commands.add_parser(
+        "export", help="stream every return (or closed boxes' histories, for replay) as CSV or JSON lines",
+        description="One row per return: its box, statuses, collected and reported times, report outcome — "
+                    "streamed in constant memory. --timelines: each closed box's recorded status history in the "
+                    "format `replay` reads. DATEs are YYYY-MM-DD (UTC) or ISO 8601 times; they bound when the "
+                    "tracker collected the return (first saw the box).")
+    export.add_argument("--since", type=parse_date, default=None, metavar="DATE", help="from this time on")
+    export.add_argument("--until", type=parse_date, default=None, metavar="DATE", help="before this time")
+    export.add_argument("--state", choices=sorted({*(s.value for s in ReportState), *(s.value for s in BoxState)}),
+                        help="only returns whose report, or whose box, is in this state")
+    export.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="default csv")
+    export.add_argument("--timelines", action="store_true",
+                        help="closed boxes' status histories as JSON lines, as `replay` reads them")
+    export.add_argument("--config", type=Path, default=Path("config.toml"), help="config file (default: ./config.toml)")
     replay = commands.add_parser(
         "replay", help="what-if: replay pickup timelines through the tracking schedule on a virtual clock",
         description="Replays pickup timelines (JSON lines: shipment_number, requested_at, registered_at, "
@@ -3476,6 +3516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(requeue(config, args.kind, args.ids or None))
     if args.command == "show":
         return asyncio.run(show(config, args.ids, as_json=args.json))
+    if args.command == "export":
+        return asyncio.run(export(config, since=args.since, until=args.until, state=args.state,
+                                  fmt="jsonl" if args.timelines else args.format, timelines=args.timelines))
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # one journald record per line, as it happens
     configure_logging(config.log.level)
@@ -3646,6 +3689,8 @@ def replay_timelines(timelines: Sequence[PickupTimeline], config: ScheduleConfig
     next_at: list[float] = []
     queue: list[tuple[float, int]] = []
     collected = [False] * len(timelines)
+    # A box whose timeline never ends (an export of unfinished pickups) is not asked about forever.
+    horizon = max((t.events[-1].at for t in timelines), default=0.0) + config.stale_after_s
     for i, timeline in enumerate(timelines):
         seen_in_feed = timeline.requested_at + random.uniform(0, config.returns_every_s)
         due.append(DueBox(timeline.shipment_number, seen_in_feed, 0, 0))
@@ -3654,6 +3699,8 @@ def replay_timelines(timelines: Sequence[PickupTimeline], config: ScheduleConfig
         result.delivered += timelines[i].events[-1].status == PickupStatus.DELIVERED
     while queue:
         now, i = heapq.heappop(queue)
+        if now > horizon:
+            break
         if now != next_at[i]:
             continue  # rescheduled since (a wake-up)
         if not collected[i]:  # the feed lists it now: its first check, as collect spreads them
@@ -3745,6 +3792,73 @@ async def show(config: Config, keys: Sequence[str], *, as_json: bool, out: typin
     finally:
         await store.close()
     return EXIT_FAILURE if unknown else EXIT_OK
+
+
+def parse_date(text: str) -> float:
+    """A command-line DATE: YYYY-MM-DD (UTC midnight) or an ISO 8601 time; Unix seconds."""
+    epoch = _epoch(text)
+    if epoch is None:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (expected YYYY-MM-DD or an ISO 8601 time)")
+    return epoch
+
+
+EXPORT_COLUMNS = ["return_id", "order_number", "order_item_number", "shipment_number", "requested_at", "collected_at",
+                  "box_state", "last_status", "delivered_at", "report_state", "report_outcome", "reported_at",
+                  "report_attempts", "report_error"]  # EXPORT_SQL["returns"]'s, in its order
+EXPORT_TIMES = ("collected_at", "reported_at")  # our clock, Unix seconds: written as ISO 8601 UTC
+
+
+async def export(config: Config, *, since: float | None, until: float | None, state: str | None, fmt: str,
+                 timelines: bool, out: typing.TextIO | None = None) -> int:
+    out = out or sys.stdout
+    store = await open_for_reading(config)
+    if store is None:
+        return EXIT_FAILURE
+    params = {"since": -math.inf if since is None else since, "until": math.inf if until is None else until,
+              "state": state}
+    try:
+        if timelines:
+            await export_timelines(store, params, out)
+            return EXIT_OK
+        writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
+        if fmt == "csv":
+            writer.writeheader()
+        async with contextlib.aclosing(store.stream(EXPORT_SQL["returns"], params)) as rows:
+            async for row in rows:
+                for key in EXPORT_TIMES:
+                    row[key] = _iso(row[key])
+                if fmt == "jsonl":
+                    out.write(json.dumps(row) + "\n")
+                else:
+                    writer.writerow(row)
+    except sqlite3.OperationalError as exc:
+        if "no such" not in str(exc):
+            raise
+        print(f"tracker: {config.storage.path} was written by an older version ({exc}); start the daemon "
+              "(or `tracker.py once`) once to upgrade it", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        await store.close()
+    return EXIT_OK
+
+
+async def export_timelines(store: Store, params: Mapping[str, Any], out: typing.TextIO) -> None:
+    """Each closed box as ../shared/timelines.py writes one: what `replay` reads."""
+    box: dict[str, Any] | None = None
+    async with contextlib.aclosing(store.stream(EXPORT_SQL["timelines"], params)) as rows:
+        async for row in rows:
+            if box is None or box["shipment_number"] != row["shipment_number"]:
+                if box is not None:
+                    out.write(json.dumps(box) + "\n")
+                box = {"shipment_number": row["shipment_number"], "items": row["items"],
+                       "requested_at": row["requested_at"], "registered_at": row["registered_at"], "events": []}
+            box["events"].append({"status": row["status"], "at": row["changed_at"]})
+    if box is not None:
+        out.write(json.dumps(box) + "\n")
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat()
 
 
 def where_it_stands(return_id: str, story: Mapping[str, Any]) -> str:

@@ -178,6 +178,13 @@ async def run_daemon_until(config: tracker.Config, until: Callable[[], Awaitable
     return daemon
 
 
+def create_schema(db: Path) -> None:
+    """An empty state database at `db`, as the daemon creates it."""
+    async def create() -> None:
+        await (await tracker.Store.open(str(db))).close()
+    asyncio.run(create())
+
+
 async def counts_in(db: Path) -> dict[str, int]:
     store = await tracker.Store.open(str(db), readonly=True)
     try:

@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 import tracker
-from conftest import wait_until
+from conftest import create_schema, wait_until
 
 
 def query_plan(db: Path, sql: str) -> list[str]:
@@ -36,12 +36,6 @@ def write_history(db: Path, finished: int, unfinished: int) -> None:
             [(f"R{i}", f"S{i}", "done" if i < finished else "pending", None if i < finished else now, now)
              for i in range(finished + unfinished)])
         conn.execute("ANALYZE")  # statistics that make a scan look cheap must not change the plan
-
-
-def create_schema(db: Path) -> None:
-    async def create() -> None:
-        await (await tracker.Store.open(str(db))).close()
-    asyncio.run(create())
 
 
 def plan_over_history(db: Path, sql: str) -> list[str]:
