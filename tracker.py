@@ -90,6 +90,7 @@ class PartnerConfig:
 @dataclasses.dataclass(frozen=True)
 class StorageConfig:
     path: str = "tracker.db"
+    keep_days: int = 90  # finished rows older than this are deleted; 0 keeps everything
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +170,7 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     storage = Path(config.storage.path)
     if not storage.is_absolute():  # relative to the config file, not to wherever we were started
         storage = path.resolve().parent / storage
-    return dataclasses.replace(config, storage=StorageConfig(path=str(storage)))
+    return dataclasses.replace(config, storage=dataclasses.replace(config.storage, path=str(storage)))
 
 
 def _typed_config(raw: dict[str, Any]) -> Config:
@@ -258,6 +259,7 @@ def _validate(config: Config) -> None:
     _require_range("partner.page_size", config.partner.page_size, 1, 500)
     if not config.storage.path:
         raise ConfigError("storage.path", "must not be empty")
+    _require_range("storage.keep_days", config.storage.keep_days, 0, 36500)
     _validate_listen(config.http.listen)
     if config.slack.webhook_url:
         _require_http_url("slack.webhook_url", config.slack.webhook_url)
@@ -361,6 +363,7 @@ CREATE TABLE IF NOT EXISTS boxes (
 -- boxes.requested_at: when its first return was requested (the feed's requested_at), for overdue.
 CREATE INDEX IF NOT EXISTS boxes_due ON boxes (next_check_at) WHERE state = 'tracking';
 CREATE INDEX IF NOT EXISTS boxes_stale ON boxes (first_seen_at) WHERE state = 'stale';
+CREATE INDEX IF NOT EXISTS boxes_closed ON boxes (closed_at) WHERE state IN ('delivered', 'cancelled', 'emptied');
 CREATE TABLE IF NOT EXISTS reports (
     return_id         TEXT PRIMARY KEY,
     order_number      TEXT NOT NULL,
@@ -409,6 +412,9 @@ CREATE TRIGGER IF NOT EXISTS returns_counted AFTER INSERT ON returns BEGIN
     INSERT INTO state_counts (kind, state, n) VALUES ('returns', '', 1)
     ON CONFLICT (kind, state) DO UPDATE SET n = n + 1;
 END;
+CREATE TRIGGER IF NOT EXISTS returns_uncounted AFTER DELETE ON returns BEGIN
+    UPDATE state_counts SET n = n - 1 WHERE kind = 'returns' AND state = '';
+END;
 -- Every status a box passed through, as the partner's history shows it (changed_at is its
 -- updated_at), with when a check first saw it; at most HISTORY_PER_BOX a box. What the tracking
 -- schedule learns from, and what an operator reads.
@@ -447,6 +453,9 @@ CREATE INDEX IF NOT EXISTS corrections_by_return ON corrections (return_id);
 CREATE TRIGGER IF NOT EXISTS corrections_counted AFTER INSERT ON corrections BEGIN
     INSERT INTO state_counts (kind, state, n) VALUES ('corrections', '', 1)
     ON CONFLICT (kind, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS corrections_uncounted AFTER DELETE ON corrections BEGIN
+    UPDATE state_counts SET n = n - 1 WHERE kind = 'corrections' AND state = '';
 END;
 CREATE TABLE IF NOT EXISTS unknown_statuses (
     status        TEXT PRIMARY KEY,
@@ -610,6 +619,33 @@ SHOW_SQL = {
     "corrections": "SELECT return_id, fields, before, after, report_state, corrected_at FROM corrections"
                    " WHERE return_id IN (SELECT value FROM json_each(:ids)) ORDER BY id",
 }
+# Retention: boxes closed before :cutoff whose every return is finished too (reported before it,
+# or in a cancelled box) go with all their rows, a batch at a time, oldest first; then resolved
+# quarantine entries. A stale box needs a person: never finished. Each batch is one transaction.
+RETENTION_SQL = {
+    "finished_boxes":
+        "SELECT b.shipment_number FROM boxes b INDEXED BY boxes_closed"
+        " WHERE b.state IN ('delivered', 'cancelled', 'emptied') AND b.closed_at < :cutoff"
+        " AND NOT EXISTS (SELECT 1 FROM returns r JOIN reports p ON p.return_id = r.id"
+        " WHERE r.shipment_number = b.shipment_number AND NOT ((p.state = 'done' AND p.done_at < :cutoff)"
+        " OR (p.state = 'withdrawn' AND b.state = 'cancelled')))"
+        " ORDER BY b.closed_at LIMIT :limit",
+    "delete": [
+        "DELETE FROM report_attempts WHERE return_id IN (SELECT r.id FROM json_each(:boxes) j"
+        " CROSS JOIN returns r ON r.shipment_number = j.value)",
+        "DELETE FROM corrections WHERE return_id IN (SELECT r.id FROM json_each(:boxes) j"
+        " CROSS JOIN returns r ON r.shipment_number = j.value)",
+        "DELETE FROM quarantine WHERE resolved_at IS NOT NULL AND return_id IN (SELECT r.id FROM json_each(:boxes) j"
+        " CROSS JOIN returns r ON r.shipment_number = j.value)",
+        "DELETE FROM reports WHERE return_id IN (SELECT r.id FROM json_each(:boxes) j"
+        " CROSS JOIN returns r ON r.shipment_number = j.value)",
+        "DELETE FROM returns WHERE shipment_number IN (SELECT value FROM json_each(:boxes))",
+        "DELETE FROM box_history WHERE shipment_number IN (SELECT value FROM json_each(:boxes))",
+        "DELETE FROM boxes WHERE shipment_number IN (SELECT value FROM json_each(:boxes))",
+    ],
+    "resolved_quarantine": "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine"
+                           " WHERE resolved_at < :cutoff LIMIT :limit)",
+}
 # `export`: every return (or every closed box's history), streamed in rowid order — one pass over
 # the tables, constant memory however many rows. `:state` is a report or a box state, or NULL.
 EXPORT_SQL = {
@@ -629,6 +665,9 @@ EXPORT_SQL = {
                  " ORDER BY b.shipment_number, h.changed_at",
 }
 STATE_COUNT_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS {table}_uncounted AFTER DELETE ON {table} BEGIN
+    UPDATE state_counts SET n = n - 1 WHERE kind = '{table}' AND state = OLD.state;
+END;
 CREATE TRIGGER IF NOT EXISTS {table}_counted AFTER INSERT ON {table} BEGIN
     INSERT INTO state_counts (kind, state, n) VALUES ('{table}', NEW.state, 1)
     ON CONFLICT (kind, state) DO UPDATE SET n = n + 1;
@@ -662,6 +701,8 @@ SCHEMA_AFTER_MIGRATION = (
 )
 HISTORY_PER_BOX = 32  # status history entries kept a box (a failed pickup attempt adds two)
 ATTEMPTS_PER_REPORT = 20  # report attempts kept a report, the latest
+RETENTION_BATCH = 200  # finished boxes deleted a transaction (about 500 returns' rows: milliseconds)
+VACUUM_PAGES_PER_BATCH = 2000  # free pages handed back to the file system after each batch
 FEED_CURSOR_KEY = "feed_cursor"
 HEARTBEAT_KEY = "heartbeat"
 
@@ -832,12 +873,20 @@ class WakeBoxes:
 
 
 @dataclasses.dataclass(frozen=True)
+class Prune:
+    """Retention: up to `limit` finished boxes closed before `cutoff`, with all their rows."""
+
+    cutoff: float
+    limit: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Heartbeat:
     """A real write that changes nothing that matters: proves the disk takes writes (a full or
     read-only disk fails it). It goes through the committer like every write: one writer."""
 
 
-Transition = FeedPage | BoxUpdate | ReportUpdate | WakeBoxes | Heartbeat
+Transition = FeedPage | BoxUpdate | ReportUpdate | WakeBoxes | Prune | Heartbeat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -848,12 +897,14 @@ class CommitResult:
     corrections: tuple[Correction, ...] = ()
     broken_corrections: frozenset[str] = frozenset()  # ids of stored returns relisted unusable
     superseded: frozenset[str] = frozenset()  # reports whose settling answer was to an outdated body
+    pruned: int = 0  # finished boxes retention deleted (with their returns, reports, histories)
 
     def __add__(self, other: "CommitResult") -> "CommitResult":
         return CommitResult(
             self.returns_added + other.returns_added, self.quarantined_added + other.quarantined_added,
             self.reports_queued + other.reports_queued, self.corrections + other.corrections,
-            self.broken_corrections | other.broken_corrections, self.superseded | other.superseded)
+            self.broken_corrections | other.broken_corrections, self.superseded | other.superseded,
+            self.pruned + other.pruned)
 
 
 async def _rollback(connection: aiosqlite.Connection) -> None:
@@ -882,6 +933,7 @@ class Store:
         writer = await aiosqlite.connect(path, isolation_level=None)
         try:
             for pragma in (
+                "PRAGMA auto_vacuum = INCREMENTAL",  # before anything is written: a new file starts so
                 "PRAGMA journal_mode = WAL",
                 "PRAGMA synchronous = NORMAL",
                 "PRAGMA busy_timeout = 5000",
@@ -889,6 +941,7 @@ class Store:
             ):
                 await writer.execute(pragma)
             await cls._check_integrity(writer, path)
+            await cls._vacuum_incrementally(writer)
             await writer.executescript(SCHEMA)
             await cls._migrate(writer)
         except BaseException:
@@ -927,6 +980,13 @@ class Store:
             raise
 
     @staticmethod
+    async def _vacuum_incrementally(writer: aiosqlite.Connection) -> None:
+        """Pages that retention frees go back to the file system (PRAGMA incremental_vacuum after
+        each batch). A file made before that needs one full VACUUM to switch: once, at start."""
+        if list(await writer.execute_fetchall("PRAGMA auto_vacuum"))[0][0] != 2:  # set on open; an old file:
+            await writer.execute("VACUUM")
+
+    @staticmethod
     async def _check_integrity(writer: aiosqlite.Connection, path: str) -> None:
         """A damaged file must stop the start, not be written on. quick_check reads every page
         (seconds for millions of rows) but skips the slow index-content comparison."""
@@ -959,6 +1019,8 @@ class Store:
                 result += CommitResult(superseded=await self._write_report_updates(reports, now))
             for wake in (t for t in transitions if isinstance(t, WakeBoxes)):
                 await self._writer.execute(WAKE_BOXES_SQL, {"now": now, "spread": wake.spread_s, "status": wake.status})
+            for prune in (t for t in transitions if isinstance(t, Prune)):
+                result += CommitResult(pruned=await self._prune(prune))
             if any(isinstance(t, Heartbeat) for t in transitions):
                 await self._writer.execute(
                     "INSERT INTO meta (key, value) VALUES (?, ?)"
@@ -967,6 +1029,10 @@ class Store:
         except BaseException:
             await _rollback(self._writer)
             raise
+        if any(isinstance(t, Prune) for t in transitions):
+            # The pages retention freed go back to the file system. Outside the transaction: the
+            # pragma frees a page a step, and only a script runs it to its end.
+            await self._writer.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_BATCH});")
         return result
 
     async def _write_page(self, page: FeedPage, now: float) -> CommitResult:
@@ -1094,6 +1160,17 @@ class Store:
             [(s, now, now) for s in unknown],
         )
         return max(cur.rowcount, 0) if delivered else 0
+
+    async def _prune(self, prune: Prune) -> int:
+        w = self._writer
+        params = {"cutoff": prune.cutoff, "limit": prune.limit}
+        boxes = [row[0] for row in await w.execute_fetchall(RETENTION_SQL["finished_boxes"], params)]
+        if boxes:
+            listed = {"boxes": json.dumps(boxes)}
+            for statement in RETENTION_SQL["delete"]:
+                await w.execute(statement, listed)
+        await w.execute(RETENTION_SQL["resolved_quarantine"], params)
+        return len(boxes)
 
     async def _write_report_updates(self, updates: Sequence[ReportUpdate], now: float) -> frozenset[str]:
         """Returns the reports settled (done or dead) by an answer to a body since corrected."""
@@ -3191,6 +3268,7 @@ ALERT_FLUSH_S = 2.0  # at shutdown, pending alerts get this long to reach Slack
 OVERDUE_ALERT_EVERY_S = 3600.0  # while pickups are overdue, Slack hears of them this often at most
 OVERDUE_ALERT_NAMES = 5  # the oldest overdue shipments an alert names
 HOUSEKEEPING_EVERY_S = 5.0
+RETENTION_BACKLOG_EVERY_S = 0.5  # between retention batches while finished rows past keep_days remain
 
 
 class Daemon:
@@ -3369,15 +3447,31 @@ class Daemon:
                 self._stages.reporter.wake()
 
     async def _housekeeping(self, store: Store, committer: Committer, alerts: "Alerter") -> None:
-        """Row-count gauges, overdue pickups and the database's writability, every few seconds."""
+        """Row-count gauges, overdue pickups, the database's writability and retention, every few
+        seconds — retention faster while a backlog of finished rows remains."""
         while True:
+            backlog = False
             try:
                 self.metrics.db_writable.set(1 if await committer.probe() else 0)
                 await self.metrics.refresh_from(store)
                 await self._watch_overdue(store, alerts, time.time())
+                backlog = await self._retain(committer)
             except sqlite3.Error as exc:
                 self.log.warning("storage.read_failed", error=str(exc))
-            await asyncio.sleep(HOUSEKEEPING_EVERY_S)
+            await asyncio.sleep(RETENTION_BACKLOG_EVERY_S if backlog else HOUSEKEEPING_EVERY_S)
+
+    async def _retain(self, committer: Committer) -> bool:
+        """One retention batch (storage.keep_days; 0 keeps everything). True when more remain."""
+        keep_days = self.config.storage.keep_days
+        if not keep_days:
+            return False
+        try:
+            result = await committer.submit(Prune(time.time() - keep_days * 86400, RETENTION_BATCH))
+        except StorageUnavailable:
+            return False  # the committer has said so; the next tick tries again
+        if result.pruned:
+            self.log.info("storage.pruned", boxes=result.pruned, keep_days=keep_days)
+        return result.pruned >= RETENTION_BATCH
 
     async def _watch_overdue(self, store: Store, alerts: "Alerter", now: float) -> None:
         """The overdue gauge; one Slack message an hour at most while pickups are overdue, and one

@@ -1,0 +1,171 @@
+"""Retention (storage.keep_days): finished rows older than that — boxes closed and every return in
+them reported or cancelled, with their returns, reports, attempts, histories, corrections and
+resolved quarantine entries — are deleted in small batches, one transaction each; nothing
+unfinished ever; the file gives the space back."""
+
+import asyncio
+import json
+import signal
+import sqlite3
+from pathlib import Path
+
+import tracker
+from conftest import config_toml, create_schema, wait_until_sync
+
+DAY = 86400.0
+NOW = 1_800_000_000.0
+OLD, RECENT = NOW - 100 * DAY, NOW - 10 * DAY
+CUTOFF = NOW - 90 * DAY
+
+
+def delivered(shipment: str) -> tracker.BoxUpdate:
+    return tracker.BoxUpdate(shipment, tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
+                             "2026-01-01T00:00:00Z", history=(tracker.StatusChange("delivered", 1.0),))
+
+
+def done(return_id: str) -> tracker.ReportUpdate:
+    return tracker.ReportUpdate(return_id, tracker.ReportState.DONE, None, "recorded", None, attempt=1, http_status=200)
+
+
+async def history_of_every_kind(store: tracker.Store) -> None:
+    """Boxes named for what retention must do with them."""
+    names = ["GONE_REPORTED", "GONE_CANCELLED", "KEPT_PENDING", "KEPT_REPORTED_LATELY", "KEPT_STALE",
+             "KEPT_CLOSED_LATELY", "KEPT_TRACKING"]
+    items = tuple(tracker.ReturnItem(f"R_{n}", "O", "1", n, None) for n in names)
+    broken = (tracker.QuarantinedItem("R_GONE_REPORTED", "order_number is null", '{"id": "R_GONE_REPORTED"}'),
+              tracker.QuarantinedItem("BAD_1", "id is missing", '{"x": 1}'))
+    await store.commit([tracker.FeedPage(items, broken, "c", False, tuple((n, OLD) for n in names))], OLD)
+    await store.commit([tracker.FeedPage((items[0],), (), "c", False, (("GONE_REPORTED", OLD),))], OLD)  # resolves it
+    await store.commit([tracker.FeedPage((tracker.ReturnItem("R_GONE_REPORTED", "O", "2", "GONE_REPORTED", None),),
+                                         (), "c", False, ())], OLD)  # a correction
+    await store.commit([delivered(n) for n in ("GONE_REPORTED", "KEPT_PENDING", "KEPT_REPORTED_LATELY")] + [
+        tracker.BoxUpdate("GONE_CANCELLED", tracker.BoxState.CANCELLED, None, 0, 0, True, "cancelled"),
+        tracker.BoxUpdate("KEPT_STALE", tracker.BoxState.STALE, None, 9, 0, False)], OLD)
+    await store.commit([done("R_GONE_REPORTED")], OLD)
+    await store.commit([done("R_KEPT_REPORTED_LATELY")], RECENT)
+    await store.commit([delivered("KEPT_CLOSED_LATELY")], RECENT)
+    await store.commit([done("R_KEPT_CLOSED_LATELY")], RECENT)
+    await store.commit([tracker.FeedPage((), (), "c", False, ())], NOW)
+    with sqlite3.connect(store.path) as conn:  # the open quarantine entry of BAD_1 is resolved long ago too
+        conn.execute("UPDATE quarantine SET resolved_at = ? WHERE return_id = 'BAD_1'", (OLD,))
+
+
+def rows(db: Path, sql: str) -> list:
+    with sqlite3.connect(db) as conn:
+        return [row[0] if len(row) == 1 else row for row in conn.execute(sql)]
+
+
+async def test_retention_deletes_exactly_the_finished_rows_past_keep_days(db_path: Path) -> None:
+    store = await tracker.Store.open(str(db_path))
+    try:
+        await history_of_every_kind(store)
+        result = await store.commit([tracker.Prune(CUTOFF, 100)], NOW)
+        counts = await store.counts()
+    finally:
+        await store.close()
+    assert result.pruned == 2
+    assert sorted(rows(db_path, "SELECT shipment_number FROM boxes")) == [
+        "KEPT_CLOSED_LATELY", "KEPT_PENDING", "KEPT_REPORTED_LATELY", "KEPT_STALE", "KEPT_TRACKING"]
+    assert sorted(rows(db_path, "SELECT id FROM returns")) == [
+        "R_KEPT_CLOSED_LATELY", "R_KEPT_PENDING", "R_KEPT_REPORTED_LATELY", "R_KEPT_STALE", "R_KEPT_TRACKING"]
+    for table, column in (("reports", "return_id"), ("report_attempts", "return_id"), ("corrections", "return_id"),
+                          ("box_history", "shipment_number"), ("quarantine", "return_id")):
+        assert not [r for r in rows(db_path, f"SELECT {column} FROM {table}") if r and "GONE" in r], table
+    assert rows(db_path, "SELECT return_id FROM quarantine") == []  # both resolved long ago
+    assert counts["returns"] == 5 and counts.get("boxes.delivered") == 3 and counts.get("reports.done") == 2
+    assert counts.get("boxes.cancelled", 0) == 0 and counts.get("corrections", 0) == 0
+
+
+async def test_retention_goes_a_batch_at_a_time_oldest_first(db_path: Path) -> None:
+    store = await tracker.Store.open(str(db_path))
+    try:
+        items = tuple(tracker.ReturnItem(f"R{k}", "O", "1", f"S{k}", None) for k in range(5))
+        await store.commit([tracker.FeedPage(items, (), "c", False, tuple((f"S{k}", OLD) for k in range(5)))], OLD)
+        for k in range(5):
+            await store.commit([tracker.BoxUpdate(f"S{k}", tracker.BoxState.CANCELLED, None, 0, 0, True, "cancelled")],
+                               OLD + k)
+        assert (await store.commit([tracker.Prune(CUTOFF, 2)], NOW)).pruned == 2
+        assert sorted(rows(db_path, "SELECT shipment_number FROM boxes")) == ["S2", "S3", "S4"]
+    finally:
+        await store.close()
+
+
+async def test_a_failed_retention_batch_changes_nothing(db_path: Path) -> None:
+    store = await tracker.Store.open(str(db_path))
+    try:
+        await history_of_every_kind(store)
+        before = {t: rows(db_path, f"SELECT COUNT(*) FROM {t}")[0] for t in ("boxes", "returns", "reports")}
+        with sqlite3.connect(db_path) as conn:  # the batch fails at its last table: disk full, say
+            conn.execute("CREATE TRIGGER refuse BEFORE DELETE ON boxes BEGIN SELECT RAISE(ABORT, 'full'); END")
+        try:
+            await store.commit([tracker.Prune(CUTOFF, 100)], NOW)
+        except sqlite3.DatabaseError:
+            pass
+        else:
+            raise AssertionError("the batch should have failed")
+    finally:
+        await store.close()
+    assert {t: rows(db_path, f"SELECT COUNT(*) FROM {t}")[0] for t in ("boxes", "returns", "reports")} == before
+
+
+def test_an_older_file_switches_to_incremental_vacuum_and_gives_space_back(db_path: Path) -> None:
+    create_schema(db_path)
+    with sqlite3.connect(db_path) as conn:  # as a file made before retention: no auto_vacuum
+        conn.execute("PRAGMA journal_mode = DELETE")
+        conn.execute("PRAGMA auto_vacuum = NONE")
+        conn.execute("VACUUM")
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+        conn.executemany("INSERT INTO boxes (shipment_number, state, first_seen_at, closed_at) VALUES (?, ?, ?, ?)",
+                         [(f"S{k:06d}" + "x" * 200, "cancelled", OLD, OLD) for k in range(20000)])
+
+    async def prune_all() -> int:
+        store = await tracker.Store.open(str(db_path))
+        try:
+            total = 0
+            while (pruned := (await store.commit([tracker.Prune(CUTOFF, 5000)], NOW)).pruned):
+                total += pruned
+            return total
+        finally:
+            await store.close()
+
+    size_before = db_path.stat().st_size
+    assert asyncio.run(prune_all()) == 20000
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert db_path.stat().st_size < size_before / 4
+
+
+def test_kill_9_in_the_middle_of_retention_loses_nothing_unfinished(daemon_process, tmp_path: Path) -> None:
+    db = tmp_path / "tracker.db"
+    create_schema(db)
+    with sqlite3.connect(db) as conn:  # 10,000 finished boxes a year old, and 100 returns still in flight
+        conn.executemany("INSERT INTO boxes (shipment_number, state, first_seen_at, closed_at) VALUES (?, ?, ?, ?)",
+                         [(f"OLD{k}", "cancelled", 1.0, 1.0 + k) for k in range(10000)])
+        conn.executemany("INSERT INTO returns (id, order_number, order_item_number, shipment_number, seen_at)"
+                         " VALUES (?, 'O', '1', ?, 1.0)", [(f"R_OLD{k}", f"OLD{k}") for k in range(10000)])
+        conn.executemany("INSERT INTO boxes (shipment_number, state, next_check_at, first_seen_at) VALUES (?, ?, ?, ?)",
+                         [(f"LIVE{k}", "tracking", 4e9, 1.0) for k in range(100)])
+        conn.executemany("INSERT INTO returns (id, order_number, order_item_number, shipment_number, seen_at)"
+                         " VALUES (?, 'O', '1', ?, 1.0)", [(f"R_LIVE{k}", f"LIVE{k}") for k in range(100)])
+    text = config_toml("http://127.0.0.1:1/api/external/data", db).replace("keep_days = 90", "keep_days = 1")
+    daemon = daemon_process(text).start()
+    wait_until_sync(lambda: '"storage.pruned"' in daemon.log(), 30, what="retention under way")
+    daemon.kill9()
+    with sqlite3.connect(db) as conn:
+        left = conn.execute("SELECT COUNT(*) FROM boxes WHERE state = 'cancelled'").fetchone()[0]
+        assert 0 < left < 10000  # killed in the middle
+        assert conn.execute("SELECT COUNT(*) FROM boxes WHERE state = 'tracking'").fetchone()[0] == 100
+        assert conn.execute("SELECT COUNT(*) FROM returns WHERE id LIKE 'R_LIVE%'").fetchone()[0] == 100
+        orphans = conn.execute("SELECT COUNT(*) FROM returns r LEFT JOIN boxes b ON b.shipment_number ="
+                               " r.shipment_number WHERE b.shipment_number IS NULL").fetchone()[0]
+        assert orphans == 0  # a batch went whole or not at all
+        counted = dict(((k, s), n) for k, s, n in conn.execute("SELECT kind, state, n FROM state_counts"))
+        assert counted[("boxes", "cancelled")] == left and counted[("returns", "")] == left + 100
+    daemon.start()
+    wait_until_sync(lambda: rows(db, "SELECT COUNT(*) FROM boxes WHERE state = 'cancelled'")[0] == 0, 60,
+                    what="retention to finish after the restart")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(15) == 0
+    assert rows(db, "SELECT COUNT(*) FROM returns")[0] == 100
+    assert json.loads(json.dumps(rows(db, "PRAGMA integrity_check"))) == ["ok"]
