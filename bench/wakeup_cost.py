@@ -4,7 +4,7 @@
 On bare metal a thread that sleeps and wakes is charged a few microseconds. On some VMs it is
 charged tens to hundreds, and then every event-loop pass, thread hand-off and blocking read is
 expensive: a daemon whose calls trickle in one at a time pays it per call, and CPU figures from
-such a VM carry that cost (see README, "Performance").
+such a VM carry that cost (see docs/performance.md).
 
     .venv/bin/python bench/wakeup_cost.py
 """
