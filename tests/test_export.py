@@ -114,13 +114,15 @@ def test_export_memory_does_not_grow_with_the_table(tmp_path: Path) -> None:
                              ((f"R{i}", f"S{i // 2}") for i in range(returns)))
         config = tmp_path / f"{returns}.toml"
         config.write_text(config_toml("http://127.0.0.1:1/api/external/data", db))
-        probe = ("import resource, runpy, sys\n"  # the export in this process, then its own peak memory
-                 "sys.argv = [sys.argv[1], 'export', '--config', sys.argv[2]]\n"
-                 "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
-                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
-        result = subprocess.run([sys.executable, "-c", probe, str(ROOT / "tracker.py"), str(config)],
-                                capture_output=True, text=True,
-                                timeout=300)
-        assert result.stdout.count("\n") == returns + 1
-        peaks[returns] = int(result.stderr.strip().splitlines()[-1])  # KiB
+        probe = ("import resource, subprocess, sys\n"  # the export as its only child, then that child's peak
+                 "with open(sys.argv[1], 'w') as out:\n"
+                 "    subprocess.run([sys.executable] + sys.argv[2:], stdout=out, check=True)\n"
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        exported = tmp_path / f"{returns}.csv"
+        result = subprocess.run([sys.executable, "-c", probe, str(exported), str(ROOT / "tracker.py"), "export",
+                                 "--config", str(config)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        with exported.open() as rows:
+            assert sum(1 for _ in rows) == returns + 1  # every return, and the header
+        peaks[returns] = int(result.stdout)  # KiB
     assert peaks[300_000] - peaks[30_000] < 10 * 1024, peaks
