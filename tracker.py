@@ -2164,6 +2164,17 @@ def parse_history(body: Any, since: float | None) -> tuple[StatusChange, ...]:
     return tuple(changes)
 
 
+def answered_history(reply: Reply, shipment_number: str) -> tuple[StatusChange, ...] | None:
+    """The whole status history a tracking answer carries, or None when it carries none we can use."""
+    if reply.outcome is not Outcome.OK:
+        return None
+    try:
+        parse_tracking(reply.body, shipment_number)
+    except GarbledAnswer:
+        return None
+    return parse_history(reply.body, None)
+
+
 def _epoch(value: Any) -> float | None:
     """An ISO 8601 time as Unix seconds (UTC when it names no zone), or None."""
     if not isinstance(value, str) or len(value) > MAX_FIELD_CHARS:
@@ -2255,7 +2266,10 @@ class TrackingSchedule:
                    self._last_mile_lead(status))
         interval = within + hold
         if zlib.crc32(shipment_number.encode()) % SENTINEL_EVERY:  # a sentinel keeps the cadence while quiet
-            interval = max(interval, self._quiet_for(status, now), self._quiet_for(ANY_STATUS, now))
+            # the fleet's quiet is no reason to wait for a box that is on its last mile itself
+            last_mile = PickupStatus.DELIVERED in self._followers.get(status, ())
+            fleet = 0.0 if last_mile else self._quiet_for(ANY_STATUS, now)
+            interval = max(interval, self._quiet_for(status, now), fleet)
         return now + jittered(interval, CHECK_JITTER)
 
     def _last_mile_lead(self, status: str) -> float:
@@ -2801,6 +2815,8 @@ class Stages:
     async def check_box(self, box: DueBox) -> None:
         reply = await self.client.tracking(box.shipment_number, retry=box.errors > 0)
         now = time.time()
+        history = answered_history(reply, box.shipment_number)
+        woken = self.schedule.learn(history, now) if history else []  # first: this answer counts for this box too
         update = decide_box_update(box, reply, now, self.config.schedule, self.schedule)
         await self.committer.submit(update)
         self.log.info("track.checked", shipment_number=box.shipment_number, outcome=reply.outcome.value,
@@ -2811,8 +2827,7 @@ class Stages:
             self.metrics.box_checks.observe(box.checks + 1)
         if update.state is BoxState.DELIVERED and (delivered_at := _epoch(update.delivered_at)) is not None:
             self.metrics.detect_delay.observe(max(0.0, now - delivered_at))
-        if reply.outcome is Outcome.OK and update.last_status is not None:
-            await self._learn(parse_history(reply.body, None), now)
+        await self._wake(woken)
         if update.state is BoxState.STALE:
             self.alerts.alert(
                 "stale",
@@ -2833,8 +2848,8 @@ class Stages:
         elif update.last_error and update.state is BoxState.TRACKING:
             self.log.warning("track.garbled", shipment_number=box.shipment_number, error=update.last_error)
 
-    async def _learn(self, history: Sequence[StatusChange], now: float) -> None:
-        for status in self.schedule.learn(history, now):
+    async def _wake(self, woken: Sequence[str]) -> None:
+        for status in woken:
             spread = self.config.schedule.detect_within_s
             self.log.info("track.woken", status=status, within_s=spread)
             await self.committer.submit(WakeBoxes(status, spread))
@@ -3808,28 +3823,29 @@ def replay_timelines(timelines: Sequence[PickupTimeline], config: ScheduleConfig
         else:
             seen = answers[i][:bisect.bisect_right(times[i], now)]
             reply = Reply(Endpoint.TRACKING, Outcome.OK, 200, {"data": seen}, None, 0.0)
+        woken = []  # as the track stage does: learn from the answer first, then decide
+        if reply.outcome is Outcome.OK and learn:  # (the history as answered: these events, parsed)
+            woken = tracking.learn(timeline.events[:len(reply.body["data"])], now)
         update = decide_box_update(box, reply, now, config, tracking)
         result.calls += 1
-        if reply.outcome is Outcome.OK and learn:  # what the track stage learns: the history as answered
-            for status in tracking.learn(timeline.events[:len(reply.body["data"])], now):
-                woken = set().union(*by_status.values()) if status == ANY_STATUS else by_status[status]
-                for j in woken:  # every box in it asked again soon
-                    if next_at[j] > now + config.detect_within_s:
-                        next_at[j] = now + random.uniform(0, config.detect_within_s)
-                        heapq.heappush(queue, (next_at[j], j))
         if status_of[i] is not None:
             by_status[status_of[i]].discard(i)  # type: ignore[index]
         if update.state is BoxState.DELIVERED:
             result.delays.append(now - timeline.events[-1].at)
-        if update.state is not BoxState.TRACKING or update.next_check_at is None:
-            continue
-        since = update.history[-1].at if update.history else box.status_since
-        due[i] = DueBox(box.shipment_number, box.first_seen_at, update.not_found, update.errors, since, box.checks + 1)
-        status_of[i] = update.last_status or status_of[i]
-        if status_of[i] is not None:
-            by_status[status_of[i]].add(i)  # type: ignore[index]
-        next_at[i] = update.next_check_at
-        heapq.heappush(queue, (next_at[i], i))
+        if update.state is BoxState.TRACKING and update.next_check_at is not None:
+            since = update.history[-1].at if update.history else box.status_since
+            due[i] = DueBox(box.shipment_number, box.first_seen_at, update.not_found, update.errors, since,
+                            box.checks + 1)
+            status_of[i] = update.last_status or status_of[i]
+            if status_of[i] is not None:
+                by_status[status_of[i]].add(i)  # type: ignore[index]
+            next_at[i] = update.next_check_at
+            heapq.heappush(queue, (next_at[i], i))
+        for status in woken:  # as WakeBoxes, after this box's own update
+            for j in set().union(*by_status.values()) if status == ANY_STATUS else by_status[status]:
+                if next_at[j] > now + config.detect_within_s:
+                    next_at[j] = now + random.uniform(0, config.detect_within_s)
+                    heapq.heappush(queue, (next_at[j], j))
     return result
 
 

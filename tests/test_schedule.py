@@ -94,6 +94,17 @@ def test_a_status_nobody_leaves_is_asked_less_and_less_while_a_sentinel_keeps_th
     assert interval(schedule, "requested", at(0, 20), later, sentinel) <= 1.1 * D
 
 
+def test_a_box_on_its_last_mile_is_watched_even_while_the_fleet_is_quiet() -> None:
+    schedule = taught(pickups(60, assigned_h=9, picked_h=10, collect_min=90))  # picking_up: the last mile
+    for k in range(tracker.QUIET_MIN_CHECKS):  # then a long night in which nobody comes near delivery
+        schedule.learn(history(("requested", at(1, 20))), at(1, 20) + k)
+    names = [f"SHP_{k}" for k in range(1000)]
+    other = next(n for n in names if tracker.zlib.crc32(n.encode()) % tracker.SENTINEL_EVERY)
+    later = at(2, 6)
+    assert interval(schedule, "requested", at(1, 20), later, other) >= 3 * 3600  # the quiet holds these back
+    assert interval(schedule, "picking_up", at(2, 5.9), later, other) <= 1.1 * (D + 90 * 60)  # not this one
+
+
 def test_the_first_box_seen_leaving_a_quiet_status_wakes_every_box_in_it() -> None:
     schedule = tracker.TrackingSchedule(CONFIG)
     for k in range(tracker.QUIET_MIN_CHECKS):
