@@ -400,21 +400,15 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 CREATE INDEX IF NOT EXISTS quarantine_open ON quarantine (return_id) WHERE resolved_at IS NULL;
 CREATE INDEX IF NOT EXISTS quarantine_by_return ON quarantine (return_id);
--- Rows per table and state, kept by the triggers below in the same transaction as the rows, so
--- the metrics gauges read a handful of rows instead of counting a history that grows for years.
+-- Rows per table and state, kept by triggers (STATE_COUNT_TRIGGERS, TOTAL_COUNT_TRIGGERS, below)
+-- in the same transaction as the rows, so the metrics gauges read a handful of rows instead of
+-- counting a history that grows for years.
 CREATE TABLE IF NOT EXISTS state_counts (
     kind  TEXT NOT NULL,
     state TEXT NOT NULL,
     n     INTEGER NOT NULL,
     PRIMARY KEY (kind, state)
 ) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS returns_counted AFTER INSERT ON returns BEGIN
-    INSERT INTO state_counts (kind, state, n) VALUES ('returns', '', 1)
-    ON CONFLICT (kind, state) DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS returns_uncounted AFTER DELETE ON returns BEGIN
-    UPDATE state_counts SET n = n - 1 WHERE kind = 'returns' AND state = '';
-END;
 -- Every status a box passed through, as the partner's history shows it (changed_at is its
 -- updated_at), with when a check first saw it; at most HISTORY_PER_BOX a box. What the tracking
 -- schedule learns from, and what an operator reads.
@@ -450,13 +444,6 @@ CREATE TABLE IF NOT EXISTS corrections (
     corrected_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS corrections_by_return ON corrections (return_id);
-CREATE TRIGGER IF NOT EXISTS corrections_counted AFTER INSERT ON corrections BEGIN
-    INSERT INTO state_counts (kind, state, n) VALUES ('corrections', '', 1)
-    ON CONFLICT (kind, state) DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS corrections_uncounted AFTER DELETE ON corrections BEGIN
-    UPDATE state_counts SET n = n - 1 WHERE kind = 'corrections' AND state = '';
-END;
 CREATE TABLE IF NOT EXISTS unknown_statuses (
     status        TEXT PRIMARY KEY,
     first_seen_at REAL NOT NULL,
@@ -680,6 +667,16 @@ WHEN OLD.state IS NOT NEW.state BEGIN
 END;
 """
 SCHEMA += "".join(STATE_COUNT_TRIGGERS.format(table=table) for table in ("boxes", "reports"))  # our names only
+TOTAL_COUNT_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS {table}_counted AFTER INSERT ON {table} BEGIN
+    INSERT INTO state_counts (kind, state, n) VALUES ('{table}', '', 1)
+    ON CONFLICT (kind, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_uncounted AFTER DELETE ON {table} BEGIN
+    UPDATE state_counts SET n = n - 1 WHERE kind = '{table}' AND state = '';
+END;
+"""
+SCHEMA += "".join(TOTAL_COUNT_TRIGGERS.format(table=table) for table in ("returns", "corrections"))  # ours only
 # What state_counts holds, counted the slow way: to fill it once for a version-1 file, and for
 # `status` on a version-1 file it may not write to.
 COUNT_BY_STATE_SQL = (
