@@ -3532,6 +3532,10 @@ class Daemon:
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
+def add_config_argument(command: argparse.ArgumentParser, text: str = "config file (default: ./config.toml)") -> None:
+    command.add_argument("--config", type=Path, default=Path("config.toml"), help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tracker.py", description="Collect returns, track pickups, report collected items to the partner.")
@@ -3543,16 +3547,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("check-config", "validate the config (and the token's sources) as `run` would, start nothing"),
     ):
         command = commands.add_parser(name, help=text, description=text)
-        command.add_argument("--config", type=Path, default=Path("config.toml"),
-                             help="config file (default: ./config.toml)")
+        add_config_argument(command)
     requeue = commands.add_parser(
         "requeue", help="put dead reports, stale boxes or quarantined returns back into the pipeline",
         description="After the cause is fixed: dead reports are sent again, stale boxes tracked again, "
                     "quarantined returns re-validated and, where they now pass, collected. Without ids: all.")
     requeue.add_argument("kind", choices=("dead", "stale", "quarantined"))
     requeue.add_argument("ids", nargs="*", help="return ids (dead, quarantined) or shipment numbers (stale)")
-    requeue.add_argument("--config", type=Path, default=Path("config.toml"),
-                         help="config file (default: ./config.toml)")
+    add_config_argument(requeue)
     show = commands.add_parser(
         "show", help="one return's whole story: by return id, order number or shipment number",
         description="Everything known about the returns each ID names (a return id, an order number or a "
@@ -3560,7 +3562,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "report attempt, and where it stands now. Needs no token.")
     show.add_argument("ids", nargs="+", metavar="ID")
     show.add_argument("--json", action="store_true", help="one JSON object per ID, for scripts")
-    show.add_argument("--config", type=Path, default=Path("config.toml"), help="config file (default: ./config.toml)")
+    add_config_argument(show)
     export = commands.add_parser(
         "export", help="stream every return (or closed boxes' histories, for replay) as CSV or JSON lines",
         description="One row per return: its box, statuses, collected and reported times, report outcome — "
@@ -3574,7 +3576,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="default csv")
     export.add_argument("--timelines", action="store_true",
                         help="closed boxes' status histories as JSON lines, as `replay` reads them")
-    export.add_argument("--config", type=Path, default=Path("config.toml"), help="config file (default: ./config.toml)")
+    add_config_argument(export)
     replay = commands.add_parser(
         "replay", help="what-if: replay pickup timelines through the tracking schedule on a virtual clock",
         description="Replays pickup timelines (JSON lines: shipment_number, requested_at, registered_at, "
@@ -3582,8 +3584,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "history, and against fixed polling at track_every_s. Prints a summary; the last line "
                     "is one JSON object.")
     replay.add_argument("timelines", type=Path, help="a JSON-lines file of pickup timelines")
-    replay.add_argument("--config", type=Path, default=Path("config.toml"),
-                        help="config file whose [schedule] to use (default: ./config.toml, if it exists)")
+    add_config_argument(replay, "config file whose [schedule] to use (default: ./config.toml, if it exists)")
     replay.add_argument("--seed", type=int, default=1, help="seed of the schedule's jitter (default 1)")
     demo = commands.add_parser("demo", help="run the whole pipeline against the partner stand-in",
                                description="Start the partner stand-in on loopback with a burst of returns, "
