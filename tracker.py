@@ -2201,13 +2201,15 @@ def _is_timestamp(value: Any) -> bool:
 # same local hour of the week, still took to be delivered (their LEAD_RISK quantile) — and never
 # less than the shortest lead from entering a last-mile status (one a delivery follows) on its way.
 # What they show is all it knows — the couriers' hours, days off, a status's usual length; nothing
-# is assumed. Without deliveries behind it, the hold is 0: the fixed cadence.
+# is assumed. Without deliveries behind it, the hold is 0: the fixed cadence. A hold is never longer
+# than QUIET_CAP_S: a box in a rare case (its courier came late in the day) is late by hours, not days.
 #
 # A sales event's boxes move in step, so the first night is one nobody has seen. A status no box
 # has left for a while (with many checks to show it) is quiet, and so is the fleet while no box
 # comes near delivery: their boxes are asked again after twice as long as it has been quiet (up to
-# QUIET_CAP_S), except one in SENTINEL_EVERY, which keeps the cadence. The first move out of the
-# quiet — a sentinel usually sees it — wakes every box concerned. docs/schedule.md has the numbers.
+# QUIET_CAP_S), except the sentinels — one box in SENTINEL_EVERY, and at least SENTINELS_AT_LEAST —
+# which keep the cadence. The first move out of the quiet — a sentinel usually sees it — wakes every
+# box concerned: the first delivery wakes the fleet. docs/schedule.md has the numbers.
 
 LEAD_RISK = 0.05
 LEAD_MIN_SAMPLES = 30
@@ -2219,8 +2221,33 @@ QUIET_CAP_S = 8 * 3600.0
 QUIET_GROWTH = 2.0  # a status quiet for q is asked again after QUIET_GROWTH × q
 QUIET_MIN_CHECKS = 50  # checks of a status's boxes that saw nobody leave it, before it counts as quiet
 SENTINEL_EVERY = 50
+SENTINELS_AT_LEAST = 100  # a small fleet needs more than one in 50: the first delivery is seen by one of them
 ANY_STATUS = "*"  # the fleet: quiet while no box comes near delivery; woken, it wakes every box
 CHECK_JITTER = 0.1
+
+
+class LatestSamples:
+    """The `keep` samples taken at the latest moments, whatever order they are learned in. A slow
+    box's delivery is learned days after a quick one's from the same hour: keeping the latest
+    learned would keep only the slow ones, and their leads would hold every box back for days."""
+
+    __slots__ = ("_keep", "_heap")
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._heap: list[tuple[float, float]] = []  # (taken at, value), the earliest first
+
+    def add(self, at: float, value: float) -> None:
+        if len(self._heap) < self._keep:
+            heapq.heappush(self._heap, (at, value))
+        elif at > self._heap[0][0]:
+            heapq.heapreplace(self._heap, (at, value))
+
+    def quantile(self, q: float) -> float | None:
+        """The q quantile of the values kept, or None while fewer than LEAD_MIN_SAMPLES."""
+        if len(self._heap) < LEAD_MIN_SAMPLES:
+            return None
+        return sorted(value for _, value in self._heap)[int(q * len(self._heap))]
 
 
 class TrackingSchedule:
@@ -2234,16 +2261,16 @@ class TrackingSchedule:
     def __init__(self, config: ScheduleConfig, *, learn: bool = True) -> None:
         self._config = config
         self.learning = learn
+        self.tracked = 0  # boxes being tracked, as the driver last counted them
         self._zone = zoneinfo.ZoneInfo(config.timezone)
-        self._cells: dict[tuple[str, int, int], collections.deque[float]] = {}
+        self._cells: dict[tuple[str, int, int], LatestSamples] = {}
         self._holds: dict[tuple[str, int, int], float | None] = {}  # computed from a cell, until it changes
         self._last_exit: dict[str, float] = {}  # status → the latest partner time a box left it
         self._quiet_from: dict[str, float] = {}  # status → since when no box has been seen leaving it
         self._checks_since_exit: dict[str, int] = {}
         self._followers: dict[str, set[str]] = {}  # status → the statuses seen to follow it
-        self._seen: set[str] = set()  # every status seen
         self._first_statuses: collections.Counter[str] = collections.Counter()  # what histories start with
-        self._entry_leads: dict[str, collections.deque[float]] = {}  # status → entered it … delivered
+        self._entry_leads: dict[str, LatestSamples] = {}  # status → entered it … delivered
         self._mile_leads: dict[str, float] | None = None  # from the two above, until they change
 
     def hour_of_week(self, at: float) -> int:
@@ -2261,13 +2288,20 @@ class TrackingSchedule:
         past_point = dwell - LEAD_DWELL_GRID_S[point]
         hold = max(0.0, (self._hold((status, point, self.hour_of_week(now))) or 0.0) - past_point,
                    self._last_mile_lead(status))
-        interval = within + hold
-        if zlib.crc32(shipment_number.encode()) % SENTINEL_EVERY:  # a sentinel keeps the cadence while quiet
+        interval = within + min(hold, QUIET_CAP_S)
+        if not self.is_sentinel(shipment_number):  # a sentinel keeps the cadence while quiet
             # the fleet's quiet is no reason to wait for a box that is on its last mile itself
             last_mile = PickupStatus.DELIVERED in self._followers.get(status, ())
             fleet = 0.0 if last_mile else self._quiet_for(ANY_STATUS, now)
             interval = max(interval, self._quiet_for(status, now), fleet)
         return now + jittered(interval, CHECK_JITTER)
+
+    def is_sentinel(self, shipment_number: str) -> bool:
+        """One box in SENTINEL_EVERY, or as many more as make SENTINELS_AT_LEAST of those tracked:
+        the quiet ends when a sentinel sees a delivery, and the share of deliveries before that is
+        about one in the number of sentinels."""
+        share = max(1 / SENTINEL_EVERY, SENTINELS_AT_LEAST / max(1, self.tracked))
+        return zlib.crc32(shipment_number.encode()) % 10_000 < share * 10_000
 
     def _last_mile_lead(self, status: str) -> float:
         """However a box moves on from `status`, it is delivered only from a last-mile status (one a
@@ -2283,8 +2317,8 @@ class TrackingSchedule:
         last_mile = {s for s, followers in self._followers.items() if PickupStatus.DELIVERED in followers}
         entry_leads: dict[str, float] = {}
         for status in last_mile:
-            samples = sorted(self._entry_leads.get(status, ()))
-            entry_leads[status] = samples[int(LEAD_RISK * len(samples))] if len(samples) >= LEAD_MIN_SAMPLES else 0.0
+            samples = self._entry_leads.get(status)
+            entry_leads[status] = (samples.quantile(LEAD_RISK) if samples else None) or 0.0
         leads: dict[str, float] = {}
         for status in self._followers.keys() - last_mile:
             first_miles, seen, frontier = set(), {status}, [status]
@@ -2310,9 +2344,8 @@ class TrackingSchedule:
 
     def _hold(self, key: tuple[str, int, int]) -> float | None:
         if key not in self._holds:
-            remaining = sorted(self._cells.get(key, ()))
-            self._holds[key] = (remaining[int(LEAD_RISK * len(remaining))] if len(remaining) >= LEAD_MIN_SAMPLES
-                                else None)
+            cell = self._cells.get(key)
+            self._holds[key] = cell.quantile(LEAD_RISK) if cell else None
         return self._holds[key]
 
     def _quiet_for(self, status: str, now: float) -> float:
@@ -2345,11 +2378,12 @@ class TrackingSchedule:
             self._checks_since_exit[left.status] = 0
         current = history[-1].status
         # ANY_STATUS stands for the fleet: it is quiet while no box comes near delivery — none is
-        # delivered, none enters a last-mile status or one never seen before (it might be one).
+        # delivered, none enters a last-mile status. A status never seen before is no such sign by
+        # itself (the first morning's `assigned` is not): if it leads to deliveries, the sentinels
+        # see the first of them.
         near = [entry.at for entry in history if entry.status != PickupStatus.CANCELLED and (
-                entry.status not in self._seen or entry.status == PickupStatus.DELIVERED
+                entry.status == PickupStatus.DELIVERED
                 or PickupStatus.DELIVERED in self._followers.get(entry.status, ()))]
-        self._seen.update(entry.status for entry in history)
         if near and max(near) > self._last_exit.get(ANY_STATUS, -math.inf):
             if self._quiet_for(ANY_STATUS, now) > 0:
                 woken.append(ANY_STATUS)
@@ -2365,7 +2399,6 @@ class TrackingSchedule:
     def restore(self, histories: Iterable[Sequence[StatusChange]]) -> None:
         """At start: what the boxes closed lately showed (their recorded histories)."""
         for history in histories:
-            self._seen.update(entry.status for entry in history)
             for left, entered in zip(history, history[1:]):
                 if entered.status != PickupStatus.CANCELLED:
                     self._last_exit[left.status] = max(self._last_exit.get(left.status, -math.inf), entered.at)
@@ -2378,8 +2411,10 @@ class TrackingSchedule:
         delivered_at = history[-1].at if history[-1].status == PickupStatus.DELIVERED else math.inf
         if delivered_at < math.inf:
             for entry in history[:-1]:
-                leads = self._entry_leads.setdefault(entry.status, collections.deque(maxlen=LEAD_CELL_SAMPLES * 10))
-                leads.append(delivered_at - entry.at)
+                leads = self._entry_leads.get(entry.status)
+                if leads is None:
+                    leads = self._entry_leads[entry.status] = LatestSamples(LEAD_CELL_SAMPLES * 10)
+                leads.add(entry.at, delivered_at - entry.at)
             self._mile_leads = None
         for entry, following in zip(history, history[1:]):
             for point, dwell in enumerate(LEAD_DWELL_GRID_S):
@@ -2389,8 +2424,8 @@ class TrackingSchedule:
                 key = (entry.status, point, self.hour_of_week(moment))
                 cell = self._cells.get(key)
                 if cell is None:
-                    cell = self._cells[key] = collections.deque(maxlen=LEAD_CELL_SAMPLES)
-                cell.append(delivered_at - moment)
+                    cell = self._cells[key] = LatestSamples(LEAD_CELL_SAMPLES)
+                cell.add(moment, delivered_at - moment)
                 self._holds.pop(key, None)
 
 
@@ -3191,8 +3226,8 @@ class Metrics:
         for field in CORRECTABLE_FIELDS:
             self.returns_corrected.labels(field)
 
-    async def refresh_from(self, store: Store) -> None:
-        """The gauges that count rows: refreshed on a timer, not per transition."""
+    async def refresh_from(self, store: Store) -> dict[str, int]:
+        """The gauges that count rows: refreshed on a timer, not per transition. Returns the counts."""
         counts = await store.counts()
         for box_state in BoxState:
             self.boxes.labels(box_state.value).set(counts.get(f"boxes.{box_state.value}", 0))
@@ -3202,6 +3237,7 @@ class Metrics:
         self.outbox_pending.set(counts.get(f"reports.{ReportState.PENDING.value}", 0))
         oldest = await store.oldest_pending_report_queued_at()
         self.outbox_oldest_age.set(0 if oldest is None else max(0.0, time.time() - oldest))
+        return counts
 
     def set_circuit(self, endpoint: str, state: CircuitState) -> None:
         for each in CircuitState:
@@ -3297,6 +3333,10 @@ class Daemon:
         self.started = asyncio.Event()
         self._overdue_alerted_at = -math.inf
         REDACT.set_secrets(config.secrets)
+
+    @property
+    def tracking_schedule(self) -> TrackingSchedule | None:
+        return self._stages.schedule if self._stages is not None else None
 
     def stop(self) -> None:
         if not self._stop.is_set():
@@ -3465,7 +3505,9 @@ class Daemon:
             backlog = False
             try:
                 self.metrics.db_writable.set(1 if await committer.probe() else 0)
-                await self.metrics.refresh_from(store)
+                counts = await self.metrics.refresh_from(store)
+                if self._stages is not None:
+                    self._stages.schedule.tracked = counts.get(f"boxes.{BoxState.TRACKING.value}", 0)
                 await self._watch_overdue(store, alerts, time.time())
                 backlog = await self._retain(committer)
             except sqlite3.Error as exc:
@@ -3812,6 +3854,7 @@ def replay_timelines(timelines: Sequence[PickupTimeline], config: ScheduleConfig
             continue  # rescheduled since (a wake-up)
         if not collected[i]:  # the feed lists it now: its first check, as collect spreads them
             collected[i] = True
+            tracking.tracked += 1
             next_at[i] = now + jittered(tracking.first_check_in(), 0.5)
             heapq.heappush(queue, (next_at[i], i))
             continue
@@ -3830,6 +3873,8 @@ def replay_timelines(timelines: Sequence[PickupTimeline], config: ScheduleConfig
             by_status[status_of[i]].discard(i)  # type: ignore[index]
         if update.state is BoxState.DELIVERED:
             result.delays.append(now - timeline.events[-1].at)
+        if update.state is not BoxState.TRACKING:
+            tracking.tracked -= 1
         if update.state is BoxState.TRACKING and update.next_check_at is not None:
             since = update.history[-1].at if update.history else box.status_since
             due[i] = DueBox(box.shipment_number, box.first_seen_at, update.not_found, update.errors, since,

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 import tracker
-from conftest import ROOT, everything_reported, make_config, run_daemon_until, scenario
+from conftest import ROOT, counts_in, everything_reported, make_config, run_daemon_until, scenario, wait_until
 
 D = 900.0
+ANY = tracker.ANY_STATUS
 CONFIG = tracker.ScheduleConfig(detect_within_s=D, track_every_s=D, timezone="Asia/Seoul")
 MONDAY = dt.datetime(2026, 11, 9, tzinfo=zoneinfo.ZoneInfo("Asia/Seoul")).timestamp()  # a Monday, 00:00
 
@@ -42,6 +43,23 @@ def taught(histories: Sequence[Sequence[tracker.StatusChange]]) -> tracker.Track
 def interval(schedule: tracker.TrackingSchedule, status: str, entered: float, now: float,
              shipment: str = "SHP_1") -> float:
     return schedule.next_check(shipment, status, entered, now) - now
+
+
+def a_fleet(histories: Sequence[Sequence[tracker.StatusChange]] = ()) -> tracker.TrackingSchedule:
+    """A schedule tracking 10,000 boxes: one in SENTINEL_EVERY keeps the cadence while quiet."""
+    schedule = taught(histories)
+    schedule.tracked = 10_000
+    return schedule
+
+
+def quiet_night(schedule: tracker.TrackingSchedule, day: int) -> None:
+    """QUIET_MIN_CHECKS answers from 20:00 on `day` in which nobody leaves `requested`."""
+    for k in range(tracker.QUIET_MIN_CHECKS):
+        schedule.learn(history(("requested", at(day, 20))), at(day, 20) + k)
+
+
+def a_sentinel(schedule: tracker.TrackingSchedule, sentinel: bool = True) -> str:
+    return next(n for n in (f"SHP_{k}" for k in range(10_000)) if schedule.is_sentinel(n) == sentinel)
 
 
 def pickups(n: int, assigned_h: float, picked_h: float, collect_min: float, day: int = 0) -> list[tuple]:
@@ -83,42 +101,72 @@ def test_a_burst_is_first_asked_no_sooner_than_anything_can_have_come_near_deliv
 
 
 def test_a_status_nobody_leaves_is_asked_less_and_less_while_a_sentinel_keeps_the_cadence() -> None:
-    schedule = tracker.TrackingSchedule(CONFIG)
-    for k in range(tracker.QUIET_MIN_CHECKS):
-        schedule.learn(history(("requested", at(0, 20))), at(0, 20) + k)
+    schedule = a_fleet()
+    quiet_night(schedule, 0)
     later = at(0, 23)
-    names = [f"SHP_{k}" for k in range(1000)]
-    sentinel = next(n for n in names if tracker.zlib.crc32(n.encode()) % tracker.SENTINEL_EVERY == 0)
-    other = next(n for n in names if tracker.zlib.crc32(n.encode()) % tracker.SENTINEL_EVERY)
+    other, sentinel = a_sentinel(schedule, False), a_sentinel(schedule)
     assert interval(schedule, "requested", at(0, 20), later, other) >= 0.9 * 3 * 3600
     assert interval(schedule, "requested", at(0, 20), later, sentinel) <= 1.1 * D
 
 
+def test_one_box_in_sentinel_every_is_a_sentinel_and_a_small_fleet_has_more() -> None:
+    schedule = tracker.TrackingSchedule(CONFIG)
+    names = [f"SHP_{k}" for k in range(20_000)]
+    for tracked, share in ((100_000, 1 / tracker.SENTINEL_EVERY), (200, tracker.SENTINELS_AT_LEAST / 200)):
+        schedule.tracked = tracked
+        sentinels = sum(schedule.is_sentinel(n) for n in names)
+        assert share * 0.8 <= sentinels / len(names) <= share * 1.2
+    schedule.tracked = tracker.SENTINELS_AT_LEAST
+    assert all(schedule.is_sentinel(n) for n in names[:100])  # a fleet this small keeps the cadence
+
+
+def test_a_status_never_seen_before_does_not_end_the_fleets_quiet_but_a_delivery_does() -> None:
+    schedule = a_fleet()
+    quiet_night(schedule, 0)
+    # sentinels are there to see the first delivery; a new status alone says nothing about haste
+    assert ANY not in schedule.learn(history(("requested", at(0, 20)), ("assigned", at(1, 7))), at(1, 7.1))
+    woken = schedule.learn(history(("requested", at(0, 20)), ("assigned", at(1, 7)), ("picking_up", at(1, 9)),
+                                   ("delivered", at(1, 10))), at(1, 10.1))
+    assert ANY in woken
+
+
 def test_a_box_on_its_last_mile_is_watched_even_while_the_fleet_is_quiet() -> None:
-    schedule = taught(pickups(60, assigned_h=9, picked_h=10, collect_min=90))  # picking_up: the last mile
-    for k in range(tracker.QUIET_MIN_CHECKS):  # then a long night in which nobody comes near delivery
-        schedule.learn(history(("requested", at(1, 20))), at(1, 20) + k)
-    names = [f"SHP_{k}" for k in range(1000)]
-    other = next(n for n in names if tracker.zlib.crc32(n.encode()) % tracker.SENTINEL_EVERY)
+    schedule = a_fleet(pickups(60, assigned_h=9, picked_h=10, collect_min=90))  # picking_up: the last mile
+    quiet_night(schedule, 1)  # then a long night in which nobody comes near delivery
+    other = a_sentinel(schedule, False)
     later = at(2, 6)
     assert interval(schedule, "requested", at(1, 20), later, other) >= 3 * 3600  # the quiet holds these back
     assert interval(schedule, "picking_up", at(2, 5.9), later, other) <= 1.1 * (D + 90 * 60)  # not this one
 
 
 def test_the_first_box_seen_leaving_a_quiet_status_wakes_every_box_in_it() -> None:
-    schedule = tracker.TrackingSchedule(CONFIG)
-    for k in range(tracker.QUIET_MIN_CHECKS):
-        schedule.learn(history(("requested", at(0, 20))), at(0, 20) + k)
+    schedule = a_fleet()
+    quiet_night(schedule, 0)
     woken = schedule.learn(history(("requested", at(0, 20)), ("assigned", at(1, 7))), at(1, 7.1))
     assert "requested" in woken
     assert schedule.learn(history(("requested", at(0, 20)), ("assigned", at(1, 7.05))), at(1, 7.2)) == []  # once
 
 
 def test_a_withdrawal_wakes_nobody() -> None:
-    schedule = tracker.TrackingSchedule(CONFIG)
-    for k in range(tracker.QUIET_MIN_CHECKS):
-        schedule.learn(history(("requested", at(0, 20))), at(0, 20) + k)
+    schedule = a_fleet()
+    quiet_night(schedule, 0)
     assert schedule.learn(history(("requested", at(0, 20)), ("cancelled", at(1, 2))), at(1, 2.1)) == []
+
+
+def test_slow_deliveries_learned_last_do_not_crowd_the_quick_ones_of_the_same_hour_out() -> None:
+    # boxes assigned in the same minutes; the quick ones are delivered (and learned) that day, the
+    # slow ones two days later: what a box assigned then can expect is the quick ones' lead
+    quick = [history(("assigned", at(0, 9) + 20 * k), ("picking_up", at(0, 10)), ("delivered", at(0, 11)))
+             for k in range(tracker.LEAD_CELL_SAMPLES)]
+    slow = [history(("assigned", at(0, 9) + 20 * k + 10), ("picking_up", at(2, 10)), ("delivered", at(2, 11)))
+            for k in range(tracker.LEAD_CELL_SAMPLES)]
+    schedule = taught(quick + slow)
+    assert interval(schedule, "assigned", at(7, 9), at(7, 9.01)) <= 1.1 * (D + 2 * 3600)
+
+
+def test_no_box_waits_longer_than_the_quiet_cap_whatever_was_learned() -> None:
+    night = taught(pickups(60, assigned_h=9, picked_h=22, collect_min=60))  # assigned: 13 hours before delivery
+    assert interval(night, "assigned", at(0, 9), at(0, 9.1)) <= 1.1 * (D + tracker.QUIET_CAP_S)
 
 
 def test_restart_keeps_what_was_learned(db_path: Path) -> None:
@@ -145,6 +193,26 @@ def test_restart_keeps_what_was_learned(db_path: Path) -> None:
         assert abs(interval(restarted, "assigned", at(0, 12), now) - interval(original, "assigned", at(0, 12), now)) \
             <= 0.25 * interval(original, "assigned", at(0, 12), now)
     assert interval(restarted, "assigned", at(0, 12), at(0, 14.2)) >= 7 * 3600
+
+
+async def test_the_daemon_tells_the_schedule_how_many_boxes_it_tracks(start_partner, db_path: Path) -> None:
+    # sentinels are a share of the boxes tracked: the count is what keeps a small fleet watched
+    partner = start_partner(scenario(returns=40, cancel_share=0.0, step_s=(60.0, 90.0)))
+
+    async def schedule_counts_the_tracked_boxes() -> bool:
+        schedule = daemon.tracking_schedule
+        if schedule is None:  # not started yet
+            return False
+        tracking = (await counts_in(db_path)).get("boxes.tracking", 0)
+        return tracking > 0 and schedule.tracked == tracking
+
+    daemon = tracker.Daemon(make_config(db_path, partner.url))
+    task = asyncio.create_task(daemon.run())
+    try:
+        await wait_until(schedule_counts_the_tracked_boxes, 20.0, what="the schedule's count of tracked boxes")
+    finally:
+        daemon.stop()
+        await task
 
 
 # ── what it records ─────────────────────────────────────────────────────────────────────────
