@@ -42,6 +42,7 @@ import sys
 import time
 import tomllib
 import typing
+import urllib.parse
 import zlib
 import zoneinfo
 from collections import OrderedDict
@@ -52,6 +53,10 @@ from typing import Any
 import aiohttp
 import aiosqlite
 import prometheus_client
+import psycopg
+import psycopg.conninfo
+import psycopg.errors
+import psycopg.rows
 import structlog
 from aiohttp import web
 
@@ -66,8 +71,10 @@ USER_AGENT = f"returns-tracker/{VERSION}"
 
 ENV_TOKEN = "TRACKER_PARTNER_TOKEN"
 ENV_WEBHOOK = "TRACKER_SLACK_WEBHOOK_URL"
+ENV_DATABASE_URL = "TRACKER_DATABASE_URL"
 CREDENTIAL_TOKEN_FILE = "partner_token"
-SECRET_KEYS = frozenset({"partner.token", "slack.webhook_url"})
+CREDENTIAL_DATABASE_PASSWORD_FILE = "database_password"
+SECRET_KEYS = frozenset({"partner.token", "slack.webhook_url", "storage.url"})
 
 
 class ConfigError(Exception):
@@ -90,7 +97,13 @@ class PartnerConfig:
 @dataclasses.dataclass(frozen=True)
 class StorageConfig:
     path: str = "tracker.db"
+    url: str = dataclasses.field(default="", repr=False)  # postgresql://…: the state lives there, not in `path`
     keep_days: int = 90  # finished rows older than this are deleted; 0 keeps everything
+
+    @property
+    def where(self) -> str:
+        """Where the state lives, fit to print: the file, or the database URL without its password."""
+        return redact_database_url(self.url) if self.url else self.path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +160,8 @@ class Config:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        return tuple(s for s in (self.partner.token, self.slack.webhook_url) if s)
+        database = (self.storage.url, _database_password(self.storage.url)) if self.storage.url else ()
+        return tuple(s for s in (self.partner.token, self.slack.webhook_url, *database) if s)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -242,7 +256,36 @@ def _apply_overrides(config: Config, env: Mapping[str, str]) -> Config:
             raise ConfigError("partner.token", f"cannot read credential {token_file}: {exc}") from None
     if env.get(ENV_WEBHOOK):
         slack = dataclasses.replace(slack, webhook_url=env[ENV_WEBHOOK].strip())
-    return dataclasses.replace(config, partner=partner, slack=slack)
+    storage = config.storage
+    if env.get(ENV_DATABASE_URL):
+        storage = dataclasses.replace(storage, url=env[ENV_DATABASE_URL].strip())
+    if credentials and storage.url:  # a password kept out of the URL and the config file
+        password_file = Path(credentials) / CREDENTIAL_DATABASE_PASSWORD_FILE
+        try:
+            password = password_file.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            password = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("storage.url", f"cannot read credential {password_file}: {exc}") from None
+        if password:
+            storage = dataclasses.replace(storage, url=_with_password(storage.url, password))
+    return dataclasses.replace(config, partner=partner, slack=slack, storage=storage)
+
+
+def _with_password(url: str, password: str) -> str:
+    """The URL with this password in its user part (percent-encoded), replacing any there."""
+    scheme, _, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:{urllib.parse.quote(password, safe='')}@{hosts}{slash}{tail}"
+
+
+def _database_password(url: str) -> str:
+    try:
+        return str(psycopg.conninfo.conninfo_to_dict(url).get("password") or "")
+    except psycopg.ProgrammingError:
+        return ""
 
 
 def _validate(config: Config) -> None:
@@ -259,6 +302,8 @@ def _validate(config: Config) -> None:
     _require_range("partner.page_size", config.partner.page_size, 1, 500)
     if not config.storage.path:
         raise ConfigError("storage.path", "must not be empty")
+    if config.storage.url:
+        _require_database_url(config.storage.url)
     _require_range("storage.keep_days", config.storage.keep_days, 0, 36500)
     _validate_listen(config.http.listen)
     if config.slack.webhook_url:
@@ -284,6 +329,15 @@ def _validate(config: Config) -> None:
 def _require_range(key: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise ConfigError(key, f"must be between {low:g} and {high:g}, got {value:g}")
+
+
+def _require_database_url(value: str) -> None:
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("storage.url", "must be a postgresql:// URL (or empty: the SQLite file at storage.path)")
+    try:
+        psycopg.conninfo.conninfo_to_dict(value)
+    except psycopg.ProgrammingError:
+        raise ConfigError("storage.url", "not a valid PostgreSQL connection URL") from None
 
 
 def _require_http_url(key: str, value: str) -> None:
@@ -469,7 +523,7 @@ HOT_PATH_SQL = {
     "next_report_due_at": "SELECT MIN(next_attempt_at) FROM reports INDEXED BY reports_due WHERE state = 'pending'",
     "oldest_pending_report": "SELECT MIN(queued_at) FROM reports INDEXED BY reports_pending_by_age"
                              " WHERE state = 'pending'",
-    "overdue_boxes": "SELECT COUNT(*), MIN(COALESCE(requested_at, first_seen_at)) FROM boxes INDEXED BY boxes_overdue"
+    "overdue_count": "SELECT COUNT(*), MIN(COALESCE(requested_at, first_seen_at)) FROM boxes INDEXED BY boxes_overdue"
                      " WHERE state = 'tracking' AND COALESCE(requested_at, first_seen_at) < ?",
 }
 # A report queued for a delivered box: new, or one a correction withdrew when it moved its return
@@ -651,6 +705,18 @@ EXPORT_SQL = {
                  " AND b.first_seen_at >= :since AND b.first_seen_at < :until AND (:state IS NULL OR b.state = :state)"
                  " ORDER BY b.shipment_number, h.changed_at",
 }
+# Every statement of the reads StoreReads shares, by name (PG_READS holds PostgreSQL's).
+SQLITE_READS = {
+    **HOT_PATH_SQL,
+    **{name: sql for name, sql in OPERATOR_SQL.items() if not name.startswith("requeue")},
+    "feed_cursor": "SELECT value FROM meta WHERE key = ?",
+    "learned_history": LEARNED_HISTORY_SQL,
+    "open_quarantine": "SELECT return_id, reason, raw, seen_at FROM quarantine WHERE resolved_at IS NULL"
+                       " ORDER BY seen_at LIMIT ?",
+    "latest_corrections": "SELECT return_id, before, after, report_state, corrected_at FROM corrections"
+                          " ORDER BY id DESC LIMIT ?",
+    "unknown_statuses": "SELECT status, seen, last_seen_at FROM unknown_statuses ORDER BY status",
+}
 STATE_COUNT_TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS {table}_uncounted AFTER DELETE ON {table} BEGIN
     UPDATE state_counts SET n = n - 1 WHERE kind = '{table}' AND state = OLD.state;
@@ -702,6 +768,24 @@ RETENTION_BATCH = 200  # finished boxes deleted a transaction (about 500 returns
 VACUUM_PAGES_PER_BATCH = 2000  # free pages handed back to the file system after each batch
 FEED_CURSOR_KEY = "feed_cursor"
 HEARTBEAT_KEY = "heartbeat"
+# What `migrate` copies, table by table in this order, and the columns both backends share (ids the
+# databases number themselves are numbered anew, in the same order). state_counts is not copied:
+# the target's triggers count the rows as they arrive.
+COPIED_TABLES = {
+    "meta": ("key", "value"),
+    "returns": ("id", "order_number", "order_item_number", "shipment_number", "requested_at", "seen_at"),
+    "boxes": ("shipment_number", "state", "next_check_at", "first_seen_at", "checks", "not_found", "errors",
+              "registered_at", "last_status", "delivered_at", "closed_at", "last_error", "status_since",
+              "requested_at"),
+    "reports": ("return_id", "order_number", "order_item_number", "shipment_number", "collected_at", "state",
+                "attempts", "next_attempt_at", "queued_at", "done_at", "outcome", "last_error", "revision",
+                "first_sent_revision", "accepted_revision"),
+    "quarantine": ("fingerprint", "return_id", "reason", "raw", "seen_at", "resolved_at"),
+    "box_history": ("shipment_number", "changed_at", "status", "seen_at"),
+    "report_attempts": ("return_id", "attempt", "attempted_at", "outcome", "http_status", "latency_s", "error"),
+    "corrections": ("return_id", "fields", "before", "after", "report_state", "corrected_at"),
+    "unknown_statuses": ("status", "first_seen_at", "last_seen_at", "seen"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -909,8 +993,116 @@ async def _rollback(connection: aiosqlite.Connection) -> None:
         await connection.execute("ROLLBACK")
 
 
-class Store:
+class StoreReads:
+    """The reads both backends make alike, written once: each names a statement of the backend's
+    READS (SHOW for `show`) and runs it through the backend's _rows or _dicts."""
+
+    READS: typing.ClassVar[Mapping[str, str]]
+    SHOW: typing.ClassVar[Mapping[str, str]]
+
+    async def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        raise NotImplementedError
+
+    async def _dicts(self, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _id_list(self, ids: Sequence[str]) -> Any:
+        """A list of ids as the backend's statements take it (one parameter)."""
+        raise NotImplementedError
+
+    async def _read(self, name: str, *params: Any) -> list[Any]:
+        return await self._rows(self.READS[name], params)
+
+    async def _newer_read(self, name: str, *params: Any) -> list[Any]:
+        """A read of what a version-3 SQLite file lacks (corrections, overdue): on such a file,
+        opened read-only by `status` before any upgrade, there is none of it yet."""
+        return await self._read(name, *params)
+
+    async def _value(self, name: str) -> Any:
+        return (await self._read(name))[0][0]
+
+    # ── for the stages ──────────────────────────────────────────────────────────────────────
+
+    async def closed_histories(self, since: float) -> list[tuple[StatusChange, ...]]:
+        """The status histories of boxes closed since `since`, each oldest first."""
+        histories: dict[str, list[StatusChange]] = {}
+        for shipment_number, at, status in await self._read("learned_history", since):
+            histories.setdefault(shipment_number, []).append(StatusChange(status, at))
+        return [tuple(history) for history in histories.values()]
+
+    async def feed_cursor(self) -> str | None:
+        rows = await self._read("feed_cursor", FEED_CURSOR_KEY)
+        return rows[0][0] if rows else None
+
+    async def due_boxes(self, now: float, limit: int) -> list[DueBox]:
+        return [DueBox(*row) for row in await self._read("due_boxes", now, limit)]
+
+    async def next_box_due_at(self) -> float | None:
+        return await self._value("next_box_due_at")
+
+    async def due_reports(self, now: float, limit: int) -> list[DueReport]:
+        return [DueReport(*row) for row in await self._read("due_reports", now, limit)]
+
+    async def next_report_due_at(self) -> float | None:
+        return await self._value("next_report_due_at")
+
+    async def oldest_pending_report_queued_at(self) -> float | None:
+        return await self._value("oldest_pending_report")
+
+    # ── for `status` and the demo ───────────────────────────────────────────────────────────
+
+    async def overdue_boxes(self, before: float, limit: int) -> list[tuple[str, float, str | None, float | None, int]]:
+        return await self._newer_read("overdue_boxes", before, limit)
+
+    async def oldest_pending_reports(self, limit: int) -> list[tuple[str, str, float, int, str | None]]:
+        return await self._read("oldest_pending_reports", limit)
+
+    async def oldest_tracking_boxes(self, limit: int) -> list[tuple[str, float, str | None, int]]:
+        return await self._read("oldest_tracking_boxes", limit)
+
+    async def open_quarantine(self, limit: int) -> list[tuple[str | None, str, str, float]]:
+        return await self._read("open_quarantine", limit)
+
+    async def dead_reports(self, limit: int) -> list[tuple[str, str, str | None, float]]:
+        return await self._read("dead_reports", limit)
+
+    async def stale_boxes(self, limit: int) -> list[tuple[str, float, int]]:
+        return await self._read("stale_boxes", limit)
+
+    async def latest_corrections(self, limit: int) -> list[tuple[str, str, str, str | None, float]]:
+        """(return id, before, after, report state then, when), newest first; before/after are JSON."""
+        return await self._newer_read("latest_corrections", limit)
+
+    async def outdated_reports(self, limit: int) -> list[tuple[str, str, str, float | None]]:
+        """Reports the partner recorded under fields a correction has since changed: (return id, the
+        latest correction's before and after as JSON, when the report was recorded)."""
+        return await self._newer_read("outdated_reports", limit)
+
+    async def unknown_statuses(self) -> list[tuple[str, int, float]]:
+        return await self._read("unknown_statuses")
+
+    async def story(self, key: str) -> dict[str, Any]:
+        """Everything known about the returns `key` names (an id, order number or shipment number),
+        their boxes and reports, as plain data; empty lists when it names nothing."""
+        returns = await self._dicts(self.SHOW["returns"], {"key": key})
+        ids = {"ids": self._id_list(sorted({r["id"] for r in returns} | {key}))}
+        shipments = {"ids": self._id_list(sorted({r["shipment_number"] for r in returns} | {key}))}
+        return {
+            "returns": returns,
+            "quarantine": await self._dicts(self.SHOW["quarantine"], ids),
+            "boxes": await self._dicts(self.SHOW["boxes"], shipments),
+            "history": await self._dicts(self.SHOW["history"], shipments),
+            "reports": await self._dicts(self.SHOW["reports"], ids),
+            "attempts": await self._dicts(self.SHOW["attempts"], ids),
+            "corrections": await self._dicts(self.SHOW["corrections"], ids),
+        }
+
+
+class Store(StoreReads):
     """All SQL lives here. Callers hand transitions to `commit`; reads go through the reader."""
+
+    READS = SQLITE_READS
+    SHOW = SHOW_SQL
 
     def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, path: str) -> None:
         self._writer = writer
@@ -1222,32 +1414,10 @@ class Store:
 
     # ── reads for the stages ────────────────────────────────────────────────────────────────
 
-    async def closed_histories(self, since: float) -> list[tuple[StatusChange, ...]]:
-        """The status histories of boxes closed since `since`, each oldest first."""
-        histories: dict[str, list[StatusChange]] = {}
-        for shipment_number, at, status in await self._rows(LEARNED_HISTORY_SQL, (since,)):
-            histories.setdefault(shipment_number, []).append(StatusChange(status, at))
-        return [tuple(history) for history in histories.values()]
+    # ── reads of its own ────────────────────────────────────────────────────────────────────
 
-    async def feed_cursor(self) -> str | None:
-        rows = await self._rows("SELECT value FROM meta WHERE key = ?", (FEED_CURSOR_KEY,))
-        return rows[0][0] if rows else None
-
-    async def due_boxes(self, now: float, limit: int) -> list[DueBox]:
-        rows = await self._rows(HOT_PATH_SQL["due_boxes"], (now, limit))
-        return [DueBox(*row) for row in rows]
-
-    async def next_box_due_at(self) -> float | None:
-        return (await self._rows(HOT_PATH_SQL["next_box_due_at"], ()))[0][0]
-
-    async def due_reports(self, now: float, limit: int) -> list[DueReport]:
-        rows = await self._rows(HOT_PATH_SQL["due_reports"], (now, limit))
-        return [DueReport(*row) for row in rows]
-
-    async def next_report_due_at(self) -> float | None:
-        return (await self._rows(HOT_PATH_SQL["next_report_due_at"], ()))[0][0]
-
-    # ── reads for `status` and the demo ─────────────────────────────────────────────────────
+    def _id_list(self, ids: Sequence[str]) -> str:
+        return json.dumps(list(ids))  # read by json_each
 
     async def counts(self) -> dict[str, int]:
         """Totals by kind and state, e.g. {"returns": 10, "boxes.tracking": 3, "reports.done": 7}."""
@@ -1272,68 +1442,17 @@ class Store:
     async def overdue(self, before: float) -> tuple[int, float | None]:
         """How many tracked boxes were requested before `before`, and the oldest one's request."""
         try:
-            count, oldest = (await self._rows(HOT_PATH_SQL["overdue_boxes"], (before,)))[0]
+            count, oldest = (await self._rows(HOT_PATH_SQL["overdue_count"], (before,)))[0]
         except sqlite3.OperationalError as exc:  # an older file opened read-only (`status`)
             if "no such" not in str(exc):
                 raise
             return 0, None
         return count, oldest
 
-    async def overdue_boxes(self, before: float, limit: int) -> list[tuple[str, float, str | None, float | None, int]]:
-        return await self._rows_since_version_4(OPERATOR_SQL["overdue_boxes"], (before, limit))
-
-    async def oldest_pending_report_queued_at(self) -> float | None:
-        return (await self._rows(HOT_PATH_SQL["oldest_pending_report"], ()))[0][0]
-
-    async def oldest_pending_reports(self, limit: int) -> list[tuple[str, str, float, int, str | None]]:
-        return await self._rows(OPERATOR_SQL["oldest_pending_reports"], (limit,))
-
-    async def oldest_tracking_boxes(self, limit: int) -> list[tuple[str, float, str | None, int]]:
-        return await self._rows(OPERATOR_SQL["oldest_tracking_boxes"], (limit,))
-
-    async def open_quarantine(self, limit: int) -> list[tuple[str | None, str, str, float]]:
-        return await self._rows(
-            "SELECT return_id, reason, raw, seen_at FROM quarantine WHERE resolved_at IS NULL"
-            " ORDER BY seen_at LIMIT ?",
-            (limit,),
-        )
-
-    async def dead_reports(self, limit: int) -> list[tuple[str, str, str | None, float]]:
-        return await self._rows(OPERATOR_SQL["dead_reports"], (limit,))
-
-    async def stale_boxes(self, limit: int) -> list[tuple[str, float, int]]:
-        return await self._rows(OPERATOR_SQL["stale_boxes"], (limit,))
-
-    async def latest_corrections(self, limit: int) -> list[tuple[str, str, str, str | None, float]]:
-        """(return id, before, after, report state then, when), newest first; before/after are JSON."""
-        return await self._rows_since_version_4(
-            "SELECT return_id, before, after, report_state, corrected_at FROM corrections ORDER BY id DESC LIMIT ?",
-            (limit,))
-
-    async def outdated_reports(self, limit: int) -> list[tuple[str, str, str, float | None]]:
-        """Reports the partner recorded under fields a correction has since changed: (return id, the
-        latest correction's before and after as JSON, when the report was recorded)."""
-        return await self._rows_since_version_4(OPERATOR_SQL["outdated_reports"], (limit,))
-
-    async def story(self, key: str) -> dict[str, Any]:
-        """Everything known about the returns `key` names (an id, order number or shipment number),
-        their boxes and reports, as plain data; empty lists when it names nothing."""
-        returns = await self._dicts(SHOW_SQL["returns"], {"key": key})
-        ids = json.dumps(sorted({r["id"] for r in returns} | {key}))
-        shipments = json.dumps(sorted({r["shipment_number"] for r in returns} | {key}))
-        return {
-            "returns": returns,
-            "quarantine": await self._dicts(SHOW_SQL["quarantine"], {"ids": ids}),
-            "boxes": await self._dicts(SHOW_SQL["boxes"], {"ids": shipments}),
-            "history": await self._dicts(SHOW_SQL["history"], {"ids": shipments}),
-            "reports": await self._dicts(SHOW_SQL["reports"], {"ids": ids}),
-            "attempts": await self._dicts(SHOW_SQL["attempts"], {"ids": ids}),
-            "corrections": await self._dicts(SHOW_SQL["corrections"], {"ids": ids}),
-        }
-
-    async def stream(self, sql: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
-        """Rows as dicts, fetched a chunk at a time within one read snapshot (a consistent export)."""
-        async with self._reader.execute(sql, params) as cursor:
+    async def export(self, kind: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
+        """EXPORT_SQL[kind]'s rows as dicts, fetched a chunk at a time within one read snapshot (a
+        consistent export)."""
+        async with self._reader.execute(EXPORT_SQL[kind], params) as cursor:
             names = [column[0] for column in cursor.description]
             async for row in cursor:
                 yield dict(zip(names, row))
@@ -1351,20 +1470,676 @@ class Store:
                 raise
             return []
 
-    async def _rows_since_version_4(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    async def _newer_read(self, name: str, *params: Any) -> list[Any]:
         try:
-            return await self._rows(sql, params)
+            return await self._read(name, *params)
         except sqlite3.OperationalError:  # a version-3 file opened read-only (`status`): it has none
             return []
 
-    async def unknown_statuses(self) -> list[tuple[str, int, float]]:
-        return await self._rows("SELECT status, seen, last_seen_at FROM unknown_statuses ORDER BY status", ())
+    async def rows_of(self, table: str) -> typing.AsyncGenerator[tuple[Any, ...], None]:
+        """Every row of one of COPIED_TABLES, its columns in that order, oldest first (`migrate`)."""
+        columns = ", ".join(COPIED_TABLES[table])  # our names only
+        order = "shipment_number, changed_at" if table == "box_history" else "rowid"  # WITHOUT ROWID
+        async with self._reader.execute(f"SELECT {columns} FROM {table} ORDER BY {order}") as cursor:
+            async for row in cursor:
+                yield tuple(row)
 
     async def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         # One thread hop that runs the statement to its end. A statement left open across hops
         # (execute, then fetch, then close) holds its read snapshot, and a query another stage
         # runs meanwhile on this connection would see that stale snapshot.
         return [tuple(row) for row in await self._reader.execute_fetchall(sql, params)]
+
+
+# ── storage: PostgreSQL ─────────────────────────────────────────────────────────────────────
+# The same tables and transitions in PostgreSQL, for `storage.url`: what PgStore does is what
+# Store does, statement for statement (the SQLite statements above explain each); only the
+# dialect differs — arrays instead of JSON lists, ON CONFLICT on both, triggers in PL/pgSQL,
+# seconds as double precision. The store's rules in tests/test_corrections.py and tests/test_storage.py
+# run on both.
+
+PG_SCHEMA_VERSION = 1  # PostgreSQL's own numbering: version 1 holds what SQLite's version 6 holds
+PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS returns (
+    seq               BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+    id                TEXT PRIMARY KEY,
+    order_number      TEXT NOT NULL,
+    order_item_number TEXT NOT NULL,
+    shipment_number   TEXT NOT NULL,
+    requested_at      TEXT,
+    seen_at           DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS returns_by_shipment ON returns (shipment_number);
+CREATE INDEX IF NOT EXISTS returns_by_order ON returns (order_number);
+CREATE TABLE IF NOT EXISTS boxes (
+    shipment_number TEXT PRIMARY KEY,
+    state           TEXT NOT NULL,
+    next_check_at   DOUBLE PRECISION,
+    first_seen_at   DOUBLE PRECISION NOT NULL,
+    checks          INTEGER NOT NULL DEFAULT 0,
+    not_found       INTEGER NOT NULL DEFAULT 0,
+    errors          INTEGER NOT NULL DEFAULT 0,
+    registered_at   DOUBLE PRECISION,
+    last_status     TEXT,
+    delivered_at    TEXT,
+    closed_at       DOUBLE PRECISION,
+    last_error      TEXT,
+    status_since    DOUBLE PRECISION,
+    requested_at    DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS boxes_due ON boxes (next_check_at) WHERE state = 'tracking';
+CREATE INDEX IF NOT EXISTS boxes_stale ON boxes (first_seen_at) WHERE state = 'stale';
+CREATE INDEX IF NOT EXISTS boxes_closed ON boxes (closed_at) WHERE state IN ('delivered', 'cancelled', 'emptied');
+CREATE INDEX IF NOT EXISTS boxes_overdue ON boxes ((COALESCE(requested_at, first_seen_at))) WHERE state = 'tracking';
+CREATE TABLE IF NOT EXISTS reports (
+    return_id           TEXT PRIMARY KEY,
+    order_number        TEXT NOT NULL,
+    order_item_number   TEXT NOT NULL,
+    shipment_number     TEXT NOT NULL,
+    collected_at        TEXT NOT NULL,
+    state               TEXT NOT NULL,
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at     DOUBLE PRECISION,
+    queued_at           DOUBLE PRECISION NOT NULL,
+    done_at             DOUBLE PRECISION,
+    outcome             TEXT,
+    last_error          TEXT,
+    revision            INTEGER NOT NULL DEFAULT 0,
+    first_sent_revision INTEGER,
+    accepted_revision   INTEGER
+);
+CREATE INDEX IF NOT EXISTS reports_due ON reports (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS reports_pending_by_age ON reports (queued_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS reports_dead ON reports (done_at) WHERE state = 'dead';
+CREATE INDEX IF NOT EXISTS reports_outdated ON reports (done_at) WHERE accepted_revision < revision;
+CREATE TABLE IF NOT EXISTS quarantine (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    fingerprint TEXT NOT NULL UNIQUE,
+    return_id   TEXT,
+    reason      TEXT NOT NULL,
+    raw         TEXT NOT NULL,
+    seen_at     DOUBLE PRECISION NOT NULL,
+    resolved_at DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS quarantine_open ON quarantine (return_id) WHERE resolved_at IS NULL;
+CREATE INDEX IF NOT EXISTS quarantine_by_return ON quarantine (return_id);
+CREATE TABLE IF NOT EXISTS state_counts (
+    kind  TEXT NOT NULL,
+    state TEXT NOT NULL,
+    n     BIGINT NOT NULL,
+    PRIMARY KEY (kind, state)
+);
+CREATE TABLE IF NOT EXISTS box_history (
+    shipment_number TEXT NOT NULL,
+    changed_at      DOUBLE PRECISION NOT NULL,
+    status          TEXT NOT NULL,
+    seen_at         DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (shipment_number, changed_at, status)
+);
+CREATE TABLE IF NOT EXISTS report_attempts (
+    id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    return_id    TEXT NOT NULL,
+    attempt      INTEGER NOT NULL,
+    attempted_at DOUBLE PRECISION NOT NULL,
+    outcome      TEXT NOT NULL,
+    http_status  INTEGER,
+    latency_s    DOUBLE PRECISION,
+    error        TEXT
+);
+CREATE INDEX IF NOT EXISTS report_attempts_by_return ON report_attempts (return_id, id);
+CREATE TABLE IF NOT EXISTS corrections (
+    id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    return_id    TEXT NOT NULL,
+    fields       TEXT NOT NULL,
+    before       TEXT NOT NULL,
+    after        TEXT NOT NULL,
+    report_state TEXT,
+    corrected_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS corrections_by_return ON corrections (return_id);
+CREATE TABLE IF NOT EXISTS unknown_statuses (
+    status        TEXT PRIMARY KEY,
+    first_seen_at DOUBLE PRECISION NOT NULL,
+    last_seen_at  DOUBLE PRECISION NOT NULL,
+    seen          BIGINT NOT NULL
+);
+CREATE OR REPLACE FUNCTION tracker_count_state() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE state_counts SET n = n - 1 WHERE kind = TG_TABLE_NAME AND state = OLD.state;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'INSERT') THEN
+        INSERT INTO state_counts (kind, state, n) VALUES (TG_TABLE_NAME, NEW.state, 1)
+        ON CONFLICT (kind, state) DO UPDATE SET n = state_counts.n + 1;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION tracker_count_total() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO state_counts (kind, state, n) VALUES (TG_TABLE_NAME, '', CASE TG_OP WHEN 'INSERT' THEN 1 ELSE -1 END)
+    ON CONFLICT (kind, state) DO UPDATE SET n = state_counts.n + excluded.n;
+    RETURN NULL;
+END $$;
+"""
+PG_STATE_COUNT_TRIGGERS = """
+CREATE OR REPLACE TRIGGER {table}_counted AFTER INSERT OR DELETE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION tracker_count_state();
+CREATE OR REPLACE TRIGGER {table}_recounted AFTER UPDATE OF state ON {table}
+    FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION tracker_count_state();
+"""
+PG_TOTAL_COUNT_TRIGGERS = """
+CREATE OR REPLACE TRIGGER {table}_counted AFTER INSERT OR DELETE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION tracker_count_total();
+"""
+PG_SCHEMA += "".join(PG_STATE_COUNT_TRIGGERS.format(table=table) for table in ("boxes", "reports"))  # ours only
+PG_SCHEMA += "".join(PG_TOTAL_COUNT_TRIGGERS.format(table=table) for table in ("returns", "corrections"))
+PG_QUEUE_REPORT_UPSERT = QUEUE_REPORT_UPSERT  # the same words in both dialects
+# Every statement, by the name of its SQLite counterpart (or what it does).
+PG_SQL = {
+    "put_meta": "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    "feed_cursor": "SELECT value FROM meta WHERE key = %s",
+    "stored_returns": "SELECT id, order_number, order_item_number, shipment_number, requested_at FROM returns"
+                      " WHERE id = ANY(%s)",
+    "insert_return": "INSERT INTO returns (id, order_number, order_item_number, shipment_number, requested_at,"
+                     " seen_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+    "insert_box": "INSERT INTO boxes (shipment_number, state, next_check_at, first_seen_at, requested_at)"
+                  " VALUES (%s, %s, %s, %s, (SELECT MIN(EXTRACT(EPOCH FROM requested_at::timestamptz))::float8"
+                  " FROM returns WHERE shipment_number = %s)) ON CONFLICT (shipment_number) DO NOTHING",
+    "revive_emptied_boxes": "UPDATE boxes SET state = 'tracking', next_check_at = %s, first_seen_at = %s,"
+                            " not_found = 0, errors = 0, closed_at = NULL"
+                            " WHERE shipment_number = ANY(%s) AND state = 'emptied'",
+    "reports_for_delivered_boxes":
+        "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
+        " state, next_attempt_at, queued_at)"
+        " SELECT r.id, r.order_number, r.order_item_number, r.shipment_number, b.delivered_at, 'pending', %s, %s"
+        " FROM returns r JOIN boxes b ON b.shipment_number = r.shipment_number"
+        " WHERE r.id = ANY(%s) AND b.state = 'delivered'" + PG_QUEUE_REPORT_UPSERT,
+    "resolve_quarantine": "UPDATE quarantine SET resolved_at = %s WHERE resolved_at IS NULL AND return_id = ANY(%s)",
+    "insert_quarantine": "INSERT INTO quarantine (fingerprint, return_id, reason, raw, seen_at)"
+                         " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (fingerprint) DO NOTHING",
+    "report_states": "SELECT return_id, state FROM reports WHERE return_id = ANY(%s)",
+    "correct_return": "UPDATE returns SET order_number = %s, order_item_number = %s, shipment_number = %s,"
+                      " requested_at = %s WHERE id = %s",
+    "insert_correction": "INSERT INTO corrections (return_id, fields, before, after, report_state, corrected_at)"
+                         " VALUES (%s, %s, %s, %s, %s, %s)",
+    "correct_report":
+        "UPDATE reports SET revision = revision + 1,"
+        " order_number = CASE WHEN state = 'done' THEN order_number ELSE %(order_number)s END,"
+        " order_item_number = CASE WHEN state = 'done' THEN order_item_number ELSE %(order_item_number)s END,"
+        " shipment_number = CASE WHEN state = 'done' THEN shipment_number ELSE %(shipment_number)s END,"
+        " state = CASE WHEN state = 'done' THEN 'done' WHEN %(moved)s THEN 'withdrawn' ELSE 'pending' END,"
+        " next_attempt_at = CASE WHEN state = 'done' OR %(moved)s THEN NULL WHEN state = 'dead' THEN %(now)s"
+        " ELSE next_attempt_at END,"
+        " attempts = CASE WHEN state = 'dead' THEN 0 ELSE attempts END,"
+        " outcome = CASE WHEN state = 'dead' THEN NULL ELSE outcome END,"
+        " done_at = CASE WHEN state = 'dead' THEN NULL ELSE done_at END"
+        " WHERE return_id = %(return_id)s",
+    "empty_boxes": "UPDATE boxes SET state = 'emptied', next_check_at = NULL, closed_at = %s"
+                   " WHERE shipment_number = ANY(%s) AND state IN ('tracking', 'stale')"
+                   " AND NOT EXISTS (SELECT 1 FROM returns r WHERE r.shipment_number = boxes.shipment_number)",
+    "box_update":
+        "UPDATE boxes SET state = %(state)s, next_check_at = %(next_check_at)s, checks = checks + %(called_n)s,"
+        " not_found = %(not_found)s, errors = %(errors)s,"
+        " registered_at = CASE WHEN %(registered)s THEN COALESCE(registered_at, %(now)s) ELSE registered_at END,"
+        " last_status = COALESCE(%(last_status)s, last_status),"
+        " delivered_at = COALESCE(%(delivered_at)s, delivered_at),"
+        " closed_at = %(closed_at)s, last_error = CASE WHEN %(called)s THEN %(last_error)s ELSE last_error END,"
+        " status_since = GREATEST(COALESCE(status_since, %(since)s), COALESCE(%(since)s, status_since))"
+        " WHERE shipment_number = %(shipment_number)s AND state = 'tracking'",
+    "insert_history": "INSERT INTO box_history (shipment_number, changed_at, status, seen_at) VALUES (%s, %s, %s, %s)"
+                      " ON CONFLICT DO NOTHING",
+    "bound_history": "DELETE FROM box_history WHERE shipment_number = %s AND changed_at < (SELECT changed_at"
+                     " FROM box_history WHERE shipment_number = %s ORDER BY changed_at DESC LIMIT 1 OFFSET %s)",
+    "queue_reports": "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
+                     " state, next_attempt_at, queued_at)"
+                     " SELECT id, order_number, order_item_number, shipment_number, %s, %s, %s, %s"
+                     " FROM returns WHERE shipment_number = %s" + PG_QUEUE_REPORT_UPSERT,
+    "unknown_status": "INSERT INTO unknown_statuses (status, first_seen_at, last_seen_at, seen) VALUES (%s, %s, %s, 1)"
+                      " ON CONFLICT (status) DO UPDATE SET last_seen_at = excluded.last_seen_at,"
+                      " seen = unknown_statuses.seen + 1",
+    "report_answer":
+        "UPDATE reports SET"
+        " state = CASE WHEN %(state)s = 'done' OR revision = %(revision)s THEN %(state)s ELSE state END,"
+        " attempts = attempts + %(called_n)s,"
+        " next_attempt_at = CASE WHEN %(state)s = 'done' OR revision = %(revision)s THEN %(next_attempt_at)s"
+        " WHEN state = 'pending' THEN %(now)s ELSE next_attempt_at END,"
+        " outcome = CASE WHEN %(state)s = 'done' OR revision = %(revision)s THEN %(outcome)s ELSE outcome END,"
+        " last_error = CASE WHEN %(called)s THEN %(last_error)s ELSE last_error END,"
+        " done_at = CASE WHEN %(state)s = 'done' OR revision = %(revision)s THEN %(done_at)s ELSE done_at END,"
+        " first_sent_revision = CASE WHEN %(called)s THEN LEAST(COALESCE(first_sent_revision, %(revision)s),"
+        " %(revision)s) ELSE first_sent_revision END,"
+        " accepted_revision = CASE %(outcome)s WHEN 'recorded' THEN %(revision)s"
+        " WHEN 'duplicate' THEN LEAST(COALESCE(first_sent_revision, %(revision)s), %(revision)s)"
+        " ELSE accepted_revision END"
+        " WHERE return_id = %(return_id)s AND state IN ('pending', 'withdrawn')",
+    "insert_attempt": "INSERT INTO report_attempts (return_id, attempt, attempted_at, outcome, http_status, latency_s,"
+                      " error) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+    "bound_attempts": "DELETE FROM report_attempts WHERE return_id = %s AND id NOT IN (SELECT id FROM report_attempts"
+                      " WHERE return_id = %s ORDER BY id DESC LIMIT %s)",
+    "superseded_answers": "SELECT p.return_id FROM unnest(%s::text[], %s::int[]) AS a(return_id, revision)"
+                          " JOIN reports p ON p.return_id = a.return_id WHERE p.revision <> a.revision",
+    "wake_boxes": "UPDATE boxes SET next_check_at = %(now)s + random() * %(spread)s WHERE state = 'tracking'"
+                  " AND (last_status = %(status)s OR %(status)s = '*') AND next_check_at > %(now)s + %(spread)s",
+    "learned_history": "SELECT h.shipment_number, h.changed_at, h.status FROM boxes b JOIN box_history h"
+                       " ON h.shipment_number = b.shipment_number WHERE b.state IN ('delivered', 'cancelled')"
+                       " AND b.closed_at >= %s ORDER BY h.shipment_number, h.changed_at",
+    "due_boxes": "SELECT shipment_number, first_seen_at, not_found, errors, status_since, checks FROM boxes"
+                 " WHERE state = 'tracking' AND next_check_at <= %s ORDER BY next_check_at LIMIT %s",
+    "next_box_due_at": "SELECT MIN(next_check_at) FROM boxes WHERE state = 'tracking'",
+    "due_reports": "SELECT return_id, order_number, order_item_number, shipment_number, collected_at, attempts,"
+                   " queued_at, revision, first_sent_revision FROM reports"
+                   " WHERE state = 'pending' AND next_attempt_at <= %s ORDER BY next_attempt_at LIMIT %s",
+    "next_report_due_at": "SELECT MIN(next_attempt_at) FROM reports WHERE state = 'pending'",
+    "oldest_pending_report": "SELECT MIN(queued_at) FROM reports WHERE state = 'pending'",
+    "overdue_count": "SELECT COUNT(*), MIN(COALESCE(requested_at, first_seen_at)) FROM boxes"
+                     " WHERE state = 'tracking' AND COALESCE(requested_at, first_seen_at) < %s",
+    "counts": "SELECT kind, state, n FROM state_counts",
+    "open_quarantine_count": "SELECT COUNT(*) FROM quarantine WHERE resolved_at IS NULL",
+    "unknown_status_count": "SELECT COUNT(*) FROM unknown_statuses",
+    "unknown_statuses": "SELECT status, seen, last_seen_at FROM unknown_statuses ORDER BY status",
+    "open_quarantine": "SELECT return_id, reason, raw, seen_at FROM quarantine WHERE resolved_at IS NULL"
+                       " ORDER BY seen_at LIMIT %s",
+    "open_quarantine_for": "SELECT return_id, raw FROM quarantine WHERE resolved_at IS NULL"
+                           " AND (%s::text[] IS NULL OR return_id = ANY(%s::text[])) ORDER BY seen_at",
+    "oldest_pending_reports": "SELECT return_id, shipment_number, queued_at, attempts, last_error FROM reports"
+                              " WHERE state = 'pending' ORDER BY queued_at LIMIT %s",
+    "oldest_tracking_boxes": "SELECT shipment_number, first_seen_at, last_status, checks FROM boxes"
+                             " WHERE state = 'tracking' ORDER BY first_seen_at LIMIT %s",
+    "dead_reports": "SELECT return_id, shipment_number, last_error, done_at FROM reports WHERE state = 'dead'"
+                    " ORDER BY done_at LIMIT %s",
+    "outdated_reports": "SELECT p.return_id, c.before, c.after, p.done_at FROM reports p"
+                        " JOIN corrections c ON c.id = (SELECT MAX(id) FROM corrections WHERE return_id = p.return_id)"
+                        " WHERE p.accepted_revision < p.revision ORDER BY p.done_at LIMIT %s",
+    "overdue_boxes": "SELECT shipment_number, COALESCE(requested_at, first_seen_at), last_status, status_since,"
+                     " checks FROM boxes WHERE state = 'tracking' AND COALESCE(requested_at, first_seen_at) < %s"
+                     " ORDER BY COALESCE(requested_at, first_seen_at) LIMIT %s",
+    "stale_boxes": "SELECT b.shipment_number, b.first_seen_at,"
+                   " (SELECT COUNT(*) FROM returns r WHERE r.shipment_number = b.shipment_number)"
+                   " FROM boxes b WHERE b.state = 'stale' ORDER BY b.first_seen_at LIMIT %s",
+    "latest_corrections": "SELECT return_id, before, after, report_state, corrected_at FROM corrections"
+                          " ORDER BY id DESC LIMIT %s",
+    "requeue_dead_reports": "UPDATE reports SET state = 'pending', attempts = 0, next_attempt_at = %s, outcome = NULL,"
+                            " done_at = NULL WHERE state = 'dead'"
+                            " AND (%s::text[] IS NULL OR return_id = ANY(%s::text[])) RETURNING return_id",
+    "requeue_stale_boxes": "UPDATE boxes SET state = 'tracking', next_check_at = %s, first_seen_at = %s,"
+                           " not_found = 0, errors = 0, closed_at = NULL, last_error = NULL WHERE state = 'stale'"
+                           " AND (%s::text[] IS NULL OR shipment_number = ANY(%s::text[])) RETURNING shipment_number",
+}
+PG_SHOW_SQL = {
+    "returns": "SELECT id, order_number, order_item_number, shipment_number, requested_at, seen_at FROM returns"
+               " WHERE id = %(key)s OR order_number = %(key)s OR shipment_number = %(key)s ORDER BY seen_at, id",
+    "quarantine": "SELECT return_id, reason, raw, seen_at, resolved_at FROM quarantine"
+                  " WHERE return_id = ANY(%(ids)s) ORDER BY seen_at",
+    "boxes": "SELECT shipment_number, state, last_status, checks, not_found, first_seen_at, next_check_at, closed_at,"
+             " last_error FROM boxes WHERE shipment_number = ANY(%(ids)s)",
+    "history": "SELECT shipment_number, changed_at, status, seen_at FROM box_history"
+               " WHERE shipment_number = ANY(%(ids)s) ORDER BY shipment_number, changed_at",
+    "reports": "SELECT return_id, state, order_number, order_item_number, shipment_number, collected_at, attempts,"
+               " next_attempt_at, queued_at, done_at, outcome, last_error, revision, accepted_revision FROM reports"
+               " WHERE return_id = ANY(%(ids)s)",
+    "attempts": "SELECT return_id, attempt, attempted_at, outcome, http_status, latency_s, error FROM report_attempts"
+                " WHERE return_id = ANY(%(ids)s) ORDER BY return_id, id",
+    "corrections": "SELECT return_id, fields, before, after, report_state, corrected_at FROM corrections"
+                   " WHERE return_id = ANY(%(ids)s) ORDER BY id",
+}
+PG_RETENTION_SQL: dict[str, Any] = {
+    "finished_boxes":
+        "SELECT b.shipment_number FROM boxes b"
+        " WHERE b.state IN ('delivered', 'cancelled', 'emptied') AND b.closed_at < %(cutoff)s"
+        " AND NOT EXISTS (SELECT 1 FROM returns r JOIN reports p ON p.return_id = r.id"
+        " WHERE r.shipment_number = b.shipment_number AND NOT ((p.state = 'done' AND p.done_at < %(cutoff)s)"
+        " OR (p.state = 'withdrawn' AND b.state = 'cancelled')))"
+        " ORDER BY b.closed_at LIMIT %(limit)s",
+    "delete": [
+        "DELETE FROM report_attempts WHERE return_id IN"
+        " (SELECT id FROM returns WHERE shipment_number = ANY(%(boxes)s))",
+        "DELETE FROM corrections WHERE return_id IN (SELECT id FROM returns WHERE shipment_number = ANY(%(boxes)s))",
+        "DELETE FROM quarantine WHERE resolved_at IS NOT NULL AND return_id IN"
+        " (SELECT id FROM returns WHERE shipment_number = ANY(%(boxes)s))",
+        "DELETE FROM reports WHERE return_id IN (SELECT id FROM returns WHERE shipment_number = ANY(%(boxes)s))",
+        "DELETE FROM returns WHERE shipment_number = ANY(%(boxes)s)",
+        "DELETE FROM box_history WHERE shipment_number = ANY(%(boxes)s)",
+        "DELETE FROM boxes WHERE shipment_number = ANY(%(boxes)s)",
+    ],
+    "resolved_quarantine": "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine"
+                           " WHERE resolved_at < %(cutoff)s LIMIT %(limit)s)",
+}
+PG_EXPORT_SQL = {
+    "returns": "SELECT r.id AS return_id, r.order_number, r.order_item_number, r.shipment_number, r.requested_at,"
+               " r.seen_at AS collected_at, b.state AS box_state, b.last_status, b.delivered_at,"
+               " p.state AS report_state, p.outcome AS report_outcome, p.done_at AS reported_at,"
+               " p.attempts AS report_attempts, p.last_error AS report_error"
+               " FROM returns r LEFT JOIN boxes b ON b.shipment_number = r.shipment_number"
+               " LEFT JOIN reports p ON p.return_id = r.id"
+               " WHERE r.seen_at >= %(since)s AND r.seen_at < %(until)s"
+               " AND (%(state)s::text IS NULL OR p.state = %(state)s OR b.state = %(state)s) ORDER BY r.seq",
+    "timelines": "SELECT b.shipment_number, COALESCE(b.requested_at, b.first_seen_at) AS requested_at,"
+                 " b.registered_at, (SELECT COUNT(*) FROM returns r WHERE r.shipment_number = b.shipment_number)"
+                 " AS items, h.changed_at, h.status FROM boxes b JOIN box_history h"
+                 " ON h.shipment_number = b.shipment_number WHERE b.state IN ('delivered', 'cancelled')"
+                 " AND b.first_seen_at >= %(since)s AND b.first_seen_at < %(until)s"
+                 " AND (%(state)s::text IS NULL OR b.state = %(state)s)"
+                 " ORDER BY b.shipment_number, h.changed_at",
+}
+PG_RETRY_SQLSTATES = ("40001", "40P01")  # serialization failure, deadlock: the transaction is run again
+PG_COMMIT_ATTEMPTS = 5
+
+
+class PgStore(StoreReads):
+    """Store's interface on PostgreSQL: two connections (one writes, one reads), each opened again
+    after it broke. A failed connection raises psycopg.OperationalError, which the committer
+    treats as the disk's failures are treated: nothing was changed, try again later."""
+
+    READS = PG_SQL
+    SHOW = PG_SHOW_SQL
+
+    def __init__(self, url: str, readonly: bool) -> None:
+        self.url = url
+        self.path = redact_database_url(url)  # what `status` prints: never the password
+        self._readonly = readonly
+        self._locked = False  # this daemon holds the database (lock_instance)
+        self._writer: psycopg.AsyncConnection[Any] | None = None
+        self._reader: psycopg.AsyncConnection[Any] | None = None
+
+    @classmethod
+    async def open(cls, url: str, *, readonly: bool = False) -> "PgStore":
+        store = cls(url, readonly)
+        conn = await store._connection("writer")
+        if not readonly:
+            await store._migrate(conn)
+        return store
+
+    async def _connection(self, role: str) -> "psycopg.AsyncConnection[Any]":
+        conn = self._writer if role == "writer" else self._reader
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                await conn.close()
+            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=10,
+                                                         application_name=f"tracker-{role}")
+            if self._readonly:
+                await conn.execute("SET default_transaction_read_only = on")
+            if role == "writer" and self._locked and not await self._take_instance_lock(conn):
+                await conn.close()  # another daemon took the database while ours was cut off
+                raise psycopg.OperationalError("another tracker instance holds this database")
+            if role == "writer":
+                self._writer = conn
+            else:
+                self._reader = conn
+        return conn
+
+    async def lock_instance(self) -> None:
+        """One daemon per database, as InstanceLock is for a file: an advisory lock held by the
+        writer's session, so the database frees it the moment that session ends (kill -9, a cut
+        network) — there is no stale lock to clear. Taken again when the writer reconnects."""
+        if not await self._take_instance_lock(await self._connection("writer")):
+            raise RuntimeError(f"another tracker instance is using {self.path}; stop it first")
+        self._locked = True
+
+    @staticmethod
+    async def _take_instance_lock(conn: "psycopg.AsyncConnection[Any]") -> bool:
+        row = await (await conn.execute("SELECT pg_try_advisory_lock(hashtext('tracker instance'))")).fetchone()
+        return bool(row and row[0])
+
+    async def _migrate(self, conn: "psycopg.AsyncConnection[Any]") -> None:
+        """One transaction under an advisory lock: instances starting together migrate once."""
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('tracker schema'))")
+            await conn.execute(PG_SCHEMA)  # our constant, several statements
+            await conn.execute(PG_SQL["put_meta"], ("schema_version", str(PG_SCHEMA_VERSION)))
+
+    async def close(self) -> None:
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                await conn.close()
+
+    # ── writes: one transaction per batch of transitions ────────────────────────────────────
+
+    async def commit(self, transitions: Sequence[Transition], now: float) -> CommitResult:
+        for attempt in range(PG_COMMIT_ATTEMPTS):
+            conn = await self._connection("writer")
+            try:
+                async with conn.transaction():
+                    return await self._apply(conn.cursor(), transitions, now)
+            except psycopg.errors.OperationalError as exc:
+                if exc.sqlstate not in PG_RETRY_SQLSTATES or attempt == PG_COMMIT_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _apply(self, cur: "psycopg.AsyncCursor[Any]", transitions: Sequence[Transition],
+                     now: float) -> CommitResult:
+        result = CommitResult()
+        for page in (t for t in transitions if isinstance(t, FeedPage)):
+            result += await self._write_page(cur, page, now)
+        boxes = [t for t in transitions if isinstance(t, BoxUpdate)]
+        if boxes:
+            result += CommitResult(reports_queued=await self._write_box_updates(cur, boxes, now))
+        reports = [t for t in transitions if isinstance(t, ReportUpdate)]
+        if reports:
+            result += CommitResult(superseded=await self._write_report_updates(cur, reports, now))
+        for wake in (t for t in transitions if isinstance(t, WakeBoxes)):
+            await cur.execute(PG_SQL["wake_boxes"], {"now": now, "spread": wake.spread_s, "status": wake.status})
+        for prune in (t for t in transitions if isinstance(t, Prune)):
+            result += CommitResult(pruned=await self._prune(cur, prune))
+        if any(isinstance(t, Heartbeat) for t in transitions):
+            await cur.execute(PG_SQL["put_meta"], (HEARTBEAT_KEY, repr(now)))
+        return result
+
+    async def _write_page(self, cur: "psycopg.AsyncCursor[Any]", page: FeedPage, now: float) -> CommitResult:
+        listed = {i.id for i in page.items} | {q.return_id for q in page.quarantined if q.return_id}
+        await cur.execute(PG_SQL["stored_returns"], (sorted(listed),))
+        stored = {row[0]: ReturnItem(*row) for row in await cur.fetchall()}
+        new, corrections = reconcile_listings(page.items, stored)
+        added = await _pg_many(cur, PG_SQL["insert_return"], [
+            (i.id, i.order_number, i.order_item_number, i.shipment_number, i.requested_at, now) for i in new])
+        if corrections:
+            corrections = await self._write_corrections(cur, corrections, now)
+        await _pg_many(cur, PG_SQL["insert_box"],
+                       [(s, BoxState.TRACKING.value, t, now, s) for s, t in page.first_checks])
+        await cur.execute(PG_SQL["revive_emptied_boxes"], (now, now, [s for s, _ in page.first_checks]))
+        ids = sorted({i.id for i in page.items})
+        await cur.execute(PG_SQL["reports_for_delivered_boxes"], (now, now, ids))
+        queued = max(cur.rowcount, 0)
+        await cur.execute(PG_SQL["resolve_quarantine"], (now, ids))
+        quarantined = await _pg_many(cur, PG_SQL["insert_quarantine"], [
+            (q.fingerprint, q.return_id, q.reason, q.raw, now) for q in page.quarantined])
+        if page.next_cursor is not None:
+            await cur.execute(PG_SQL["put_meta"], (FEED_CURSOR_KEY, page.next_cursor))
+        broken = frozenset(q.return_id for q in page.quarantined if q.return_id and q.return_id in stored)
+        return CommitResult(added, quarantined, queued, tuple(corrections), broken)
+
+    async def _write_corrections(self, cur: "psycopg.AsyncCursor[Any]", corrections: Sequence[Correction],
+                                 now: float) -> list[Correction]:
+        await cur.execute(PG_SQL["report_states"], ([c.return_id for c in corrections],))
+        reports = {row[0]: ReportState(row[1]) for row in await cur.fetchall()}
+        corrections = [dataclasses.replace(c, report_state=reports.get(c.return_id)) for c in corrections]
+        await _pg_many(cur, PG_SQL["correct_return"], [
+            (c.after.order_number, c.after.order_item_number, c.after.shipment_number, c.after.requested_at,
+             c.return_id) for c in corrections])
+        await _pg_many(cur, PG_SQL["insert_correction"], [
+            (c.return_id, ",".join(c.fields), json.dumps({f: getattr(c.before, f) for f in c.fields}),
+             json.dumps({f: getattr(c.after, f) for f in c.fields}),
+             c.report_state.value if c.report_state else None, now) for c in corrections])
+        await _pg_many(cur, PG_SQL["correct_report"], [
+            {"order_number": c.after.order_number, "order_item_number": c.after.order_item_number,
+             "shipment_number": c.after.shipment_number, "moved": c.moved, "now": now, "return_id": c.return_id}
+            for c in corrections if c.report_state is not None and c.changes_report])
+        left = sorted({c.before.shipment_number for c in corrections if c.moved})
+        await cur.execute(PG_SQL["empty_boxes"], (now, left))
+        return corrections
+
+    async def _write_box_updates(self, cur: "psycopg.AsyncCursor[Any]", updates: Sequence[BoxUpdate],
+                                 now: float) -> int:
+        await _pg_many(cur, PG_SQL["box_update"], [
+            {"state": u.state.value, "next_check_at": u.next_check_at, "called_n": int(u.called),
+             "not_found": u.not_found, "errors": u.errors, "registered": bool(u.registered), "now": now,
+             "last_status": u.last_status, "delivered_at": u.delivered_at,
+             "closed_at": None if u.state is BoxState.TRACKING else now, "called": bool(u.called),
+             "last_error": u.last_error, "since": u.history[-1].at if u.history else None,
+             "shipment_number": u.shipment_number}
+            for u in updates])
+        recorded = [u for u in updates if u.history]
+        await _pg_many(cur, PG_SQL["insert_history"],
+                       [(u.shipment_number, h.at, h.status, now) for u in recorded for h in u.history])
+        await _pg_many(cur, PG_SQL["bound_history"],
+                       [(u.shipment_number, u.shipment_number, HISTORY_PER_BOX - 1) for u in recorded])
+        queued = 0
+        for u in (u for u in updates if u.state is BoxState.DELIVERED):
+            await cur.execute(PG_SQL["queue_reports"],
+                              (u.delivered_at, ReportState.PENDING.value, now, now, u.shipment_number))
+            queued += max(cur.rowcount, 0)
+        await _pg_many(cur, PG_SQL["unknown_status"],
+                       [(u.unknown_status, now, now) for u in updates if u.unknown_status])
+        return queued
+
+    async def _prune(self, cur: "psycopg.AsyncCursor[Any]", prune: Prune) -> int:
+        params = {"cutoff": prune.cutoff, "limit": prune.limit}
+        await cur.execute(PG_RETENTION_SQL["finished_boxes"], params)
+        boxes = [row[0] for row in await cur.fetchall()]
+        if boxes:
+            for statement in PG_RETENTION_SQL["delete"]:
+                await cur.execute(statement, {"boxes": boxes})
+        await cur.execute(PG_RETENTION_SQL["resolved_quarantine"], params)
+        return len(boxes)
+
+    async def _write_report_updates(self, cur: "psycopg.AsyncCursor[Any]", updates: Sequence[ReportUpdate],
+                                    now: float) -> frozenset[str]:
+        await _pg_many(cur, PG_SQL["report_answer"], [
+            {"state": u.state.value, "revision": u.revision, "called_n": int(u.called), "called": bool(u.called),
+             "next_attempt_at": u.next_attempt_at, "now": now, "outcome": u.outcome, "last_error": u.last_error,
+             "done_at": None if u.state is ReportState.PENDING else now, "return_id": u.return_id}
+            for u in updates])
+        called = [u for u in updates if u.called]
+        await _pg_many(cur, PG_SQL["insert_attempt"], [
+            (u.return_id, u.attempt, now, u.outcome or "retry", u.http_status, u.latency_s, u.last_error)
+            for u in called])
+        await _pg_many(cur, PG_SQL["bound_attempts"], [
+            (u.return_id, u.return_id, ATTEMPTS_PER_REPORT) for u in called if u.attempt > ATTEMPTS_PER_REPORT])
+        settling = [u for u in updates if u.state is not ReportState.PENDING]
+        if not settling:
+            return frozenset()
+        await cur.execute(PG_SQL["superseded_answers"],
+                          ([u.return_id for u in settling], [u.revision for u in settling]))
+        return frozenset(row[0] for row in await cur.fetchall())
+
+    # ── operator requeues ───────────────────────────────────────────────────────────────────
+
+    async def requeue_dead_reports(self, ids: Sequence[str] | None, now: float) -> list[str]:
+        return await self._requeue(PG_SQL["requeue_dead_reports"], (now,), ids)
+
+    async def requeue_stale_boxes(self, ids: Sequence[str] | None, now: float) -> list[str]:
+        return await self._requeue(PG_SQL["requeue_stale_boxes"], (now, now), ids)
+
+    async def _requeue(self, sql: str, params: tuple[Any, ...], ids: Sequence[str] | None) -> list[str]:
+        id_list = None if ids is None else list(ids)
+        conn = await self._connection("writer")
+        async with conn.transaction():
+            cur = await conn.execute(sql, (*params, id_list, id_list))
+            rows = await cur.fetchall()
+        return sorted(row[0] for row in rows)
+
+    async def open_quarantine_for(self, ids: Sequence[str] | None) -> list[tuple[str | None, str]]:
+        id_list = None if ids is None else list(ids)
+        return await self._rows(PG_SQL["open_quarantine_for"], (id_list, id_list))
+
+    # ── reads ───────────────────────────────────────────────────────────────────────────────
+
+    async def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for kind, state, n in await self._rows(PG_SQL["counts"], ()):
+            if n:
+                counts[f"{kind}.{state}" if state else kind] = n
+        counts.setdefault("returns", 0)
+        counts["quarantine.open"] = (await self._rows(PG_SQL["open_quarantine_count"], ()))[0][0]
+        counts["unknown_statuses"] = (await self._rows(PG_SQL["unknown_status_count"], ()))[0][0]
+        return counts
+
+    async def overdue(self, before: float) -> tuple[int, float | None]:
+        count, oldest = (await self._rows(PG_SQL["overdue_count"], (before,)))[0]
+        return count, oldest
+
+    # ── `migrate`: a SQLite state copied in ─────────────────────────────────────────────────
+
+    async def holds_anything(self) -> bool:
+        """Whether any table but the schema's own bookkeeping has a row."""
+        for table in COPIED_TABLES:
+            where = " WHERE key <> 'schema_version'" if table == "meta" else ""
+            if (await self._rows(f"SELECT EXISTS (SELECT 1 FROM {table}{where})", ()))[0][0]:
+                return True
+        return False
+
+    async def copy_in(self, tables: Mapping[str, typing.AsyncIterator[tuple[Any, ...]]]) -> dict[str, int]:
+        """COPY each table's rows in, all in one transaction: a failed copy leaves the database
+        empty, as it was. Returns the rows copied a table."""
+        copied: dict[str, int] = {}
+        conn = await self._connection("writer")
+        async with conn.transaction():
+            cur = conn.cursor()
+            for table, rows in tables.items():
+                copied[table] = 0
+                columns = ", ".join(COPIED_TABLES[table])  # our names only
+                async with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                    async for row in rows:
+                        await copy.write_row(row)
+                        copied[table] += 1
+        return copied
+
+    def _id_list(self, ids: Sequence[str]) -> list[str]:
+        return list(ids)  # a text[] parameter
+
+    async def export(self, kind: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
+        """Rows as dicts, from a server-side cursor in one read-only transaction: constant memory."""
+        conn = await self._connection("reader")
+        async with conn.transaction():
+            async with conn.cursor(name="tracker_export", row_factory=psycopg.rows.dict_row) as cursor:
+                await cursor.execute(PG_EXPORT_SQL[kind], params)
+                async for row in cursor:
+                    yield row
+
+    async def _dicts(self, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        conn = await self._connection("reader")
+        async with conn.cursor(row_factory=psycopg.rows.dict_row) as cursor:
+            await cursor.execute(sql, params)
+            return await cursor.fetchall()
+
+    async def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        conn = await self._connection("reader")
+        cursor = await conn.execute(sql, params)
+        return [tuple(row) for row in await cursor.fetchall()]
+
+
+async def _pg_many(cur: "psycopg.AsyncCursor[Any]", sql: str, rows: Sequence[Any]) -> int:
+    """executemany, and the rows it changed (0 for none to run)."""
+    if not rows:
+        return 0
+    await cur.executemany(sql, rows)
+    return max(cur.rowcount, 0)
+
+
+def redact_database_url(url: str) -> str:
+    """A connection URL without its password, for logs and `status`."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparsable URL)"
+    hosts = str(info.get("host") or "localhost").split(",")
+    ports = str(info.get("port") or "5432").split(",")
+    ports += ports[-1:] * (len(hosts) - len(ports))  # libpq: one port for every host
+    user = f"{info['user']}@" if info.get("user") else ""
+    return f"postgresql://{user}{','.join(f'{h}:{p}' for h, p in zip(hosts, ports))}/{info.get('dbname', '')}"
+
+
+StateStore = Store | PgStore  # what the stages and commands see: the same methods on either backend
+STORAGE_ERRORS = (sqlite3.Error, psycopg.Error)  # a failed read or write, on either backend
+
+
+async def open_store(config: "StorageConfig", *, readonly: bool = False) -> StateStore:
+    if config.url:
+        return await PgStore.open(config.url, readonly=readonly)
+    return await Store.open(config.path, readonly=readonly)
 
 
 class InstanceLock:
@@ -2507,7 +3282,7 @@ class Committer:
     """The only writer. Transitions that finish together are committed in one transaction; a
     stage's `submit` returns only once its transition is durable."""
 
-    def __init__(self, store: Store, on_committed: Callable[[CommitResult], None],
+    def __init__(self, store: StateStore, on_committed: Callable[[CommitResult], None],
                  on_failure: Callable[[Exception], None], log: Any, latency: Any = None,
                  gather_s: float = COMMIT_GATHER_S) -> None:
         self._store = store
@@ -2569,7 +3344,7 @@ class Committer:
         started = time.monotonic()
         try:
             result = await self._store.commit([t for t, _ in batch], time.time())
-        except sqlite3.Error as exc:
+        except STORAGE_ERRORS as exc:
             self._failures += 1
             self._last_failure_at = time.monotonic()
             self._log.error("storage.commit_failed", error=str(exc), transitions=len(batch))
@@ -2677,7 +3452,11 @@ class Dispatcher(typing.Generic[Item]):
     async def _fetch_ahead(self, now: float) -> None:
         # An item that settles while the query runs may still look due in the query's snapshot.
         self._settled_during_fetch = set()
-        due = await self._fetch_due(now, self._capacity * self.PREFETCH + len(self.in_flight))
+        try:
+            due = await self._fetch_due(now, self._capacity * self.PREFETCH + len(self.in_flight))
+        except STORAGE_ERRORS as exc:  # a database restarting, a connection cut: the idle poll tries again
+            self._log.warning("storage.read_failed", stage=self.name, error=str(exc))
+            due = []
         busy = self.in_flight.keys() | self._settled_during_fetch
         self._settled_during_fetch = None
         self._ready.extend(item for item in due if self._key(item) not in busy)
@@ -2700,7 +3479,11 @@ class Dispatcher(typing.Generic[Item]):
     async def _idle(self, once: bool) -> None:
         timeout = self.IDLE_POLL_S
         if not once and len(self.in_flight) < self._capacity:
-            next_due = await self._next_due_at()
+            try:
+                next_due = await self._next_due_at()
+            except STORAGE_ERRORS as exc:
+                self._log.warning("storage.read_failed", stage=self.name, error=str(exc))
+                next_due = None
             if next_due is not None:  # items coming due close together are started together
                 timeout = min(timeout, max(self.MIN_TICK_S, next_due - time.time()))
         try:
@@ -2724,7 +3507,7 @@ class Dispatcher(typing.Generic[Item]):
 class Stages:
     """The three stages over one store, client, committer and alerter."""
 
-    def __init__(self, config: Config, store: Store, client: PartnerClient, committer: Committer,
+    def __init__(self, config: Config, store: StateStore, client: PartnerClient, committer: Committer,
                  alerts: "Alerter", metrics: "Metrics", log: Any) -> None:
         self.config = config
         self.store = store
@@ -2773,7 +3556,9 @@ class Stages:
     async def collect(self, *, once: bool = False) -> None:
         """Page through the feed from the stored cursor; each page commits with its cursor."""
         schedule = self.config.schedule
-        cursor = await self.store.feed_cursor()
+        read, cursor = await self._stored_cursor()
+        if not read:
+            return  # stopped while the database could not be read
         failures = 0
         while not self._stop.is_set():
             reply = await self.client.returns_page(cursor, self.config.partner.page_size, retry=failures > 0)
@@ -2805,6 +3590,20 @@ class Stages:
             if once:
                 return
             await self._pause(schedule.returns_every_s)
+
+    async def _stored_cursor(self) -> tuple[bool, str | None]:
+        """(True, the feed's stored cursor), read again until the database answers; (False, None)
+        when stopped first."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                return True, await self.store.feed_cursor()
+            except STORAGE_ERRORS as exc:
+                failures += 1
+                self.log.warning("storage.read_failed", stage="collect", error=str(exc))
+                await self._pause(retry_delay(failures, self.config.schedule.retry_base_s,
+                                              self.config.schedule.retry_max_s, None))
+        return False, None
 
     def _page_committed(self, page: FeedPage, reply: Reply, result: CommitResult) -> None:
         self.metrics.feed_last_success.set(time.time())
@@ -3226,7 +4025,7 @@ class Metrics:
         for field in CORRECTABLE_FIELDS:
             self.returns_corrected.labels(field)
 
-    async def refresh_from(self, store: Store) -> dict[str, int]:
+    async def refresh_from(self, store: StateStore) -> dict[str, int]:
         """The gauges that count rows: refreshed on a timer, not per transition. Returns the counts."""
         counts = await store.counts()
         for box_state in BoxState:
@@ -3347,19 +4146,23 @@ class Daemon:
             self._stages.stop()
 
     async def run(self, *, once: bool = False) -> None:
-        lock = InstanceLock(self.config.storage.path)
-        lock.acquire()
+        lock = None if self.config.storage.url else InstanceLock(self.config.storage.path)
+        if lock is not None:
+            lock.acquire()
         try:
-            store = await Store.open(self.config.storage.path)
+            store = await open_store(self.config.storage)
             try:
+                if isinstance(store, PgStore):
+                    await store.lock_instance()
                 await self._run_with(store, once)
             finally:
                 await store.close()
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
         self.log.info("shutdown.complete")
 
-    async def _run_with(self, store: Store, once: bool) -> None:
+    async def _run_with(self, store: StateStore, once: bool) -> None:
         config = self.config
         connector = aiohttp.TCPConnector(limit=config.limits.concurrency, ttl_dns_cache=300)
         # No aiohttp timeouts: partner.timeout_s bounds each whole exchange (connect, headers, body)
@@ -3389,7 +4192,7 @@ class Daemon:
                 runner, self.http_address = await start_http_server(
                     config.http.host, config.http.port, self.metrics, self._health, self._readiness)
                 self.log.info("http.listening", address=self.http_address)
-            self.log.info("daemon.started", mode="once" if once else "run", storage=config.storage.path,
+            self.log.info("daemon.started", mode="once" if once else "run", storage=config.storage.where,
                           partner=config.partner.base_url, concurrency=config.limits.concurrency,
                           rate_per_s=config.limits.rate_per_s)
             self.started.set()
@@ -3498,7 +4301,7 @@ class Daemon:
             if self._stages is not None:
                 self._stages.reporter.wake()
 
-    async def _housekeeping(self, store: Store, committer: Committer, alerts: "Alerter") -> None:
+    async def _housekeeping(self, store: StateStore, committer: Committer, alerts: "Alerter") -> None:
         """Row-count gauges, overdue pickups, the database's writability and retention, every few
         seconds — retention faster while a backlog of finished rows remains."""
         while True:
@@ -3510,7 +4313,7 @@ class Daemon:
                     self._stages.schedule.tracked = counts.get(f"boxes.{BoxState.TRACKING.value}", 0)
                 await self._watch_overdue(store, alerts, time.time())
                 backlog = await self._retain(committer)
-            except sqlite3.Error as exc:
+            except STORAGE_ERRORS as exc:
                 self.log.warning("storage.read_failed", error=str(exc))
             await asyncio.sleep(RETENTION_BACKLOG_EVERY_S if backlog else HOUSEKEEPING_EVERY_S)
 
@@ -3527,7 +4330,7 @@ class Daemon:
             self.log.info("storage.pruned", boxes=result.pruned, keep_days=keep_days)
         return result.pruned >= RETENTION_BATCH
 
-    async def _watch_overdue(self, store: Store, alerts: "Alerter", now: float) -> None:
+    async def _watch_overdue(self, store: StateStore, alerts: "Alerter", now: float) -> None:
         """The overdue gauge; one Slack message an hour at most while pickups are overdue, and one
         when none are any more."""
         overdue_after = self.config.schedule.overdue_after_s
@@ -3628,6 +4431,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("timelines", type=Path, help="a JSON-lines file of pickup timelines")
     add_config_argument(replay, "config file whose [schedule] to use (default: ./config.toml, if it exists)")
     replay.add_argument("--seed", type=int, default=1, help="seed of the schedule's jitter (default 1)")
+    migrate = commands.add_parser(
+        "migrate", help="copy the SQLite state into an empty PostgreSQL database",
+        description="Copies everything the SQLite file at storage.path holds — the feed's cursor, returns, "
+                    "boxes and their histories, reports and their attempts, corrections, quarantine — into an "
+                    "empty PostgreSQL database, in one transaction, and prints what it copied. Refuses a "
+                    "database that holds anything. Stop the daemon first; afterwards set storage.url.")
+    migrate.add_argument("--to", required=True, metavar="URL",
+                         help="postgresql://… (a password from libpq's ~/.pgpass or PGPASSWORD, not here)")
+    add_config_argument(migrate)
     demo = commands.add_parser("demo", help="run the whole pipeline against the partner stand-in",
                                description="Start the partner stand-in on loopback with a burst of returns, "
                                            "run the daemon against it, and print a summary.")
@@ -3656,7 +4468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in config_file_warnings(args.config):
         print(f"tracker: warning: {warning}", file=sys.stderr)
     if args.command == "check-config":
-        print(f"tracker: {args.config}: ok (partner {config.partner.base_url}, database {config.storage.path}, "
+        print(f"tracker: {args.config}: ok (partner {config.partner.base_url}, database {config.storage.where}, "
               f"listening on {config.http.listen}, Slack {'on' if config.slack.webhook_url else 'off'})")
         return EXIT_OK
     if args.command == "status":
@@ -3668,6 +4480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "export":
         return asyncio.run(export(config, since=args.since, until=args.until, state=args.state,
                                   fmt="jsonl" if args.timelines else args.format, timelines=args.timelines))
+    if args.command == "migrate":
+        return asyncio.run(migrate(config, args.to))
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # one journald record per line, as it happens
     configure_logging(config.log.level)
@@ -3677,7 +4491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:  # e.g. another instance holds the lock
         print(f"tracker: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, *STORAGE_ERRORS) as exc:
         print(f"tracker: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
@@ -3726,13 +4540,64 @@ async def run_until_signalled(config: Config, *, once: bool, config_path: Path |
     await daemon.run(once=once)
 
 
-async def requeue(config: Config, kind: str, ids: list[str] | None, out: typing.TextIO | None = None) -> int:
-    """Works beside a running daemon: it picks up what is requeued at its next look (within a second)."""
+async def migrate(config: Config, target: str, out: typing.TextIO | None = None) -> int:
+    """The SQLite state at storage.path, copied into the empty PostgreSQL database at `target`."""
     out = out or sys.stdout
+    try:
+        _require_database_url(target)
+    except ConfigError as exc:
+        print(f"tracker: --to: {exc.problem}", file=sys.stderr)
+        return EXIT_USAGE
+    where = redact_database_url(target)
     if not Path(config.storage.path).exists():
         print(f"tracker: no state database at {config.storage.path}", file=sys.stderr)
         return EXIT_FAILURE
-    store = await Store.open(config.storage.path)
+    lock = InstanceLock(config.storage.path)  # no daemon writes to the file while it is copied
+    try:
+        lock.acquire()
+    except RuntimeError as exc:
+        print(f"tracker: {exc}; stop it before migrating", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        source = await Store.open(config.storage.path)  # brought to the current schema first
+        try:
+            destination = await PgStore.open(target)
+        except psycopg.Error as exc:
+            await source.close()
+            print(f"tracker: cannot open {where}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        try:
+            if await destination.holds_anything():
+                print(f"tracker: {where} is not empty; migrate copies into an empty database only",
+                      file=sys.stderr)
+                return EXIT_FAILURE
+            copied = await destination.copy_in({table: source.rows_of(table) for table in COPIED_TABLES})
+            counts = await destination.counts()
+        except STORAGE_ERRORS as exc:
+            print(f"tracker: the copy failed, {where} is left as it was: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        finally:
+            await destination.close()
+            await source.close()
+    finally:
+        lock.release()
+    print(f"tracker: copied {config.storage.path} into {where}:", file=out)
+    for table, n in copied.items():
+        print(f"  {table:<17} {n:>10,} rows", file=out)
+    print(f"  now there: {counts.get('returns', 0):,} returns · "
+          f"{sum(n for k, n in counts.items() if k.startswith('boxes.')):,} boxes · "
+          f"{sum(n for k, n in counts.items() if k.startswith('reports.')):,} reports. "
+          f"Set storage.url (or {ENV_DATABASE_URL}) to it and start the daemon.", file=out)
+    return EXIT_OK
+
+
+async def requeue(config: Config, kind: str, ids: list[str] | None, out: typing.TextIO | None = None) -> int:
+    """Works beside a running daemon: it picks up what is requeued at its next look (within a second)."""
+    out = out or sys.stdout
+    if not config.storage.url and not Path(config.storage.path).exists():
+        print(f"tracker: no state database at {config.storage.path}", file=sys.stderr)
+        return EXIT_FAILURE
+    store = await open_store(config.storage)
     try:
         now = time.time()
         if kind == "dead":
@@ -3754,7 +4619,7 @@ async def requeue(config: Config, kind: str, ids: list[str] | None, out: typing.
     return EXIT_OK
 
 
-async def requeue_quarantined(store: Store, ids: list[str] | None,
+async def requeue_quarantined(store: StateStore, ids: list[str] | None,
                               now: float) -> tuple[list[str], list[tuple[str | None, str]]]:
     """Re-validate quarantined raw items; the ones that now pass are collected as from the feed."""
     items: list[ReturnItem] = []
@@ -3976,7 +4841,7 @@ async def export(config: Config, *, since: float | None, until: float | None, st
         writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
         if fmt == "csv":
             writer.writeheader()
-        async with contextlib.aclosing(store.stream(EXPORT_SQL["returns"], params)) as rows:
+        async with contextlib.aclosing(store.export("returns", params)) as rows:
             async for row in rows:
                 for key in EXPORT_TIMES:
                     row[key] = _iso(row[key])
@@ -3995,10 +4860,10 @@ async def export(config: Config, *, since: float | None, until: float | None, st
     return EXIT_OK
 
 
-async def export_timelines(store: Store, params: Mapping[str, Any], out: typing.TextIO) -> None:
+async def export_timelines(store: StateStore, params: Mapping[str, Any], out: typing.TextIO) -> None:
     """Each closed box as ../shared/timelines.py writes one: what `replay` reads."""
     box: dict[str, Any] | None = None
-    async with contextlib.aclosing(store.stream(EXPORT_SQL["timelines"], params)) as rows:
+    async with contextlib.aclosing(store.export("timelines", params)) as rows:
         async for row in rows:
             if box is None or box["shipment_number"] != row["shipment_number"]:
                 if box is not None:
@@ -4110,12 +4975,12 @@ def _when(timestamp: float | None) -> str:
     return "-" if timestamp is None else f"at {_stamp(timestamp)}"
 
 
-async def open_for_reading(config: Config) -> Store | None:
+async def open_for_reading(config: Config) -> StateStore | None:
     """The state database, read-only (`status`, `show`); None, said on stderr, when there is none."""
     try:
-        return await Store.open(config.storage.path, readonly=True)
-    except (FileNotFoundError, sqlite3.Error) as exc:
-        print(f"tracker: no state database at {config.storage.path} ({exc})", file=sys.stderr)
+        return await open_store(config.storage, readonly=True)
+    except (FileNotFoundError, *STORAGE_ERRORS) as exc:
+        print(f"tracker: no state database at {config.storage.where} ({exc})", file=sys.stderr)
         return None
 
 
@@ -4132,7 +4997,7 @@ async def print_status(config: Config, out: typing.TextIO | None = None) -> int:
     return EXIT_OK
 
 
-async def status_lines(store: Store, limit: int = 10, overdue_after_s: float = ScheduleConfig.overdue_after_s
+async def status_lines(store: StateStore, limit: int = 10, overdue_after_s: float = ScheduleConfig.overdue_after_s
                        ) -> list[str]:
     c = await store.counts()
     overdue_before = time.time() - overdue_after_s

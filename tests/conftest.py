@@ -6,9 +6,12 @@ import dataclasses
 import inspect
 import os
 import types
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -142,7 +145,8 @@ async def ledger_of(partner: standin.ThreadedStandIn) -> dict[str, Any]:
     return await asyncio.to_thread(partner.ledger)
 
 
-def everything_reported(partner: standin.ThreadedStandIn, db: Path | None = None) -> Callable[[], Awaitable[bool]]:
+def everything_reported(partner: standin.ThreadedStandIn,
+                        db: Path | str | None = None) -> Callable[[], Awaitable[bool]]:
     """The scenario has played out, the daemon has stored the whole feed (a late correction too) and
     the partner recorded every reportable item — and, given the database, the daemon knows it too (a
     report whose answer was lost is still pending until resent)."""
@@ -185,8 +189,10 @@ def create_schema(db: Path) -> None:
     asyncio.run(create())
 
 
-async def counts_in(db: Path) -> dict[str, int]:
-    store = await tracker.Store.open(str(db), readonly=True)
+async def counts_in(db: Path | str) -> dict[str, int]:
+    """The counts `status` shows, of a SQLite file or (given its URL) a PostgreSQL database."""
+    url = str(db) if str(db).startswith("postgresql://") else ""
+    store = await tracker.open_store(tracker.StorageConfig(path=str(db), url=url), readonly=True)
     try:
         return await store.counts()
     finally:
@@ -248,3 +254,125 @@ def daemon_process(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     yield make
     for process in made:
         process.stop()
+
+
+# ── a throwaway PostgreSQL ──────────────────────────────────────────────────────────────────
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PostgresCluster:
+    """A PostgreSQL cluster in a temporary directory on a loopback port, started by the tests and
+    stopped after them (Debian's `postgresql` package: ./install puts it there). PostgreSQL
+    refuses to run as root: as root, the cluster belongs to the `postgres` user (or `nobody`)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.data = directory / "data"
+        self.port = free_port()
+        self.bin = self._bindir()
+        self.log = directory / "postgres.log"
+        self._databases = 0
+
+    @staticmethod
+    def _bindir() -> Path:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not found:
+            raise RuntimeError("PostgreSQL server binaries not found under /usr/lib/postgresql: run ./install")
+        return found[-1].parent
+
+    def _as_owner(self, *argv: str) -> list[str]:
+        if os.getuid() != 0:
+            return list(argv)
+        owner = "postgres" if _user_exists("postgres") else "nobody"
+        return ["runuser", "-u", owner, "--", *argv]
+
+    def _chown_to_owner(self) -> None:
+        if os.getuid() == 0:
+            import pwd
+            owner = pwd.getpwnam("postgres" if _user_exists("postgres") else "nobody")
+            os.chown(self.directory, owner.pw_uid, owner.pw_gid)
+
+    def start(self) -> None:
+        self._chown_to_owner()
+        if not self.data.exists():
+            subprocess.run(self._as_owner(str(self.bin / "initdb"), "-D", str(self.data), "-U", "tracker",
+                                          "--auth=trust", "-E", "UTF8", "--no-sync"),
+                           check=True, capture_output=True)
+        options = (f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+                   " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options,
+                                      "-l", str(self.log), "-w", "start"), check=True, capture_output=True)
+
+    def stop(self, mode: str = "fast") -> None:
+        subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"),
+                       check=False, capture_output=True)
+
+    def reload(self) -> None:
+        subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "reload"),
+                       check=True, capture_output=True)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://tracker@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A new, empty database; its URL."""
+        import psycopg
+        self._databases += 1
+        name = f"test_{self._databases}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")  # our own name: no quoting needed
+        return self.url(name)
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    # Its own directory under /tmp: pytest's temporary directories are private to the user running
+    # the tests, and the cluster's owner (as root: `postgres`) must be able to reach its own.
+    directory = Path(tempfile.mkdtemp(prefix="tracker-postgres-"))
+    cluster = PostgresCluster(directory)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop("immediate")
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresCluster) -> str:
+    """An empty database of its own for one test."""
+    return postgres.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a storage behaviour test keeps its state: a SQLite file, or a PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "tracker.db")
+    return request.getfixturevalue("postgres").new_database()
+
+
+async def open_backend(where: str | Path) -> tracker.StateStore:
+    """The store the `backend` fixture names: a PostgreSQL URL, or a SQLite file."""
+    if str(where).startswith("postgresql://"):
+        return await tracker.PgStore.open(str(where))
+    return await tracker.Store.open(str(where))
+
+
+def in_dialect(store: tracker.StateStore, sql: str) -> str:
+    """A test's own query, written with SQLite's `?`, for the store at hand."""
+    return sql.replace("?", "%s") if isinstance(store, tracker.PgStore) else sql

@@ -1,8 +1,9 @@
 """Corrections: the partner lists a return again when it corrects it, and the latest listing is the
 truth (../shared/partner-api.md, the returns feed). A relisting whose fields differ is applied in
 the transaction of its page — the return, its box and its report follow it — and recorded; an
-unchanged one changes nothing. These are the store's rules, one by one, on a real SQLite file;
-tests/test_corrections_end_to_end.py plays them through the daemon against the stand-in."""
+unchanged one changes nothing. These are the store's rules, one by one, on a real SQLite file and a
+real PostgreSQL database; tests/test_corrections_end_to_end.py plays them through the daemon
+against the stand-in."""
 
 import contextlib
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import tracker
+from conftest import in_dialect, open_backend
 
 DELIVERED_AT = "2026-11-24T15:42:00Z"
 
@@ -28,24 +30,24 @@ def page(*items: tracker.ReturnItem, quarantined: tuple[tracker.QuarantinedItem,
 
 
 @contextlib.asynccontextmanager
-async def opened(db: Path) -> AsyncIterator[tracker.Store]:
-    store = await tracker.Store.open(str(db))
+async def opened(where: str | Path) -> AsyncIterator[tracker.StateStore]:
+    store = await open_backend(where)
     try:
         yield store
     finally:
         await store.close()
 
 
-async def one(store: tracker.Store, sql: str, *params: Any) -> Any:
-    rows = await store._rows(sql, params)
+async def one(store: tracker.StateStore, sql: str, *params: Any) -> Any:
+    rows = await store._rows(in_dialect(store, sql), params)
     return rows[0] if rows else None
 
 
-async def box_state(store: tracker.Store, shipment: str) -> str:
+async def box_state(store: tracker.StateStore, shipment: str) -> str:
     return (await one(store, "SELECT state FROM boxes WHERE shipment_number = ?", shipment))[0]
 
 
-async def report(store: tracker.Store, rid: str) -> dict[str, Any] | None:
+async def report(store: tracker.StateStore, rid: str) -> dict[str, Any] | None:
     row = await one(store, "SELECT state, order_number, order_item_number, shipment_number, collected_at, revision,"
                            " accepted_revision FROM reports WHERE return_id = ?", rid)
     keys = ("state", "order_number", "order_item_number", "shipment_number", "collected_at", "revision", "accepted")
@@ -64,16 +66,16 @@ def answered(rid: str, state: tracker.ReportState, outcome: str | None, revision
 # ── what counts as a correction ─────────────────────────────────────────────────────────────
 
 
-async def test_an_unchanged_relisting_is_no_correction(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_an_unchanged_relisting_is_no_correction(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item())], 1.0)
         result = await store.commit([page(item())], 2.0)
         assert result.corrections == () and result.returns_added == 0
         assert (await store.counts()).get("corrections", 0) == 0
 
 
-async def test_a_changed_field_is_applied_and_recorded_with_both_versions(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_a_changed_field_is_applied_and_recorded_with_both_versions(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(line="1", requested="2026-11-24T09:00:00Z"))], 1.0)
         result = await store.commit([page(item(line="2", requested="2026-11-24T09:05:00Z"))], 2.0)
         assert [c.fields for c in result.corrections] == [("order_item_number", "requested_at")]
@@ -85,8 +87,8 @@ async def test_a_changed_field_is_applied_and_recorded_with_both_versions(db_pat
         assert (await store.counts())["corrections"] == 1
 
 
-async def test_the_last_listing_of_a_return_in_one_page_wins(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_the_last_listing_of_a_return_in_one_page_wins(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(line="1"))], 1.0)
         result = await store.commit([page(item(line="2"), item(line="3"))], 2.0)
         assert [(c.before.order_item_number, c.after.order_item_number) for c in result.corrections] == [("1", "3")]
@@ -112,8 +114,8 @@ async def test_a_correction_is_committed_with_its_page_or_not_at_all(db_path: Pa
 # ── the report follows the latest fields ────────────────────────────────────────────────────
 
 
-async def test_a_report_not_yet_sent_goes_out_with_the_corrected_fields(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_a_report_not_yet_sent_goes_out_with_the_corrected_fields(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(line="1"))], 1.0)
         await store.commit([delivered("S1")], 2.0)
         await store.commit([page(item(line="2"))], 3.0)
@@ -124,16 +126,16 @@ async def test_a_report_not_yet_sent_goes_out_with_the_corrected_fields(db_path:
 
 
 async def test_a_report_corrected_before_its_box_is_delivered_is_queued_with_the_corrected_fields(
-        db_path: Path) -> None:
-    async with opened(db_path) as store:
+        backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(order="O-typo"))], 1.0)
         await store.commit([page(item(order="O1"))], 2.0)
         await store.commit([delivered("S1")], 3.0)
         assert (await report(store, "R1"))["order_number"] == "O1"
 
 
-async def test_a_dead_report_is_sent_again_once_its_fields_are_corrected(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_a_dead_report_is_sent_again_once_its_fields_are_corrected(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(line="9"))], 1.0)
         await store.commit([delivered("S1")], 2.0)
         await store.commit([answered("R1", tracker.ReportState.DEAD, "refused")], 3.0)
@@ -143,8 +145,8 @@ async def test_a_dead_report_is_sent_again_once_its_fields_are_corrected(db_path
         assert (due.order_item_number, due.attempts) == ("1", 0)
 
 
-async def test_a_report_the_partner_accepted_is_not_resent_and_is_listed_as_outdated(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_a_report_the_partner_accepted_is_not_resent_and_is_listed_as_outdated(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(line="9"))], 1.0)
         await store.commit([delivered("S1")], 2.0)
         await store.commit([answered("R1", tracker.ReportState.DONE, "recorded")], 3.0)
@@ -157,8 +159,8 @@ async def test_a_report_the_partner_accepted_is_not_resent_and_is_listed_as_outd
             ("R1", json.dumps({"order_item_number": "9"}), json.dumps({"order_item_number": "1"}), 3.0)]
 
 
-async def test_a_requested_at_correction_leaves_an_accepted_report_up_to_date(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_a_requested_at_correction_leaves_an_accepted_report_up_to_date(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(requested="2026-11-24T09:00:00Z"))], 1.0)
         await store.commit([delivered("S1")], 2.0)
         await store.commit([answered("R1", tracker.ReportState.DONE, "recorded")], 3.0)
@@ -169,8 +171,8 @@ async def test_a_requested_at_correction_leaves_an_accepted_report_up_to_date(db
 # ── a reissued waybill: the return moves to another box ─────────────────────────────────────
 
 
-async def test_a_reissued_waybill_moves_the_return_to_a_new_box_and_empties_the_old_one(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_a_reissued_waybill_moves_the_return_to_a_new_box_and_empties_the_old_one(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(shipment="OLD"))], 1.0)
         result = await store.commit([page(item(shipment="NEW"))], 2.0)
         assert [c.moved for c in result.corrections] == [True]
@@ -179,8 +181,8 @@ async def test_a_reissued_waybill_moves_the_return_to_a_new_box_and_empties_the_
         assert [b.shipment_number for b in await store.due_boxes(1e12, 10)] == ["NEW"]  # the old one is not polled
 
 
-async def test_a_box_keeps_tracking_while_items_remain_in_it(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_a_box_keeps_tracking_while_items_remain_in_it(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item("R1", shipment="OLD"), item("R2", line="2", shipment="OLD"))], 1.0)
         await store.commit([page(item("R1", shipment="NEW"))], 2.0)
         assert await box_state(store, "OLD") == "tracking"
@@ -189,8 +191,8 @@ async def test_a_box_keeps_tracking_while_items_remain_in_it(db_path: Path) -> N
 
 
 async def test_a_return_moved_to_a_delivered_box_is_reported_at_once_with_that_boxs_collection(
-        db_path: Path) -> None:
-    async with opened(db_path) as store:
+        backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item("R1", shipment="OLD"), item("R2", line="2", shipment="NEW"))], 1.0)
         await store.commit([tracker.BoxUpdate("OLD", tracker.BoxState.CANCELLED, None, 0, 0, True, "cancelled"),
                             delivered("NEW")], 2.0)
@@ -202,8 +204,8 @@ async def test_a_return_moved_to_a_delivered_box_is_reported_at_once_with_that_b
         assert await box_state(store, "OLD") == "cancelled"  # it closed for its own reason
 
 
-async def test_a_pending_report_moved_to_a_box_not_yet_delivered_waits_for_that_box(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_a_pending_report_moved_to_a_box_not_yet_delivered_waits_for_that_box(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(shipment="OLD"))], 1.0)
         await store.commit([delivered("OLD", "2026-11-24T10:00:00Z")], 2.0)
         await store.commit([page(item(shipment="NEW"))], 3.0)
@@ -215,8 +217,8 @@ async def test_a_pending_report_moved_to_a_box_not_yet_delivered_waits_for_that_
         assert (row["state"], row["shipment_number"], row["collected_at"]) == ("pending", "NEW", DELIVERED_AT)
 
 
-async def test_a_stale_box_whose_items_moved_leaves_the_stale_list(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_a_stale_box_whose_items_moved_leaves_the_stale_list(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(shipment="OLD"))], 1.0)
         await store.commit([tracker.BoxUpdate("OLD", tracker.BoxState.STALE, None, 9, 0, False)], 2.0)
         await store.commit([page(item(shipment="NEW"))], 3.0)
@@ -224,8 +226,8 @@ async def test_a_stale_box_whose_items_moved_leaves_the_stale_list(db_path: Path
         assert await store.stale_boxes(10) == []
 
 
-async def test_an_emptied_box_listed_again_is_tracked_again(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_an_emptied_box_listed_again_is_tracked_again(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(shipment="OLD"))], 1.0)
         await store.commit([page(item(shipment="NEW"))], 2.0)
         await store.commit([page(item(shipment="OLD"))], 3.0)  # the reissue itself was a mistake
@@ -237,11 +239,11 @@ async def test_an_emptied_box_listed_again_is_tracked_again(db_path: Path) -> No
 
 
 async def test_a_correction_that_breaks_a_return_is_quarantined_and_the_stored_version_kept(
-        db_path: Path) -> None:
+        backend: str) -> None:
     raw = {"id": "R1", "order_number": "O1", "order_item_number": "1", "shipment_number": None}
     broken = tracker.validate_return(raw)
     assert isinstance(broken, tracker.QuarantinedItem)
-    async with opened(db_path) as store:
+    async with opened(backend) as store:
         await store.commit([page(item())], 1.0)
         result = await store.commit([page(quarantined=(broken,))], 2.0)
         assert result.broken_corrections == {"R1"} and result.corrections == ()
@@ -253,8 +255,8 @@ async def test_a_correction_that_breaks_a_return_is_quarantined_and_the_stored_v
 # ── answers to a body a correction has since changed ────────────────────────────────────────
 
 
-async def test_a_refusal_of_fields_since_corrected_leaves_the_corrected_report_to_be_sent(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_a_refusal_of_fields_since_corrected_leaves_the_corrected_report_to_be_sent(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(line="9"))], 1.0)
         await store.commit([delivered("S1")], 2.0)
         [in_flight] = await store.due_reports(1e12, 10)
@@ -266,8 +268,8 @@ async def test_a_refusal_of_fields_since_corrected_leaves_the_corrected_report_t
 
 
 async def test_a_recording_of_fields_since_corrected_settles_the_report_and_marks_it_outdated(
-        db_path: Path) -> None:
-    async with opened(db_path) as store:
+        backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(shipment="OLD"))], 1.0)
         await store.commit([delivered("OLD")], 2.0)
         [in_flight] = await store.due_reports(1e12, 10)
@@ -278,8 +280,8 @@ async def test_a_recording_of_fields_since_corrected_settles_the_report_and_mark
         assert [row[0] for row in await store.outdated_reports(10)] == ["R1"]
 
 
-async def test_a_409_to_a_report_sent_before_its_correction_marks_it_outdated(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_a_409_to_a_report_sent_before_its_correction_marks_it_outdated(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(line="9"))], 1.0)
         await store.commit([delivered("S1")], 2.0)
         [first] = await store.due_reports(1e12, 10)
@@ -292,8 +294,8 @@ async def test_a_409_to_a_report_sent_before_its_correction_marks_it_outdated(db
         assert [row[0] for row in await store.outdated_reports(10)] == ["R1"]  # … but the partner may hold the old
 
 
-async def test_an_accepted_report_is_up_to_date_when_no_correction_came(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_an_accepted_report_is_up_to_date_when_no_correction_came(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item())], 1.0)
         await store.commit([delivered("S1")], 2.0)
         await store.commit([answered("R1", tracker.ReportState.DONE, "recorded")], 3.0)
@@ -325,8 +327,8 @@ async def test_a_version_3_database_gains_report_revisions_and_keeps_its_reports
         assert (await report(store, "R1"))["order_item_number"] == "2"
 
 
-async def test_status_lists_corrections_and_reports_the_partner_holds_under_older_fields(db_path: Path) -> None:
-    async with opened(db_path) as store:
+async def test_status_lists_corrections_and_reports_the_partner_holds_under_older_fields(backend: str) -> None:
+    async with opened(backend) as store:
         await store.commit([page(item(line="9"))], 1.0)
         await store.commit([delivered("S1")], 2.0)
         await store.commit([answered("R1", tracker.ReportState.DONE, "recorded")], 3.0)

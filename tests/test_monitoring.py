@@ -20,7 +20,7 @@ import pytest
 
 import standin
 import tracker
-from conftest import (ROOT, config_toml, everything_reported, make_config, scenario, wait_until,
+from conftest import (ROOT, config_toml, everything_reported, free_port, make_config, scenario, wait_until,
                       wait_until_sync)
 
 
@@ -35,12 +35,6 @@ def tool(name: str) -> str:
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=60)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ── promtool ────────────────────────────────────────────────────────────────────────────────

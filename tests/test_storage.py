@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 import tracker
-from conftest import create_schema, wait_until
+from conftest import create_schema, open_backend, wait_until
 
 
 def query_plan(db: Path, sql: str) -> list[str]:
@@ -131,9 +131,10 @@ async def assert_due_rows(db_path: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_committer(db: Path, **options: Any) -> AsyncIterator[tuple[tracker.Store, tracker.Committer]]:
+async def running_committer(where: str | Path,
+                            **options: Any) -> AsyncIterator[tuple[tracker.StateStore, tracker.Committer]]:
     """A store and its committer, running; `options` go to Committer (on_committed, gather_s …)."""
-    store = await tracker.Store.open(str(db))
+    store = await open_backend(where)
     options = {"on_committed": lambda result: None, "on_failure": lambda exc: None, **options}
     committer = tracker.Committer(store, log=structlog.get_logger(), **options)
     runner = asyncio.create_task(committer.run())
@@ -145,11 +146,11 @@ async def running_committer(db: Path, **options: Any) -> AsyncIterator[tuple[tra
         await store.close()
 
 
-async def test_writability_probes_never_break_a_commit_in_progress(db_path: Path) -> None:
+async def test_writability_probes_never_break_a_commit_in_progress(backend: str) -> None:
     """The housekeeping probe and the stages' transitions share one writer: a probe that opened its
     own transaction on that connection used to end a commit half-way (and lose its batch)."""
     failures: list[Exception] = []
-    async with running_committer(db_path, on_failure=failures.append) as (_, committer):
+    async with running_committer(backend, on_failure=failures.append) as (_, committer):
         page = tracker.FeedPage((), (), "c1", False)
         submits = [committer.submit(page) for _ in range(300)]
         probes = [committer.probe() for _ in range(50)]
@@ -158,11 +159,11 @@ async def test_writability_probes_never_break_a_commit_in_progress(db_path: Path
     assert all(results[300:])
 
 
-async def test_transitions_arriving_within_the_gather_window_share_one_transaction(db_path: Path) -> None:
+async def test_transitions_arriving_within_the_gather_window_share_one_transaction(backend: str) -> None:
     """A commit costs about the same for one transition as for a hundred: one arriving while the
     committer gathers joins the batch instead of waiting for a transaction of its own."""
     commits: list[tracker.CommitResult] = []
-    async with running_committer(db_path, on_committed=commits.append, gather_s=0.5) as (store, committer):
+    async with running_committer(backend, on_committed=commits.append, gather_s=0.5) as (store, committer):
         first = asyncio.create_task(committer.submit(tracker.Heartbeat()))
         await asyncio.sleep(0)  # one scheduling turn: `first` has queued its transition
 
@@ -176,10 +177,10 @@ async def test_transitions_arriving_within_the_gather_window_share_one_transacti
         assert await store.feed_cursor() == "c2"
 
 
-async def test_a_feed_page_is_committed_without_waiting_for_the_gather_window(db_path: Path) -> None:
+async def test_a_feed_page_is_committed_without_waiting_for_the_gather_window(backend: str) -> None:
     """The feed asks for its next page only once this one is stored: a page waiting out the window
     would slow a backlog's catch-up by the window for every 500 returns."""
-    async with running_committer(db_path, gather_s=60.0) as (store, committer):
+    async with running_committer(backend, gather_s=60.0) as (store, committer):
         await asyncio.wait_for(committer.submit(tracker.FeedPage((), (), "c1", True)), timeout=10)
         assert await store.feed_cursor() == "c1"
 
@@ -190,12 +191,11 @@ async def test_database_file_is_readable_by_its_owner_only(db_path: Path) -> Non
     assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
 
 
-def counted_by_hand(db: Path) -> dict[str, int]:
-    with sqlite3.connect(db) as conn:
-        counts = {"returns": conn.execute("SELECT COUNT(*) FROM returns").fetchone()[0]}
-        for table in ("boxes", "reports"):
-            counts.update({f"{table}.{state}": n for state, n in
-                           conn.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")})
+async def counted_by_hand(store: tracker.StateStore) -> dict[str, int]:
+    counts = {"returns": (await store._rows("SELECT COUNT(*) FROM returns", ()))[0][0]}
+    for table in ("boxes", "reports"):
+        counts.update({f"{table}.{state}": n for state, n in
+                       await store._rows(f"SELECT state, COUNT(*) FROM {table} GROUP BY state", ())})
     return counts
 
 
@@ -203,8 +203,8 @@ def without_quarantine(counts: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in counts.items() if not k.startswith(("quarantine", "unknown_statuses"))}
 
 
-async def test_state_counts_follow_every_transition_without_counting_the_tables(db_path: Path) -> None:
-    store = await tracker.Store.open(str(db_path))
+async def test_state_counts_follow_every_transition_without_counting_the_tables(backend: str) -> None:
+    store = await open_backend(backend)
     try:
         items = tuple(tracker.ReturnItem(f"R{i}", "O", str(i), f"S{i % 3}", None) for i in range(7))
         await store.commit([tracker.FeedPage(items, (), "c1", False, tuple((f"S{i}", 0.0) for i in range(3)))], 1.0)
@@ -215,9 +215,9 @@ async def test_state_counts_follow_every_transition_without_counting_the_tables(
                             tracker.ReportUpdate("R3", tracker.ReportState.DEAD, None, "refused", "422")], 3.0)
         await store.requeue_dead_reports(None, 4.0)
         counts = without_quarantine(await store.counts())
+        assert counts == await counted_by_hand(store)
     finally:
         await store.close()
-    assert counts == counted_by_hand(db_path)
     assert counts == {"returns": 7, "boxes.delivered": 1, "boxes.cancelled": 1, "boxes.tracking": 1,
                       "reports.done": 1, "reports.pending": 2}
 
@@ -232,12 +232,12 @@ async def test_a_version_1_database_gets_its_counts_once_on_open(db_path: Path) 
         conn.execute("PRAGMA user_version = 1")
     readonly = await tracker.Store.open(str(db_path), readonly=True)  # `status` before any upgrade
     try:
-        assert without_quarantine(await readonly.counts()) == counted_by_hand(db_path)
+        assert without_quarantine(await readonly.counts()) == await counted_by_hand(readonly)
     finally:
         await readonly.close()
     store = await tracker.Store.open(str(db_path))
     try:
-        assert without_quarantine(await store.counts()) == counted_by_hand(db_path)
+        assert without_quarantine(await store.counts()) == await counted_by_hand(store)
         assert (await store._rows("PRAGMA user_version", ()))[0][0] == tracker.SCHEMA_VERSION
     finally:
         await store.close()
