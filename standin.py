@@ -262,6 +262,7 @@ class Ledger:
         self.calls: dict[str, Counter[str]] = defaultdict(Counter)
         self.feed_from_start = 0  # /returns calls without a cursor: a restarted caller re-reading
         self.feed_acknowledged = 0  # the furthest cursor the caller sent back: it has stored all before it
+        self.overlapping_checks = 0  # tracking calls for a waybill while another call for it was being answered
 
     def count(self, endpoint: str, answer: str) -> None:
         self.calls[endpoint][answer] += 1
@@ -288,6 +289,7 @@ class StandIn:
         self.ends_at = max([b.ends_at for b in self.boxes] + [self.scenario.arrive_over_s] +
                            [t for t, _ in self.feed[-1:]])
         self.ledger = Ledger()
+        self._being_checked: Counter[str] = Counter()  # waybill → tracking calls being answered now
         self.slack_messages: list[dict[str, Any]] = []
         self.slack_hang_s = 0.0  # > 0: the webhook takes this long to answer (a broken Slack)
         self._slack_last = 0.0
@@ -347,6 +349,21 @@ class StandIn:
         if not request.path.startswith(API_PREFIX):
             return await handler(request)
         endpoint = request.path.rsplit("/", 1)[-1]
+        if endpoint != "tracking":
+            return await self._behave(request, handler, endpoint)
+        # Several tracker instances must never check one box at once (each holds a claim on it).
+        # A call that hangs here past the caller's timeout overlaps its own retry: count those out
+        # by running the chaos tests without hangs.
+        shipment = request.query.get("shipment_number", "")
+        if self._being_checked[shipment]:
+            self.ledger.overlapping_checks += 1
+        self._being_checked[shipment] += 1
+        try:
+            return await self._behave(request, handler, endpoint)
+        finally:
+            self._being_checked[shipment] -= 1
+
+    async def _behave(self, request: web.Request, handler: Any, endpoint: str) -> web.StreamResponse:
         f, rng, now = self.faults, self._rng, self.now()
         if f.outage_at_s is not None and f.outage_at_s <= now < f.outage_at_s + f.outage_s:
             self.ledger.count(endpoint, "503-outage")
@@ -509,6 +526,7 @@ class StandIn:
             "unexpected": sorted(self.ledger.recorded.keys() - self.expected)[:20],
             "calls": {e: dict(c) for e, c in self.ledger.calls.items()},
             "feed_from_start": self.ledger.feed_from_start,
+            "overlapping_checks": self.ledger.overlapping_checks,
             "slack_messages": len(self.slack_messages),
         }
 

@@ -99,6 +99,7 @@ class StorageConfig:
     path: str = "tracker.db"
     url: str = dataclasses.field(default="", repr=False)  # postgresql://…: the state lives there, not in `path`
     keep_days: int = 90  # finished rows older than this are deleted; 0 keeps everything
+    lease_s: float = 30.0  # PostgreSQL: a dead instance's claims and feed lease pass on this long after
 
     @property
     def where(self) -> str:
@@ -304,6 +305,10 @@ def _validate(config: Config) -> None:
         raise ConfigError("storage.path", "must not be empty")
     if config.storage.url:
         _require_database_url(config.storage.url)
+    _require_range("storage.lease_s", config.storage.lease_s, 2, 600)
+    if config.storage.url and config.storage.lease_s < 2 * config.partner.timeout_s:  # SQLite: no leases
+        raise ConfigError("storage.lease_s", f"must be at least twice partner.timeout_s "
+                                             f"({2 * config.partner.timeout_s:g}): a call must end within its claim")
     _require_range("storage.keep_days", config.storage.keep_days, 0, 36500)
     _validate_listen(config.http.listen)
     if config.slack.webhook_url:
@@ -865,6 +870,7 @@ class FeedPage:
     next_cursor: str | None
     has_more: bool
     first_checks: tuple[tuple[str, float], ...] = ()  # (shipment, when) for boxes not seen before
+    epoch: int | None = None  # the feed lease it was read under (PostgreSQL): stored only while it holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -875,6 +881,7 @@ class DueBox:
     errors: int
     status_since: float | None = None  # the partner's time of the newest status already recorded
     checks: int = 0  # calls made for it so far
+    claim: int | None = None  # this instance's claim on it (PostgreSQL); its answer is stored only under it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -901,6 +908,7 @@ class BoxUpdate:
     unknown_status: str | None = None
     called: bool = True  # False: deferred without a partner call (counters and last error stay)
     history: tuple[StatusChange, ...] = ()  # entries newer than the box's status_since, oldest first
+    claim: int | None = None  # the claim the check was made under (DueBox.claim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -914,6 +922,7 @@ class DueReport:
     queued_at: float = 0.0  # when the box was seen delivered and this report queued
     revision: int = 0  # bumped by each correction of its fields
     first_sent_revision: int | None = None  # the oldest revision an earlier attempt sent
+    claim: int | None = None  # this instance's claim on it (PostgreSQL)
 
     @property
     def sent_before_correction(self) -> bool:
@@ -942,6 +951,7 @@ class ReportUpdate:
     attempt: int = 0  # which attempt this was (recorded in report_attempts when called)
     http_status: int | None = None
     latency_s: float | None = None
+    claim: int | None = None  # the claim the call was made under (DueReport.claim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -979,13 +989,18 @@ class CommitResult:
     broken_corrections: frozenset[str] = frozenset()  # ids of stored returns relisted unusable
     superseded: frozenset[str] = frozenset()  # reports whose settling answer was to an outdated body
     pruned: int = 0  # finished boxes retention deleted (with their returns, reports, histories)
+    lost_claims: frozenset[str] = frozenset()  # answers not stored: another instance holds the row now
 
     def __add__(self, other: "CommitResult") -> "CommitResult":
         return CommitResult(
             self.returns_added + other.returns_added, self.quarantined_added + other.quarantined_added,
             self.reports_queued + other.reports_queued, self.corrections + other.corrections,
             self.broken_corrections | other.broken_corrections, self.superseded | other.superseded,
-            self.pruned + other.pruned)
+            self.pruned + other.pruned, self.lost_claims | other.lost_claims)
+
+
+class LeaseLost(Exception):
+    """A feed page read under a lease another instance has since taken: not stored."""
 
 
 async def _rollback(connection: aiosqlite.Connection) -> None:
@@ -1414,6 +1429,27 @@ class Store(StoreReads):
 
     # ── reads for the stages ────────────────────────────────────────────────────────────────
 
+    # ── one instance (InstanceLock): it is the whole fleet ─────────────────────────────────
+
+    def claim_holds(self, kind: str, seconds: float, key: str) -> bool:
+        return True
+
+    @property
+    def leads_feed(self) -> bool:
+        return True
+
+    async def keep_alive(self, boxes: Sequence[str], reports: Sequence[str]) -> int:
+        return 1
+
+    async def lead_feed(self) -> int | None:
+        return 0
+
+    async def alert_once(self, key: str, window_s: float) -> bool:
+        return True
+
+    async def leave(self) -> None:
+        pass
+
     # ── reads of its own ────────────────────────────────────────────────────────────────────
 
     def _id_list(self, ids: Sequence[str]) -> str:
@@ -1529,7 +1565,10 @@ CREATE TABLE IF NOT EXISTS boxes (
     closed_at       DOUBLE PRECISION,
     last_error      TEXT,
     status_since    DOUBLE PRECISION,
-    requested_at    DOUBLE PRECISION
+    requested_at    DOUBLE PRECISION,
+    claimed_by      TEXT,
+    claim_until     DOUBLE PRECISION,
+    claim           BIGINT
 );
 CREATE INDEX IF NOT EXISTS boxes_due ON boxes (next_check_at) WHERE state = 'tracking';
 CREATE INDEX IF NOT EXISTS boxes_stale ON boxes (first_seen_at) WHERE state = 'stale';
@@ -1550,12 +1589,45 @@ CREATE TABLE IF NOT EXISTS reports (
     last_error          TEXT,
     revision            INTEGER NOT NULL DEFAULT 0,
     first_sent_revision INTEGER,
-    accepted_revision   INTEGER
+    accepted_revision   INTEGER,
+    claimed_by          TEXT,
+    claim_until         DOUBLE PRECISION,
+    claim               BIGINT
 );
 CREATE INDEX IF NOT EXISTS reports_due ON reports (next_attempt_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS reports_pending_by_age ON reports (queued_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS reports_dead ON reports (done_at) WHERE state = 'dead';
 CREATE INDEX IF NOT EXISTS reports_outdated ON reports (done_at) WHERE accepted_revision < revision;
+-- Claims (several instances share the work): an instance takes a due box or report with a claim
+-- number from this sequence and a lease on the database's clock; its answer is stored only while
+-- the row still carries that claim. The partial indexes find an instance's claims to renew.
+CREATE SEQUENCE IF NOT EXISTS claims;
+CREATE INDEX IF NOT EXISTS boxes_claimed ON boxes (claimed_by) WHERE claimed_by IS NOT NULL;
+CREATE INDEX IF NOT EXISTS reports_claimed ON reports (claimed_by) WHERE claimed_by IS NOT NULL;
+-- Leases for singleton work (the feed): who holds it, until when (database clock), and an epoch
+-- bumped at every change of holder — a page is stored only under the epoch it was read under.
+CREATE TABLE IF NOT EXISTS leases (
+    name   TEXT PRIMARY KEY,
+    holder TEXT,
+    epoch  BIGINT NOT NULL DEFAULT 0,
+    until  DOUBLE PRECISION NOT NULL DEFAULT 0
+);
+INSERT INTO leases (name) VALUES ('feed') ON CONFLICT (name) DO NOTHING;
+-- The live instances (a heartbeat each few seconds): they share the partner's limits.
+CREATE TABLE IF NOT EXISTS instances (
+    id         TEXT PRIMARY KEY,
+    started_at DOUBLE PRECISION NOT NULL,
+    seen_at    DOUBLE PRECISION NOT NULL
+);
+-- Slack alerts sent by any instance: one per key and window for the whole fleet.
+CREATE TABLE IF NOT EXISTS alerts_sent (
+    key     TEXT PRIMARY KEY,
+    sent_at DOUBLE PRECISION NOT NULL
+);
+-- The database's clock, in Unix seconds: leases never depend on the hosts' clocks agreeing.
+CREATE OR REPLACE FUNCTION tracker_now() RETURNS double precision LANGUAGE sql VOLATILE AS $$
+    SELECT extract(epoch FROM clock_timestamp())::double precision
+$$;
 CREATE TABLE IF NOT EXISTS quarantine (
     id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     fingerprint TEXT NOT NULL UNIQUE,
@@ -1688,7 +1760,8 @@ PG_SQL = {
         " last_status = COALESCE(%(last_status)s, last_status),"
         " delivered_at = COALESCE(%(delivered_at)s, delivered_at),"
         " closed_at = %(closed_at)s, last_error = CASE WHEN %(called)s THEN %(last_error)s ELSE last_error END,"
-        " status_since = GREATEST(COALESCE(status_since, %(since)s), COALESCE(%(since)s, status_since))"
+        " status_since = GREATEST(COALESCE(status_since, %(since)s), COALESCE(%(since)s, status_since)),"
+        " claimed_by = NULL, claim_until = NULL, claim = NULL"
         " WHERE shipment_number = %(shipment_number)s AND state = 'tracking'",
     "insert_history": "INSERT INTO box_history (shipment_number, changed_at, status, seen_at) VALUES (%s, %s, %s, %s)"
                       " ON CONFLICT DO NOTHING",
@@ -1714,7 +1787,8 @@ PG_SQL = {
         " %(revision)s) ELSE first_sent_revision END,"
         " accepted_revision = CASE %(outcome)s WHEN 'recorded' THEN %(revision)s"
         " WHEN 'duplicate' THEN LEAST(COALESCE(first_sent_revision, %(revision)s), %(revision)s)"
-        " ELSE accepted_revision END"
+        " ELSE accepted_revision END,"
+        " claimed_by = NULL, claim_until = NULL, claim = NULL"
         " WHERE return_id = %(return_id)s AND state IN ('pending', 'withdrawn')",
     "insert_attempt": "INSERT INTO report_attempts (return_id, attempt, attempted_at, outcome, http_status, latency_s,"
                       " error) VALUES (%s, %s, %s, %s, %s, %s, %s)",
@@ -1768,6 +1842,53 @@ PG_SQL = {
     "requeue_stale_boxes": "UPDATE boxes SET state = 'tracking', next_check_at = %s, first_seen_at = %s,"
                            " not_found = 0, errors = 0, closed_at = NULL, last_error = NULL WHERE state = 'stale'"
                            " AND (%s::text[] IS NULL OR shipment_number = ANY(%s::text[])) RETURNING shipment_number",
+}
+# Sharing the work (several instances on one database). Every lease is on tracker_now(), the
+# database's clock. A claim takes due rows nobody holds (or whose holder's lease ran out), skipping
+# rows another instance is claiming this very moment (SKIP LOCKED: River, Oban, pgqueuer alike).
+PG_FLEET_SQL = {
+    "claim_boxes":
+        "WITH due AS (SELECT shipment_number FROM boxes WHERE state = 'tracking' AND next_check_at <= %(now)s"
+        " AND (claim_until IS NULL OR claim_until < tracker_now()) ORDER BY next_check_at LIMIT %(limit)s"
+        " FOR UPDATE SKIP LOCKED)"
+        " UPDATE boxes b SET claimed_by = %(me)s, claim_until = tracker_now() + %(lease)s, claim = nextval('claims')"
+        " FROM due WHERE b.shipment_number = due.shipment_number"
+        " RETURNING b.next_check_at, b.shipment_number, b.first_seen_at, b.not_found, b.errors, b.status_since,"
+        " b.checks, b.claim",
+    "claim_reports":
+        "WITH due AS (SELECT return_id FROM reports WHERE state = 'pending' AND next_attempt_at <= %(now)s"
+        " AND (claim_until IS NULL OR claim_until < tracker_now()) ORDER BY next_attempt_at LIMIT %(limit)s"
+        " FOR UPDATE SKIP LOCKED)"
+        " UPDATE reports r SET claimed_by = %(me)s, claim_until = tracker_now() + %(lease)s, claim = nextval('claims')"
+        " FROM due WHERE r.return_id = due.return_id"
+        " RETURNING r.next_attempt_at, r.return_id, r.order_number, r.order_item_number, r.shipment_number,"
+        " r.collected_at, r.attempts, r.queued_at, r.revision, r.first_sent_revision, r.claim",
+    # inside the commit: which answers still hold their claim (the rows locked until it ends)
+    "box_claims": "SELECT shipment_number, claim FROM boxes WHERE shipment_number = ANY(%s) FOR UPDATE",
+    "report_claims": "SELECT return_id, claim FROM reports WHERE return_id = ANY(%s) FOR UPDATE",
+    # only what the instance still holds in memory: a claim it dropped runs out and goes to anyone
+    "renew_box_claims": "UPDATE boxes SET claim_until = tracker_now() + %(lease)s"
+                        " WHERE shipment_number = ANY(%(boxes)s) AND claimed_by = %(me)s",
+    "renew_report_claims": "UPDATE reports SET claim_until = tracker_now() + %(lease)s"
+                           " WHERE return_id = ANY(%(reports)s) AND claimed_by = %(me)s",
+    "release_box_claims": "UPDATE boxes SET claimed_by = NULL, claim_until = NULL, claim = NULL"
+                          " WHERE claimed_by = %(me)s",
+    "release_report_claims": "UPDATE reports SET claimed_by = NULL, claim_until = NULL, claim = NULL"
+                             " WHERE claimed_by = %(me)s",
+    # the feed: kept by its holder under the same epoch, or taken (a new epoch) once it ran out
+    "keep_feed": "UPDATE leases SET until = tracker_now() + %(lease)s"
+                 " WHERE name = 'feed' AND holder = %(me)s AND epoch = %(epoch)s RETURNING epoch",
+    "take_feed": "UPDATE leases SET holder = %(me)s, epoch = epoch + 1, until = tracker_now() + %(lease)s"
+                 " WHERE name = 'feed' AND (until < tracker_now() OR holder IS NULL) RETURNING epoch",
+    "give_up_feed": "UPDATE leases SET until = 0 WHERE name = 'feed' AND holder = %(me)s",
+    "instance_alive": "INSERT INTO instances (id, started_at, seen_at) VALUES (%(me)s, tracker_now(), tracker_now())"
+                      " ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+    "live_instances": "SELECT COUNT(*) FROM instances WHERE seen_at > tracker_now() - %(lease)s",
+    "instance_gone": "DELETE FROM instances WHERE id = %(me)s OR seen_at < tracker_now() - 86400",
+    # one Slack message per key and window for the fleet: whoever inserts (or renews) it sends it
+    "alert_once": "INSERT INTO alerts_sent (key, sent_at) VALUES (%(key)s, tracker_now())"
+                  " ON CONFLICT (key) DO UPDATE SET sent_at = excluded.sent_at"
+                  " WHERE alerts_sent.sent_at < tracker_now() - %(window)s RETURNING key",
 }
 PG_SHOW_SQL = {
     "returns": "SELECT id, order_number, order_item_number, shipment_number, requested_at, seen_at FROM returns"
@@ -1830,24 +1951,28 @@ PG_COMMIT_ATTEMPTS = 5
 
 
 class PgStore(StoreReads):
-    """Store's interface on PostgreSQL: two connections (one writes, one reads), each opened again
+    """Store's interface on PostgreSQL: two connections — the writer runs the committer's
+    transactions, the reader single statements (reads, claims, renewals) — each opened again
     after it broke. A failed connection raises psycopg.OperationalError, which the committer
     treats as the disk's failures are treated: nothing was changed, try again later."""
 
     READS = PG_SQL
     SHOW = PG_SHOW_SQL
 
-    def __init__(self, url: str, readonly: bool) -> None:
+    def __init__(self, url: str, readonly: bool, lease_s: float) -> None:
         self.url = url
         self.path = redact_database_url(url)  # what `status` prints: never the password
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.lease_s = lease_s
         self._readonly = readonly
-        self._locked = False  # this daemon holds the database (lock_instance)
+        self._feed_epoch: int | None = None
+        self._held_since: dict[tuple[str, str], float] = {}  # (kind, key) → monotonic time its lease began
         self._writer: psycopg.AsyncConnection[Any] | None = None
         self._reader: psycopg.AsyncConnection[Any] | None = None
 
     @classmethod
-    async def open(cls, url: str, *, readonly: bool = False) -> "PgStore":
-        store = cls(url, readonly)
+    async def open(cls, url: str, *, readonly: bool = False, lease_s: float = 30.0) -> "PgStore":
+        store = cls(url, readonly, lease_s)
         conn = await store._connection("writer")
         if not readonly:
             await store._migrate(conn)
@@ -1862,27 +1987,11 @@ class PgStore(StoreReads):
                                                          application_name=f"tracker-{role}")
             if self._readonly:
                 await conn.execute("SET default_transaction_read_only = on")
-            if role == "writer" and self._locked and not await self._take_instance_lock(conn):
-                await conn.close()  # another daemon took the database while ours was cut off
-                raise psycopg.OperationalError("another tracker instance holds this database")
             if role == "writer":
                 self._writer = conn
             else:
                 self._reader = conn
         return conn
-
-    async def lock_instance(self) -> None:
-        """One daemon per database, as InstanceLock is for a file: an advisory lock held by the
-        writer's session, so the database frees it the moment that session ends (kill -9, a cut
-        network) — there is no stale lock to clear. Taken again when the writer reconnects."""
-        if not await self._take_instance_lock(await self._connection("writer")):
-            raise RuntimeError(f"another tracker instance is using {self.path}; stop it first")
-        self._locked = True
-
-    @staticmethod
-    async def _take_instance_lock(conn: "psycopg.AsyncConnection[Any]") -> bool:
-        row = await (await conn.execute("SELECT pg_try_advisory_lock(hashtext('tracker instance'))")).fetchone()
-        return bool(row and row[0])
 
     async def _migrate(self, conn: "psycopg.AsyncConnection[Any]") -> None:
         """One transaction under an advisory lock: instances starting together migrate once."""
@@ -1913,13 +2022,21 @@ class PgStore(StoreReads):
                      now: float) -> CommitResult:
         result = CommitResult()
         for page in (t for t in transitions if isinstance(t, FeedPage)):
+            if page.epoch is not None:  # read as the feed's leader: stored only while that holds
+                await cur.execute(PG_FLEET_SQL["keep_feed"],
+                                  {"me": self.instance, "lease": self.lease_s, "epoch": page.epoch})
+                if cur.rowcount != 1:
+                    raise LeaseLost(f"the feed lease of epoch {page.epoch} passed to another instance")
             result += await self._write_page(cur, page, now)
-        boxes = [t for t in transitions if isinstance(t, BoxUpdate)]
+        boxes, lost_boxes = await self._still_claimed(cur, "box_claims", "shipment_number",
+                                                      [t for t in transitions if isinstance(t, BoxUpdate)])
         if boxes:
             result += CommitResult(reports_queued=await self._write_box_updates(cur, boxes, now))
-        reports = [t for t in transitions if isinstance(t, ReportUpdate)]
+        reports, lost_reports = await self._still_claimed(cur, "report_claims", "return_id",
+                                                          [t for t in transitions if isinstance(t, ReportUpdate)])
         if reports:
             result += CommitResult(superseded=await self._write_report_updates(cur, reports, now))
+        result += CommitResult(lost_claims=frozenset(lost_boxes + lost_reports))
         for wake in (t for t in transitions if isinstance(t, WakeBoxes)):
             await cur.execute(PG_SQL["wake_boxes"], {"now": now, "spread": wake.spread_s, "status": wake.status})
         for prune in (t for t in transitions if isinstance(t, Prune)):
@@ -1927,6 +2044,20 @@ class PgStore(StoreReads):
         if any(isinstance(t, Heartbeat) for t in transitions):
             await cur.execute(PG_SQL["put_meta"], (HEARTBEAT_KEY, repr(now)))
         return result
+
+    @staticmethod
+    async def _still_claimed(cur: "psycopg.AsyncCursor[Any]", statement: str, key: str,
+                             updates: list[Any]) -> tuple[list[Any], list[str]]:
+        """The answers whose rows still carry the claim they were made under (locked now, until the
+        commit), and the keys of those that lost it: their lease ran out and another instance
+        claimed the row — its answer, not this stale one, is the one to store."""
+        claimed = [u for u in updates if u.claim is not None]
+        if not claimed:
+            return updates, []
+        await cur.execute(PG_FLEET_SQL[statement], ([getattr(u, key) for u in claimed],))
+        held = {row[0]: row[1] for row in await cur.fetchall()}
+        lost = [getattr(u, key) for u in claimed if held.get(getattr(u, key), u.claim) != u.claim]
+        return [u for u in updates if u.claim is None or getattr(u, key) not in lost], lost
 
     async def _write_page(self, cur: "psycopg.AsyncCursor[Any]", page: FeedPage, now: float) -> CommitResult:
         listed = {i.id for i in page.items} | {q.return_id for q in page.quarantined if q.return_id}
@@ -2025,6 +2156,72 @@ class PgStore(StoreReads):
                           ([u.return_id for u in settling], [u.revision for u in settling]))
         return frozenset(row[0] for row in await cur.fetchall())
 
+    # ── sharing the work with other instances ───────────────────────────────────────────────
+
+    async def due_boxes(self, now: float, limit: int) -> list[DueBox]:
+        """Claims them: due, and held by nobody else (or by one whose lease ran out)."""
+        rows = await self._claim("boxes", now, limit)
+        return [DueBox(*row[1:]) for row in rows]
+
+    async def due_reports(self, now: float, limit: int) -> list[DueReport]:
+        rows = await self._claim("reports", now, limit)
+        return [DueReport(*row[1:]) for row in rows]
+
+    async def _claim(self, kind: str, now: float, limit: int) -> list[Any]:
+        asked_at = time.monotonic()  # the lease began no sooner than this
+        rows = await self._rows(PG_FLEET_SQL[f"claim_{kind}"],
+                                {"now": now, "limit": limit, "me": self.instance, "lease": self.lease_s})
+        for row in rows:
+            self._held_since[(kind, row[1])] = asked_at
+        return sorted(rows, key=lambda row: row[0])  # in due order (UPDATE … RETURNING keeps none)
+
+    @property
+    def leads_feed(self) -> bool:
+        return self._feed_epoch is not None
+
+    def claim_holds(self, kind: str, seconds: float, key: str) -> bool:
+        """Whether this instance's claim on the item lasts `seconds` more, by when it was taken or
+        last renewed: an item is started only if its call can end before another may claim it."""
+        since = self._held_since.get((kind, key))
+        return since is not None and time.monotonic() + seconds < since + self.lease_s
+
+    async def keep_alive(self, boxes: Sequence[str], reports: Sequence[str]) -> int:
+        """Renew the claims this instance still holds (these boxes and reports) and its feed lease,
+        and say it is alive: every lease_s / 4. The number of live instances, which share the
+        partner's limits."""
+        asked_at = time.monotonic()
+        params = {"me": self.instance, "lease": self.lease_s, "boxes": list(boxes), "reports": list(reports)}
+        for statement in ("renew_box_claims", "renew_report_claims", "instance_alive"):
+            await self._execute(PG_FLEET_SQL[statement], params)
+        renewed = {("boxes", key): asked_at for key in boxes} | {("reports", key): asked_at for key in reports}
+        self._held_since = renewed | {held: at for held, at in self._held_since.items() if at > asked_at}
+        epoch = self._feed_epoch  # the collect stage may take or lose the lease meanwhile
+        if epoch is not None and not await self._rows(PG_FLEET_SQL["keep_feed"], {**params, "epoch": epoch}):
+            if self._feed_epoch == epoch:
+                self._feed_epoch = None  # it ran out while this instance could not renew it
+        return max(1, (await self._rows(PG_FLEET_SQL["live_instances"], params))[0][0])
+
+    async def lead_feed(self) -> int | None:
+        """The feed lease's epoch while this instance pages the feed (kept, or taken once the
+        holder's ran out); None while another one does."""
+        params = {"me": self.instance, "lease": self.lease_s, "epoch": self._feed_epoch}
+        rows = await self._rows(PG_FLEET_SQL["keep_feed"], params) if self._feed_epoch is not None else []
+        if not rows:
+            rows = await self._rows(PG_FLEET_SQL["take_feed"], params)
+        self._feed_epoch = rows[0][0] if rows else None
+        return self._feed_epoch
+
+    async def alert_once(self, key: str, window_s: float) -> bool:
+        """Whether this instance is the one to send alert `key` now: the first of the fleet to ask
+        in each window."""
+        return bool(await self._rows(PG_FLEET_SQL["alert_once"], {"key": key, "window": window_s}))
+
+    async def leave(self) -> None:
+        """At shutdown: what this instance held goes back at once, not when its leases run out."""
+        params = {"me": self.instance}
+        for statement in ("release_box_claims", "release_report_claims", "give_up_feed", "instance_gone"):
+            await self._execute(PG_FLEET_SQL[statement], params)
+
     # ── operator requeues ───────────────────────────────────────────────────────────────────
 
     async def requeue_dead_reports(self, ids: Sequence[str] | None, now: float) -> list[str]:
@@ -2105,10 +2302,15 @@ class PgStore(StoreReads):
             await cursor.execute(sql, params)
             return await cursor.fetchall()
 
-    async def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    async def _rows(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Any]:
         conn = await self._connection("reader")
         cursor = await conn.execute(sql, params)
         return [tuple(row) for row in await cursor.fetchall()]
+
+    async def _execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> None:
+        """One statement in a transaction of its own, on the reader: the writer's transactions are
+        the committer's alone (a statement sent on that connection would join whichever is open)."""
+        await (await self._connection("reader")).execute(sql, params)
 
 
 async def _pg_many(cur: "psycopg.AsyncCursor[Any]", sql: str, rows: Sequence[Any]) -> int:
@@ -2133,12 +2335,12 @@ def redact_database_url(url: str) -> str:
 
 
 StateStore = Store | PgStore  # what the stages and commands see: the same methods on either backend
-STORAGE_ERRORS = (sqlite3.Error, psycopg.Error)  # a failed read or write, on either backend
+STORAGE_ERRORS = (sqlite3.Error, psycopg.Error, LeaseLost)  # a failed read or write, on either backend
 
 
 async def open_store(config: "StorageConfig", *, readonly: bool = False) -> StateStore:
     if config.url:
-        return await PgStore.open(config.url, readonly=readonly)
+        return await PgStore.open(config.url, readonly=readonly, lease_s=config.lease_s)
     return await Store.open(config.path, readonly=readonly)
 
 
@@ -2264,6 +2466,15 @@ class AdaptiveRate:
         self._baseline: float | None = None
         self._observed = 0
         self._last_timeout = -math.inf
+
+    def set_max(self, max_rate: float) -> None:
+        """A new cap (this instance's share of the fleet's): the rate never above it from now on."""
+        if max_rate == self.max_rate:
+            return
+        self.max_rate = max_rate
+        self.min_rate = min(max_rate, max(0.2, max_rate * 0.005))
+        self.rate = max(self.min_rate, min(self.rate, max_rate))
+        self._peak = min(self._peak, max_rate)
 
     def pause(self, seconds: float) -> None:
         """Hold every caller until a maintenance Retry-After has passed."""
@@ -2541,9 +2752,18 @@ class PrioritySemaphore:
     before feed paging."""
 
     def __init__(self, slots: int) -> None:
+        self._slots = slots
         self._free = slots
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
+
+    def resize(self, slots: int) -> None:
+        """More slots wake waiters at once; fewer take effect as holders release theirs."""
+        added, self._slots = slots - self._slots, slots
+        if added < 0:
+            self._free += added  # below zero until enough slots come back
+        for _ in range(max(0, added)):
+            self.release()
 
     async def acquire(self, priority: int) -> None:
         if self._free > 0 and not self._waiters:
@@ -2559,6 +2779,9 @@ class PrioritySemaphore:
             raise
 
     def release(self) -> None:
+        if self._free < 0:  # a slot the fleet's share took away (resize)
+            self._free += 1
+            return
         while self._waiters:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():
@@ -2593,6 +2816,7 @@ class PartnerClient:
         self._timeout = config.partner.timeout_s
         self._session = session
         self._metrics = metrics
+        self._limits = config.limits
         self._slots = PrioritySemaphore(config.limits.concurrency)
         self.rates = {e: AdaptiveRate(config.limits.rate_per_s) for e in Endpoint}
         self.budgets = {e: RetryBudget() for e in Endpoint}
@@ -2611,6 +2835,14 @@ class PartnerClient:
             metrics.partner_in_flight.labels(e.value).set_function(functools.partial(self.in_flight.__getitem__, e))
             metrics.partner_rate.labels(e.value).set_function(functools.partial(getattr, self.rates[e], "rate"))
         self._calls = {(e, o): metrics.partner_calls.labels(e.value, o.value) for e in Endpoint for o in Outcome}
+
+    def share_limits(self, instances: int) -> None:
+        """limits.rate_per_s and limits.concurrency are the fleet's: with `instances` live, this one
+        takes its share of each (the partner's limit does not grow with our instance count), and
+        still adapts to 429s and latency within it."""
+        for rate in self.rates.values():
+            rate.set_max(self._limits.rate_per_s / instances)
+        self._slots.resize(max(1, math.ceil(self._limits.concurrency / instances)))
 
     def set_token(self, token: str) -> None:
         """A new token (SIGHUP): calls from now on carry it, and refused endpoints try it at once."""
@@ -3391,8 +3623,10 @@ class Dispatcher(typing.Generic[Item]):
         handle: Callable[[Item], Awaitable[None]],
         capacity: int,
         log: Any,
+        may_start: Callable[[str], bool] = lambda key: True,
     ) -> None:
         self.name = name
+        self._may_start = may_start
         self._fetch_due = fetch_due
         self._next_due_at = next_due_at
         self._key = key
@@ -3411,6 +3645,10 @@ class Dispatcher(typing.Generic[Item]):
     def stop(self) -> None:
         self._stopping = True
         self._nudge.set()
+
+    def held(self) -> list[str]:
+        """The items fetched and not yet finished: in flight or waiting for a slot."""
+        return [*self.in_flight, *(self._key(item) for item in self._ready)]
 
     def forget(self, keys: Iterable[str]) -> None:
         """Drop these items from what was fetched ahead: they changed in the database (a
@@ -3445,6 +3683,10 @@ class Dispatcher(typing.Generic[Item]):
         while self._ready and started < free:
             item = self._ready.popleft()
             key = self._key(item)
+            if not self._may_start(key):
+                # Its claim may lapse before a call could end (the database has not answered for
+                # a while): another instance may take it, so it is left to whoever claims it next.
+                continue
             self.in_flight[key] = tasks.create_task(self._run_one(key, item))
             started += 1
         return started
@@ -3524,13 +3766,14 @@ class Stages:
         self._report_attempts = {outcome: metrics.reports.labels(outcome)
                                  for outcome in ("recorded", "duplicate", "refused", "retry", "deferred")}
         capacity = config.limits.concurrency
+        # An item is started only while its claim outlasts the longest call (PostgreSQL, shared).
         self.tracker = Dispatcher[DueBox](
             "track", store.due_boxes, store.next_box_due_at, lambda b: b.shipment_number, self.check_box,
-            capacity, log,
+            capacity, log, functools.partial(store.claim_holds, "boxes", config.partner.timeout_s),
         )
         self.reporter = Dispatcher[DueReport](
             "report", store.due_reports, store.next_report_due_at, lambda r: r.return_id, self.send_report,
-            capacity, log,
+            capacity, log, functools.partial(store.claim_holds, "reports", config.partner.timeout_s),
         )
 
     def stop(self) -> None:
@@ -3554,18 +3797,34 @@ class Stages:
     # ── collect ─────────────────────────────────────────────────────────────────────────────
 
     async def collect(self, *, once: bool = False) -> None:
-        """Page through the feed from the stored cursor; each page commits with its cursor."""
+        """Page through the feed from the stored cursor; each page commits with its cursor. With
+        several instances (PostgreSQL) only the holder of the feed's lease pages it, each page
+        stored only under the lease's epoch it was read under; an instance that takes the lease
+        reads the cursor again, since the previous holder moved it."""
         schedule = self.config.schedule
-        read, cursor = await self._stored_cursor()
-        if not read:
-            return  # stopped while the database could not be read
+        epoch: int | None = None
+        cursor: str | None = None
         failures = 0
         while not self._stop.is_set():
+            leading = await self._lead_feed()
+            if leading is None:  # another instance pages the feed; take over if its lease runs out
+                epoch = None
+                if once:
+                    return
+                await self._pause(min(schedule.returns_every_s, self.config.storage.lease_s / 4))
+                continue
+            if leading != epoch:
+                read, cursor = await self._stored_cursor()
+                if not read:
+                    return  # stopped while the database could not be read
+                epoch = leading
             reply = await self.client.returns_page(cursor, self.config.partner.page_size, retry=failures > 0)
             page, error = None, reply.detail or reply.outcome.value
             if reply.outcome is Outcome.OK:
                 try:
-                    page = parse_returns_page(reply.body, cursor, time.time(), self.schedule.first_check_in())
+                    page = dataclasses.replace(
+                        parse_returns_page(reply.body, cursor, time.time(), self.schedule.first_check_in()),
+                        epoch=epoch)
                 except GarbledAnswer as exc:
                     error = f"garbled page: {exc}"
             if page is None:
@@ -3590,6 +3849,19 @@ class Stages:
             if once:
                 return
             await self._pause(schedule.returns_every_s)
+
+    def _claim_lost(self, stage: str, key: str) -> None:
+        """An answer made under a claim that ran out (this instance could not renew it in time):
+        another instance holds the item now, and its answer is the one stored."""
+        self.metrics.claims_lost.labels(stage).inc()
+        self.log.warning("storage.claim_lost", stage=stage, key=key)
+
+    async def _lead_feed(self) -> int | None:
+        try:
+            return await self.store.lead_feed()
+        except STORAGE_ERRORS as exc:
+            self.log.warning("storage.read_failed", stage="collect", error=str(exc))
+            return None
 
     async def _stored_cursor(self) -> tuple[bool, str | None]:
         """(True, the feed's stored cursor), read again until the database answers; (False, None)
@@ -3648,8 +3920,11 @@ class Stages:
         now = time.time()
         history = answered_history(reply, box.shipment_number)
         woken = self.schedule.learn(history, now) if history else []  # first: this answer counts for this box too
-        update = decide_box_update(box, reply, now, self.config.schedule, self.schedule)
-        await self.committer.submit(update)
+        update = dataclasses.replace(decide_box_update(box, reply, now, self.config.schedule, self.schedule),
+                                     claim=box.claim)
+        if box.shipment_number in (await self.committer.submit(update)).lost_claims:
+            self._claim_lost("track", box.shipment_number)
+            return
         self.log.info("track.checked", shipment_number=box.shipment_number, outcome=reply.outcome.value,
                       status=update.last_status, state=update.state.value, next_check_at=update.next_check_at,
                       latency_s=round(reply.latency_s, 4))
@@ -3690,8 +3965,13 @@ class Stages:
 
     async def send_report(self, report: DueReport) -> None:
         reply = await self.client.post_result(report)
-        update = decide_report_update(report, reply, time.time(), self.config.schedule)
-        superseded = report.return_id in (await self.committer.submit(update)).superseded
+        update = dataclasses.replace(decide_report_update(report, reply, time.time(), self.config.schedule),
+                                     claim=report.claim)
+        result = await self.committer.submit(update)
+        if report.return_id in result.lost_claims:
+            self._claim_lost("report", report.return_id)  # the partner's 409 settles the other's send
+            return
+        superseded = report.return_id in result.superseded
         if superseded and update.state is ReportState.DEAD:
             # The partner refused the fields a correction has since replaced: the corrected report
             # is still pending and goes next.
@@ -3767,7 +4047,9 @@ class Alerter:
     POST_TIMEOUT_S = 5.0
 
     def __init__(self, webhook_url: str, session: aiohttp.ClientSession | None, metrics: "Metrics",
-                 log: Any, redact: Callable[[str], str]) -> None:
+                 log: Any, redact: Callable[[str], str],
+                 first_in_fleet: Callable[[str, float], Awaitable[bool]] | None = None) -> None:
+        self._first_in_fleet = first_in_fleet  # several instances: one of them sends each alert
         self._url = webhook_url
         self._session = session
         self._metrics = metrics
@@ -3819,8 +4101,21 @@ class Alerter:
                     pass
                 continue
             entry = self._pending.pop(key)
+            if not entry.attempts and not await self._ours_to_send(key):
+                self._metrics.alerts.labels("elsewhere").inc()
+                continue
             await self._post(key, entry)
             await asyncio.sleep(self.MIN_INTERVAL_S)
+
+    async def _ours_to_send(self, key: str) -> bool:
+        """Another instance already sent this key within the fold window: then not ours. If the
+        database cannot tell, send it: an alert twice is better than none."""
+        if self._first_in_fleet is None:
+            return True
+        try:
+            return await self._first_in_fleet(key, self.FOLD_WINDOW_S)
+        except STORAGE_ERRORS:
+            return True
 
     def _next_ready(self) -> tuple[str | None, float]:
         now = time.monotonic()
@@ -3957,6 +4252,14 @@ class Metrics:
             ["outcome"], registry=r)
         self.boxes_closed = prometheus_client.Counter(
             "tracker_boxes_closed_total", "Boxes that left tracking, by final state.", ["state"], registry=r)
+        self.claims_lost = prometheus_client.Counter(
+            "tracker_claims_lost_total", "Answers not stored because their claim ran out and another instance "
+            "took the item (PostgreSQL, several instances), by stage.", ["stage"], registry=r)
+        self.fleet_instances = prometheus_client.Gauge(
+            "tracker_fleet_instances", "Live instances sharing the database and the partner's limits (1 on SQLite).",
+            registry=r)
+        self.feed_leader = prometheus_client.Gauge(
+            "tracker_feed_leader", "1 while this instance pages the returns feed.", registry=r)
         self.unknown_statuses = prometheus_client.Counter(
             "tracker_unknown_statuses_total", "Tracking answers with a status not in the contract.", registry=r)
         self.alerts = prometheus_client.Counter(
@@ -4016,7 +4319,7 @@ class Metrics:
             self.set_circuit(endpoint.value, CircuitState.CLOSED)
             for call_outcome in Outcome:
                 self.partner_calls.labels(endpoint.value, call_outcome.value)
-        for alert_outcome in ("sent", "folded", "dropped", "failed", "disabled"):
+        for alert_outcome in ("sent", "folded", "dropped", "failed", "disabled", "elsewhere"):
             self.alerts.labels(alert_outcome)
         for report_outcome in ("recorded", "duplicate", "refused", "retry", "deferred"):
             self.reports.labels(report_outcome)
@@ -4024,6 +4327,9 @@ class Metrics:
             self.boxes_closed.labels(state.value)
         for field in CORRECTABLE_FIELDS:
             self.returns_corrected.labels(field)
+        for stage in ("track", "report"):
+            self.claims_lost.labels(stage)
+        self.fleet_instances.set(1)
 
     async def refresh_from(self, store: StateStore) -> dict[str, int]:
         """The gauges that count rows: refreshed on a timer, not per transition. Returns the counts."""
@@ -4152,9 +4458,9 @@ class Daemon:
         try:
             store = await open_store(self.config.storage)
             try:
-                if isinstance(store, PgStore):
-                    await store.lock_instance()
                 await self._run_with(store, once)
+                with contextlib.suppress(*STORAGE_ERRORS):  # else its leases run out by themselves
+                    await store.leave()
             finally:
                 await store.close()
         finally:
@@ -4172,7 +4478,8 @@ class Daemon:
             aiohttp.ClientSession(connector=connector, timeout=timeouts) as partner_session,
             aiohttp.ClientSession() as slack_session,  # no partner headers ever reach Slack
         ):
-            alerts = Alerter(config.slack.webhook_url, slack_session, self.metrics, self.log, REDACT.text)
+            alerts = Alerter(config.slack.webhook_url, slack_session, self.metrics, self.log, REDACT.text,
+                             store.alert_once)
             committer = Committer(store, self._on_committed, lambda exc: alerts.alert(
                 "storage", f"Cannot write the state database: {exc}. Work is paused until it can."), self.log,
                 self.metrics.db_commit_latency)
@@ -4202,7 +4509,8 @@ class Daemon:
                     commit_task = tasks.create_task(committer.run(), name="committer")
                     alert_task = tasks.create_task(alerts.run(), name="alerts")
                     chores = [tasks.create_task(self.notifier.keep_watchdog_fed(), name="watchdog"),
-                              tasks.create_task(self._housekeeping(store, committer, alerts), name="housekeeping")]
+                              tasks.create_task(self._housekeeping(store, committer, alerts), name="housekeeping"),
+                              tasks.create_task(self._keep_fleet(store, stages), name="fleet")]
                     if once:
                         await self._one_pass(stages)
                     else:
@@ -4300,6 +4608,24 @@ class Daemon:
             self.metrics.reports_queued.inc(result.reports_queued)
             if self._stages is not None:
                 self._stages.reporter.wake()
+
+    async def _keep_fleet(self, store: StateStore, stages: Stages) -> None:
+        """Every lease_s / 4: renew what this instance holds (its claims, the feed's lease), say it
+        is alive, and take its share of the partner's limits. On SQLite: the fleet of one."""
+        instances = 1
+        while True:
+            try:
+                live = await store.keep_alive(stages.tracker.held(), stages.reporter.held())
+            except STORAGE_ERRORS as exc:
+                self.log.warning("storage.read_failed", stage="fleet", error=str(exc))
+            else:
+                if live != instances:
+                    self.log.info("fleet.changed", instances=live)
+                instances = live
+                self.metrics.fleet_instances.set(live)
+                stages.client.share_limits(live)
+            self.metrics.feed_leader.set(1 if store.leads_feed else 0)
+            await asyncio.sleep(max(0.5, self.config.storage.lease_s / 4))
 
     async def _housekeeping(self, store: StateStore, committer: Committer, alerts: "Alerter") -> None:
         """Row-count gauges, overdue pickups, the database's writability and retention, every few

@@ -45,6 +45,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     (("detect_within_s = 0.2", 'detect_within_s = 0.2\ntimezone = "Mars/Olympus_Mons"'), "schedule.timezone"),
     (("[schedule]", '[log]\nlevel = "loud"\n[schedule]'), "log.level"),
     (("timeout_s = 2", "timeout_s = 2\n["), "config"),
+    (('path = "state.db"', 'path = "state.db"\nurl = "mysql://db/tracker"'), "storage.url"),
+    (('path = "state.db"', 'path = "state.db"\nurl = "postgresql://db/tracker"\nlease_s = 3'), "storage.lease_s"),
 ])
 def test_bad_config_exits_2_naming_the_key_and_starts_nothing(tmp_path: Path, change: tuple[str, str],
                                                               key: str) -> None:
@@ -106,6 +108,27 @@ def test_environment_overrides_the_file_and_the_credential_overrides_both(tmp_pa
     (credentials / "partner_token").write_text("from-credential\n")
     env["CREDENTIALS_DIRECTORY"] = str(credentials)
     assert tracker.load_config(config_path, env).partner.token == "from-credential"
+
+
+def test_a_lease_shorter_than_two_call_timeouts_matters_only_on_postgresql(tmp_path: Path) -> None:
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(VALID.replace('path = "state.db"', 'path = "state.db"\nlease_s = 3'))  # timeout 2 s
+    assert tracker.load_config(config_path, {tracker.ENV_TOKEN: TOKEN}).storage.lease_s == 3  # SQLite: unused
+    with pytest.raises(tracker.ConfigError, match="storage.lease_s: must be at least twice partner.timeout_s"):
+        tracker.load_config(config_path, {tracker.ENV_TOKEN: TOKEN, tracker.ENV_DATABASE_URL: "postgresql://db/t"})
+
+
+def test_the_database_password_comes_from_a_credential_and_is_a_secret(tmp_path: Path) -> None:
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(VALID.replace('path = "state.db"', 'path = "state.db"\nurl = "postgresql://tracker@db/t"'))
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "database_password").write_text("pg-Secret/9\n")
+    config = tracker.load_config(config_path, {tracker.ENV_TOKEN: TOKEN, "CREDENTIALS_DIRECTORY": str(credentials)})
+    assert config.storage.url == "postgresql://tracker:pg-Secret%2F9@db/t"
+    assert "pg-Secret/9" in config.secrets and config.storage.url in config.secrets
+    assert config.storage.where == "postgresql://tracker@db:5432/t"
+    assert "pg-Secret" not in repr(config)
 
 
 def test_secrets_are_not_in_the_config_repr(tmp_path: Path) -> None:

@@ -3,23 +3,29 @@ real PostgreSQL server — a throwaway cluster the tests start on a loopback por
 themselves run on both backends in tests/test_storage.py and tests/test_corrections.py."""
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import psycopg
 import pytest
 
 import standin
 import tracker
-from conftest import (ROOT, TOKEN, PostgresCluster, config_toml, counts_in, everything_reported, ledger_of,
-                      make_config, run_daemon_until, scenario, wait_until)
+from conftest import (ROOT, TOKEN, DaemonProcess, PostgresCluster, config_toml, counts_in, everything_reported,
+                      ledger_of, make_config, run_daemon_until, scenario, wait_until)
 
 
 def on_postgres(config: tracker.Config, url: str) -> tracker.Config:
-    return dataclasses.replace(config, storage=dataclasses.replace(config.storage, url=url))
+    """The config with its state in PostgreSQL; leases of 3 s, so takeovers happen within a test."""
+    return dataclasses.replace(config, storage=dataclasses.replace(config.storage, url=url, lease_s=3.0))
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -45,19 +51,28 @@ async def test_every_item_is_reported_once_with_the_state_in_postgresql(start_pa
     assert counts["reports.done"] == ledger["expected"]
 
 
-async def test_a_second_daemon_on_the_same_database_refuses_to_start(start_partner, db_path: Path,
-                                                                     pg_url: str) -> None:
-    partner = start_partner(scenario(returns=20))
+async def test_two_instances_share_the_work_and_each_item_is_reported_once(start_partner, db_path: Path,
+                                                                          pg_url: str) -> None:
+    partner = start_partner(scenario(returns=600, arrive_over_s=3.0, reissue_share=0.05,
+                                     faults=standin.Faults(error_share=0.03, reset_share=0.02)))
     config = on_postgres(make_config(db_path, partner.url), pg_url)
-    first = tracker.Daemon(config)
-    running = asyncio.create_task(first.run())
+    daemons = [tracker.Daemon(config), tracker.Daemon(config)]
+    running = [asyncio.create_task(d.run()) for d in daemons]
     try:
-        await asyncio.wait_for(first.started.wait(), 10)
-        with pytest.raises(RuntimeError, match="another tracker instance"):
-            await tracker.Daemon(config).run()
+        await wait_until(everything_reported(partner, pg_url), 60, what="every report, from two instances")
     finally:
-        first.stop()
-        await running
+        for daemon in daemons:
+            daemon.stop()
+        await asyncio.gather(*running)
+    ledger = await ledger_of(partner)
+    assert ledger["missing"] == ledger["premature"] == ledger["mismatched"] == 0
+    assert ledger["recorded"] == ledger["expected"]
+    for daemon in daemons:  # both did a share of the tracking and the reporting
+        calls = {line.split("{")[1].split("}")[0]: float(line.split()[-1])
+                 for line in daemon.metrics.exposition().decode().splitlines()
+                 if line.startswith("tracker_partner_calls_total{") and 'outcome="ok"' in line}
+        assert calls.get('endpoint="tracking",outcome="ok"', 0) > 0
+        assert calls.get('endpoint="results",outcome="ok"', 0) > 0
 
 
 # ── surviving the database ──────────────────────────────────────────────────────────────────
@@ -196,3 +211,170 @@ async def test_migrate_copies_everything_and_the_daemon_goes_on_from_postgresql(
     ledger = await ledger_of(partner)
     assert ledger["missing"] == ledger["premature"] == ledger["mismatched"] == 0
     assert ledger["recorded"] == ledger["expected"]
+
+
+# ── sharing the work: claims, the feed's lease, alerts, limits ─────────────────────────────
+
+
+@contextlib.asynccontextmanager
+async def instances(url: str, n: int = 2, lease_s: float = 30.0) -> AsyncIterator[list[tracker.PgStore]]:
+    """n instances' stores on one database (each its own identity, as on separate hosts)."""
+    stores = [await tracker.PgStore.open(url, lease_s=lease_s) for _ in range(n)]
+    try:
+        yield stores
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def due_boxes_listed(store: tracker.StateStore, n: int) -> list[str]:
+    items = tuple(tracker.ReturnItem(f"R{k}", "O", "1", f"S{k}", None) for k in range(n))
+    await store.commit([tracker.FeedPage(items, (), "c", False, tuple((f"S{k}", 0.0) for k in range(n)))], 1.0)
+    return [f"S{k}" for k in range(n)]
+
+
+def claimed_by(store: tracker.PgStore, kind: str = "boxes"):
+    async def check() -> list[Any]:
+        return await (store.due_boxes if kind == "boxes" else store.due_reports)(time.time(), 100)
+    return check
+
+
+async def test_a_due_box_is_claimed_by_one_instance_until_its_lease_runs_out(pg_url: str) -> None:
+    async with instances(pg_url, lease_s=1.0) as (a, b):
+        listed = await due_boxes_listed(a, 10)
+        assert sorted(box.shipment_number for box in await a.due_boxes(time.time(), 100)) == listed
+        assert await b.due_boxes(time.time(), 100) == []  # held by a
+        taken = await wait_until(claimed_by(b), 10, what="b to take over a's lapsed claims")
+        assert sorted(box.shipment_number for box in taken) == listed
+
+
+async def test_claims_kept_alive_are_never_taken_over(pg_url: str) -> None:
+    async with instances(pg_url, lease_s=1.0) as (a, b):
+        listed = await due_boxes_listed(a, 5)
+        await a.due_boxes(time.time(), 100)
+        deadline = time.monotonic() + 3.0  # three leases long
+        while time.monotonic() < deadline:
+            await a.keep_alive(listed, [])
+            assert await b.due_boxes(time.time(), 100) == []
+            await asyncio.sleep(0.2)
+
+
+async def test_an_instance_leaving_hands_its_claims_back_at_once(pg_url: str) -> None:
+    async with instances(pg_url, lease_s=600.0) as (a, b):
+        listed = await due_boxes_listed(a, 5)
+        await a.due_boxes(time.time(), 100)
+        await a.leave()
+        assert sorted(box.shipment_number for box in await b.due_boxes(time.time(), 100)) == listed
+
+
+async def test_an_answer_made_under_a_lapsed_claim_is_not_stored(pg_url: str) -> None:
+    async with instances(pg_url, lease_s=1.0) as (a, b):
+        await due_boxes_listed(a, 1)
+        (stale,) = await a.due_boxes(time.time(), 100)
+        (current,) = await wait_until(claimed_by(b), 10, what="b to take the lapsed claim")
+        late = tracker.BoxUpdate("S0", tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
+                                 "2026-11-24T10:00:00Z", claim=stale.claim)
+        assert (await a.commit([late], 2.0)).lost_claims == {"S0"}
+        assert (await counts_in(pg_url)).get("boxes.tracking") == 1  # a's answer changed nothing
+        fresh = tracker.BoxUpdate("S0", tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
+                                  "2026-11-24T10:00:00Z", claim=current.claim)
+        assert (await b.commit([fresh], 3.0)).lost_claims == frozenset()
+        assert (await counts_in(pg_url)).get("boxes.delivered") == 1
+
+
+async def test_a_feed_page_read_under_a_lease_since_taken_over_is_not_stored(pg_url: str) -> None:
+    async with instances(pg_url, lease_s=1.0) as (a, b):
+        assert (first := await a.lead_feed()) is not None
+        assert await b.lead_feed() is None  # a pages the feed
+        second = await wait_until(b.lead_feed, 10, what="b to take the lapsed feed lease")
+        assert second > first
+        page = tracker.FeedPage((tracker.ReturnItem("R1", "O", "1", "S1", None),), (), "from-a", False, epoch=first)
+        with pytest.raises(tracker.LeaseLost):
+            await a.commit([page], 2.0)  # a paused former leader: it moves nothing
+        assert await b.feed_cursor() is None and (await counts_in(pg_url))["returns"] == 0
+        await b.commit([dataclasses.replace(page, next_cursor="from-b", epoch=second)], 3.0)
+        assert await a.feed_cursor() == "from-b"
+
+
+async def test_an_alert_is_sent_by_one_instance_of_the_fleet_per_window(pg_url: str) -> None:
+    async with instances(pg_url) as (a, b):
+        assert await a.alert_once("stale", 60.0)
+        assert not await b.alert_once("stale", 60.0)  # a sent it
+        assert await b.alert_once("quarantine", 60.0)
+        assert await b.alert_once("stale", 0.0)  # its window has passed
+
+
+async def test_live_instances_count_themselves_and_split_the_partners_limits(pg_url: str) -> None:
+    async with instances(pg_url, n=3) as stores:
+        for store in stores:
+            await store.keep_alive([], [])
+        assert [await store.keep_alive([], []) for store in stores] == [3, 3, 3]
+        await stores[2].leave()
+        assert await stores[0].keep_alive([], []) == 2
+    config = make_config(Path("unused.db"), "http://127.0.0.1:9",
+                         limits=tracker.LimitsConfig(concurrency=16, rate_per_s=300.0))
+    async with aiohttp.ClientSession() as session:
+        client = tracker.PartnerClient(config, session, tracker.Metrics(), lambda *args: None)
+        client.share_limits(3)
+        assert all(rate.max_rate == 100.0 and rate.rate <= 100.0 for rate in client.rates.values())
+        assert client._slots._slots == 6  # ⌈16 / 3⌉
+
+
+# ── chaos: three instances, kill -9, a cut, a database crash ───────────────────────────────
+
+
+def fleet_config(partner_url: str, db_path: Path, url: str, rate_per_s: float) -> str:
+    sections = json.loads(json.dumps(dataclasses.asdict(make_config(db_path, partner_url))))
+    del sections["partner"]["token"]
+    sections["storage"].update(url=url, lease_s=3.0)
+    sections["limits"].update(rate_per_s=rate_per_s, concurrency=24)
+    return standin.daemon_config_toml(sections)
+
+
+async def test_three_instances_lose_nothing_through_kill_9s_a_cut_and_a_database_crash(
+        start_partner, postgres: PostgresCluster, pg_url: str, tmp_path: Path) -> None:
+    import random
+    partner = start_partner(scenario(returns=2500, arrive_over_s=6.0, reissue_share=0.03, fix_share=0.01,
+                                     faults=standin.Faults(latency_ms=(5, 20), error_share=0.03, garbled_share=0.01,
+                                                           reset_share=0.01, rate_limit_per_s=400)))
+    config = tmp_path / "config.toml"
+    config.write_text(fleet_config(partner.url, tmp_path / "unused.db", pg_url, rate_per_s=300))
+    started = 0
+
+    def start_one() -> DaemonProcess:
+        nonlocal started
+        started += 1
+        return DaemonProcess(config, tmp_path / f"tracker-{started}.log").start()
+
+    fleet = [start_one() for _ in range(3)]
+    rng = random.Random(7)
+    kills = 0
+    try:
+        t0 = time.monotonic()
+        cut = crashed = False
+        while not await everything_reported(partner, pg_url)():
+            assert time.monotonic() - t0 < 150, await ledger_of(partner)
+            await asyncio.sleep(2.0)
+            victim = fleet.pop(rng.randrange(len(fleet)))
+            victim.kill9()
+            kills += 1
+            fleet.append(start_one())
+            elapsed = time.monotonic() - t0
+            if not cut and elapsed > 4:
+                cut = cut_every_connection(pg_url) > 0
+            if not crashed and elapsed > 8:
+                postgres.stop("immediate")
+                await asyncio.sleep(1.0)
+                postgres.start()
+                crashed = True
+        assert cut and crashed and kills >= 3
+    finally:
+        for daemon in fleet:
+            daemon.stop()
+    ledger = await ledger_of(partner)
+    assert ledger["missing"] == ledger["premature"] == ledger["mismatched"] == ledger["unknown"] == 0
+    assert ledger["recorded"] == ledger["expected"]
+    assert ledger["overlapping_checks"] == 0  # no box was ever checked by two instances at once
+    calls = sum(sum(by_answer.values()) for by_answer in ledger["calls"].values())
+    limited = sum(by_answer.get("429", 0) for by_answer in ledger["calls"].values())
+    assert limited <= 0.02 * calls, ledger["calls"]  # the instances kept to their shares of 300/s
