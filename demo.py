@@ -4,6 +4,10 @@ Starts the stand-in (standin.py) in its own process on loopback, writes a config
 temporary directory, runs the real daemon (`tracker.py run`) as a second process, shows live
 progress read from the daemon's database and the stand-in's ledger, then stops the daemon with
 SIGTERM and prints a summary. Exit 0 only when nothing is missing and nothing was reported early.
+
+With --database-url the state lives in that (empty) PostgreSQL database, and --instances N runs
+N daemons on it; --kill-one-at S kills one of them with SIGKILL S seconds in: the others take its
+work over once its leases run out (lease_s 5 here).
 """
 
 import asyncio
@@ -35,50 +39,69 @@ def as_typed(path: str | Path) -> str:
     return str(path) if relative.startswith("..") else relative
 
 
-def main(*, returns: int, seconds: float, seed: int, deadline_s: float) -> int:
-    return asyncio.run(Demo(returns, seconds, seed, deadline_s).run())
+def main(*, returns: int, seconds: float, seed: int, deadline_s: float, instances: int = 1,
+         database_url: str = "", kill_one_at: float | None = None) -> int:
+    if instances > 1 and not database_url:
+        print("tracker demo: several instances share a PostgreSQL database: give --database-url", file=sys.stderr)
+        return 2
+    return asyncio.run(Demo(returns, seconds, seed, deadline_s, instances, database_url, kill_one_at).run())
 
 
 class Demo:
-    def __init__(self, returns: int, seconds: float, seed: int, deadline_s: float) -> None:
+    def __init__(self, returns: int, seconds: float, seed: int, deadline_s: float, instances: int = 1,
+                 database_url: str = "", kill_one_at: float | None = None) -> None:
         self.returns, self.seconds, self.seed, self.deadline_s = returns, seconds, seed, deadline_s
+        self.instances, self.database_url, self.kill_one_at = instances, database_url, kill_one_at
         self.workdir = Path(tempfile.mkdtemp(prefix="tracker-demo-"))
         self.tty = sys.stdout.isatty()
         self.metrics_url = ""
+        self.killed: str | None = None
+
+    @property
+    def storage(self) -> tracker.StorageConfig:
+        return tracker.StorageConfig(path=str(self.workdir / "tracker.db"), url=self.database_url)
+
+    def _log(self, k: int) -> Path:
+        return self.workdir / ("tracker.log" if k == 0 else f"tracker-{k + 1}.log")
 
     async def run(self) -> int:
+        where = f"{self.instances} instance(s) on {self.storage.where}" if self.database_url else "SQLite"
         print(f"tracker demo: {self.returns:,} returns arriving over {self.seconds:g} s "
-              f"(a sales event, time compressed), mild partner faults. Work dir: {self.workdir}")
+              f"(a sales event, time compressed), mild partner faults, {where}. Work dir: {self.workdir}")
         standin = await self._start_standin()
-        daemon: asyncio.subprocess.Process | None = None
+        daemons: list[asyncio.subprocess.Process] = []
         try:
             info = json.loads((await standin.stdout.readline()).decode())  # type: ignore[union-attr]
             config_path = self._write_config(info)
-            with open(self.workdir / "tracker.log", "wb") as log:  # the child keeps its own handle
-                daemon = await asyncio.create_subprocess_exec(
-                    sys.executable, str(HERE / "tracker.py"), "run", "--config", str(config_path),
-                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, tracker.ENV_TOKEN: info["token"]},
-                )
+            for k in range(self.instances):
+                with open(self._log(k), "wb") as log:  # the child keeps its own handle
+                    daemons.append(await asyncio.create_subprocess_exec(
+                        sys.executable, str(HERE / "tracker.py"), "run", "--config", str(config_path),
+                        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, tracker.ENV_TOKEN: info["token"]},
+                    ))
             async with aiohttp.ClientSession() as http:
                 self.metrics_url = await self._metrics_url()
-                ok, elapsed, counts, ledger = await self._follow(http, info["root"], daemon)
+                ok, elapsed, counts, ledger = await self._follow(http, info["root"], daemons)
                 metrics_text = await self._scrape(http)
                 (self.workdir / "metrics.txt").write_text(metrics_text)
-                daemon.send_signal(signal.SIGTERM)
+                running = [d for d in daemons if d.returncode is None]
+                for daemon in running:
+                    daemon.send_signal(signal.SIGTERM)
                 stop_started = time.monotonic()
-                code = await asyncio.wait_for(daemon.wait(), 30)
+                codes = [await asyncio.wait_for(daemon.wait(), 30) for daemon in running]
                 stop_s = time.monotonic() - stop_started
                 ledger = await _get_json(http, info["root"] + "/_ledger")
-            store = await tracker.Store.open(str(self.workdir / "tracker.db"), readonly=True)
+            store = await tracker.open_store(self.storage, readonly=True)
             try:
                 counts = await store.counts()
             finally:
                 await store.close()
-            return self._summary(ok, elapsed, counts, ledger, code, stop_s)
+            return self._summary(ok, elapsed, counts, ledger, max(codes, default=None), stop_s)
         finally:
-            if daemon is not None and daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
+            for daemon in daemons:
+                if daemon.returncode is None:
+                    daemon.kill()
+                    await daemon.wait()
             standin.terminate()
             await standin.wait()
 
@@ -95,7 +118,7 @@ class Demo:
         path.touch(mode=0o600)  # it holds a webhook URL: a secret, which `status` would warn of
         path.write_text(standin.daemon_config_toml({
             "partner": {"base_url": info["url"], "timeout_s": 2.0, "page_size": 500},
-            "storage": {"path": "tracker.db"},
+            "storage": {"path": "tracker.db", "url": self.database_url, "lease_s": 5.0},
             "http": {"listen": "127.0.0.1:0"},
             "slack": {"webhook_url": info["slack"]},
             "schedule": {"returns_every_s": 0.5, "track_every_s": 2.0, "detect_within_s": 2.0, "stale_after_s": 15.0,
@@ -115,20 +138,26 @@ class Demo:
             await asyncio.sleep(0.1)
         return "(the daemon did not report its address; see tracker.log)"
 
-    async def _follow(self, http: aiohttp.ClientSession, root: str,
-                      daemon: asyncio.subprocess.Process) -> tuple[bool, float, dict[str, int], dict[str, Any]]:
+    async def _follow(self, http: aiohttp.ClientSession, root: str, daemons: list[asyncio.subprocess.Process]
+                      ) -> tuple[bool, float, dict[str, int], dict[str, Any]]:
         started = time.monotonic()
         last_line = 0.0
-        store: tracker.Store | None = None
+        store: tracker.StateStore | None = None
         counts: dict[str, int] = {}
         ledger: dict[str, Any] = {}
         try:
             while True:
                 elapsed = time.monotonic() - started
-                if store is None and (self.workdir / "tracker.db").exists():
-                    store = await tracker.Store.open(str(self.workdir / "tracker.db"), readonly=True)
+                if self.kill_one_at is not None and self.killed is None and elapsed >= self.kill_one_at:
+                    victim = len(daemons) - 1
+                    daemons[victim].kill()  # SIGKILL: no goodbye, its claims held until their leases end
+                    self.killed = f"instance {victim + 1} (pid {daemons[victim].pid}) at {elapsed:.1f} s"
+                    print(("\n" if self.tty else "") + f"kill -9 of {self.killed}")
+                if store is None and (self.database_url or (self.workdir / "tracker.db").exists()):
+                    with contextlib.suppress(*tracker.STORAGE_ERRORS):  # not created yet
+                        store = await tracker.open_store(self.storage, readonly=True)
                 if store is not None:
-                    with contextlib.suppress(tracker.sqlite3.Error):  # the schema may still be being created
+                    with contextlib.suppress(*tracker.STORAGE_ERRORS):  # the schema may still be being created
                         counts = await store.counts()
                 ledger = await _get_json(http, root + "/_ledger")
                 done = (ledger["finished"] and ledger["missing"] == 0 and "returns" in counts
@@ -139,8 +168,8 @@ class Demo:
                     last_line = elapsed
                 if done:
                     return True, elapsed, counts, ledger
-                if daemon.returncode is not None:
-                    print(f"\nthe daemon exited with {daemon.returncode}; see {self.workdir / 'tracker.log'}")
+                if any(d.returncode is not None for d in daemons if d.returncode != -signal.SIGKILL):
+                    print(f"\na daemon exited; see {self.workdir}/tracker*.log")
                     return False, elapsed, counts, ledger
                 if elapsed > self.deadline_s:
                     print(f"\ngave up after {self.deadline_s:g} s")
@@ -210,7 +239,9 @@ class Demo:
             ("elapsed", f"{elapsed:.1f} s from start until every reportable item was reported; "
                         f"SIGTERM → exit {code} in {stop_s:.1f} s"),
             ("metrics", f"were at {self.metrics_url} (last scrape saved: {w / 'metrics.txt'})"),
-            ("files", f"{w / 'tracker.log'} · {w / 'tracker.db'} · {w / 'config.toml'}"),
+            *([("instances", f"{self.instances} on {self.storage.where}; killed with SIGKILL: {self.killed or 'none'}")]
+              if self.database_url else []),
+            ("files", f"{w / 'tracker.log'} · {self.storage.where} · {w / 'config.toml'}"),
             ("try", shlex.join([as_typed(sys.executable), as_typed(HERE / "tracker.py"), "status", "--config",
                                 str(w / "config.toml")])),
         ]

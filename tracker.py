@@ -2817,6 +2817,7 @@ class PartnerClient:
         self._session = session
         self._metrics = metrics
         self._limits = config.limits
+        self.fleet_size = 1  # instances sharing the limits (share_limits)
         self._slots = PrioritySemaphore(config.limits.concurrency)
         self.rates = {e: AdaptiveRate(config.limits.rate_per_s) for e in Endpoint}
         self.budgets = {e: RetryBudget() for e in Endpoint}
@@ -2840,6 +2841,7 @@ class PartnerClient:
         """limits.rate_per_s and limits.concurrency are the fleet's: with `instances` live, this one
         takes its share of each (the partner's limit does not grow with our instance count), and
         still adapts to 429s and latency within it."""
+        self.fleet_size = instances
         for rate in self.rates.values():
             rate.set_max(self._limits.rate_per_s / instances)
         self._slots.resize(max(1, math.ceil(self._limits.concurrency / instances)))
@@ -3624,9 +3626,11 @@ class Dispatcher(typing.Generic[Item]):
         capacity: int,
         log: Any,
         may_start: Callable[[str], bool] = lambda key: True,
+        fetch_at_most: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.name = name
         self._may_start = may_start
+        self._fetch_at_most = fetch_at_most
         self._fetch_due = fetch_due
         self._next_due_at = next_due_at
         self._key = key
@@ -3695,7 +3699,8 @@ class Dispatcher(typing.Generic[Item]):
         # An item that settles while the query runs may still look due in the query's snapshot.
         self._settled_during_fetch = set()
         try:
-            due = await self._fetch_due(now, self._capacity * self.PREFETCH + len(self.in_flight))
+            ahead = self._capacity * self.PREFETCH
+            due = await self._fetch_due(now, min(ahead, self._fetch_at_most() or ahead) + len(self.in_flight))
         except STORAGE_ERRORS as exc:  # a database restarting, a connection cut: the idle poll tries again
             self._log.warning("storage.read_failed", stage=self.name, error=str(exc))
             due = []
@@ -3766,14 +3771,18 @@ class Stages:
         self._report_attempts = {outcome: metrics.reports.labels(outcome)
                                  for outcome in ("recorded", "duplicate", "refused", "retry", "deferred")}
         capacity = config.limits.concurrency
-        # An item is started only while its claim outlasts the longest call (PostgreSQL, shared).
+        # With several instances (PostgreSQL) an item is started only while its claim outlasts the
+        # longest call, and an instance claims only what its share of the rate calls in a couple of
+        # seconds: claiming a whole backlog ahead would leave the others idle while it works through it.
         self.tracker = Dispatcher[DueBox](
             "track", store.due_boxes, store.next_box_due_at, lambda b: b.shipment_number, self.check_box,
             capacity, log, functools.partial(store.claim_holds, "boxes", config.partner.timeout_s),
+            functools.partial(self._claim_at_most, Endpoint.TRACKING),
         )
         self.reporter = Dispatcher[DueReport](
             "report", store.due_reports, store.next_report_due_at, lambda r: r.return_id, self.send_report,
             capacity, log, functools.partial(store.claim_holds, "reports", config.partner.timeout_s),
+            functools.partial(self._claim_at_most, Endpoint.RESULTS),
         )
 
     def stop(self) -> None:
@@ -3849,6 +3858,13 @@ class Stages:
             if once:
                 return
             await self._pause(schedule.returns_every_s)
+
+    CLAIM_AHEAD_S = 2.0
+
+    def _claim_at_most(self, endpoint: Endpoint) -> int | None:
+        if self.client.fleet_size == 1:
+            return None  # alone: fetch ahead as far as the dispatcher likes
+        return max(8, math.ceil(self.client.rates[endpoint].rate * self.CLAIM_AHEAD_S))
 
     def _claim_lost(self, stage: str, key: str) -> None:
         """An answer made under a claim that ran out (this instance could not renew it in time):
@@ -4773,6 +4789,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=20.0, help="seconds over which they arrive (default 20)")
     demo.add_argument("--seed", type=int, default=1, help="scenario seed (default 1)")
     demo.add_argument("--deadline", type=float, default=600.0, help="give up after this many seconds")
+    demo.add_argument("--database-url", default="", metavar="URL",
+                      help="keep the state in this empty PostgreSQL database instead of a SQLite file")
+    demo.add_argument("--instances", type=int, default=1, help="daemons sharing the work (needs --database-url)")
+    demo.add_argument("--kill-one-at", type=float, default=None, metavar="S",
+                      help="kill -9 one of the instances S seconds in")
     return parser
 
 
@@ -4782,7 +4803,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import demo  # the demo and the stand-in live beside this file, never inside it
 
-        return demo.main(returns=args.returns, seconds=args.seconds, seed=args.seed, deadline_s=args.deadline)
+        return demo.main(returns=args.returns, seconds=args.seconds, seed=args.seed, deadline_s=args.deadline,
+                         instances=args.instances, database_url=args.database_url, kill_one_at=args.kill_one_at)
     if args.command == "replay":
         return replay_command(args.timelines, args.config, args.seed)
     try:

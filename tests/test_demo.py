@@ -30,3 +30,21 @@ def test_the_command_the_demo_suggests_runs_as_printed_and_warns_of_nothing(demo
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("tracker status")
     assert result.stderr == ""  # e.g. no warning that the demo's own config file is readable by others
+
+
+def test_the_demo_with_three_instances_on_postgresql_loses_nothing_when_one_is_killed(pg_url: str) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "tracker.py"), "demo", "--returns", "1500", "--seconds", "2",
+                             "--database-url", pg_url, "--instances", "3", "--kill-one-at", "2"],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "RESULT: OK" in result.stdout and "premature 0 · missing 0" in result.stdout
+    assert "killed with SIGKILL: instance 3" in result.stdout
+    status = next(line.split("try", 1)[1].strip() for line in result.stdout.splitlines()
+                  if line.strip().startswith("try "))
+    assert "postgresql://" in subprocess.run(shlex.split(status), capture_output=True, text=True, timeout=60).stdout
+
+
+def test_several_demo_instances_need_a_database_url() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "tracker.py"), "demo", "--instances", "2"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--database-url" in result.stderr

@@ -168,11 +168,13 @@ def test_commands_run_on_postgresql_with_the_password_from_a_credential_and_neve
                                 "--config", str(config), env=env))
     outputs.append(exported := cli("export", "--config", str(config), env=env))
     outputs.append(checked := cli("check-config", "--config", str(config), env=env))
+    outputs.append(requeued := cli("requeue", "dead", "--config", str(config), env=env))
     assert all(out.returncode == 0 for out in outputs), [out.stderr for out in outputs]
     assert f"postgresql://{url.split('//')[1].split('@')[0]}@127.0.0.1:{postgres.port}/" in status.stdout
     assert json.loads(shown.stdout)["returns"]
     assert len(exported.stdout.splitlines()) == 31  # a header and every return
     assert "database postgresql://" in checked.stdout
+    assert "dead report(s)" in requeued.stdout
     for out in [without, *outputs]:
         assert PASSWORD not in out.stdout + out.stderr
         assert "s3cret" not in out.stdout + out.stderr

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 import tracker
-from conftest import config_toml, create_schema, wait_until_sync
+from conftest import config_toml, create_schema, open_backend, wait_until_sync
 
 DAY = 86400.0
 NOW = 1_800_000_000.0
@@ -27,7 +27,7 @@ def done(return_id: str) -> tracker.ReportUpdate:
     return tracker.ReportUpdate(return_id, tracker.ReportState.DONE, None, "recorded", None, attempt=1, http_status=200)
 
 
-async def history_of_every_kind(store: tracker.Store) -> None:
+async def history_of_every_kind(store: tracker.StateStore) -> None:
     """Boxes named for what retention must do with them."""
     names = ["GONE_REPORTED", "GONE_CANCELLED", "KEPT_PENDING", "KEPT_REPORTED_LATELY", "KEPT_STALE",
              "KEPT_CLOSED_LATELY", "KEPT_TRACKING"]
@@ -46,8 +46,12 @@ async def history_of_every_kind(store: tracker.Store) -> None:
     await store.commit([delivered("KEPT_CLOSED_LATELY")], RECENT)
     await store.commit([done("R_KEPT_CLOSED_LATELY")], RECENT)
     await store.commit([tracker.FeedPage((), (), "c", False, ())], NOW)
-    with sqlite3.connect(store.path) as conn:  # the open quarantine entry of BAD_1 is resolved long ago too
-        conn.execute("UPDATE quarantine SET resolved_at = ? WHERE return_id = 'BAD_1'", (OLD,))
+    # the open quarantine entry of BAD_1 is resolved long ago too
+    if isinstance(store, tracker.PgStore):
+        await store._execute("UPDATE quarantine SET resolved_at = %s WHERE return_id = 'BAD_1'", (OLD,))
+    else:
+        with sqlite3.connect(store.path) as conn:
+            conn.execute("UPDATE quarantine SET resolved_at = ? WHERE return_id = 'BAD_1'", (OLD,))
 
 
 def rows(db: Path, sql: str) -> list:
@@ -55,29 +59,33 @@ def rows(db: Path, sql: str) -> list:
         return [row[0] if len(row) == 1 else row for row in conn.execute(sql)]
 
 
-async def test_retention_deletes_exactly_the_finished_rows_past_keep_days(db_path: Path) -> None:
-    store = await tracker.Store.open(str(db_path))
+async def column(store: tracker.StateStore, sql: str) -> list:
+    return [row[0] for row in await store._rows(sql, ())]
+
+
+async def test_retention_deletes_exactly_the_finished_rows_past_keep_days(backend: str) -> None:
+    store = await open_backend(backend)
     try:
         await history_of_every_kind(store)
         result = await store.commit([tracker.Prune(CUTOFF, 100)], NOW)
         counts = await store.counts()
+        assert result.pruned == 2
+        assert sorted(await column(store, "SELECT shipment_number FROM boxes")) == [
+            "KEPT_CLOSED_LATELY", "KEPT_PENDING", "KEPT_REPORTED_LATELY", "KEPT_STALE", "KEPT_TRACKING"]
+        assert sorted(await column(store, "SELECT id FROM returns")) == [
+            "R_KEPT_CLOSED_LATELY", "R_KEPT_PENDING", "R_KEPT_REPORTED_LATELY", "R_KEPT_STALE", "R_KEPT_TRACKING"]
+        for table, key in (("reports", "return_id"), ("report_attempts", "return_id"), ("corrections", "return_id"),
+                           ("box_history", "shipment_number"), ("quarantine", "return_id")):
+            assert not [r for r in await column(store, f"SELECT {key} FROM {table}") if r and "GONE" in r], table
+        assert await column(store, "SELECT return_id FROM quarantine") == []  # both resolved long ago
     finally:
         await store.close()
-    assert result.pruned == 2
-    assert sorted(rows(db_path, "SELECT shipment_number FROM boxes")) == [
-        "KEPT_CLOSED_LATELY", "KEPT_PENDING", "KEPT_REPORTED_LATELY", "KEPT_STALE", "KEPT_TRACKING"]
-    assert sorted(rows(db_path, "SELECT id FROM returns")) == [
-        "R_KEPT_CLOSED_LATELY", "R_KEPT_PENDING", "R_KEPT_REPORTED_LATELY", "R_KEPT_STALE", "R_KEPT_TRACKING"]
-    for table, column in (("reports", "return_id"), ("report_attempts", "return_id"), ("corrections", "return_id"),
-                          ("box_history", "shipment_number"), ("quarantine", "return_id")):
-        assert not [r for r in rows(db_path, f"SELECT {column} FROM {table}") if r and "GONE" in r], table
-    assert rows(db_path, "SELECT return_id FROM quarantine") == []  # both resolved long ago
     assert counts["returns"] == 5 and counts.get("boxes.delivered") == 3 and counts.get("reports.done") == 2
     assert counts.get("boxes.cancelled", 0) == 0 and counts.get("corrections", 0) == 0
 
 
-async def test_retention_goes_a_batch_at_a_time_oldest_first(db_path: Path) -> None:
-    store = await tracker.Store.open(str(db_path))
+async def test_retention_goes_a_batch_at_a_time_oldest_first(backend: str) -> None:
+    store = await open_backend(backend)
     try:
         items = tuple(tracker.ReturnItem(f"R{k}", "O", "1", f"S{k}", None) for k in range(5))
         await store.commit([tracker.FeedPage(items, (), "c", False, tuple((f"S{k}", OLD) for k in range(5)))], OLD)
@@ -85,7 +93,7 @@ async def test_retention_goes_a_batch_at_a_time_oldest_first(db_path: Path) -> N
             await store.commit([tracker.BoxUpdate(f"S{k}", tracker.BoxState.CANCELLED, None, 0, 0, True, "cancelled")],
                                OLD + k)
         assert (await store.commit([tracker.Prune(CUTOFF, 2)], NOW)).pruned == 2
-        assert sorted(rows(db_path, "SELECT shipment_number FROM boxes")) == ["S2", "S3", "S4"]
+        assert sorted(await column(store, "SELECT shipment_number FROM boxes")) == ["S2", "S3", "S4"]
     finally:
         await store.close()
 
