@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,10 +28,11 @@ class PostgresCluster:
     stopped after them (Debian's `postgresql` package: ./install puts it there). PostgreSQL
     refuses to run as root: as root, the cluster belongs to the `postgres` user (or `nobody`)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, durable: bool = False) -> None:
         self.directory = directory
         self.data = directory / "data"
         self.port = free_port()
+        self.durable = durable  # commits wait for the disk (and a synchronous standby): for failover tests
         self.bin = self._bindir()
         self.log = directory / "postgres.log"
         self._databases = 0
@@ -59,14 +61,37 @@ class PostgresCluster:
             subprocess.run(self._as_owner(str(self.bin / "initdb"), "-D", str(self.data), "-U", "tracker",
                                           "--auth=trust", "-E", "UTF8", "--no-sync"),
                            check=True, capture_output=True)
-        options = (f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
-                   " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        if not self.durable:  # a test's cluster loses nothing it needs to a crash of the machine
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options,
                                       "-l", str(self.log), "-w", "start"), check=True, capture_output=True)
 
     def stop(self, mode: str = "fast") -> None:
         subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"),
                        check=False, capture_output=True)
+
+    def start_standby_of(self, primary: "PostgresCluster") -> None:
+        """A streaming replica of `primary` (pg_basebackup -R), started; `primary` then commits only
+        once this standby has the commit too (synchronous replication), so a failover loses none."""
+        self._chown_to_owner()
+        subprocess.run(self._as_owner(str(self.bin / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
+                                      "-U", "tracker", "-D", str(self.data), "-R", "-X", "stream", "--checkpoint=fast"),
+                       check=True, capture_output=True)
+        self.start()
+        import psycopg
+        with psycopg.connect(primary.url(), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            conn.execute("SELECT pg_reload_conf()")
+            deadline = time.monotonic() + 30
+            while conn.execute("SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync'").fetchone() is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the standby on port {self.port} never became synchronous")
+                time.sleep(0.05)  # polling the server's view, with a deadline
+
+    def promote(self) -> None:
+        subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "promote"),
+                       check=True, capture_output=True)
 
     def reload(self) -> None:
         subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "reload"),
@@ -96,13 +121,18 @@ def _user_exists(name: str) -> bool:
 
 
 @contextmanager
-def throwaway_cluster() -> Iterator[PostgresCluster]:
+def throwaway_cluster(*, durable: bool = False, standby_of: PostgresCluster | None = None
+                      ) -> Iterator[PostgresCluster]:
     """A started cluster in its own directory under /tmp (pytest's temporary directories are
-    private to the user running the tests; the cluster's owner must reach its own)."""
+    private to the user running the tests; the cluster's owner must reach its own) — or, given
+    `standby_of`, a synchronous streaming replica of that one."""
     directory = Path(tempfile.mkdtemp(prefix="tracker-postgres-"))
-    cluster = PostgresCluster(directory)
+    cluster = PostgresCluster(directory, durable=durable)
     try:
-        cluster.start()
+        if standby_of is not None:
+            cluster.start_standby_of(standby_of)
+        else:
+            cluster.start()
         yield cluster
     finally:
         cluster.stop("immediate")

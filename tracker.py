@@ -1714,6 +1714,8 @@ PG_QUEUE_REPORT_UPSERT = QUEUE_REPORT_UPSERT  # the same words in both dialects
 PG_SQL = {
     "put_meta": "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     "feed_cursor": "SELECT value FROM meta WHERE key = %s",
+    "has_schema": "SELECT to_regclass('meta') IS NOT NULL",
+    "schema_version": "SELECT value FROM meta WHERE key = 'schema_version'",
     "stored_returns": "SELECT id, order_number, order_item_number, shipment_number, requested_at FROM returns"
                       " WHERE id = ANY(%s)",
     "insert_return": "INSERT INTO returns (id, order_number, order_item_number, shipment_number, requested_at,"
@@ -1994,9 +1996,15 @@ class PgStore(StoreReads):
         return conn
 
     async def _migrate(self, conn: "psycopg.AsyncConnection[Any]") -> None:
-        """One transaction under an advisory lock: instances starting together migrate once."""
+        """One transaction under an advisory lock: instances starting together migrate once. A
+        database already at this version is left alone: the DDL would lock the tables the running
+        instances write, and could deadlock with their commits."""
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('tracker schema'))")
+            exists = await (await conn.execute(PG_SQL["has_schema"])).fetchone()
+            found = exists and exists[0] and await (await conn.execute(PG_SQL["schema_version"])).fetchone()
+            if found and found[0] == str(PG_SCHEMA_VERSION):
+                return
             await conn.execute(PG_SCHEMA)  # our constant, several statements
             await conn.execute(PG_SQL["put_meta"], ("schema_version", str(PG_SCHEMA_VERSION)))
 

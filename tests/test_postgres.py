@@ -380,3 +380,31 @@ async def test_three_instances_lose_nothing_through_kill_9s_a_cut_and_a_database
     calls = sum(sum(by_answer.values()) for by_answer in ledger["calls"].values())
     limited = sum(by_answer.get("429", 0) for by_answer in ledger["calls"].values())
     assert limited <= 0.02 * calls, ledger["calls"]  # the instances kept to their shares of 300/s
+
+
+async def test_a_failover_to_a_synchronous_standby_mid_burst_loses_nothing(start_partner, db_path: Path) -> None:
+    from pgcluster import throwaway_cluster
+    partner = start_partner(scenario(returns=400, arrive_over_s=3.0, step_s=(0.3, 0.8)))
+    with throwaway_cluster(durable=True) as primary:
+        database = primary.new_database().rsplit("/", 1)[1]
+        with throwaway_cluster(durable=True, standby_of=primary) as standby:
+            # as README says: every host, and libpq connects only to the one that takes writes
+            url = (f"postgresql://tracker@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{database}"
+                   "?target_session_attrs=read-write")
+            daemon = tracker.Daemon(on_postgres(make_config(db_path, partner.url), url))
+            running = asyncio.create_task(daemon.run())
+            try:
+                async def some_reported() -> bool:
+                    if running.done():
+                        running.result()
+                    return (await ledger_of(partner))["recorded"] >= 100
+                await wait_until(some_reported, 30, what="the first reports")
+                primary.stop("immediate")  # the primary's host dies
+                standby.promote()
+                await wait_until(everything_reported(partner, url), 60, what="every report after the failover")
+            finally:
+                daemon.stop()
+                await running
+    ledger = await ledger_of(partner)
+    assert ledger["missing"] == ledger["premature"] == ledger["mismatched"] == 0
+    assert ledger["recorded"] == ledger["expected"]
