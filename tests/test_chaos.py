@@ -100,9 +100,11 @@ def test_five_kill_9_cycles_during_a_faulty_burst(start_partner, daemon_process,
 def test_everything_at_once(start_partner, daemon_process, tmp_path: Path) -> None:
     faults = standin.Faults(latency_ms=(1, 10), error_share=0.03, garbled_share=0.02, reset_share=0.02,
                             slow_share=0.02, slow_s=0.5, hang_share=0.02, hang_s=10.0, rate_limit_per_s=600,
-                            outage_at_s=2.0, outage_s=2.0, storm_at_s=5.0, storm_s=6.0, storm_limit_per_s=30)
-    # The storm outlasts the gaps in which the daemon sends nothing (a kill and restart, ~2 s; circuits
-    # still probing one call at a time after the outage): a 2 s storm once drew no 429 at all in CI.
+                            outage_at_s=2.0, outage_s=2.0, storm_at_s=4.0, storm_s=8.0, storm_limit_per_s=20)
+    # The storm follows the outage at once and outlasts the gaps in which the daemon sends nothing (a
+    # kill and restart, ~2 s; circuits still probing one call at a time after the outage): a 2 s storm
+    # once drew no 429 at all in CI, and a 6 s one at 30 calls/s, starting a second after the outage,
+    # missed twice once the learned schedule spread the tracking calls.
     partner = start_partner(scenario(returns=2000, arrive_over_s=3.0, relist_share=0.05, broken_share=0.01,
                                      unknown_status_share=0.05, unregistered_share=0.3, faults=faults))
     db = tmp_path / "tracker.db"

@@ -87,9 +87,17 @@ def cut_every_connection(url: str) -> int:
 
 
 async def readyz(daemon: tracker.Daemon) -> tuple[int, dict]:
-    import aiohttp
     async with aiohttp.ClientSession() as http, http.get(f"http://{daemon.http_address}/readyz") as resp:
         return resp.status, await resp.json()
+
+
+def recorded_at_least(partner: standin.ThreadedStandIn, running: asyncio.Task, n: int):
+    """The partner has recorded n reports (and the daemon has not crashed meanwhile)."""
+    async def check() -> bool:
+        if running.done():
+            running.result()
+        return (await ledger_of(partner))["recorded"] >= n
+    return check
 
 
 async def test_cut_connections_and_a_database_restart_lose_nothing_and_report_nothing_twice(
@@ -98,18 +106,10 @@ async def test_cut_connections_and_a_database_restart_lose_nothing_and_report_no
     config = on_postgres(make_config(db_path, partner.url), pg_url)
     daemon = tracker.Daemon(config)
     running = asyncio.create_task(daemon.run())
-
-    def recorded_at_least(n: int):
-        async def check() -> bool:
-            if running.done():
-                running.result()
-            return (await ledger_of(partner))["recorded"] >= n
-        return check
-
     try:
-        await wait_until(recorded_at_least(50), 30, what="the first reports")
+        await wait_until(recorded_at_least(partner, running, 50), 30, what="the first reports")
         assert cut_every_connection(pg_url) >= 1
-        await wait_until(recorded_at_least(150), 30, what="reports after every connection was cut")
+        await wait_until(recorded_at_least(partner, running, 150), 30, what="reports after every connection was cut")
         postgres.stop("immediate")  # a crash: no checkpoint, recovery on start
 
         async def not_ready() -> bool:
@@ -394,11 +394,7 @@ async def test_a_failover_to_a_synchronous_standby_mid_burst_loses_nothing(start
             daemon = tracker.Daemon(on_postgres(make_config(db_path, partner.url), url))
             running = asyncio.create_task(daemon.run())
             try:
-                async def some_reported() -> bool:
-                    if running.done():
-                        running.result()
-                    return (await ledger_of(partner))["recorded"] >= 100
-                await wait_until(some_reported, 30, what="the first reports")
+                await wait_until(recorded_at_least(partner, running, 100), 30, what="the first reports")
                 primary.stop("immediate")  # the primary's host dies
                 standby.promote()
                 await wait_until(everything_reported(partner, url), 60, what="every report after the failover")
