@@ -3,13 +3,18 @@
 waybill until the courier has collected it, and reports every collected order item to the
 partner's results endpoint: exactly once in effect, never lost, never early.
 
-The partner's contract is ../shared/partner-api.md. State lives in one SQLite file; every
-state transition is committed before it is acted on, so kill -9 at any instant loses nothing.
+The partner's contract is ../shared/partner-api.md. State lives in one SQLite file, or in
+PostgreSQL (storage.url), where any number of instances share the work; every state transition
+is committed before it is acted on, so kill -9 at any instant loses nothing.
 
     python tracker.py run    [--config PATH]   the daemon
     python tracker.py once   [--config PATH]   one pass over what is due now, then exit
     python tracker.py status [--config PATH]   what the state store holds, for a terminal
+    python tracker.py show ID…                 one return's whole story
+    python tracker.py export                   every return, streamed (CSV or JSON lines)
     python tracker.py requeue {dead|stale|quarantined} [ids…]   back into the pipeline
+    python tracker.py replay TIMELINES.jsonl   the tracking schedule's what-if
+    python tracker.py migrate --to URL         a SQLite state into an empty PostgreSQL database
     python tracker.py demo                     the whole pipeline against the partner stand-in
 """
 
@@ -361,8 +366,9 @@ def _validate_listen(listen: str) -> None:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# Storage — the schema and every SQL statement. Two connections: the committer's writer (one
-# transaction per batch of transitions, nothing interleaves) and a reader for due-work queries.
+# Storage — the schema and every SQL statement, SQLite's first, then PostgreSQL's. Two connections
+# each: the committer's writer (one transaction per batch of transitions, nothing interleaves) and
+# a reader for due-work queries (on PostgreSQL also the claims that share the work). SQLite in
 # WAL + synchronous=NORMAL: a kill -9 loses nothing committed; a power cut may lose the last
 # commits, and every one of them is redone idempotently (page re-read and deduplicated, box
 # re-checked, report re-sent and settled by the partner's 409).
