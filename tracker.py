@@ -727,6 +727,9 @@ SQLITE_READS = {
     "latest_corrections": "SELECT return_id, before, after, report_state, corrected_at FROM corrections"
                           " ORDER BY id DESC LIMIT ?",
     "unknown_statuses": "SELECT status, seen, last_seen_at FROM unknown_statuses ORDER BY status",
+    "state_counts": "SELECT kind, state, n FROM state_counts",
+    "open_quarantine_count": "SELECT COUNT(*) FROM quarantine WHERE resolved_at IS NULL",
+    "unknown_status_count": "SELECT COUNT(*) FROM unknown_statuses",
 }
 STATE_COUNT_TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS {table}_uncounted AFTER DELETE ON {table} BEGIN
@@ -1102,6 +1105,21 @@ class StoreReads:
     async def unknown_statuses(self) -> list[tuple[str, int, float]]:
         return await self._read("unknown_statuses")
 
+    async def counts(self) -> dict[str, int]:
+        """Totals by kind and state, e.g. {"returns": 10, "boxes.tracking": 3, "reports.done": 7}."""
+        counts: dict[str, int] = {}
+        for kind, state, n in await self._state_counts():
+            if n:
+                counts[f"{kind}.{state}" if state else kind] = n
+        counts.setdefault("returns", 0)
+        counts["quarantine.open"] = await self._value("open_quarantine_count")
+        counts["unknown_statuses"] = await self._value("unknown_status_count")
+        return counts
+
+    async def _state_counts(self) -> list[Any]:
+        """(kind, state, n) as the triggers keep them in state_counts."""
+        return await self._read("state_counts")
+
     async def story(self, key: str) -> dict[str, Any]:
         """Everything known about the returns `key` names (an id, order number or shipment number),
         their boxes and reports, as plain data; empty lists when it names nothing."""
@@ -1461,25 +1479,11 @@ class Store(StoreReads):
     def _id_list(self, ids: Sequence[str]) -> str:
         return json.dumps(list(ids))  # read by json_each
 
-    async def counts(self) -> dict[str, int]:
-        """Totals by kind and state, e.g. {"returns": 10, "boxes.tracking": 3, "reports.done": 7}."""
-        counts: dict[str, int] = {}
+    async def _state_counts(self) -> list[Any]:
         try:
-            kept = await self._rows("SELECT kind, state, n FROM state_counts", ())
+            return await self._read("state_counts")
         except sqlite3.OperationalError:  # a version-1 file opened read-only (`status`): count
-            kept = await self._rows(COUNT_BY_STATE_SQL, ())
-        for kind, state, n in kept:
-            if n:
-                counts[f"{kind}.{state}" if state else kind] = n
-        counts.setdefault("returns", 0)
-        queries = (
-            ("quarantine", "SELECT 'open', COUNT(*) FROM quarantine WHERE resolved_at IS NULL"),
-            ("unknown_statuses", "SELECT 'all', COUNT(*) FROM unknown_statuses"),
-        )
-        for kind, sql in queries:
-            for state, n in await self._rows(sql, ()):
-                counts[kind if state == "all" else f"{kind}.{state}"] = n
-        return counts
+            return await self._rows(COUNT_BY_STATE_SQL, ())
 
     async def overdue(self, before: float) -> tuple[int, float | None]:
         """How many tracked boxes were requested before `before`, and the oldest one's request."""
@@ -1819,7 +1823,7 @@ PG_SQL = {
     "oldest_pending_report": "SELECT MIN(queued_at) FROM reports WHERE state = 'pending'",
     "overdue_count": "SELECT COUNT(*), MIN(COALESCE(requested_at, first_seen_at)) FROM boxes"
                      " WHERE state = 'tracking' AND COALESCE(requested_at, first_seen_at) < %s",
-    "counts": "SELECT kind, state, n FROM state_counts",
+    "state_counts": "SELECT kind, state, n FROM state_counts",
     "open_quarantine_count": "SELECT COUNT(*) FROM quarantine WHERE resolved_at IS NULL",
     "unknown_status_count": "SELECT COUNT(*) FROM unknown_statuses",
     "unknown_statuses": "SELECT status, seen, last_seen_at FROM unknown_statuses ORDER BY status",
@@ -2257,16 +2261,6 @@ class PgStore(StoreReads):
         return await self._rows(PG_SQL["open_quarantine_for"], (id_list, id_list))
 
     # ── reads ───────────────────────────────────────────────────────────────────────────────
-
-    async def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for kind, state, n in await self._rows(PG_SQL["counts"], ()):
-            if n:
-                counts[f"{kind}.{state}" if state else kind] = n
-        counts.setdefault("returns", 0)
-        counts["quarantine.open"] = (await self._rows(PG_SQL["open_quarantine_count"], ()))[0][0]
-        counts["unknown_statuses"] = (await self._rows(PG_SQL["unknown_status_count"], ()))[0][0]
-        return counts
 
     async def overdue(self, before: float) -> tuple[int, float | None]:
         count, oldest = (await self._rows(PG_SQL["overdue_count"], (before,)))[0]
@@ -3950,8 +3944,9 @@ class Stages:
         now = time.time()
         history = answered_history(reply, box.shipment_number)
         woken = self.schedule.learn(history, now) if history else []  # first: this answer counts for this box too
-        update = dataclasses.replace(decide_box_update(box, reply, now, self.config.schedule, self.schedule),
-                                     claim=box.claim)
+        update = decide_box_update(box, reply, now, self.config.schedule, self.schedule)
+        if box.claim is not None:  # PostgreSQL: the answer is stored only under the claim it was made under
+            update = dataclasses.replace(update, claim=box.claim)
         if box.shipment_number in (await self.committer.submit(update)).lost_claims:
             self._claim_lost("track", box.shipment_number)
             return
@@ -3995,8 +3990,9 @@ class Stages:
 
     async def send_report(self, report: DueReport) -> None:
         reply = await self.client.post_result(report)
-        update = dataclasses.replace(decide_report_update(report, reply, time.time(), self.config.schedule),
-                                     claim=report.claim)
+        update = decide_report_update(report, reply, time.time(), self.config.schedule)
+        if report.claim is not None:
+            update = dataclasses.replace(update, claim=report.claim)
         result = await self.committer.submit(update)
         if report.return_id in result.lost_claims:
             self._claim_lost("report", report.return_id)  # the partner's 409 settles the other's send

@@ -157,6 +157,14 @@ def everything_reported(partner: standin.ThreadedStandIn,
     return check
 
 
+def assert_nothing_lost_nothing_early(ledger: dict[str, Any]) -> None:
+    """The partner's verdict on a finished burst: every reportable item recorded, once, as it
+    stands, and none before its box was collected."""
+    assert ledger["finished"] and ledger["missing"] == 0, ledger["missing_sample"]
+    assert ledger["recorded"] == ledger["expected"] > 0
+    assert ledger["premature"] == ledger["unknown"] == ledger["mismatched"] == 0
+
+
 def db_count_reaches(db: Path, key: str, expected: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return (await counts_in(db)).get(key, 0) >= expected if db.exists() else False

@@ -9,14 +9,8 @@ from typing import Any
 
 import standin
 import tracker
-from conftest import (config_toml, everything_reported, ledger_of, make_config, run_daemon_until,
-                      scenario, wait_until_sync)
-
-
-def assert_nothing_lost_nothing_early(ledger: dict[str, Any]) -> None:
-    assert ledger["finished"] and ledger["missing"] == 0, ledger["missing_sample"]
-    assert ledger["recorded"] == ledger["expected"] > 0
-    assert ledger["premature"] == ledger["unknown"] == ledger["mismatched"] == 0
+from conftest import (assert_nothing_lost_nothing_early, config_toml, everything_reported, ledger_of,
+                      make_config, run_daemon_until, scenario, wait_until_sync)
 
 
 async def test_a_full_outage_mid_burst_is_waited_out_with_a_handful_of_calls(start_partner, db_path: Path) -> None:
