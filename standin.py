@@ -3,7 +3,9 @@
 benchmarks. It plays a seeded scenario — a burst of returns, pickups whose statuses advance on
 a compressed clock, relisted, corrected and broken feed items, unknown statuses, and the partner's faults
 (5xx, 429 with Retry-After, slow and hanging answers, garbled 200s, resets, an outage) — and
-keeps a ledger of what the caller did, for tests to assert on.
+keeps a ledger of what the caller did, for tests to assert on. Its unpublished rate limit takes the
+shapes real partners' do (RateLimiter): a token bucket of any depth or a fixed one-second window,
+per endpoint or shared by all, constant or changing on a schedule.
 
     python standin.py --port 8080 --returns 30000 --seconds 20     (prints one JSON line: urls)
 
@@ -52,12 +54,21 @@ class Faults:
     hang_share: float = 0.0  # no answer for hang_s (past any sane client timeout)
     hang_s: float = 30.0
     reset_share: float = 0.0  # /results only: records, then drops the connection before answering
-    rate_limit_per_s: float = 0.0  # per endpoint; 0 = unlimited
+    rate_limit_per_s: float = 0.0  # per endpoint (or shared: limit_shared); 0 = unlimited
+    limiter: str = "bucket"  # "bucket": refills continuously, holds bucket_depth_s of calls; "window": N per second
+    bucket_depth_s: float = 0.1
+    limit_shared: bool = False  # one limit for every endpoint together
+    limit_schedule: tuple[tuple[float, float], ...] = ()  # (from scenario second, calls/s): the limit changes
     outage_at_s: float | None = None  # every call answers 503 + Retry-After during the window
     outage_s: float = 0.0
     storm_at_s: float | None = None  # the rate limit drops to storm_limit_per_s during the window
     storm_s: float = 0.0
     storm_limit_per_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.limiter not in ("bucket", "window"):
+            raise ValueError(f"limiter must be 'bucket' or 'window', not {self.limiter!r}")
+        object.__setattr__(self, "limit_schedule", tuple(tuple(step) for step in self.limit_schedule))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +257,56 @@ def broken_item(rng: random.Random, i: int) -> dict[str, Any]:
     return item
 
 
+class RateLimiter:
+    """The partner's unpublished rate limit, kept as real partners keep theirs: a token bucket of a
+    given depth (calls refill continuously at the limit; a full bucket lets depth × limit through at
+    once) or a fixed window (N calls per clock second, counted from the second's start); per
+    endpoint or one limit shared by all; the limit constant, changing on a schedule, or dropping
+    during a storm."""
+
+    def __init__(self, faults: Faults) -> None:
+        self.faults = faults
+        self._buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, when)
+        self._windows: dict[str, tuple[int, int]] = {}  # key → (second, calls let through in it)
+
+    def limit_at(self, now: float) -> float:
+        f = self.faults
+        if f.storm_at_s is not None and f.storm_at_s <= now < f.storm_at_s + f.storm_s:
+            return f.storm_limit_per_s
+        limit = f.rate_limit_per_s
+        for since, scheduled in f.limit_schedule:
+            if now >= since:
+                limit = scheduled
+        return limit
+
+    def admit(self, endpoint: str, now: float, clock: float | None = None) -> bool:
+        """May a call to `endpoint` go through at scenario time `now`? Buckets and windows run on
+        `clock`, the machine's monotonic clock unless given (the scenario's may be held)."""
+        limit = self.limit_at(now)
+        if not limit:
+            return True
+        key = "all" if self.faults.limit_shared else endpoint
+        now = time.monotonic() if clock is None else clock
+        if self.faults.limiter == "window":
+            second = math.floor(now)
+            start, used = self._windows.get(key, (second, 0))
+            if start != second:
+                used = 0
+            if used >= limit:
+                self._windows[key] = (second, used)
+                return False
+            self._windows[key] = (second, used + 1)
+            return True
+        depth = max(1.0, limit * self.faults.bucket_depth_s)
+        tokens, last = self._buckets.get(key, (depth, now))
+        tokens = min(depth, tokens + (now - last) * limit)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1.0, now)
+        return True
+
+
 class Ledger:
     """What the caller did. `missing` is only final once the scenario has played out."""
 
@@ -263,9 +324,21 @@ class Ledger:
         self.feed_from_start = 0  # /returns calls without a cursor: a restarted caller re-reading
         self.feed_acknowledged = 0  # the furthest cursor the caller sent back: it has stored all before it
         self.overlapping_checks = 0  # tracking calls for a waybill while another call for it was being answered
+        # endpoint → tenth of a scenario second → [calls the rate limit let through, calls it refused]
+        self.by_tenth: dict[str, dict[int, list[int]]] = defaultdict(dict)
+        self.first_call_s: float | None = None
+        self.last_recorded_s: float | None = None
 
     def count(self, endpoint: str, answer: str) -> None:
         self.calls[endpoint][answer] += 1
+
+    def count_limited(self, endpoint: str, now: float, refused: bool) -> None:
+        if not math.isfinite(now):
+            return  # the scenario's clock is held: nothing counts yet
+        if self.first_call_s is None:
+            self.first_call_s = now
+        tally = self.by_tenth[endpoint].setdefault(math.floor(now * 10), [0, 0])
+        tally[refused] += 1
 
 
 class StandIn:
@@ -294,7 +367,7 @@ class StandIn:
         self.slack_hang_s = 0.0  # > 0: the webhook takes this long to answer (a broken Slack)
         self._slack_last = 0.0
         self._rng = random.Random(scenario.seed + 1)
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self.limiter = RateLimiter(self.faults)
         self._t0 = time.monotonic()
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -368,10 +441,9 @@ class StandIn:
         if f.outage_at_s is not None and f.outage_at_s <= now < f.outage_at_s + f.outage_s:
             self.ledger.count(endpoint, "503-outage")
             return _error(503, "maintenance", retry_after=str(max(1, round(f.outage_at_s + f.outage_s - now))))
-        limit = f.rate_limit_per_s
-        if f.storm_at_s is not None and f.storm_at_s <= now < f.storm_at_s + f.storm_s:
-            limit = f.storm_limit_per_s
-        if limit and not self._take_token(endpoint, limit):
+        admitted = self.limiter.admit(endpoint, now)
+        self.ledger.count_limited(endpoint, now, refused=not admitted)
+        if not admitted:
             self.ledger.count(endpoint, "429")
             return _error(429, "too many requests", retry_after="1")
         if request.headers.get("Authorization") != f"Bearer {self.scenario.token}":
@@ -404,17 +476,6 @@ class StandIn:
             raise ConnectionResetError("stand-in reset")
         self.ledger.count(endpoint, str(response.status))
         return response
-
-    def _take_token(self, endpoint: str, rate: float) -> bool:
-        burst = max(1.0, rate / 10)
-        tokens, last = self._buckets.get(endpoint, (burst, time.monotonic()))
-        now = time.monotonic()
-        tokens = min(burst, tokens + (now - last) * rate)
-        if tokens < 1.0:
-            self._buckets[endpoint] = (tokens, now)
-            return False
-        self._buckets[endpoint] = (tokens - 1.0, now)
-        return True
 
     @staticmethod
     def _garbled(rng: random.Random) -> web.Response:
@@ -488,6 +549,7 @@ class StandIn:
         if body["collected_at"] != iso(delivered_at):
             self.ledger.mismatched.append(key)
         self.ledger.recorded[key] = body
+        self.ledger.last_recorded_s = self.now()
         self.ledger.recorded_items.add(order_item)
         if not _same_item(body, self.final[key]):
             self.ledger.superseded.append(key)
@@ -528,6 +590,9 @@ class StandIn:
             "feed_from_start": self.ledger.feed_from_start,
             "overlapping_checks": self.ledger.overlapping_checks,
             "slack_messages": len(self.slack_messages),
+            "first_call_s": self.ledger.first_call_s,
+            "last_recorded_s": self.ledger.last_recorded_s,
+            "by_tenth": {e: {str(k): v for k, v in tenths.items()} for e, tenths in self.ledger.by_tenth.items()},
         }
 
     async def get_ledger(self, _request: web.Request) -> web.Response:
@@ -540,7 +605,7 @@ class StandIn:
         for key in ("latency_ms",):
             if key in changes:
                 changes[key] = tuple(changes[key])
-        self.faults = dataclasses.replace(self.faults, **changes)
+        self.faults = self.limiter.faults = dataclasses.replace(self.faults, **changes)
         return web.json_response(dataclasses.asdict(self.faults))
 
     async def post_slack(self, request: web.Request) -> web.Response:
@@ -600,6 +665,79 @@ def read_ledger(root: str) -> dict[str, Any]:
     """GET /_ledger of a stand-in running in another process (the benchmarks)."""
     with urllib.request.urlopen(root + "/_ledger", timeout=10) as resp:
         return json.load(resp)
+
+
+# ── how a caller used the rate limit (tests and bench/rate_limit.py) ───────────────────────
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitUse:
+    """How well a caller used the partner's rate limit over a burst, read from the ledger's calls
+    per tenth of a second. The limit that binds is the results endpoint's (it needs the most calls),
+    or the one limit all endpoints share."""
+
+    busy_s: float  # from the first call until the last report was recorded
+    floor_s: float  # the least time the limit allows: minimum calls ÷ the limit (over its schedule)
+    share: float  # calls let through ÷ the limit, from reaching 90% until a second before the end
+    refused_share: float  # calls answered 429, of all calls
+    to_90_s: float | None  # first call → the first second letting through ≥ 90% of the limit
+    follow_s: tuple[tuple[float, float | None], ...]  # (limit change at, seconds until followed)
+
+    @property
+    def against_floor(self) -> float:
+        return self.busy_s / self.floor_s
+
+
+def minimum_calls(summary: dict[str, Any], page_size: int) -> dict[str, int]:
+    """What any caller must spend: a page per page_size listings, a tracking call per box, a report
+    per collected return."""
+    return {"returns": math.ceil(summary["feed_entries"] / page_size), "tracking": summary["boxes"],
+            "results": summary["expected"]}
+
+
+def limit_use(summary: dict[str, Any], faults: Faults, page_size: int = 500) -> LimitUse:
+    limiter = RateLimiter(faults)
+    first, last = summary["first_call_s"], summary["last_recorded_s"]
+    need = minimum_calls(summary, page_size)
+    tenths: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for endpoint, counts in summary["by_tenth"].items():
+        if faults.limit_shared or endpoint == "results":
+            for tenth, (through, refused) in counts.items():
+                tenths[int(tenth)][0] += through
+                tenths[int(tenth)][1] += refused
+    floor = _floor_s(limiter, first, sum(need.values()) if faults.limit_shared else max(need.values()))
+    calls = sum(sum(sum(t) for t in counts.values()) for counts in summary["by_tenth"].values())
+    refused = sum(sum(t[1] for t in counts.values()) for counts in summary["by_tenth"].values())
+
+    def second_ending(tenth: int) -> tuple[int, int, float]:
+        """Calls let through and refused in the second ending with this tenth, and its mean limit."""
+        window = range(tenth - 9, tenth + 1)
+        return (sum(tenths[t][0] for t in window if t in tenths), sum(tenths[t][1] for t in window if t in tenths),
+                sum(limiter.limit_at(t / 10 + 0.05) for t in window) / 10)
+
+    start, end = math.floor(first * 10), math.floor(last * 10)
+    reached = next((t for t in range(start + 9, end + 1) if second_ending(t)[0] >= 0.9 * second_ending(t)[2]), None)
+    follow = []
+    for at, _ in faults.limit_schedule:
+        if first < at < last:
+            followed = next((t for t in range(math.ceil(at * 10) + 9, end + 1)
+                             if (w := second_ending(t))[0] >= 0.9 * w[2] and w[1] <= 0.05 * (w[0] + w[1])), None)
+            follow.append((at, None if followed is None else (followed + 1) / 10 - at))
+    hold_from = (reached - 9) if reached is not None else start
+    hold = range(hold_from, max(hold_from + 1, end - 9))
+    through = sum(tenths[t][0] for t in hold if t in tenths)
+    allowed = sum(limiter.limit_at(t / 10 + 0.05) for t in hold) / 10
+    return LimitUse(busy_s=last - first, floor_s=floor, share=through / allowed, refused_share=refused / max(calls, 1),
+                    to_90_s=None if reached is None else (reached + 1) / 10 - first, follow_s=tuple(follow))
+
+
+def _floor_s(limiter: RateLimiter, first: float, calls: int) -> float:
+    """Seconds from `first` until the limit, as it changes, has allowed `calls` calls."""
+    allowed, t, step = 0.0, first, 0.01
+    while allowed < calls:
+        allowed += limiter.limit_at(t) * step
+        t += step
+    return t - first
 
 
 @contextmanager

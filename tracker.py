@@ -42,7 +42,6 @@ import re
 import signal
 import socket
 import sqlite3
-import statistics
 import sys
 import time
 import tomllib
@@ -2426,6 +2425,8 @@ TRANSIENT_OUTCOMES = frozenset(
 )
 # The partner answered as its contract says: evidence that it is healthy and keeping up.
 ANSWERED_OUTCOMES = frozenset({Outcome.OK, Outcome.NOT_FOUND, Outcome.CONFLICT, Outcome.REFUSED})
+# What the partner's rate limiter let through: it answered, if not always well.
+LET_THROUGH_OUTCOMES = ANSWERED_OUTCOMES | {Outcome.SERVER_ERROR, Outcome.CLIENT_ERROR, Outcome.GARBLED}
 # What opens a circuit. Not 429: that is the adaptive rate's signal, and near the partner's limit a
 # short run of 429s is normal.
 BREAKER_FAILURES = frozenset({Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION, Outcome.GARBLED})
@@ -2433,47 +2434,107 @@ BREAKER_FAILURES = frozenset({Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CON
 PRIORITY = {"results": 0, "tracking": 1, "returns": 2}
 
 
+class RatePhase(enum.StrEnum):
+    STARTUP = "startup"  # doubling: the limit is not known yet, or it has risen
+    HOLD = "hold"  # just under the limit as last measured
+    PROBE = "probe"  # a little over it, rising, for two seconds: has the limit risen?
+    WAIT = "wait"  # every call refused (a fixed window spent): a trickle until one is let through
+
+
 class AdaptiveRate:
-    """Finds and respects the partner's unpublished, changing rate limit for one endpoint (AIMD).
+    """Finds and respects the partner's unpublished, changing rate limit for one endpoint.
 
-    Slow start doubles the rate each second from a tenth of the cap until the first sign of
-    congestion; after that the rate grows by a twentieth of the recent peak each second (doubling
-    again while below half that peak, so it recovers in seconds after a storm) and is cut by a
-    fifth on a 429 or on a second timeout within 20 answers (one call hanging is a fault of that
-    call, not congestion), and by a tenth when latency doubles — at most one cut
-    until every call already scheduled at the old rate has been answered, since those answers tell
-    of the same congestion (TCP's one cut per window). It never exceeds limits.rate_per_s, and it
-    grows only while callers are waiting for it (an idle endpoint's rate says nothing). Each call
-    takes the next slot 1/rate after the previous one, and goes out at the start of the 10 ms tick
-    its slot falls in: at most rate/100 + 1 calls together (a partner's bucket holds far more), the
-    rate over any second exact. A cut re-spaces the calls already waiting."""
+    It measures the limit instead of guessing at it (TCP BBR measures a path's delivery rate the
+    same way): when a call is answered 429, what the partner let through in the second before is
+    the limit, whatever the limiter's shape — a fixed one-second window lets exactly its N through
+    in any second in which it refuses some, a drained token bucket lets its refill rate through. The
+    rate is then held a little under that measure (MARGIN). What makes the measure exact:
+    - Calls still in flight count as let through: a limiter refuses at once, an accepted call takes
+      the partner's whole latency.
+    - A token bucket lets everything through while it drains, so the second before its first 429
+      overstates its refill rate, and a ramp's second understates it; the episode's own latest
+      quarter-second (12 calls at least) is the refill rate. Until it has that many, only the
+      episode's first 429 decides.
+    - A run of REFUSED_RUN refusals with nothing let through between means a fixed window is spent:
+      the rate drops to a trickle (WAIT) until a call is let through again, and the calls the spent
+      window let through are counted then, from its last refusal back (a window's first 429 still
+      has the window before's tail in its second).
+    Only calls sent after the last change tell of the rate in force (TCP's one cut per window).
 
-    DECREASE_ON_LIMIT = 0.8
+    STARTUP doubles the rate every DOUBLING_S from a tenth of limits.rate_per_s until a 429. After
+    each measure the rate holds for HOLD_S, then probes from PROBE_ABOVE over the measure, rising,
+    for PROBE_S — long enough that a fixed window wholly inside it counted the excess. A probe that
+    demand filled and that drew no 429 means the limit rose: STARTUP again. A probe that finds the
+    limit where it was costs a few refused calls. If the other endpoints' calls fall by more than
+    half this one's rate since its last 429 (the tracking stage finishing), a pooled limit has room
+    for it: STARTUP again, at once. The rate grows only while callers queue for it (an idle
+    endpoint's rate says nothing), never exceeds limits.rate_per_s, and is cut by a fifth on a
+    second timeout within 20 answers (one hanging call is that call's fault) and by a tenth when
+    latency doubles.
+
+    Callers queue in order; one timer a tick (10 ms) releases every caller whose slot — 1/rate
+    after the previous one — falls in it: at most rate/100 + 1 calls together, the rate over any
+    second exact, and a change of rate re-spaces the callers already waiting."""
+
+    MARGIN = 0.97  # hold this far under the measured limit: the measure is exact to a few calls
+    PROBE_ABOVE = 1.01  # probe from this far over it: a fixed window refuses the excess, 1% of a second
+    PROBE_RISE = 0.02  # the probe rises by this share of its start each second
+    HOLD_S = 1.0
+    PROBE_S = 2.0  # a fixed window that far into a probe has counted 75% of a second at the probe rate
+    DOUBLING_S = 0.7
+    WINDOW_S = 1.0  # a limiter counts per second; so does the measure
+    KEEP_S = 3.0  # send times kept: a window before the longest span measured
+    EPISODE_GAP_S = 0.2  # a 429 this long after the previous one begins a new episode
+    EPISODE_MIN_CALLS = 12  # calls sent since an episode began before its accepted rate is trusted
+    EPISODE_MIN_ACCEPTED = 5
+    EPISODE_SPAN_S = 0.25  # the episode's latest span measured (more at low rates, for enough calls):
+    # a bucket may have held tokens when the episode began
+    REFUSED_RUN = 12  # this many refused in a row, none let through between: the window is spent
+    TRICKLE = 0.05  # of the accepted rate, while waiting for a spent window to reset
+    GAP_TRUSTED_S = 0.25  # a reset found within this of the last refusal bounds the spent window's count
+    DECREASE_ON_TIMEOUT = 0.8
     DECREASE_ON_LATENCY = 0.9
-    COOLDOWN_MIN_S, COOLDOWN_MAX_S = 0.05, 1.0
     LATENCY_WINDOW = 20
     LATENCY_RISE = 2.0
     LATENCY_FLOOR_S = 0.02  # below this, "rising" latency is noise
-    PEAK_HALF_LIFE_S = 60.0
     TIMEOUT_WINDOW = 20  # a timeout cuts when another came within this many observed calls
     TICK_S = 0.01  # callers whose slots share a tick wake together: one loop pass, not one each
+    LOOK_EVERY_S = 0.1  # how often a holding rate looks at the other endpoints' calls
 
-    def __init__(self, max_rate: float) -> None:
+    def __init__(self, max_rate: float, tick_offset_s: float = 0.0) -> None:
         self.max_rate = max_rate
+        # Ticks begin this far into each 10 ms: endpoints by priority, so that under a limit they
+        # share, the first claim on the tokens each tick is the reports' and the prober pays for
+        # its own probe.
+        self.tick_offset_s = tick_offset_s
         self.min_rate = min(max_rate, max(0.2, max_rate * 0.005))
         self.rate = max(self.min_rate, max_rate / 10)
-        self.slow_start = True
-        self._peak = self.rate  # the highest recent rate, decaying with a half-life of PEAK_HALF_LIFE_S
-        self._peak_at = time.monotonic()
-        self._calm_after = 0.0  # no cut before this: answers until then reflect the previous rate
-        self._next = 0.0
-        self._epoch = 0  # bumped by every cut: slots reserved before it are void
-        self._last_wait = -math.inf  # when a caller last had to wait for its slot
+        self.phase = RatePhase.STARTUP
+        self.measured: float | None = None  # the partner's limit as last measured (calls/s)
+        self._base = self.rate  # the rate the phase began at
+        self._phase_s = 0.0  # seconds of queued demand in this phase
+        self._clock = math.inf  # when _phase_s was last advanced (not yet)
+        self._decided_at = -math.inf  # calls sent before this tell of an older rate
+        self._next = 0.0  # the next free slot
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
         self._paused_until = 0.0
+        self._sent: collections.deque[float] = collections.deque()  # send times, the last KEEP_S
+        self._refused: collections.deque[float] = collections.deque()  # send times of 429s, KEEP_S
+        self._first_sent: float | None = None
+        self.siblings: list[AdaptiveRate] = []  # the other endpoints': the partner may pool its limit
+        self._others_at_cut = 0.0  # the other endpoints' calls/s when this one was last refused
+        self._next_look = 0.0
+        self._episode_from = -math.inf  # send time of the 429 that began this episode
+        self._last_refused = -math.inf
+        self._refusing = False  # refused calls since the last one let through
         self._recent: collections.deque[float] = collections.deque(maxlen=self.LATENCY_WINDOW)
         self._baseline: float | None = None
         self._observed = 0
         self._last_timeout = -math.inf
+
+    def measured_or_nan(self) -> float:
+        return math.nan if self.measured is None else self.measured
 
     def set_max(self, max_rate: float) -> None:
         """A new cap (this instance's share of the fleet's): the rate never above it from now on."""
@@ -2482,75 +2543,232 @@ class AdaptiveRate:
         self.max_rate = max_rate
         self.min_rate = min(max_rate, max(0.2, max_rate * 0.005))
         self.rate = max(self.min_rate, min(self.rate, max_rate))
-        self._peak = min(self._peak, max_rate)
+        self._base = max(self.min_rate, min(self._base, max_rate))
 
     def pause(self, seconds: float) -> None:
         """Hold every caller until a maintenance Retry-After has passed."""
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     async def acquire(self) -> None:
-        while True:
-            while (wait := self._paused_until - time.monotonic()) > 0:
-                await asyncio.sleep(wait)
-            now, epoch = time.monotonic(), self._epoch
-            wait = self.reserve(now)
-            if wait <= 0:
-                return
+        """Wait for this call's slot. Callers queue in order; one timer a tick releases every caller
+        whose slot falls in it, at the rate in force when it fires (a change re-spaces the queue)."""
+        while (wait := self._paused_until - time.monotonic()) > 0:
             await asyncio.sleep(wait)
-            if epoch == self._epoch:
-                return
-            # The rate was cut while this caller waited: its slot was spaced for the old rate.
+        now = time.monotonic()
+        if not self._waiters and self._due(now) <= 0:
+            self._take(now, queued=False)
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._arm()
+        await waiter
 
     def reserve(self, now: float) -> float:
         """Take the next slot; how long to wait before calling (0: call now)."""
-        slot = max(now, self._next)
-        self._next = slot + 1.0 / self.rate
-        if slot > now:
-            self._last_wait = now  # callers are queueing: the rate, not demand, holds them back
-        tick_start = math.ceil(slot / self.TICK_S) * self.TICK_S - self.TICK_S
-        return tick_start - now
+        wait = self._due(now)
+        self._take(now, queued=wait > 0)
+        return wait
 
-    def observe(self, outcome: "Outcome", latency_s: float) -> None:
+    def _due(self, now: float) -> float:
+        """Seconds until the tick holding the next free slot begins (≤ 0: it has begun)."""
+        slot = max(now, self._next) - self.tick_offset_s
+        return math.ceil(slot / self.TICK_S) * self.TICK_S - self.TICK_S + self.tick_offset_s - now
+
+    def _take(self, now: float, queued: bool) -> None:
+        self._grow(now, queued)
+        self._next = max(now, self._next) + 1.0 / self.rate
+
+    def _arm(self) -> None:
+        if self._timer is None and self._waiters:
+            delay = max(self._due(time.monotonic()), 0.0)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._release)
+
+    def _rearm(self) -> None:
+        """The rate changed: the queue's next release may be due sooner (or later)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._arm()
+
+    def _release(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        waiters = self._waiters
+        while waiters:  # a pause holds new callers back; those queued before it go and meet the breaker
+            if waiters[0].done():  # its caller was cancelled
+                waiters.popleft()
+                continue
+            if self._due(now) > 0:
+                break
+            self._take(now, queued=True)
+            waiters.popleft().set_result(None)
+        self._arm()
+
+    def sent(self, at: float) -> None:
+        """A call left at `at` (monotonic): it counts towards the accepted calls until answered 429."""
+        if self._first_sent is None:
+            self._first_sent = at
+        self._sent.append(at)
+        horizon = at - self.KEEP_S
+        while self._sent[0] < horizon:
+            self._sent.popleft()
+
+    def observe(self, outcome: "Outcome", sent_at: float, answered_at: float) -> None:
         self._observed += 1
+        fresh = sent_at >= self._decided_at  # sent at the rate now in force
         if outcome is Outcome.RATE_LIMITED:
-            self._cut(self.DECREASE_ON_LIMIT)
-        elif outcome is Outcome.TIMEOUT:
-            if self._observed - self._last_timeout <= self.TIMEOUT_WINDOW:
-                self._cut(self.DECREASE_ON_LIMIT)
+            self._note_refused(sent_at)
+            if self.phase is RatePhase.WAIT:
+                return
+            if self._everything_refused_since(sent_at):
+                # A fixed window is spent: whatever is sent before it resets is refused. A trickle
+                # (a share of what the partner accepted in the last second) finds the reset.
+                trickle = self.TRICKLE * self._accepted_rate(sent_at - self.WINDOW_S, sent_at)
+                self._settle(min(self.rate, trickle), answered_at, RatePhase.WAIT)
+            elif fresh:
+                self._settle_to_measure(sent_at, answered_at)
+            return
+        if self._refusing and sent_at > self._last_refused and outcome in LET_THROUGH_OUTCOMES:
+            self._refusals_ended(sent_at, answered_at)
+        if self.phase is RatePhase.WAIT:
+            return
+        if outcome is Outcome.TIMEOUT:
+            if fresh and self._observed - self._last_timeout <= self.TIMEOUT_WINDOW:
+                self._settle(self.rate * self.DECREASE_ON_TIMEOUT, answered_at)
             self._last_timeout = self._observed
         elif outcome in ANSWERED_OUTCOMES:
-            if self._latency_rising(latency_s):
-                self._cut(self.DECREASE_ON_LATENCY)
-            else:
-                self._grow()
+            if self._latency_rising(answered_at - sent_at) and fresh:
+                self._settle(self.rate * self.DECREASE_ON_LATENCY, answered_at)
 
-    def _grow(self) -> None:
-        # Per answered call: +1 while doubling (the rate grows by itself each second), else
-        # step/rate (the step each second). Both scale with the calls actually made.
-        if time.monotonic() - self._last_wait > 1.0:
-            return  # demand is below the rate: a higher rate would be untested
-        peak = self._decayed_peak()
-        doubling = self.slow_start or self.rate < peak / 2
-        increment = 1.0 if doubling else max(1.0, peak / 20) / self.rate
-        self.rate = min(self.max_rate, self.rate + increment)
-        if self.rate > peak:
-            self._peak, self._peak_at = self.rate, time.monotonic()
-
-    def _decayed_peak(self) -> float:
-        age = time.monotonic() - self._peak_at
-        return self._peak * 0.5 ** (age / self.PEAK_HALF_LIFE_S)
-
-    def _cut(self, factor: float) -> None:
-        now = time.monotonic()
-        if now < self._calm_after:
+    def _refusals_ended(self, sent_at: float, now: float) -> None:
+        """A call sent after the last refused one was let through. If the refused calls came in one
+        unbroken run, a fixed window was spent and has reset: the calls let through in the second
+        before the run's last refusal are exactly what that window allows — no earlier window's
+        tail in the count, as there is at a run's first refusal."""
+        self._refusing = False
+        # Calls of the first refusal's own tick may have been let through before the window ran out.
+        after_first = math.nextafter(self._episode_from, math.inf)
+        sent, refused = self._count(after_first, math.nextafter(self._last_refused, math.inf))
+        if self.phase is not RatePhase.WAIT and sent > refused:
             return
-        round_trip = statistics.median(self._recent) if self._recent else self.COOLDOWN_MAX_S / 2
-        self._calm_after = now + min(self.COOLDOWN_MAX_S, max(self.COOLDOWN_MIN_S, 2 * round_trip))
-        self._peak, self._peak_at = max(self._decayed_peak(), self.rate), now
-        self.rate = max(self.min_rate, self.rate * factor)
-        self.slow_start = False
-        self._epoch += 1
-        self._next = now
+        # The window reset between the run's last refused call and this one: the second before
+        # that refused call may reach back into the window before (an overcount), the second
+        # before this call misses the spent window's start (an undercount). Each errs by at most
+        # the calls of the gap between the two; the mean halves it. After a long gap (demand
+        # paused) the undercount says nothing.
+        last, this = self._last_refused, sent_at
+        over = self._accepted_rate(last - self.WINDOW_S, last)
+        under = self._accepted_rate(this - self.WINDOW_S, last) * (last - this + self.WINDOW_S) / self.WINDOW_S
+        self.measured = (over + under) / 2 if this - last <= self.GAP_TRUSTED_S else over
+        rate = self.MARGIN * self.measured
+        self._settle(rate if self.phase is RatePhase.WAIT else min(self.rate, rate), now)
+
+    def _grow(self, now: float, queued: bool) -> None:
+        # The phase's clock runs only while callers queue for slots: while demand, not the rate,
+        # holds calls back, a higher rate would be untested.
+        if queued:
+            self._phase_s += max(0.0, min(now - self._clock, self.WINDOW_S))
+        self._clock = now
+        if self.phase in (RatePhase.HOLD, RatePhase.PROBE) and now >= self._next_look and self._others_left_room(now):
+            self._enter(RatePhase.STARTUP, self.rate)
+        elif self.phase is RatePhase.HOLD and self._phase_s >= self.HOLD_S:
+            self._enter(RatePhase.PROBE, self._base * self.PROBE_ABOVE / self.MARGIN)
+        elif self.phase is RatePhase.PROBE:
+            if self._phase_s >= self.PROBE_S and self._probe_went_out(now):
+                self._enter(RatePhase.STARTUP, self.rate)  # a whole window over the old limit, no 429
+            else:
+                # Rising, so that a token bucket refilled during the hold is drained within it.
+                self.rate = min(self.max_rate, self._base * (1.0 + self.PROBE_RISE * self._phase_s))
+        elif self.phase is RatePhase.STARTUP:
+            self.rate = min(self.max_rate, self._base * 2.0 ** (self._phase_s / self.DOUBLING_S))
+
+    def _others_left_room(self, now: float) -> bool:
+        """Have the other endpoints slowed, since this one was last refused, by more than half its
+        own rate? If the partner pools one limit for all, that room is this endpoint's now (the
+        tracking stage finishing leaves it to the reports); if not, the climb costs a 429 or two."""
+        self._next_look = now + self.LOOK_EVERY_S
+        return self._others_at_cut - self._others_rate(now) > 0.5 * self.rate
+
+    def _others_rate(self, now: float) -> float:
+        return sum(other._count(now - self.WINDOW_S, now)[0] for other in self.siblings) / self.WINDOW_S
+
+    def _probe_went_out(self, now: float) -> bool:
+        """In each of the last two seconds, more calls went out than the limit as measured allows:
+        demand filled the probe, so a window wholly inside it saw the excess."""
+        over = self._base * (1.0 + self.PROBE_ABOVE) / (2.0 * self.PROBE_ABOVE) * self.WINDOW_S
+        return all(self._count(now - k * self.WINDOW_S, now - (k - 1) * self.WINDOW_S)[0] + 1 >= over
+                   for k in (1, 2))
+
+    def _enter(self, phase: RatePhase, rate: float) -> None:
+        self.phase = phase
+        self.rate = self._base = max(self.min_rate, min(rate, self.max_rate))
+        self._phase_s = 0.0
+
+    def _note_refused(self, sent_at: float) -> None:
+        self._refusing = True
+        if sent_at - self._last_refused > self.EPISODE_GAP_S:
+            self._episode_from = sent_at
+        self._last_refused = max(self._last_refused, sent_at)
+        self._refused.append(sent_at)
+        horizon = sent_at - self.KEEP_S
+        while self._refused[0] < horizon:
+            self._refused.popleft()
+
+    def _everything_refused_since(self, s: float) -> bool:
+        """The last REFUSED_RUN calls sent up to s were all refused, nothing accepted between."""
+        if len(self._refused) < self.REFUSED_RUN:
+            return False
+        first = min(itertools.islice(reversed(self._refused), self.REFUSED_RUN))
+        sent, refused = self._count(first, math.nextafter(s, math.inf))
+        return sent == refused
+
+    def _settle_to_measure(self, sent_at: float, now: float) -> None:
+        measure = self._measure(sent_at)
+        if measure is None:
+            return
+        if self.phase is RatePhase.STARTUP:
+            # The second before a ramp's first 429 was mostly spent below the limit: it undercounts.
+            # Stop growing here; the calls refused next measure the limit.
+            measure = max(measure, self.rate)
+        self.measured = measure
+        self._others_at_cut = self._others_rate(now)
+        self._settle(min(self.rate, self.MARGIN * measure), now)
+
+    def _measure(self, s: float) -> float | None:
+        """The calls/s the partner let through up to the refused call sent at s: over the second
+        before it at an episode's first 429, then over the episode's latest EPISODE_SPAN_S once
+        enough calls went out in it, and over the second before again once it is a second old.
+        None while the episode is too young to tell more than its first 429 did."""
+        young = s - self._episode_from < self.WINDOW_S
+        if young:
+            span = max(self.EPISODE_SPAN_S, 1.5 * self.EPISODE_MIN_CALLS / self.rate)
+            start = max(self._episode_from, s - span)
+            sent, refused = self._count(start, s)
+            if sent >= self.EPISODE_MIN_CALLS and sent - refused >= self.EPISODE_MIN_ACCEPTED:
+                return (sent - refused) / max(s - start, 1e-3)
+            if s > self._episode_from:
+                return None
+        first = self._first_sent if self._first_sent is not None else s
+        return self._accepted_rate(max(s - self.WINDOW_S, first), s)
+
+    def _accepted_rate(self, start: float, end: float) -> float:
+        sent, refused = self._count(start, end)
+        return max(1, sent - refused) / max(end - start, 1e-3)
+
+    def _count(self, start: float, end: float) -> tuple[int, int]:
+        """Calls sent, and of those answered 429, with send times in [start, end). Calls go out a
+        tick at a time: the span from one tick to another holds the calls of the first only."""
+        sent = bisect.bisect_left(self._sent, end) - bisect.bisect_left(self._sent, start)
+        refused = sum(1 for at in self._refused if start <= at < end)
+        return sent, refused
+
+    def _settle(self, rate: float, now: float, phase: RatePhase = RatePhase.HOLD) -> None:
+        last_slot = self._next - 1.0 / self.rate
+        self._enter(phase, rate)
+        self._next = last_slot + 1.0 / self.rate  # the queue re-spaced at the new rate from the last slot
+        self._rearm()
+        self._clock = now
+        self._decided_at = now
 
     def _latency_rising(self, latency_s: float) -> bool:
         self._recent.append(latency_s)
@@ -2827,7 +3045,10 @@ class PartnerClient:
         self._limits = config.limits
         self.fleet_size = 1  # instances sharing the limits (share_limits)
         self._slots = PrioritySemaphore(config.limits.concurrency)
-        self.rates = {e: AdaptiveRate(config.limits.rate_per_s) for e in Endpoint}
+        self.rates = {e: AdaptiveRate(config.limits.rate_per_s, PRIORITY[e.value] * AdaptiveRate.TICK_S / 4)
+                      for e in Endpoint}
+        for endpoint, rate in self.rates.items():
+            rate.siblings = [other for e, other in self.rates.items() if e is not endpoint]
         self.budgets = {e: RetryBudget() for e in Endpoint}
 
         def changed(breaker: CircuitBreaker, previous: CircuitState, why: str) -> None:
@@ -2843,6 +3064,7 @@ class PartnerClient:
         for e in Endpoint:
             metrics.partner_in_flight.labels(e.value).set_function(functools.partial(self.in_flight.__getitem__, e))
             metrics.partner_rate.labels(e.value).set_function(functools.partial(getattr, self.rates[e], "rate"))
+            metrics.partner_limit_measured.labels(e.value).set_function(self.rates[e].measured_or_nan)
         self._calls = {(e, o): metrics.partner_calls.labels(e.value, o.value) for e in Endpoint for o in Outcome}
 
     def share_limits(self, instances: int) -> None:
@@ -2910,6 +3132,7 @@ class PartnerClient:
                         continue  # it opened while this call waited its turn: wait again
                     self.in_flight[endpoint] += 1
                     started = time.monotonic()
+                    rate.sent(started)
                     try:
                         reply = await self._exchange(endpoint, method, path, params, json_body, headers, started)
                     finally:
@@ -2926,7 +3149,7 @@ class PartnerClient:
         gate.record(reply.outcome, trial)
         budget.record(retry, failed=reply.outcome in TRANSIENT_OUTCOMES)
         breaker.record(reply, probe)
-        rate.observe(reply.outcome, reply.latency_s)
+        rate.observe(reply.outcome, started, started + reply.latency_s)
         if reply.status == 503 and reply.retry_after:
             rate.pause(reply.retry_after)  # maintenance: the partner said when to come back
         self._calls[endpoint, reply.outcome].inc()
@@ -3860,6 +4083,8 @@ class Stages:
                 await self._pause(schedule.retry_base_s)
                 continue
             self._page_committed(page, reply, result)
+            if page.first_checks:
+                self.tracker.wake()  # its idle wait knew nothing of these boxes' first checks
             cursor = page.next_cursor or cursor
             if page.has_more:
                 continue
@@ -4296,6 +4521,10 @@ class Metrics:
         self.partner_rate = prometheus_client.Gauge(
             "tracker_partner_rate_limit_per_second", "The adaptive call rate in force, by endpoint.",
             ["endpoint"], registry=r)
+        self.partner_limit_measured = prometheus_client.Gauge(
+            "tracker_partner_limit_measured_per_second",
+            "The partner's rate limit as last measured: calls it let through per second while refusing "
+            "some, by endpoint (NaN until it first refused one).", ["endpoint"], registry=r)
         self.circuit_state = prometheus_client.Gauge(
             "tracker_partner_circuit_state", "1 for the circuit's current state (closed, open, half_open).",
             ["endpoint", "state"], registry=r)

@@ -3,6 +3,7 @@
 import asyncio
 import io
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -86,10 +87,13 @@ async def test_the_in_flight_and_rate_gauges_read_the_client_when_scraped(db_pat
                                        lambda breaker, previous, why: None)
         client.in_flight[tracker.Endpoint.TRACKING] = 3
         client.rates[tracker.Endpoint.RESULTS].rate = 42.0
+        client.rates[tracker.Endpoint.RESULTS].measured = 45.0
     sample = metrics.registry.get_sample_value
     assert sample("tracker_partner_calls_in_flight", {"endpoint": "tracking"}) == 3
     assert sample("tracker_partner_calls_in_flight", {"endpoint": "results"}) == 0
     assert sample("tracker_partner_rate_limit_per_second", {"endpoint": "results"}) == 42.0
+    assert sample("tracker_partner_limit_measured_per_second", {"endpoint": "results"}) == 45.0
+    assert math.isnan(sample("tracker_partner_limit_measured_per_second", {"endpoint": "tracking"}))
 
 
 async def test_status_shows_counts_and_the_problem_lists(start_partner, db_path: Path) -> None:

@@ -2,10 +2,16 @@
 priority slots."""
 
 import asyncio
+import dataclasses
+import heapq
+import math
+import random
 import time
+from typing import Any
 
 import pytest
 
+import standin
 import tracker
 from tracker import AdaptiveRate, CircuitBreaker, CircuitState, Endpoint, Outcome, Reply
 
@@ -14,113 +20,239 @@ def reply(outcome: Outcome, retry_after: float | None = None) -> Reply:
     return Reply(Endpoint.TRACKING, outcome, None, None, retry_after, 0.01)
 
 
-def busy(rate: AdaptiveRate) -> AdaptiveRate:
-    """As if callers were queueing for the rate (they are, under a backlog)."""
-    rate._last_wait = time.monotonic()
+# ── adaptive rate: a simulated partner ──────────────────────────────────────────────────────
+# The controller on a simulated clock against the stand-in's own limiters: callers release tick by
+# tick as acquire() releases them, the limiter judges each call, a 429 comes back in a millisecond
+# and an accepted call after the partner's latency.
+
+LIMIT = 300.0
+
+
+@dataclasses.dataclass
+class Drive:
+    calls: list[tuple[float, str, bool]]  # (sent at, endpoint, let through)
+    phases: list[tuple[float, str, tracker.RatePhase]]  # (when, endpoint, phase entered)
+    held: list[tuple[float, str, float]]  # (when, endpoint, the rate a hold held until its probe)
+    seconds: int
+
+    def per_second(self, endpoint: str = "results") -> list[tuple[int, int]]:
+        """(let through, refused) in each whole second."""
+        seconds = [[0, 0] for _ in range(self.seconds)]
+        for at, e, through in self.calls:
+            if e == endpoint and at < self.seconds:
+                seconds[int(at)][0 if through else 1] += 1
+        return [(through, refused) for through, refused in seconds]
+
+    def holds(self, after_s: float = 0.0) -> list[float]:
+        """The rates held until a probe, for the holds that ended after `after_s`."""
+        return [rate for at, _, rate in self.held if at >= after_s]
+
+    def refused_share(self) -> float:
+        return sum(1 for _, _, through in self.calls if not through) / len(self.calls)
+
+
+def drive(rates: dict[str, AdaptiveRate], faults: standin.Faults, seconds: float, *,
+          demand_until: dict[str, float] | None = None, seed: int = 1) -> Drive:
+    """Every endpoint's callers queue for the whole run (or until demand_until[endpoint])."""
+    rng, limiter = random.Random(seed), standin.RateLimiter(faults)
+    events: list[tuple[float, int, str, float, bool]] = [(0.0, 0, e, 0.0, True) for e in rates]
+    calls: list[tuple[float, str, bool]] = []
+    phases: list[tuple[float, str, tracker.RatePhase]] = []
+    held: list[tuple[float, str, float]] = []
+    holding = {e: r.rate for e, r in rates.items()}
+    seen = {e: r.phase for e, r in rates.items()}
+    while events:
+        now, kind, endpoint, sent_at, through = heapq.heappop(events)
+        if now > seconds:
+            break
+        rate = rates[endpoint]
+        if kind == 0:  # a tick: release every caller whose slot has come
+            if now > (demand_until or {}).get(endpoint, math.inf):
+                continue
+            while rate._due(now) <= 0:
+                rate._take(now, queued=True)
+                rate.sent(now)
+                through = limiter.admit(endpoint, now, clock=now)
+                calls.append((now, endpoint, through))
+                answer_in = rng.uniform(0.02, 0.08) if through else 0.001
+                heapq.heappush(events, (now + answer_in, 1, endpoint, now, through))
+            heapq.heappush(events, (now + min(max(rate._due(now), 1e-4), AdaptiveRate.TICK_S), 0, endpoint, 0.0, True))
+        else:
+            rate.observe(Outcome.OK if through else Outcome.RATE_LIMITED, sent_at, now)
+        if rate.phase is not seen[endpoint]:
+            if seen[endpoint] is tracker.RatePhase.HOLD and rate.phase is tracker.RatePhase.PROBE:
+                held.append((now, endpoint, holding[endpoint]))
+            seen[endpoint] = rate.phase
+            phases.append((now, endpoint, rate.phase))
+        holding[endpoint] = rate.rate
+    return Drive(calls, phases, held, int(seconds))
+
+
+def alone(faults: standin.Faults, seconds: float, cap: float = 4 * LIMIT) -> tuple[AdaptiveRate, Drive]:
+    rate = AdaptiveRate(cap)
+    return rate, drive({"results": rate}, faults, seconds)
+
+
+def limited(**shape: Any) -> standin.Faults:
+    return standin.Faults(rate_limit_per_s=LIMIT, **shape)
+
+
+# ── adaptive rate: growing ──────────────────────────────────────────────────────────────────
+
+def test_the_rate_starts_at_a_tenth_of_its_cap_and_doubles_every_doubling_period_while_callers_queue() -> None:
+    rate, _ = alone(standin.Faults(), AdaptiveRate.DOUBLING_S * 2)
+    assert rate.phase is tracker.RatePhase.STARTUP
+    assert rate.rate == pytest.approx(4 * LIMIT / 10 * 4, rel=0.05)
+
+
+def test_the_rate_never_exceeds_its_cap() -> None:
+    rate, run = alone(standin.Faults(), 6.0, cap=500.0)
+    assert rate.rate == 500.0
+    assert all(through <= 500 * (1 + AdaptiveRate.TICK_S) + 1 for through, _ in run.per_second()[1:])
+
+
+def test_the_rate_does_not_grow_while_no_caller_waits_for_it() -> None:
+    rate = AdaptiveRate(1000.0)
+    for k in range(500):  # one call every 20 ms: each finds its slot free
+        assert rate.reserve(k * 0.02) <= 0
+    assert rate.rate == 100.0 and rate.phase is tracker.RatePhase.STARTUP
+
+
+# ── adaptive rate: measuring the limit, by the limiter's shape ─────────────────────────────
+
+def test_a_fixed_windows_429s_hold_the_rate_just_under_its_n() -> None:
+    rate, run = alone(limited(limiter="window"), 20.0)
+    assert all(0.95 * LIMIT <= held <= LIMIT for held in run.holds(after_s=5.0)), run.holds(after_s=5.0)
+    held = run.per_second()[3:]
+    assert all(through >= 0.95 * LIMIT for through, _ in held), held
+    assert sum(refused for _, refused in held) <= 0.02 * sum(through for through, _ in held)
+
+
+def test_a_window_spent_early_is_waited_out_with_a_trickle_not_a_stream_of_refused_calls() -> None:
+    rate, run = alone(limited(limiter="window"), 4.0)
+    waited = [at for at, _, phase in run.phases if phase is tracker.RatePhase.WAIT]
+    assert waited  # the start-up overshot and spent a window
+    spent = next(refused for _, refused in run.per_second() if refused)
+    assert spent <= AdaptiveRate.REFUSED_RUN + AdaptiveRate.TRICKLE * LIMIT + 5
+    after_reset = run.holds(after_s=waited[0])[0]
+    assert 0.93 * LIMIT <= after_reset <= LIMIT  # the reset's count, not the overshoot's
+
+
+def test_a_deep_bucket_is_measured_by_its_refill_rate_not_by_its_burst() -> None:
+    rate, run = alone(limited(limiter="bucket", bucket_depth_s=2.0), 20.0)
+    assert max(through for through, _ in run.per_second()) > 1.5 * LIMIT  # the burst was taken
+    assert all(0.93 * LIMIT <= held <= LIMIT for held in run.holds(after_s=4.0)), run.holds(after_s=4.0)
+    held = run.per_second()[4:]
+    assert sum(through for through, _ in held) >= 0.95 * LIMIT * len(held), held
+    assert run.refused_share() <= 0.02
+
+
+@pytest.mark.parametrize("depth_s", [0.1, 0.5, 1.0, 2.0])
+def test_any_bucket_depth_is_reached_within_five_seconds_and_held_at_95_percent_with_2_percent_429s(
+        depth_s: float) -> None:
+    _, run = alone(limited(limiter="bucket", bucket_depth_s=depth_s), 20.0)
+    seconds = run.per_second()
+    assert next(k for k, (through, _) in enumerate(seconds) if through >= 0.9 * LIMIT) < 5
+    assert sum(through for through, _ in seconds[5:]) >= 0.95 * LIMIT * len(seconds[5:]), seconds
+    assert run.refused_share() <= 0.02
+
+
+def test_a_limit_cut_to_a_third_is_followed_within_five_seconds_and_so_is_its_return() -> None:
+    schedule = ((8.0, LIMIT / 3), (16.0, LIMIT))
+    _, run = alone(limited(limiter="bucket", bucket_depth_s=1.0, limit_schedule=schedule), 24.0)
+    seconds = run.per_second()
+
+    def followed_by(change_at: float, limit: float) -> int:
+        return next(k for k in range(int(change_at), len(seconds))
+                    if seconds[k][0] >= 0.9 * limit and seconds[k][1] <= 0.05 * sum(seconds[k]))
+
+    assert followed_by(8.0, LIMIT / 3) - 8 <= 4  # the whole second after the change counts: < 5 s
+    assert followed_by(16.0, LIMIT) - 16 <= 4
+    assert all(through <= LIMIT / 3 * 1.1 for through, _ in seconds[10:16])  # no creeping above it
+
+
+def test_a_limit_shared_by_the_endpoints_is_shared_and_the_room_one_leaves_is_taken() -> None:
+    rates = {"tracking": AdaptiveRate(4 * LIMIT), "results": AdaptiveRate(4 * LIMIT)}
+    faults = limited(limiter="bucket", bucket_depth_s=1.0, limit_shared=True)
+    run = drive(rates, faults, 14.0, demand_until={"tracking": 6.0})
+    both = [t + r for (t, _), (r, _) in zip(run.per_second("tracking"), run.per_second("results"), strict=False)]
+    assert all(total >= 0.9 * LIMIT for total in both[2:6])
+    results = run.per_second("results")
+    assert next(k for k in range(6, len(results)) if results[k][0] >= 0.9 * LIMIT) - 6 <= 3
+    assert run.refused_share() <= 0.03
+
+
+def test_a_probe_that_draws_no_429_for_a_whole_window_means_the_limit_rose() -> None:
+    rate, run = alone(limited(limiter="window", limit_schedule=((6.0, 2 * LIMIT),)), 12.0, cap=8 * LIMIT)
+    assert all(0.95 * 2 * LIMIT <= held <= 2 * LIMIT for held in run.holds(after_s=9.0)), run.holds(after_s=9.0)
+    rose = [at for at, _, phase in run.phases if phase is tracker.RatePhase.STARTUP and at > 6.0]
+    assert rose and rose[0] - 6.0 <= AdaptiveRate.HOLD_S + AdaptiveRate.PROBE_S + 0.5
+
+
+# ── adaptive rate: other signals ────────────────────────────────────────────────────────────
+
+def held_at(measured: float) -> AdaptiveRate:
+    """A rate holding just under a limit it measured, callers queued."""
+    rate = AdaptiveRate(1000.0)
+    rate.measured = measured
+    rate._settle(AdaptiveRate.MARGIN * measured, now=0.0)
     return rate
 
 
-# ── adaptive rate ───────────────────────────────────────────────────────────────────────────
-
-def test_the_rate_starts_well_below_the_cap_and_never_exceeds_it() -> None:
-    rate = busy(AdaptiveRate(200.0))
-    assert rate.rate == 20.0
-    for _ in range(10_000):
-        rate.observe(Outcome.OK, 0.01)
-    assert rate.rate == 200.0
-
-
-def test_slow_start_adds_one_call_per_second_for_every_answered_call() -> None:
-    rate = busy(AdaptiveRate(1000.0))
-    for _ in range(50):
-        rate.observe(Outcome.NOT_FOUND, 0.01)  # a 404 is an answer too: the partner keeps up
-    assert rate.rate == pytest.approx(150.0)
-
-
-def test_the_rate_does_not_grow_while_nobody_waits_for_it() -> None:
-    rate = AdaptiveRate(1000.0)  # answers arrive, but no caller ever had to wait for a slot
-    for _ in range(500):
-        rate.observe(Outcome.OK, 0.01)
-    assert rate.rate == 100.0
-
-
-def test_a_429_cuts_the_rate_once_for_one_congestion_event() -> None:
-    rate = busy(AdaptiveRate(1000.0))
-    for _ in range(100):
-        rate.observe(Outcome.OK, 0.01)
+def test_rising_latency_without_any_429_cuts_the_rate_by_a_tenth() -> None:
+    rate = held_at(300.0)
     before = rate.rate
-    rate.observe(Outcome.RATE_LIMITED, 0.01)
-    assert rate.rate == pytest.approx(before * 0.8) and not rate.slow_start
-    rate.observe(Outcome.RATE_LIMITED, 0.01)  # an answer to a call sent before the cut
-    assert rate.rate == pytest.approx(before * 0.8)
+    for k in range(AdaptiveRate.LATENCY_WINDOW):
+        rate.observe(Outcome.OK, 1.0 + k * 0.01, 1.0 + k * 0.01 + 0.03)
+    assert rate.rate == before
+    for k in range(AdaptiveRate.LATENCY_WINDOW):
+        rate.observe(Outcome.OK, 2.0 + k * 0.01, 2.0 + k * 0.01 + 0.3)
+    assert rate.rate == pytest.approx(before * AdaptiveRate.DECREASE_ON_LATENCY)
 
 
 def test_a_lone_timeout_does_not_cut_the_rate_but_a_second_one_soon_after_does() -> None:
-    rate = busy(AdaptiveRate(1000.0))
-    for _ in range(100):
-        rate.observe(Outcome.OK, 0.01)
+    rate = held_at(300.0)
     before = rate.rate
-    rate.observe(Outcome.TIMEOUT, 2.0)  # one hanging call: that call's fault, not congestion
+    rate.observe(Outcome.TIMEOUT, 1.0, 3.0)  # one hanging call: that call's fault, not congestion
     assert rate.rate == before
-    for _ in range(tracker.AdaptiveRate.TIMEOUT_WINDOW - 2):
-        rate.observe(Outcome.SERVER_ERROR, 0.01)  # neither grows nor cuts
-    rate.observe(Outcome.TIMEOUT, 2.0)
-    assert rate.rate == pytest.approx(before * 0.8)
+    for k in range(AdaptiveRate.TIMEOUT_WINDOW - 2):
+        rate.observe(Outcome.SERVER_ERROR, 3.0 + k * 0.01, 3.01 + k * 0.01)  # neither grows nor cuts
+    rate.observe(Outcome.TIMEOUT, 3.5, 5.5)
+    assert rate.rate == pytest.approx(before * AdaptiveRate.DECREASE_ON_TIMEOUT)
 
 
 def test_timeouts_far_apart_never_cut_the_rate() -> None:
-    rate = busy(AdaptiveRate(1000.0))
-    for _ in range(5):
-        rate.observe(Outcome.TIMEOUT, 2.0)
-        for _ in range(tracker.AdaptiveRate.TIMEOUT_WINDOW):
-            rate.observe(Outcome.SERVER_ERROR, 0.01)
-    assert rate.rate == 100.0 and rate.slow_start
+    rate = held_at(300.0)
+    before = rate.rate
+    for k in range(5):
+        rate.observe(Outcome.TIMEOUT, k * 10.0, k * 10.0 + 2.0)
+        for j in range(AdaptiveRate.TIMEOUT_WINDOW):
+            rate.observe(Outcome.SERVER_ERROR, k * 10.0 + 3.0 + j * 0.01, k * 10.0 + 3.01 + j * 0.01)
+    assert rate.rate == before
 
 
-def test_after_the_first_cut_growth_is_additive() -> None:
-    rate = busy(AdaptiveRate(1000.0))
-    rate.observe(Outcome.RATE_LIMITED, 0.01)
+def test_answers_to_calls_sent_before_a_cut_do_not_cut_again() -> None:
+    rate = held_at(300.0)
+    rate._settle(rate.rate * AdaptiveRate.DECREASE_ON_TIMEOUT, now=5.0)
     cut = rate.rate
-    for _ in range(int(cut)):  # about one second of calls at this rate
-        rate.observe(Outcome.OK, 0.01)
-    assert cut < rate.rate < cut * 1.1
+    for k in range(AdaptiveRate.LATENCY_WINDOW * 2):  # slow answers, but to calls sent before the cut
+        rate.observe(Outcome.OK, 4.9, 5.0 + k * 0.01)
+    rate.observe(Outcome.TIMEOUT, 4.9, 6.0)
+    rate.observe(Outcome.TIMEOUT, 4.9, 6.1)
+    assert rate.rate == cut
 
 
-def test_far_below_its_recent_peak_the_rate_doubles_again() -> None:
-    rate = busy(AdaptiveRate(1000.0))
-    for _ in range(400):
-        rate.observe(Outcome.OK, 0.01)  # slow start up to 500
-    for _ in range(6):  # a storm: cut after cut
-        rate._calm_after = 0.0
-        rate.observe(Outcome.RATE_LIMITED, 0.01)
-    low = rate.rate
-    assert low < 500 / 2
-    for _ in range(int(low)):  # about one second of calls once the storm is over
-        rate.observe(Outcome.OK, 0.01)
-    # doubling took it back to half its peak (500) within that second; additive from there on
-    assert 500 / 2 <= rate.rate < 2 * low
+# ── adaptive rate: pacing ───────────────────────────────────────────────────────────────────
 
-
-def test_server_errors_neither_grow_nor_cut_the_rate() -> None:
-    rate = AdaptiveRate(100.0)
-    for _ in range(20):
-        rate.observe(Outcome.SERVER_ERROR, 0.01)
-    assert rate.rate == 10.0
-
-
-def test_rising_latency_cuts_the_rate() -> None:
-    rate = busy(AdaptiveRate(1000.0))
-    for _ in range(40):
-        rate.observe(Outcome.OK, 0.03)
-    peak = rate.rate
-    for _ in range(tracker.AdaptiveRate.LATENCY_WINDOW):
-        rate.observe(Outcome.OK, 0.3)
-    assert rate.rate < peak
+def fixed(calls_per_s: float) -> AdaptiveRate:
+    """A rate held where it is (no caller queues long enough to end the hold)."""
+    rate = AdaptiveRate(calls_per_s)
+    rate._enter(tracker.RatePhase.HOLD, calls_per_s)
+    return rate
 
 
 def test_calls_whose_slots_share_a_tick_go_out_together() -> None:
-    rate = AdaptiveRate(1000.0)
-    rate.rate = 1000.0  # a slot every millisecond
+    rate = fixed(1000.0)  # a slot every millisecond
     now = 100.0045  # mid-tick
     waits = [rate.reserve(now) for _ in range(3000)]
     assert waits == sorted(waits)
@@ -130,17 +262,39 @@ def test_calls_whose_slots_share_a_tick_go_out_together() -> None:
 
 
 def test_ticks_never_let_more_than_the_rate_through_in_a_second() -> None:
-    rate = AdaptiveRate(1000.0)
-    rate.rate = 1000.0
+    rate = fixed(1000.0)
     waits = [rate.reserve(100.0045) for _ in range(5000)]
     for start in (0.0, 0.5, 1.0, 2.5):  # any one-second window, as a partner's limiter counts
         assert sum(1 for w in waits if start <= w < start + 1.0) <= 1000 * (1 + AdaptiveRate.TICK_S) + 1
 
 
-def test_a_caller_that_finds_no_queue_goes_at_once_and_does_not_count_as_waiting() -> None:
-    rate = AdaptiveRate(1000.0)
-    assert rate.reserve(time.monotonic()) <= 0
-    assert rate._last_wait == float("-inf")
+async def test_callers_queue_in_order_and_a_higher_rate_releases_the_queue_sooner() -> None:
+    rate = fixed(1.0)  # a slot a second
+    rate.max_rate = 1000.0
+    order: list[int] = []
+
+    async def call(k: int) -> None:
+        await rate.acquire()
+        order.append(k)
+
+    started = time.monotonic()
+    callers = [asyncio.create_task(call(k)) for k in range(5)]
+    await asyncio.sleep(0)  # all five in the queue; the first went at once
+    rate._settle(1000.0, time.monotonic())
+    await asyncio.wait_for(asyncio.gather(*callers), timeout=2.0)
+    assert order == [0, 1, 2, 3, 4]
+    assert time.monotonic() - started < 1.0  # not the four seconds the old rate had spaced them
+
+
+async def test_a_cancelled_caller_leaves_the_queue() -> None:
+    rate = fixed(20.0)
+    first = asyncio.create_task(rate.acquire())
+    cancelled = asyncio.create_task(rate.acquire())
+    last = asyncio.create_task(rate.acquire())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.wait_for(asyncio.gather(first, last), timeout=2.0)
+    assert cancelled.cancelled()
 
 
 # ── circuit breaker ─────────────────────────────────────────────────────────────────────────

@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import aiohttp
+import pytest
 
 import standin
 from conftest import TOKEN, scenario
@@ -85,3 +86,43 @@ async def test_the_ledger_refuses_a_report_carrying_fields_a_correction_has_repl
         assert partner.superseded() == []
     finally:
         await partner.stop()
+
+
+# ── the rate limit's shapes ─────────────────────────────────────────────────────────────────
+
+def admitted(limiter: standin.RateLimiter, calls: list[tuple[float, str]]) -> list[bool]:
+    """Each (time, endpoint) call judged on a clock that is the given times."""
+    return [limiter.admit(endpoint, at, clock=at) for at, endpoint in calls]
+
+
+def test_a_full_token_bucket_lets_its_depth_through_at_once_then_its_rate() -> None:
+    limiter = standin.RateLimiter(standin.Faults(rate_limit_per_s=100, limiter="bucket", bucket_depth_s=2.0))
+    burst = admitted(limiter, [(10.0, "tracking")] * 250)
+    assert sum(burst) == 200  # two seconds' worth at once
+    later = admitted(limiter, [(10.0 + k / 1000, "tracking") for k in range(1, 1001)])  # 1,000 calls/s for 1 s
+    assert sum(later) == pytest.approx(100, abs=1)
+
+
+def test_a_fixed_window_lets_n_through_per_clock_second_however_they_bunch() -> None:
+    limiter = standin.RateLimiter(standin.Faults(rate_limit_per_s=50, limiter="window"))
+    end_of_one = admitted(limiter, [(3.99, "results")] * 60)
+    start_of_next = admitted(limiter, [(4.0, "results")] * 60)
+    assert sum(end_of_one) == sum(start_of_next) == 50  # 100 within 10 ms, across the boundary
+
+
+def test_a_shared_limit_counts_every_endpoint_together() -> None:
+    limiter = standin.RateLimiter(standin.Faults(rate_limit_per_s=50, limiter="window", limit_shared=True))
+    calls = [(1.5, "tracking")] * 30 + [(1.5, "results")] * 30
+    assert sum(admitted(limiter, calls)) == 50
+    separate = standin.RateLimiter(standin.Faults(rate_limit_per_s=50, limiter="window"))
+    assert sum(admitted(separate, calls)) == 60
+
+
+def test_a_scheduled_limit_changes_when_the_scenario_says() -> None:
+    limiter = standin.RateLimiter(standin.Faults(rate_limit_per_s=90, limit_schedule=((5.0, 30), (9.0, 90))))
+    assert [limiter.limit_at(t) for t in (0.0, 4.9, 5.0, 8.9, 9.0)] == [90, 90, 30, 30, 90]
+
+
+def test_an_unknown_limiter_shape_is_refused() -> None:
+    with pytest.raises(ValueError, match="limiter"):
+        standin.Faults(limiter="leaky")
