@@ -716,7 +716,7 @@ def limit_use(summary: dict[str, Any], faults: Faults, page_size: int = 500) -> 
                 sum(limiter.limit_at(t / 10 + 0.05) for t in window) / 10)
 
     start, end = math.floor(first * 10), math.floor(last * 10)
-    reached = next((t for t in range(start + 9, end + 1) if second_ending(t)[0] >= 0.9 * second_ending(t)[2]), None)
+    reached = next((t for t in range(start + 9, end + 1) if (w := second_ending(t))[0] >= 0.9 * w[2]), None)
     follow = []
     for at, _ in faults.limit_schedule:
         if first < at < last:

@@ -2563,12 +2563,6 @@ class AdaptiveRate:
         self._arm()
         await waiter
 
-    def reserve(self, now: float) -> float:
-        """Take the next slot; how long to wait before calling (0: call now)."""
-        wait = self._due(now)
-        self._take(now, queued=wait > 0)
-        return wait
-
     def _due(self, now: float) -> float:
         """Seconds until the tick holding the next free slot begins (≤ 0: it has begun)."""
         slot = max(now, self._next) - self.tick_offset_s
