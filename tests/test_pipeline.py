@@ -146,3 +146,14 @@ async def _wait_for_scenario_end(partner: standin.ThreadedStandIn) -> None:
     async def finished() -> bool:
         return (await ledger_of(partner))["finished"]
     await wait_until(finished, 10, what="the scenario to play out")
+
+
+async def test_a_box_is_first_checked_soon_after_the_page_that_listed_it(start_partner, db_path: Path) -> None:
+    """The tracking stage, idle with nothing due (it looks again only after Dispatcher.IDLE_POLL_S),
+    is woken by a page of new boxes: the first check follows the first page within the first-check
+    delay (track_every_s, ±50%), not after the idle wait."""
+    partner = start_partner(scenario(returns=50, arrive_over_s=0.0))
+    await run_daemon_until(make_config(db_path, partner.url), everything_reported(partner, db_path))
+    by_tenth = (await ledger_of(partner))["by_tenth"]
+    first_page, first_check = (min(int(t) for t in by_tenth[e]) / 10 for e in ("returns", "tracking"))
+    assert first_check - first_page < 1.5 * FAST_SCHEDULE.track_every_s + 0.2 < tracker.Dispatcher.IDLE_POLL_S
