@@ -365,9 +365,10 @@ def _validate_listen(listen: str) -> None:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# Storage — the schema and every SQL statement, SQLite's first, then PostgreSQL's. Two connections
-# each: the committer's writer (one transaction per batch of transitions, nothing interleaves) and
-# a reader for due-work queries (on PostgreSQL also the claims that share the work). SQLite in
+# Storage — SQLite's tables, every SQL statement written once, PostgreSQL's tables, the two
+# dialects, the per-backend adapters (Database), who shares the work (Fleet), and the Store that
+# holds every transition once over them. The committer's writer connection runs one transaction
+# per batch of transitions (nothing interleaves); a reader serves everything else. SQLite in
 # WAL + synchronous=NORMAL: a kill -9 loses nothing committed; a power cut may lose the last
 # commits, and every one of them is redone idempotently (page re-read and deduplicated, box
 # re-checked, report re-sent and settled by the partner's 409).
@@ -516,6 +517,19 @@ CREATE TABLE IF NOT EXISTS unknown_statuses (
 );
 """
 
+# ── SQL, written once ───────────────────────────────────────────────────────────────────────
+# Every statement the store runs, by name, in SQLite's words with `?` or `:name` parameters, and
+# a few words of our own that each dialect spells its way (DIALECT_RULES, below):
+#   x IN LIST(p)       p is one parameter holding a list of ids (a JSON array on SQLite, text[] on
+#                      PostgreSQL); callers pass a Python list
+#   GREATEST / LEAST   the larger / smaller of two values (SQLite: MAX and MIN of two arguments)
+#   EPOCH_OF(column)   an ISO 8601 text column as Unix seconds
+#   RANDOM_FRACTION    a random number in [0, 1)
+#   ROW_ORDER(alias)   the order rows were inserted in (SQLite's rowid, PostgreSQL's seq)
+#   RELEASE_CLAIM      clears the row's claim (PostgreSQL's fleet; SQLite has no claims)
+#   INDEXED BY name    SQLite's plan pin; PostgreSQL's planner needs none
+# Booleans are passed as Python bools (SQLite stores 1 and 0).
+#
 # The hot path: what the stages and the metrics ask many times a minute while the tables grow for
 # years. Each reads a partial index holding only unfinished rows, so its cost follows the backlog,
 # never the history. INDEXED BY pins the plan (without it SQLite picks the state index and sorts
@@ -543,87 +557,125 @@ QUEUE_REPORT_UPSERT = (
     " order_item_number = excluded.order_item_number, shipment_number = excluded.shipment_number,"
     " collected_at = excluded.collected_at, next_attempt_at = excluded.next_attempt_at,"
     " queued_at = excluded.queued_at WHERE reports.state = 'withdrawn'")
-# Per feed page (or per batch of report answers), over its ids (one JSON array parameter) instead
-# of a statement per item. CROSS JOIN fixes the join order — the page's ids first, then primary
-# keys: left to itself the planner starts from every delivered box, and those grow with history.
-# Also checked by test.
+# Per feed page (or per batch of report answers), over its ids (one list parameter) instead of a
+# statement per item; each starts from the page's ids and looks rows up by primary key. Also
+# checked by test.
 PAGE_SQL = {
     "stored_returns":  # what the page's ids hold now: a relisting that differs is a correction
-        "SELECT r.id, r.order_number, r.order_item_number, r.shipment_number, r.requested_at"
-        " FROM json_each(?) j CROSS JOIN returns r ON r.id = j.value",
-    "report_states":
-        "SELECT p.return_id, p.state FROM json_each(?) j CROSS JOIN reports p ON p.return_id = j.value",
+        "SELECT id, order_number, order_item_number, shipment_number, requested_at FROM returns WHERE id IN LIST(?)",
+    "report_states": "SELECT return_id, state FROM reports WHERE return_id IN LIST(?)",
     "reports_for_delivered_boxes":  # an item joining a box already delivered is reportable at once
         "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
         " state, next_attempt_at, queued_at)"
         " SELECT r.id, r.order_number, r.order_item_number, r.shipment_number, b.delivered_at, 'pending', ?, ?"
-        " FROM json_each(?) j CROSS JOIN returns r ON r.id = j.value"
-        " CROSS JOIN boxes b ON b.shipment_number = r.shipment_number"
-        " WHERE b.state = 'delivered'" + QUEUE_REPORT_UPSERT,
+        " FROM returns r JOIN boxes b ON b.shipment_number = r.shipment_number"
+        " WHERE r.id IN LIST(?) AND b.state = 'delivered'" + QUEUE_REPORT_UPSERT,
     "empty_boxes":  # boxes a correction took the last item from: no longer polled, nor stale
         "UPDATE boxes SET state = 'emptied', next_check_at = NULL, closed_at = ?"
-        " WHERE shipment_number IN (SELECT value FROM json_each(?)) AND state IN ('tracking', 'stale')"
+        " WHERE shipment_number IN LIST(?) AND state IN ('tracking', 'stale')"
         " AND NOT EXISTS (SELECT 1 FROM returns r WHERE r.shipment_number = boxes.shipment_number)",
     "revive_emptied_boxes":  # an item listed again in an emptied box: tracked again, the stale clock anew
         "UPDATE boxes SET state = 'tracking', next_check_at = ?, first_seen_at = ?, not_found = 0, errors = 0,"
-        " closed_at = NULL WHERE shipment_number IN (SELECT value FROM json_each(?)) AND state = 'emptied'",
+        " closed_at = NULL WHERE shipment_number IN LIST(?) AND state = 'emptied'",
     "resolve_quarantine":  # a relisted item that now validates closes its quarantine entry
-        "UPDATE quarantine SET resolved_at = ? WHERE resolved_at IS NULL"
-        " AND return_id IN (SELECT value FROM json_each(?))",
-    "superseded_answers":  # [[return id, revision sent], …]: which answers were to an outdated body
-        "SELECT p.return_id FROM json_each(?) j CROSS JOIN reports p ON p.return_id = j.value ->> 0"
-        " WHERE p.revision <> j.value ->> 1",
+        "UPDATE quarantine SET resolved_at = ? WHERE resolved_at IS NULL AND return_id IN LIST(?)",
+    "report_revisions":  # which settling answers were to a body a correction has since changed
+        "SELECT return_id, revision FROM reports WHERE return_id IN LIST(?)",
 }
-# A correction to a report not yet accepted: the next attempt carries the corrected fields. A
-# move to another waybill withdraws it until that box is delivered (QUEUE_REPORT_UPSERT queues it
-# again, at once if it already is); a dead one is sent again, since the correction may be what
-# the partner refused it for. An accepted report keeps the body the partner holds; only its
-# revision moves, which marks it outdated for an operator.
-CORRECT_REPORT_SQL = (
-    "UPDATE reports SET revision = revision + 1,"
-    " order_number = CASE WHEN state = 'done' THEN order_number ELSE :order_number END,"
-    " order_item_number = CASE WHEN state = 'done' THEN order_item_number ELSE :order_item_number END,"
-    " shipment_number = CASE WHEN state = 'done' THEN shipment_number ELSE :shipment_number END,"
-    " state = CASE WHEN state = 'done' THEN 'done' WHEN :moved THEN 'withdrawn' ELSE 'pending' END,"
-    " next_attempt_at = CASE WHEN state = 'done' OR :moved THEN NULL WHEN state = 'dead' THEN :now"
-    " ELSE next_attempt_at END,"
-    " attempts = CASE WHEN state = 'dead' THEN 0 ELSE attempts END,"
-    " outcome = CASE WHEN state = 'dead' THEN NULL ELSE outcome END,"
-    " done_at = CASE WHEN state = 'dead' THEN NULL ELSE done_at END"
-    " WHERE return_id = :return_id")
-# Every tracked box in a status that woke, not due within the spread, is due at a random moment in it.
-WAKE_BOXES_SQL = (
-    "UPDATE boxes SET next_check_at = :now + (abs(random()) % 1000000) / 1000000.0 * :spread"
-    " WHERE state = 'tracking' AND (last_status = :status OR :status = '*') AND next_check_at > :now + :spread")
-# The histories the tracking schedule learns from at start: boxes closed in the last days.
-LEARNED_HISTORY_SQL = (
-    "SELECT h.shipment_number, h.changed_at, h.status FROM boxes b JOIN box_history h"
-    " ON h.shipment_number = b.shipment_number WHERE b.state IN ('delivered', 'cancelled') AND b.closed_at >= ?"
-    " ORDER BY h.shipment_number, h.changed_at")
-# One partner answer to a report. An answer to a body a correction has since changed (the call was
-# already on its way) settles the report only if the partner recorded it — then it holds the old
-# body, and accepted_revision < revision says so; any other answer leaves the corrected report
-# to be sent, at once if it is pending.
-REPORT_ANSWER_SQL = (
-    "UPDATE reports SET"
-    " state = CASE WHEN :state = 'done' OR revision = :revision THEN :state ELSE state END,"
-    " attempts = attempts + :called,"
-    " next_attempt_at = CASE WHEN :state = 'done' OR revision = :revision THEN :next_attempt_at"
-    " WHEN state = 'pending' THEN :now ELSE next_attempt_at END,"
-    " outcome = CASE WHEN :state = 'done' OR revision = :revision THEN :outcome ELSE outcome END,"
-    " last_error = CASE WHEN :called THEN :last_error ELSE last_error END,"
-    " done_at = CASE WHEN :state = 'done' OR revision = :revision THEN :done_at ELSE done_at END,"
-    " first_sent_revision = CASE WHEN :called THEN MIN(COALESCE(first_sent_revision, :revision), :revision)"
-    " ELSE first_sent_revision END,"
-    # a 409 says an earlier send was recorded: the oldest body ever sent is the one it may hold
-    " accepted_revision = CASE :outcome WHEN 'recorded' THEN :revision"
-    " WHEN 'duplicate' THEN MIN(COALESCE(first_sent_revision, :revision), :revision) ELSE accepted_revision END"
-    " WHERE return_id = :return_id AND state IN ('pending', 'withdrawn')")
+# Statements in SQLite's words alone.
+SQLITE_ONLY_SQL = {
+    # What state_counts holds, counted the slow way, for `status` on a version-1 file it may not
+    # write to (Store.open fills state_counts once from it when it upgrades one).
+    "count_by_state": "SELECT 'returns', '', COUNT(*) FROM returns"
+                      " UNION ALL SELECT 'boxes', state, COUNT(*) FROM boxes GROUP BY state"
+                      " UNION ALL SELECT 'reports', state, COUNT(*) FROM reports GROUP BY state",
+}
+# The write path's other statements: one transition's steps, in Store's order.
+WRITE_SQL = {
+    "put_meta": "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    "insert_return": "INSERT INTO returns (id, order_number, order_item_number, shipment_number, requested_at,"
+                     " seen_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+    "insert_box": "INSERT INTO boxes (shipment_number, state, next_check_at, first_seen_at, requested_at)"
+                  " VALUES (?, ?, ?, ?, (SELECT MIN(EPOCH_OF(requested_at)) FROM returns WHERE shipment_number = ?))"
+                  " ON CONFLICT (shipment_number) DO NOTHING",
+    "insert_quarantine": "INSERT INTO quarantine (fingerprint, return_id, reason, raw, seen_at)"
+                         " VALUES (?, ?, ?, ?, ?) ON CONFLICT (fingerprint) DO NOTHING",
+    "correct_return": "UPDATE returns SET order_number = ?, order_item_number = ?, shipment_number = ?,"
+                      " requested_at = ? WHERE id = ?",
+    "insert_correction": "INSERT INTO corrections (return_id, fields, before, after, report_state, corrected_at)"
+                         " VALUES (?, ?, ?, ?, ?, ?)",
+    # A correction to a report not yet accepted: the next attempt carries the corrected fields. A
+    # move to another waybill withdraws it until that box is delivered (QUEUE_REPORT_UPSERT queues
+    # it again, at once if it already is); a dead one is sent again, since the correction may be
+    # what the partner refused it for. An accepted report keeps the body the partner holds; only
+    # its revision moves, which marks it outdated for an operator.
+    "correct_report":
+        "UPDATE reports SET revision = revision + 1,"
+        " order_number = CASE WHEN state = 'done' THEN order_number ELSE :order_number END,"
+        " order_item_number = CASE WHEN state = 'done' THEN order_item_number ELSE :order_item_number END,"
+        " shipment_number = CASE WHEN state = 'done' THEN shipment_number ELSE :shipment_number END,"
+        " state = CASE WHEN state = 'done' THEN 'done' WHEN :moved THEN 'withdrawn' ELSE 'pending' END,"
+        " next_attempt_at = CASE WHEN state = 'done' OR :moved THEN NULL WHEN state = 'dead' THEN :now"
+        " ELSE next_attempt_at END,"
+        " attempts = CASE WHEN state = 'dead' THEN 0 ELSE attempts END,"
+        " outcome = CASE WHEN state = 'dead' THEN NULL ELSE outcome END,"
+        " done_at = CASE WHEN state = 'dead' THEN NULL ELSE done_at END"
+        " WHERE return_id = :return_id",
+    # One tracking answer, applied only while the box is still being tracked.
+    "box_update":
+        "UPDATE boxes SET state = :state, next_check_at = :next_check_at, checks = checks + :called_n,"
+        " not_found = :not_found, errors = :errors,"
+        " registered_at = CASE WHEN :registered THEN COALESCE(registered_at, :now) ELSE registered_at END,"
+        " last_status = COALESCE(:last_status, last_status), delivered_at = COALESCE(:delivered_at, delivered_at),"
+        " closed_at = :closed_at, last_error = CASE WHEN :called THEN :last_error ELSE last_error END,"
+        " status_since = GREATEST(COALESCE(status_since, :since), COALESCE(:since, status_since))"
+        " RELEASE_CLAIM WHERE shipment_number = :shipment_number AND state = 'tracking'",
+    "insert_history": "INSERT INTO box_history (shipment_number, changed_at, status, seen_at) VALUES (?, ?, ?, ?)"
+                      " ON CONFLICT DO NOTHING",
+    # bounded per box: the oldest entries past HISTORY_PER_BOX go
+    "bound_history": "DELETE FROM box_history WHERE shipment_number = ? AND changed_at < (SELECT changed_at"
+                     " FROM box_history WHERE shipment_number = ? ORDER BY changed_at DESC LIMIT 1 OFFSET ?)",
+    "queue_reports": "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
+                     " state, next_attempt_at, queued_at)"
+                     " SELECT id, order_number, order_item_number, shipment_number, ?, ?, ?, ?"
+                     " FROM returns WHERE shipment_number = ?" + QUEUE_REPORT_UPSERT,
+    "unknown_status": "INSERT INTO unknown_statuses (status, first_seen_at, last_seen_at, seen) VALUES (?, ?, ?, 1)"
+                      " ON CONFLICT (status) DO UPDATE SET last_seen_at = excluded.last_seen_at,"
+                      " seen = unknown_statuses.seen + 1",
+    # One partner answer to a report. An answer to a body a correction has since changed (the call
+    # was already on its way) settles the report only if the partner recorded it — then it holds
+    # the old body, and accepted_revision < revision says so; any other answer leaves the corrected
+    # report to be sent, at once if it is pending. A 409 says an earlier send was recorded: the
+    # oldest body ever sent is the one it may hold.
+    "report_answer":
+        "UPDATE reports SET"
+        " state = CASE WHEN :state = 'done' OR revision = :revision THEN :state ELSE state END,"
+        " attempts = attempts + :called_n,"
+        " next_attempt_at = CASE WHEN :state = 'done' OR revision = :revision THEN :next_attempt_at"
+        " WHEN state = 'pending' THEN :now ELSE next_attempt_at END,"
+        " outcome = CASE WHEN :state = 'done' OR revision = :revision THEN :outcome ELSE outcome END,"
+        " last_error = CASE WHEN :called THEN :last_error ELSE last_error END,"
+        " done_at = CASE WHEN :state = 'done' OR revision = :revision THEN :done_at ELSE done_at END,"
+        " first_sent_revision = CASE WHEN :called THEN LEAST(COALESCE(first_sent_revision, :revision), :revision)"
+        " ELSE first_sent_revision END,"
+        " accepted_revision = CASE :outcome WHEN 'recorded' THEN :revision"
+        " WHEN 'duplicate' THEN LEAST(COALESCE(first_sent_revision, :revision), :revision) ELSE accepted_revision END"
+        " RELEASE_CLAIM WHERE return_id = :return_id AND state IN ('pending', 'withdrawn')",
+    "insert_attempt": "INSERT INTO report_attempts (return_id, attempt, attempted_at, outcome, http_status, latency_s,"
+                      " error) VALUES (?, ?, ?, ?, ?, ?, ?)",
+    # bounded per report: only a report retried that often has older ones
+    "bound_attempts": "DELETE FROM report_attempts WHERE return_id = ? AND id NOT IN (SELECT id FROM report_attempts"
+                      " WHERE return_id = ? ORDER BY id DESC LIMIT ?)",
+    # Every tracked box in a status that woke, not due within the spread, is due at a random moment in it.
+    "wake_boxes": "UPDATE boxes SET next_check_at = :now + RANDOM_FRACTION * :spread WHERE state = 'tracking'"
+                  " AND (last_status = :status OR :status = '*') AND next_check_at > :now + :spread",
+}
 # What `status` lists and `requeue` moves: rare, but never a scan of the history. Each reads the
 # partial index of its state (stale and dead rows are few; tracking and pending ones are the
 # backlog) — a full index on state would be written by every transition of every row, for these
 # alone (it was: a quarter of the SQLite writer's time in bench/store_writes.py). The state is
-# literal for the reason given above; also checked by test.
+# literal for the reason given above; also checked by test. `:all` true means every row of the
+# state, else those in `:ids`.
 OPERATOR_SQL = {
     "oldest_pending_reports": "SELECT return_id, shipment_number, queued_at, attempts, last_error FROM reports"
                               " WHERE state = 'pending' ORDER BY queued_at LIMIT ?",
@@ -641,38 +693,37 @@ OPERATOR_SQL = {
     "stale_boxes": "SELECT b.shipment_number, b.first_seen_at,"
                    " (SELECT COUNT(*) FROM returns r WHERE r.shipment_number = b.shipment_number)"
                    " FROM boxes b WHERE b.state = 'stale' ORDER BY b.first_seen_at LIMIT ?",
-    # `ids` NULL means all of them; otherwise one JSON array parameter, read by json_each
-    "requeue_dead_reports": "UPDATE reports SET state = 'pending', attempts = 0, next_attempt_at = ?, outcome = NULL,"
-                            " done_at = NULL WHERE state = 'dead'"
-                            " AND (? IS NULL OR return_id IN (SELECT value FROM json_each(?))) RETURNING return_id",
+    "requeue_dead_reports": "UPDATE reports SET state = 'pending', attempts = 0, next_attempt_at = :now,"
+                            " outcome = NULL, done_at = NULL WHERE state = 'dead'"
+                            " AND (:all OR return_id IN LIST(:ids)) RETURNING return_id",
     # first_seen_at restarts, or the box would be stale again at its first 404
-    "requeue_stale_boxes": "UPDATE boxes SET state = 'tracking', next_check_at = ?, first_seen_at = ?, not_found = 0,"
-                           " errors = 0, closed_at = NULL, last_error = NULL WHERE state = 'stale'"
-                           " AND (? IS NULL OR shipment_number IN (SELECT value FROM json_each(?)))"
-                           " RETURNING shipment_number",
+    "requeue_stale_boxes": "UPDATE boxes SET state = 'tracking', next_check_at = :now, first_seen_at = :now,"
+                           " not_found = 0, errors = 0, closed_at = NULL, last_error = NULL WHERE state = 'stale'"
+                           " AND (:all OR shipment_number IN LIST(:ids)) RETURNING shipment_number",
 }
 # `show`: one return's whole story, found by its id, order number or shipment number. Each reads by
-# an index (the OR by three); the lists by one JSON array parameter of ids.
+# an index (the OR by three); the lists by one list parameter of ids.
 SHOW_SQL = {
     "returns": "SELECT id, order_number, order_item_number, shipment_number, requested_at, seen_at FROM returns"
                " WHERE id = :key OR order_number = :key OR shipment_number = :key ORDER BY seen_at, id",
     "quarantine": "SELECT return_id, reason, raw, seen_at, resolved_at FROM quarantine"
-                  " WHERE return_id IN (SELECT value FROM json_each(:ids)) ORDER BY seen_at",
+                  " WHERE return_id IN LIST(:ids) ORDER BY seen_at",
     "boxes": "SELECT shipment_number, state, last_status, checks, not_found, first_seen_at, next_check_at, closed_at,"
-             " last_error FROM boxes WHERE shipment_number IN (SELECT value FROM json_each(:ids))",
+             " last_error FROM boxes WHERE shipment_number IN LIST(:ids)",
     "history": "SELECT shipment_number, changed_at, status, seen_at FROM box_history"
-               " WHERE shipment_number IN (SELECT value FROM json_each(:ids)) ORDER BY shipment_number, changed_at",
+               " WHERE shipment_number IN LIST(:ids) ORDER BY shipment_number, changed_at",
     "reports": "SELECT return_id, state, order_number, order_item_number, shipment_number, collected_at, attempts,"
                " next_attempt_at, queued_at, done_at, outcome, last_error, revision, accepted_revision FROM reports"
-               " WHERE return_id IN (SELECT value FROM json_each(:ids))",
+               " WHERE return_id IN LIST(:ids)",
     "attempts": "SELECT return_id, attempt, attempted_at, outcome, http_status, latency_s, error FROM report_attempts"
-                " WHERE return_id IN (SELECT value FROM json_each(:ids)) ORDER BY return_id, id",
+                " WHERE return_id IN LIST(:ids) ORDER BY return_id, id",
     "corrections": "SELECT return_id, fields, before, after, report_state, corrected_at FROM corrections"
-                   " WHERE return_id IN (SELECT value FROM json_each(:ids)) ORDER BY id",
+                   " WHERE return_id IN LIST(:ids) ORDER BY id",
 }
 # Retention: boxes closed before :cutoff whose every return is finished too (reported before it,
-# or in a cancelled box) go with all their rows, a batch at a time, oldest first; then resolved
-# quarantine entries. A stale box needs a person: never finished. Each batch is one transaction.
+# or in a cancelled box) go with all their rows, a batch at a time, oldest first (the deletes in
+# this order); then resolved quarantine entries. A stale box needs a person: never finished. Each
+# batch is one transaction.
 RETENTION_SQL = {
     "finished_boxes":
         "SELECT b.shipment_number FROM boxes b INDEXED BY boxes_closed"
@@ -681,48 +732,52 @@ RETENTION_SQL = {
         " WHERE r.shipment_number = b.shipment_number AND NOT ((p.state = 'done' AND p.done_at < :cutoff)"
         " OR (p.state = 'withdrawn' AND b.state = 'cancelled')))"
         " ORDER BY b.closed_at LIMIT :limit",
-    "delete": [
-        "DELETE FROM report_attempts WHERE return_id IN (SELECT r.id FROM json_each(:boxes) j"
-        " CROSS JOIN returns r ON r.shipment_number = j.value)",
-        "DELETE FROM corrections WHERE return_id IN (SELECT r.id FROM json_each(:boxes) j"
-        " CROSS JOIN returns r ON r.shipment_number = j.value)",
-        "DELETE FROM quarantine WHERE resolved_at IS NOT NULL AND return_id IN (SELECT r.id FROM json_each(:boxes) j"
-        " CROSS JOIN returns r ON r.shipment_number = j.value)",
-        "DELETE FROM reports WHERE return_id IN (SELECT r.id FROM json_each(:boxes) j"
-        " CROSS JOIN returns r ON r.shipment_number = j.value)",
-        "DELETE FROM returns WHERE shipment_number IN (SELECT value FROM json_each(:boxes))",
-        "DELETE FROM box_history WHERE shipment_number IN (SELECT value FROM json_each(:boxes))",
-        "DELETE FROM boxes WHERE shipment_number IN (SELECT value FROM json_each(:boxes))",
-    ],
+    "delete_attempts": "DELETE FROM report_attempts WHERE return_id IN"
+                       " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
+    "delete_corrections": "DELETE FROM corrections WHERE return_id IN"
+                          " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
+    "delete_quarantine": "DELETE FROM quarantine WHERE resolved_at IS NOT NULL AND return_id IN"
+                         " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
+    "delete_reports": "DELETE FROM reports WHERE return_id IN"
+                      " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
+    "delete_returns": "DELETE FROM returns WHERE shipment_number IN LIST(:boxes)",
+    "delete_history": "DELETE FROM box_history WHERE shipment_number IN LIST(:boxes)",
+    "delete_boxes": "DELETE FROM boxes WHERE shipment_number IN LIST(:boxes)",
     "resolved_quarantine": "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine"
                            " WHERE resolved_at < :cutoff LIMIT :limit)",
 }
-# `export`: every return (or every closed box's history), streamed in rowid order — one pass over
-# the tables, constant memory however many rows. `:state` is a report or a box state, or NULL.
+PRUNE_DELETES = tuple(name for name in RETENTION_SQL if name.startswith("delete_"))
+# `export`: every return (or every closed box's history), streamed in insertion order — one pass
+# over the tables, constant memory however many rows. `:state` is a report or a box state, or NULL.
 EXPORT_SQL = {
-    "returns": "SELECT r.id AS return_id, r.order_number, r.order_item_number, r.shipment_number, r.requested_at,"
-               " r.seen_at AS collected_at, b.state AS box_state, b.last_status, b.delivered_at,"
-               " p.state AS report_state, p.outcome AS report_outcome, p.done_at AS reported_at,"
-               " p.attempts AS report_attempts, p.last_error AS report_error"
-               " FROM returns r LEFT JOIN boxes b ON b.shipment_number = r.shipment_number"
-               " LEFT JOIN reports p ON p.return_id = r.id"
-               " WHERE r.seen_at >= :since AND r.seen_at < :until"
-               " AND (:state IS NULL OR p.state = :state OR b.state = :state) ORDER BY r.rowid",
-    "timelines": "SELECT b.shipment_number, COALESCE(b.requested_at, b.first_seen_at) AS requested_at,"
-                 " b.registered_at, (SELECT COUNT(*) FROM returns r WHERE r.shipment_number = b.shipment_number)"
-                 " AS items, h.changed_at, h.status FROM boxes b JOIN box_history h"
-                 " ON h.shipment_number = b.shipment_number WHERE b.state IN ('delivered', 'cancelled')"
-                 " AND b.first_seen_at >= :since AND b.first_seen_at < :until AND (:state IS NULL OR b.state = :state)"
-                 " ORDER BY b.shipment_number, h.changed_at",
+    "export_returns":
+        "SELECT r.id AS return_id, r.order_number, r.order_item_number, r.shipment_number, r.requested_at,"
+        " r.seen_at AS collected_at, b.state AS box_state, b.last_status, b.delivered_at,"
+        " p.state AS report_state, p.outcome AS report_outcome, p.done_at AS reported_at,"
+        " p.attempts AS report_attempts, p.last_error AS report_error"
+        " FROM returns r LEFT JOIN boxes b ON b.shipment_number = r.shipment_number"
+        " LEFT JOIN reports p ON p.return_id = r.id"
+        " WHERE r.seen_at >= :since AND r.seen_at < :until"
+        " AND (CAST(:state AS TEXT) IS NULL OR p.state = :state OR b.state = :state) ORDER BY ROW_ORDER(r)",
+    "export_timelines":
+        "SELECT b.shipment_number, COALESCE(b.requested_at, b.first_seen_at) AS requested_at,"
+        " b.registered_at, (SELECT COUNT(*) FROM returns r WHERE r.shipment_number = b.shipment_number)"
+        " AS items, h.changed_at, h.status FROM boxes b JOIN box_history h"
+        " ON h.shipment_number = b.shipment_number WHERE b.state IN ('delivered', 'cancelled')"
+        " AND b.first_seen_at >= :since AND b.first_seen_at < :until"
+        " AND (CAST(:state AS TEXT) IS NULL OR b.state = :state) ORDER BY b.shipment_number, h.changed_at",
 }
-# Every statement of the reads StoreReads shares, by name (PG_READS holds PostgreSQL's).
-SQLITE_READS = {
-    **HOT_PATH_SQL,
-    **{name: sql for name, sql in OPERATOR_SQL.items() if not name.startswith("requeue")},
+# The rest of the reads.
+READ_SQL = {
     "feed_cursor": "SELECT value FROM meta WHERE key = ?",
-    "learned_history": LEARNED_HISTORY_SQL,
+    # the histories the tracking schedule learns from at start: boxes closed in the last days
+    "learned_history": "SELECT h.shipment_number, h.changed_at, h.status FROM boxes b JOIN box_history h"
+                       " ON h.shipment_number = b.shipment_number WHERE b.state IN ('delivered', 'cancelled')"
+                       " AND b.closed_at >= ? ORDER BY h.shipment_number, h.changed_at",
     "open_quarantine": "SELECT return_id, reason, raw, seen_at FROM quarantine WHERE resolved_at IS NULL"
                        " ORDER BY seen_at LIMIT ?",
+    "open_quarantine_for": "SELECT return_id, raw FROM quarantine WHERE resolved_at IS NULL"
+                           " AND (:all OR return_id IN LIST(:ids)) ORDER BY seen_at",
     "latest_corrections": "SELECT return_id, before, after, report_state, corrected_at FROM corrections"
                           " ORDER BY id DESC LIMIT ?",
     "unknown_statuses": "SELECT status, seen, last_seen_at FROM unknown_statuses ORDER BY status",
@@ -730,6 +785,8 @@ SQLITE_READS = {
     "open_quarantine_count": "SELECT COUNT(*) FROM quarantine WHERE resolved_at IS NULL",
     "unknown_status_count": "SELECT COUNT(*) FROM unknown_statuses",
 }
+SQL = {**HOT_PATH_SQL, **PAGE_SQL, **WRITE_SQL, **OPERATOR_SQL, **SHOW_SQL, **RETENTION_SQL, **EXPORT_SQL, **READ_SQL}
+
 STATE_COUNT_TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS {table}_uncounted AFTER DELETE ON {table} BEGIN
     UPDATE state_counts SET n = n - 1 WHERE kind = '{table}' AND state = OLD.state;
@@ -756,12 +813,6 @@ CREATE TRIGGER IF NOT EXISTS {table}_uncounted AFTER DELETE ON {table} BEGIN
 END;
 """
 SCHEMA += "".join(TOTAL_COUNT_TRIGGERS.format(table=table) for table in ("returns", "corrections"))  # ours only
-# What state_counts holds, counted the slow way: to fill it once for a version-1 file, and for
-# `status` on a version-1 file it may not write to.
-COUNT_BY_STATE_SQL = (
-    "SELECT 'returns', '', COUNT(*) FROM returns"
-    " UNION ALL SELECT 'boxes', state, COUNT(*) FROM boxes GROUP BY state"
-    " UNION ALL SELECT 'reports', state, COUNT(*) FROM reports GROUP BY state")
 # Columns an older file lacks (its CREATE TABLE has run already): (table, column definition).
 ADDED_COLUMNS = (
     ("reports", "revision INTEGER NOT NULL DEFAULT 0"),  # 4
@@ -1016,534 +1067,12 @@ async def _rollback(connection: aiosqlite.Connection) -> None:
         await connection.execute("ROLLBACK")
 
 
-class StoreReads:
-    """The reads both backends make alike, written once: each names a statement of the backend's
-    READS (SHOW for `show`) and runs it through the backend's _rows or _dicts."""
-
-    READS: typing.ClassVar[Mapping[str, str]]
-    SHOW: typing.ClassVar[Mapping[str, str]]
-
-    async def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
-        raise NotImplementedError
-
-    async def _dicts(self, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        raise NotImplementedError
-
-    def _id_list(self, ids: Sequence[str]) -> Any:
-        """A list of ids as the backend's statements take it (one parameter)."""
-        raise NotImplementedError
-
-    async def _read(self, name: str, *params: Any) -> list[Any]:
-        return await self._rows(self.READS[name], params)
-
-    async def _newer_read(self, name: str, *params: Any) -> list[Any]:
-        """A read of what a version-3 SQLite file lacks (corrections, overdue): on such a file,
-        opened read-only by `status` before any upgrade, there is none of it yet."""
-        return await self._read(name, *params)
-
-    async def _value(self, name: str) -> Any:
-        return (await self._read(name))[0][0]
-
-    # ── for the stages ──────────────────────────────────────────────────────────────────────
-
-    async def closed_histories(self, since: float) -> list[tuple[StatusChange, ...]]:
-        """The status histories of boxes closed since `since`, each oldest first."""
-        histories: dict[str, list[StatusChange]] = {}
-        for shipment_number, at, status in await self._read("learned_history", since):
-            histories.setdefault(shipment_number, []).append(StatusChange(status, at))
-        return [tuple(history) for history in histories.values()]
-
-    async def feed_cursor(self) -> str | None:
-        rows = await self._read("feed_cursor", FEED_CURSOR_KEY)
-        return rows[0][0] if rows else None
-
-    async def due_boxes(self, now: float, limit: int) -> list[DueBox]:
-        return [DueBox(*row) for row in await self._read("due_boxes", now, limit)]
-
-    async def next_box_due_at(self) -> float | None:
-        return await self._value("next_box_due_at")
-
-    async def due_reports(self, now: float, limit: int) -> list[DueReport]:
-        return [DueReport(*row) for row in await self._read("due_reports", now, limit)]
-
-    async def next_report_due_at(self) -> float | None:
-        return await self._value("next_report_due_at")
-
-    async def oldest_pending_report_queued_at(self) -> float | None:
-        return await self._value("oldest_pending_report")
-
-    # ── for `status` and the demo ───────────────────────────────────────────────────────────
-
-    async def overdue_boxes(self, before: float, limit: int) -> list[tuple[str, float, str | None, float | None, int]]:
-        return await self._newer_read("overdue_boxes", before, limit)
-
-    async def oldest_pending_reports(self, limit: int) -> list[tuple[str, str, float, int, str | None]]:
-        return await self._read("oldest_pending_reports", limit)
-
-    async def oldest_tracking_boxes(self, limit: int) -> list[tuple[str, float, str | None, int]]:
-        return await self._read("oldest_tracking_boxes", limit)
-
-    async def open_quarantine(self, limit: int) -> list[tuple[str | None, str, str, float]]:
-        return await self._read("open_quarantine", limit)
-
-    async def dead_reports(self, limit: int) -> list[tuple[str, str, str | None, float]]:
-        return await self._read("dead_reports", limit)
-
-    async def stale_boxes(self, limit: int) -> list[tuple[str, float, int]]:
-        return await self._read("stale_boxes", limit)
-
-    async def latest_corrections(self, limit: int) -> list[tuple[str, str, str, str | None, float]]:
-        """(return id, before, after, report state then, when), newest first; before/after are JSON."""
-        return await self._newer_read("latest_corrections", limit)
-
-    async def outdated_reports(self, limit: int) -> list[tuple[str, str, str, float | None]]:
-        """Reports the partner recorded under fields a correction has since changed: (return id, the
-        latest correction's before and after as JSON, when the report was recorded)."""
-        return await self._newer_read("outdated_reports", limit)
-
-    async def unknown_statuses(self) -> list[tuple[str, int, float]]:
-        return await self._read("unknown_statuses")
-
-    async def counts(self) -> dict[str, int]:
-        """Totals by kind and state, e.g. {"returns": 10, "boxes.tracking": 3, "reports.done": 7}."""
-        counts: dict[str, int] = {}
-        for kind, state, n in await self._state_counts():
-            if n:
-                counts[f"{kind}.{state}" if state else kind] = n
-        counts.setdefault("returns", 0)
-        counts["quarantine.open"] = await self._value("open_quarantine_count")
-        counts["unknown_statuses"] = await self._value("unknown_status_count")
-        return counts
-
-    async def _state_counts(self) -> list[Any]:
-        """(kind, state, n) as the triggers keep them in state_counts."""
-        return await self._read("state_counts")
-
-    async def story(self, key: str) -> dict[str, Any]:
-        """Everything known about the returns `key` names (an id, order number or shipment number),
-        their boxes and reports, as plain data; empty lists when it names nothing."""
-        returns = await self._dicts(self.SHOW["returns"], {"key": key})
-        ids = {"ids": self._id_list(sorted({r["id"] for r in returns} | {key}))}
-        shipments = {"ids": self._id_list(sorted({r["shipment_number"] for r in returns} | {key}))}
-        return {
-            "returns": returns,
-            "quarantine": await self._dicts(self.SHOW["quarantine"], ids),
-            "boxes": await self._dicts(self.SHOW["boxes"], shipments),
-            "history": await self._dicts(self.SHOW["history"], shipments),
-            "reports": await self._dicts(self.SHOW["reports"], ids),
-            "attempts": await self._dicts(self.SHOW["attempts"], ids),
-            "corrections": await self._dicts(self.SHOW["corrections"], ids),
-        }
-
-
-class Store(StoreReads):
-    """All SQL lives here. Callers hand transitions to `commit`; reads go through the reader."""
-
-    READS = SQLITE_READS
-    SHOW = SHOW_SQL
-
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, path: str) -> None:
-        self._writer = writer
-        self._reader = reader
-        self.path = path
-
-    @classmethod
-    async def open(cls, path: str, *, readonly: bool = False) -> "Store":
-        if readonly:
-            if not Path(path).exists():
-                raise FileNotFoundError(path)
-            reader = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-            await reader.execute("PRAGMA busy_timeout = 5000")
-            return cls(reader, reader, path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # the file holds customer data: owner only
-        os.close(fd)
-        writer = await aiosqlite.connect(path, isolation_level=None)
-        try:
-            for pragma in (
-                "PRAGMA auto_vacuum = INCREMENTAL",  # before anything is written: a new file starts so
-                "PRAGMA journal_mode = WAL",
-                "PRAGMA synchronous = NORMAL",
-                "PRAGMA busy_timeout = 5000",
-                "PRAGMA foreign_keys = ON",
-            ):
-                await writer.execute(pragma)
-            await cls._check_integrity(writer, path)
-            await cls._vacuum_incrementally(writer)
-            await writer.executescript(SCHEMA)
-            await cls._migrate(writer)
-        except BaseException:
-            await writer.close()  # its thread would otherwise keep the failed process alive
-            raise
-        reader = await aiosqlite.connect(path, isolation_level=None)
-        await reader.execute("PRAGMA busy_timeout = 5000")
-        return cls(writer, reader, path)
-
-    @staticmethod
-    async def _migrate(writer: aiosqlite.Connection) -> None:
-        """Version 2 counts rows by state with triggers: count what a version-1 file already
-        holds, once. Version 3 reads stale and dead rows by partial indexes (SCHEMA creates them):
-        the full indexes on state go. Versions 4 to 6 add columns (ADDED_COLUMNS; SCHEMA creates
-        their new tables). One transaction, so a concurrent `requeue` cannot slip between."""
-        await writer.execute("BEGIN IMMEDIATE")
-        try:
-            version = list(await writer.execute_fetchall("PRAGMA user_version"))[0][0]
-            if version < 2:
-                await writer.execute("DELETE FROM state_counts")
-                await writer.execute("INSERT INTO state_counts (kind, state, n) " + COUNT_BY_STATE_SQL)
-            if version < 3:
-                await writer.execute("DROP INDEX IF EXISTS boxes_by_state")
-                await writer.execute("DROP INDEX IF EXISTS reports_by_state")
-            if version < SCHEMA_VERSION:
-                for table, column in ADDED_COLUMNS:
-                    present = {row[1] for row in await writer.execute_fetchall(f"PRAGMA table_info({table})")}
-                    if column.split()[0] not in present:
-                        await writer.execute(f"ALTER TABLE {table} ADD COLUMN {column}")  # our names only
-            for statement in SCHEMA_AFTER_MIGRATION:
-                await writer.execute(statement)
-            await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            await writer.execute("COMMIT")
-        except BaseException:
-            await _rollback(writer)
-            raise
-
-    @staticmethod
-    async def _vacuum_incrementally(writer: aiosqlite.Connection) -> None:
-        """Pages that retention frees go back to the file system (PRAGMA incremental_vacuum after
-        each batch). A file made before that needs one full VACUUM to switch: once, at start."""
-        if list(await writer.execute_fetchall("PRAGMA auto_vacuum"))[0][0] != 2:  # set on open; an old file:
-            await writer.execute("VACUUM")
-
-    @staticmethod
-    async def _check_integrity(writer: aiosqlite.Connection, path: str) -> None:
-        """A damaged file must stop the start, not be written on. quick_check reads every page
-        (seconds for millions of rows) but skips the slow index-content comparison."""
-        rows = await writer.execute_fetchall("PRAGMA quick_check(5)")
-        problems = [row[0] for row in rows if row[0] != "ok"]
-        if problems:
-            raise sqlite3.DatabaseError(
-                f"{path} failed its integrity check: {'; '.join(problems)} — stop here and restore it from "
-                "a backup (README: Operating it)")
-
-    async def close(self) -> None:
-        await self._reader.close()
-        if self._writer is not self._reader:
-            await self._writer.close()
-
-    # ── writes: one transaction per batch of transitions ────────────────────────────────────
-
-    async def commit(self, transitions: Sequence[Transition], now: float) -> CommitResult:
-        pages = [t for t in transitions if isinstance(t, FeedPage)]
-        boxes = [t for t in transitions if isinstance(t, BoxUpdate)]
-        reports = [t for t in transitions if isinstance(t, ReportUpdate)]
-        await self._writer.execute("BEGIN IMMEDIATE")
-        try:
-            result = CommitResult()
-            for page in pages:
-                result += await self._write_page(page, now)
-            if boxes:
-                result += CommitResult(reports_queued=await self._write_box_updates(boxes, now))
-            if reports:
-                result += CommitResult(superseded=await self._write_report_updates(reports, now))
-            for wake in (t for t in transitions if isinstance(t, WakeBoxes)):
-                await self._writer.execute(WAKE_BOXES_SQL, {"now": now, "spread": wake.spread_s, "status": wake.status})
-            for prune in (t for t in transitions if isinstance(t, Prune)):
-                result += CommitResult(pruned=await self._prune(prune))
-            if any(isinstance(t, Heartbeat) for t in transitions):
-                await self._writer.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)"
-                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (HEARTBEAT_KEY, repr(now)))
-            await self._writer.execute("COMMIT")
-        except BaseException:
-            await _rollback(self._writer)
-            raise
-        if any(isinstance(t, Prune) for t in transitions):
-            # The pages retention freed go back to the file system. Outside the transaction: the
-            # pragma frees a page a step, and only a script runs it to its end.
-            await self._writer.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_BATCH});")
-        return result
-
-    async def _write_page(self, page: FeedPage, now: float) -> CommitResult:
-        w = self._writer
-        listed = {i.id for i in page.items} | {q.return_id for q in page.quarantined if q.return_id}
-        stored = {row[0]: ReturnItem(*row) for row in
-                  await w.execute_fetchall(PAGE_SQL["stored_returns"], (json.dumps(sorted(listed)),))}
-        new, corrections = reconcile_listings(page.items, stored)
-        cur = await w.executemany(
-            "INSERT INTO returns (id, order_number, order_item_number, shipment_number, requested_at, seen_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            [(i.id, i.order_number, i.order_item_number, i.shipment_number, i.requested_at, now) for i in new],
-        )
-        added = max(cur.rowcount, 0)
-        if corrections:
-            corrections = await self._write_corrections(corrections, now)
-        await w.executemany(
-            "INSERT INTO boxes (shipment_number, state, next_check_at, first_seen_at, requested_at)"
-            " VALUES (?, ?, ?, ?, (SELECT MIN((julianday(requested_at) - 2440587.5) * 86400.0) FROM returns"
-            " WHERE shipment_number = ?))"
-            " ON CONFLICT (shipment_number) DO NOTHING",
-            [(s, BoxState.TRACKING.value, t, now, s) for s, t in page.first_checks],
-        )
-        shipments = json.dumps([s for s, _ in page.first_checks])
-        await w.execute(PAGE_SQL["revive_emptied_boxes"], (now, now, shipments))
-        ids = json.dumps(sorted({i.id for i in page.items}))
-        cur = await w.execute(PAGE_SQL["reports_for_delivered_boxes"], (now, now, ids))
-        queued = max(cur.rowcount, 0)
-        await w.execute(PAGE_SQL["resolve_quarantine"], (now, ids))
-        cur = await w.executemany(
-            "INSERT INTO quarantine (fingerprint, return_id, reason, raw, seen_at) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (fingerprint) DO NOTHING",
-            [(q.fingerprint, q.return_id, q.reason, q.raw, now) for q in page.quarantined],
-        )
-        quarantined = max(cur.rowcount, 0)
-        if page.next_cursor is not None:
-            await w.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (FEED_CURSOR_KEY, page.next_cursor),
-            )
-        broken = frozenset(q.return_id for q in page.quarantined if q.return_id and q.return_id in stored)
-        return CommitResult(added, quarantined, queued, tuple(corrections), broken)
-
-    async def _write_corrections(self, corrections: Sequence[Correction], now: float) -> list[Correction]:
-        """Apply corrections: the return takes its latest fields, its report follows them (see
-        CORRECT_REPORT_SQL), a box left without items stops being polled, and each is recorded."""
-        w = self._writer
-        ids = json.dumps([c.return_id for c in corrections])
-        reports = {row[0]: ReportState(row[1]) for row in await w.execute_fetchall(PAGE_SQL["report_states"], (ids,))}
-        corrections = [dataclasses.replace(c, report_state=reports.get(c.return_id)) for c in corrections]
-        await w.executemany(
-            "UPDATE returns SET order_number = ?, order_item_number = ?, shipment_number = ?, requested_at = ?"
-            " WHERE id = ?",
-            [(c.after.order_number, c.after.order_item_number, c.after.shipment_number, c.after.requested_at,
-              c.return_id) for c in corrections],
-        )
-        await w.executemany(
-            "INSERT INTO corrections (return_id, fields, before, after, report_state, corrected_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            [(c.return_id, ",".join(c.fields), json.dumps({f: getattr(c.before, f) for f in c.fields}),
-              json.dumps({f: getattr(c.after, f) for f in c.fields}),
-              c.report_state.value if c.report_state else None, now) for c in corrections],
-        )
-        await w.executemany(CORRECT_REPORT_SQL, [
-            {"order_number": c.after.order_number, "order_item_number": c.after.order_item_number,
-             "shipment_number": c.after.shipment_number, "moved": c.moved, "now": now, "return_id": c.return_id}
-            for c in corrections if c.report_state is not None and c.changes_report])
-        left = json.dumps(sorted({c.before.shipment_number for c in corrections if c.moved}))
-        await w.execute(PAGE_SQL["empty_boxes"], (now, left))
-        return corrections
-
-    async def _write_box_updates(self, updates: Sequence[BoxUpdate], now: float) -> int:
-        w = self._writer
-        await w.executemany(
-            "UPDATE boxes SET state = ?, next_check_at = ?, checks = checks + ?, not_found = ?, errors = ?,"
-            " registered_at = CASE WHEN ? THEN COALESCE(registered_at, ?) ELSE registered_at END,"
-            " last_status = COALESCE(?, last_status), delivered_at = COALESCE(?, delivered_at),"
-            " closed_at = ?, last_error = CASE WHEN ? THEN ? ELSE last_error END,"
-            " status_since = MAX(COALESCE(status_since, ?), COALESCE(?, status_since))"
-            " WHERE shipment_number = ? AND state = ?",
-            [
-                (
-                    u.state.value,
-                    u.next_check_at,
-                    int(u.called),
-                    u.not_found,
-                    u.errors,
-                    u.registered,
-                    now,
-                    u.last_status,
-                    u.delivered_at,
-                    None if u.state is BoxState.TRACKING else now,
-                    u.called,
-                    u.last_error,
-                    u.history[-1].at if u.history else None,
-                    u.history[-1].at if u.history else None,
-                    u.shipment_number,
-                    BoxState.TRACKING.value,
-                )
-                for u in updates
-            ],
-        )
-        recorded = [u for u in updates if u.history]
-        if recorded:
-            await w.executemany(
-                "INSERT INTO box_history (shipment_number, changed_at, status, seen_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT DO NOTHING",
-                [(u.shipment_number, h.at, h.status, now) for u in recorded for h in u.history])
-            await w.executemany(  # bounded per box: the oldest entries past HISTORY_PER_BOX go
-                "DELETE FROM box_history WHERE shipment_number = ? AND changed_at < (SELECT changed_at"
-                " FROM box_history WHERE shipment_number = ? ORDER BY changed_at DESC LIMIT 1 OFFSET ?)",
-                [(u.shipment_number, u.shipment_number, HISTORY_PER_BOX - 1) for u in recorded])
-        delivered = [u for u in updates if u.state is BoxState.DELIVERED]
-        cur = await w.executemany(
-            "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
-            " state, next_attempt_at, queued_at)"
-            " SELECT id, order_number, order_item_number, shipment_number, ?, ?, ?, ?"
-            " FROM returns WHERE shipment_number = ?" + QUEUE_REPORT_UPSERT,
-            [(u.delivered_at, ReportState.PENDING.value, now, now, u.shipment_number) for u in delivered],
-        )
-        unknown = [u.unknown_status for u in updates if u.unknown_status]
-        await w.executemany(
-            "INSERT INTO unknown_statuses (status, first_seen_at, last_seen_at, seen) VALUES (?, ?, ?, 1)"
-            " ON CONFLICT (status) DO UPDATE SET last_seen_at = excluded.last_seen_at, seen = seen + 1",
-            [(s, now, now) for s in unknown],
-        )
-        return max(cur.rowcount, 0) if delivered else 0
-
-    async def _prune(self, prune: Prune) -> int:
-        w = self._writer
-        params = {"cutoff": prune.cutoff, "limit": prune.limit}
-        boxes = [row[0] for row in await w.execute_fetchall(RETENTION_SQL["finished_boxes"], params)]
-        if boxes:
-            listed = {"boxes": json.dumps(boxes)}
-            for statement in RETENTION_SQL["delete"]:
-                await w.execute(statement, listed)
-        await w.execute(RETENTION_SQL["resolved_quarantine"], params)
-        return len(boxes)
-
-    async def _write_report_updates(self, updates: Sequence[ReportUpdate], now: float) -> frozenset[str]:
-        """Returns the reports settled (done or dead) by an answer to a body since corrected."""
-        await self._writer.executemany(REPORT_ANSWER_SQL, [
-            {"state": u.state.value, "revision": u.revision, "called": int(u.called),
-             "next_attempt_at": u.next_attempt_at, "now": now, "outcome": u.outcome, "last_error": u.last_error,
-             "done_at": None if u.state is ReportState.PENDING else now, "return_id": u.return_id}
-            for u in updates
-        ])
-        called = [u for u in updates if u.called]
-        await self._writer.executemany(
-            "INSERT INTO report_attempts (return_id, attempt, attempted_at, outcome, http_status, latency_s, error)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(u.return_id, u.attempt, now, u.outcome or "retry", u.http_status, u.latency_s, u.last_error)
-             for u in called])
-        await self._writer.executemany(  # bounded per report: only a report retried that often has older ones
-            "DELETE FROM report_attempts WHERE return_id = ? AND id NOT IN (SELECT id FROM report_attempts"
-            " WHERE return_id = ? ORDER BY id DESC LIMIT ?)",
-            [(u.return_id, u.return_id, ATTEMPTS_PER_REPORT) for u in called if u.attempt > ATTEMPTS_PER_REPORT])
-        settling = [[u.return_id, u.revision] for u in updates if u.state is not ReportState.PENDING]
-        if not settling:
-            return frozenset()
-        rows = await self._writer.execute_fetchall(PAGE_SQL["superseded_answers"], (json.dumps(settling),))
-        return frozenset(row[0] for row in rows)
-
-    # ── operator requeues: back into the pipeline after the cause was fixed ─────────────────
-    # `ids` None means all.
-
-    async def requeue_dead_reports(self, ids: Sequence[str] | None, now: float) -> list[str]:
-        return await self._requeue(OPERATOR_SQL["requeue_dead_reports"], (now,), ids)
-
-    async def requeue_stale_boxes(self, ids: Sequence[str] | None, now: float) -> list[str]:
-        return await self._requeue(OPERATOR_SQL["requeue_stale_boxes"], (now, now), ids)
-
-    async def _requeue(self, sql: str, params: tuple[Any, ...], ids: Sequence[str] | None) -> list[str]:
-        id_list = None if ids is None else json.dumps(list(ids))
-        await self._writer.execute("BEGIN IMMEDIATE")
-        try:
-            rows = await self._writer.execute_fetchall(sql, (*params, id_list, id_list))
-            await self._writer.execute("COMMIT")
-        except BaseException:
-            await _rollback(self._writer)
-            raise
-        return sorted(row[0] for row in rows)
-
-    async def open_quarantine_for(self, ids: Sequence[str] | None) -> list[tuple[str | None, str]]:
-        id_list = None if ids is None else json.dumps(list(ids))
-        return await self._rows(
-            "SELECT return_id, raw FROM quarantine WHERE resolved_at IS NULL"
-            " AND (? IS NULL OR return_id IN (SELECT value FROM json_each(?))) ORDER BY seen_at",
-            (id_list, id_list))
-
-    # ── reads for the stages ────────────────────────────────────────────────────────────────
-
-    # ── one instance (InstanceLock): it is the whole fleet ─────────────────────────────────
-
-    def claim_holds(self, kind: str, seconds: float, key: str) -> bool:
-        return True
-
-    @property
-    def leads_feed(self) -> bool:
-        return True
-
-    async def keep_alive(self, boxes: Sequence[str], reports: Sequence[str]) -> int:
-        return 1
-
-    async def lead_feed(self) -> int | None:
-        return 0
-
-    async def alert_once(self, key: str, window_s: float) -> bool:
-        return True
-
-    async def leave(self) -> None:
-        pass
-
-    # ── reads of its own ────────────────────────────────────────────────────────────────────
-
-    def _id_list(self, ids: Sequence[str]) -> str:
-        return json.dumps(list(ids))  # read by json_each
-
-    async def _state_counts(self) -> list[Any]:
-        try:
-            return await self._read("state_counts")
-        except sqlite3.OperationalError:  # a version-1 file opened read-only (`status`): count
-            return await self._rows(COUNT_BY_STATE_SQL, ())
-
-    async def overdue(self, before: float) -> tuple[int, float | None]:
-        """How many tracked boxes were requested before `before`, and the oldest one's request."""
-        try:
-            count, oldest = (await self._rows(HOT_PATH_SQL["overdue_count"], (before,)))[0]
-        except sqlite3.OperationalError as exc:  # an older file opened read-only (`status`)
-            if "no such" not in str(exc):
-                raise
-            return 0, None
-        return count, oldest
-
-    async def export(self, kind: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
-        """EXPORT_SQL[kind]'s rows as dicts, fetched a chunk at a time within one read snapshot (a
-        consistent export)."""
-        async with self._reader.execute(EXPORT_SQL[kind], params) as cursor:
-            names = [column[0] for column in cursor.description]
-            async for row in cursor:
-                yield dict(zip(names, row))
-
-    async def _dicts(self, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        try:
-            cursor = await self._reader.execute(sql, params)
-            try:
-                names = [column[0] for column in cursor.description]
-                return [dict(zip(names, row)) for row in await cursor.fetchall()]
-            finally:
-                await cursor.close()
-        except sqlite3.OperationalError as exc:  # an older file opened read-only: it has none of these yet
-            if "no such" not in str(exc):
-                raise
-            return []
-
-    async def _newer_read(self, name: str, *params: Any) -> list[Any]:
-        try:
-            return await self._read(name, *params)
-        except sqlite3.OperationalError:  # a version-3 file opened read-only (`status`): it has none
-            return []
-
-    async def rows_of(self, table: str) -> typing.AsyncGenerator[tuple[Any, ...], None]:
-        """Every row of one of COPIED_TABLES, its columns in that order, oldest first (`migrate`)."""
-        columns = ", ".join(COPIED_TABLES[table])  # our names only
-        order = "shipment_number, changed_at" if table == "box_history" else "rowid"  # WITHOUT ROWID
-        async with self._reader.execute(f"SELECT {columns} FROM {table} ORDER BY {order}") as cursor:
-            async for row in cursor:
-                yield tuple(row)
-
-    async def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
-        # One thread hop that runs the statement to its end. A statement left open across hops
-        # (execute, then fetch, then close) holds its read snapshot, and a query another stage
-        # runs meanwhile on this connection would see that stale snapshot.
-        return [tuple(row) for row in await self._reader.execute_fetchall(sql, params)]
-
-
-# ── storage: PostgreSQL ─────────────────────────────────────────────────────────────────────
-# The same tables and transitions in PostgreSQL, for `storage.url`: what PgStore does is what
-# Store does, statement for statement (the SQLite statements above explain each); only the
-# dialect differs — arrays instead of JSON lists, ON CONFLICT on both, triggers in PL/pgSQL,
-# seconds as double precision. The store's rules in tests/test_corrections.py and tests/test_storage.py
-# run on both.
-
-PG_SCHEMA_VERSION = 1  # PostgreSQL's own numbering: version 1 holds what SQLite's version 6 holds
+# ── PostgreSQL's tables ─────────────────────────────────────────────────────────────────────
+# The same tables in PostgreSQL, for `storage.url` (the DDL is the one thing written per backend:
+# identity columns, triggers in PL/pgSQL, seconds as double precision), and the fleet's own: claims
+# on rows, the feed's lease, the alerts sent.
+
+PG_SCHEMA_VERSION = 2  # PostgreSQL's own numbering: 1 holds what SQLite's version 6 holds; 2: no instances table
 PG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -1622,12 +1151,8 @@ CREATE TABLE IF NOT EXISTS leases (
     until  DOUBLE PRECISION NOT NULL DEFAULT 0
 );
 INSERT INTO leases (name) VALUES ('feed') ON CONFLICT (name) DO NOTHING;
--- The live instances (a heartbeat each few seconds): they share the partner's limits.
-CREATE TABLE IF NOT EXISTS instances (
-    id         TEXT PRIMARY KEY,
-    started_at DOUBLE PRECISION NOT NULL,
-    seen_at    DOUBLE PRECISION NOT NULL
-);
+-- Version 1 counted live instances by heartbeats; their membership locks do now (PgFleet).
+DROP TABLE IF EXISTS instances;
 -- Slack alerts sent by any instance: one per key and window for the whole fleet.
 CREATE TABLE IF NOT EXISTS alerts_sent (
     key     TEXT PRIMARY KEY,
@@ -1718,145 +1243,11 @@ CREATE OR REPLACE TRIGGER {table}_counted AFTER INSERT OR DELETE ON {table}
 """
 PG_SCHEMA += "".join(PG_STATE_COUNT_TRIGGERS.format(table=table) for table in ("boxes", "reports"))  # ours only
 PG_SCHEMA += "".join(PG_TOTAL_COUNT_TRIGGERS.format(table=table) for table in ("returns", "corrections"))
-PG_QUEUE_REPORT_UPSERT = QUEUE_REPORT_UPSERT  # the same words in both dialects
-# Every statement, by the name of its SQLite counterpart (or what it does).
-PG_SQL = {
-    "put_meta": "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-    "feed_cursor": "SELECT value FROM meta WHERE key = %s",
-    "has_schema": "SELECT to_regclass('meta') IS NOT NULL",
-    "schema_version": "SELECT value FROM meta WHERE key = 'schema_version'",
-    "stored_returns": "SELECT id, order_number, order_item_number, shipment_number, requested_at FROM returns"
-                      " WHERE id = ANY(%s)",
-    "insert_return": "INSERT INTO returns (id, order_number, order_item_number, shipment_number, requested_at,"
-                     " seen_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-    "insert_box": "INSERT INTO boxes (shipment_number, state, next_check_at, first_seen_at, requested_at)"
-                  " VALUES (%s, %s, %s, %s, (SELECT MIN(EXTRACT(EPOCH FROM requested_at::timestamptz))::float8"
-                  " FROM returns WHERE shipment_number = %s)) ON CONFLICT (shipment_number) DO NOTHING",
-    "revive_emptied_boxes": "UPDATE boxes SET state = 'tracking', next_check_at = %s, first_seen_at = %s,"
-                            " not_found = 0, errors = 0, closed_at = NULL"
-                            " WHERE shipment_number = ANY(%s) AND state = 'emptied'",
-    "reports_for_delivered_boxes":
-        "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
-        " state, next_attempt_at, queued_at)"
-        " SELECT r.id, r.order_number, r.order_item_number, r.shipment_number, b.delivered_at, 'pending', %s, %s"
-        " FROM returns r JOIN boxes b ON b.shipment_number = r.shipment_number"
-        " WHERE r.id = ANY(%s) AND b.state = 'delivered'" + PG_QUEUE_REPORT_UPSERT,
-    "resolve_quarantine": "UPDATE quarantine SET resolved_at = %s WHERE resolved_at IS NULL AND return_id = ANY(%s)",
-    "insert_quarantine": "INSERT INTO quarantine (fingerprint, return_id, reason, raw, seen_at)"
-                         " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (fingerprint) DO NOTHING",
-    "report_states": "SELECT return_id, state FROM reports WHERE return_id = ANY(%s)",
-    "correct_return": "UPDATE returns SET order_number = %s, order_item_number = %s, shipment_number = %s,"
-                      " requested_at = %s WHERE id = %s",
-    "insert_correction": "INSERT INTO corrections (return_id, fields, before, after, report_state, corrected_at)"
-                         " VALUES (%s, %s, %s, %s, %s, %s)",
-    "correct_report":
-        "UPDATE reports SET revision = revision + 1,"
-        " order_number = CASE WHEN state = 'done' THEN order_number ELSE %(order_number)s END,"
-        " order_item_number = CASE WHEN state = 'done' THEN order_item_number ELSE %(order_item_number)s END,"
-        " shipment_number = CASE WHEN state = 'done' THEN shipment_number ELSE %(shipment_number)s END,"
-        " state = CASE WHEN state = 'done' THEN 'done' WHEN %(moved)s THEN 'withdrawn' ELSE 'pending' END,"
-        " next_attempt_at = CASE WHEN state = 'done' OR %(moved)s THEN NULL WHEN state = 'dead' THEN %(now)s"
-        " ELSE next_attempt_at END,"
-        " attempts = CASE WHEN state = 'dead' THEN 0 ELSE attempts END,"
-        " outcome = CASE WHEN state = 'dead' THEN NULL ELSE outcome END,"
-        " done_at = CASE WHEN state = 'dead' THEN NULL ELSE done_at END"
-        " WHERE return_id = %(return_id)s",
-    "empty_boxes": "UPDATE boxes SET state = 'emptied', next_check_at = NULL, closed_at = %s"
-                   " WHERE shipment_number = ANY(%s) AND state IN ('tracking', 'stale')"
-                   " AND NOT EXISTS (SELECT 1 FROM returns r WHERE r.shipment_number = boxes.shipment_number)",
-    "box_update":
-        "UPDATE boxes SET state = %(state)s, next_check_at = %(next_check_at)s, checks = checks + %(called_n)s,"
-        " not_found = %(not_found)s, errors = %(errors)s,"
-        " registered_at = CASE WHEN %(registered)s THEN COALESCE(registered_at, %(now)s) ELSE registered_at END,"
-        " last_status = COALESCE(%(last_status)s, last_status),"
-        " delivered_at = COALESCE(%(delivered_at)s, delivered_at),"
-        " closed_at = %(closed_at)s, last_error = CASE WHEN %(called)s THEN %(last_error)s ELSE last_error END,"
-        " status_since = GREATEST(COALESCE(status_since, %(since)s), COALESCE(%(since)s, status_since)),"
-        " claimed_by = NULL, claim_until = NULL, claim = NULL"
-        " WHERE shipment_number = %(shipment_number)s AND state = 'tracking'",
-    "insert_history": "INSERT INTO box_history (shipment_number, changed_at, status, seen_at) VALUES (%s, %s, %s, %s)"
-                      " ON CONFLICT DO NOTHING",
-    "bound_history": "DELETE FROM box_history WHERE shipment_number = %s AND changed_at < (SELECT changed_at"
-                     " FROM box_history WHERE shipment_number = %s ORDER BY changed_at DESC LIMIT 1 OFFSET %s)",
-    "queue_reports": "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
-                     " state, next_attempt_at, queued_at)"
-                     " SELECT id, order_number, order_item_number, shipment_number, %s, %s, %s, %s"
-                     " FROM returns WHERE shipment_number = %s" + PG_QUEUE_REPORT_UPSERT,
-    "unknown_status": "INSERT INTO unknown_statuses (status, first_seen_at, last_seen_at, seen) VALUES (%s, %s, %s, 1)"
-                      " ON CONFLICT (status) DO UPDATE SET last_seen_at = excluded.last_seen_at,"
-                      " seen = unknown_statuses.seen + 1",
-    "report_answer":
-        "UPDATE reports SET"
-        " state = CASE WHEN %(state)s = 'done' OR revision = %(revision)s THEN %(state)s ELSE state END,"
-        " attempts = attempts + %(called_n)s,"
-        " next_attempt_at = CASE WHEN %(state)s = 'done' OR revision = %(revision)s THEN %(next_attempt_at)s"
-        " WHEN state = 'pending' THEN %(now)s ELSE next_attempt_at END,"
-        " outcome = CASE WHEN %(state)s = 'done' OR revision = %(revision)s THEN %(outcome)s ELSE outcome END,"
-        " last_error = CASE WHEN %(called)s THEN %(last_error)s ELSE last_error END,"
-        " done_at = CASE WHEN %(state)s = 'done' OR revision = %(revision)s THEN %(done_at)s ELSE done_at END,"
-        " first_sent_revision = CASE WHEN %(called)s THEN LEAST(COALESCE(first_sent_revision, %(revision)s),"
-        " %(revision)s) ELSE first_sent_revision END,"
-        " accepted_revision = CASE %(outcome)s WHEN 'recorded' THEN %(revision)s"
-        " WHEN 'duplicate' THEN LEAST(COALESCE(first_sent_revision, %(revision)s), %(revision)s)"
-        " ELSE accepted_revision END,"
-        " claimed_by = NULL, claim_until = NULL, claim = NULL"
-        " WHERE return_id = %(return_id)s AND state IN ('pending', 'withdrawn')",
-    "insert_attempt": "INSERT INTO report_attempts (return_id, attempt, attempted_at, outcome, http_status, latency_s,"
-                      " error) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-    "bound_attempts": "DELETE FROM report_attempts WHERE return_id = %s AND id NOT IN (SELECT id FROM report_attempts"
-                      " WHERE return_id = %s ORDER BY id DESC LIMIT %s)",
-    "superseded_answers": "SELECT p.return_id FROM unnest(%s::text[], %s::int[]) AS a(return_id, revision)"
-                          " JOIN reports p ON p.return_id = a.return_id WHERE p.revision <> a.revision",
-    "wake_boxes": "UPDATE boxes SET next_check_at = %(now)s + random() * %(spread)s WHERE state = 'tracking'"
-                  " AND (last_status = %(status)s OR %(status)s = '*') AND next_check_at > %(now)s + %(spread)s",
-    "learned_history": "SELECT h.shipment_number, h.changed_at, h.status FROM boxes b JOIN box_history h"
-                       " ON h.shipment_number = b.shipment_number WHERE b.state IN ('delivered', 'cancelled')"
-                       " AND b.closed_at >= %s ORDER BY h.shipment_number, h.changed_at",
-    "due_boxes": "SELECT shipment_number, first_seen_at, not_found, errors, status_since, checks FROM boxes"
-                 " WHERE state = 'tracking' AND next_check_at <= %s ORDER BY next_check_at LIMIT %s",
-    "next_box_due_at": "SELECT MIN(next_check_at) FROM boxes WHERE state = 'tracking'",
-    "due_reports": "SELECT return_id, order_number, order_item_number, shipment_number, collected_at, attempts,"
-                   " queued_at, revision, first_sent_revision FROM reports"
-                   " WHERE state = 'pending' AND next_attempt_at <= %s ORDER BY next_attempt_at LIMIT %s",
-    "next_report_due_at": "SELECT MIN(next_attempt_at) FROM reports WHERE state = 'pending'",
-    "oldest_pending_report": "SELECT MIN(queued_at) FROM reports WHERE state = 'pending'",
-    "overdue_count": "SELECT COUNT(*), MIN(COALESCE(requested_at, first_seen_at)) FROM boxes"
-                     " WHERE state = 'tracking' AND COALESCE(requested_at, first_seen_at) < %s",
-    "state_counts": "SELECT kind, state, n FROM state_counts",
-    "open_quarantine_count": "SELECT COUNT(*) FROM quarantine WHERE resolved_at IS NULL",
-    "unknown_status_count": "SELECT COUNT(*) FROM unknown_statuses",
-    "unknown_statuses": "SELECT status, seen, last_seen_at FROM unknown_statuses ORDER BY status",
-    "open_quarantine": "SELECT return_id, reason, raw, seen_at FROM quarantine WHERE resolved_at IS NULL"
-                       " ORDER BY seen_at LIMIT %s",
-    "open_quarantine_for": "SELECT return_id, raw FROM quarantine WHERE resolved_at IS NULL"
-                           " AND (%s::text[] IS NULL OR return_id = ANY(%s::text[])) ORDER BY seen_at",
-    "oldest_pending_reports": "SELECT return_id, shipment_number, queued_at, attempts, last_error FROM reports"
-                              " WHERE state = 'pending' ORDER BY queued_at LIMIT %s",
-    "oldest_tracking_boxes": "SELECT shipment_number, first_seen_at, last_status, checks FROM boxes"
-                             " WHERE state = 'tracking' ORDER BY first_seen_at LIMIT %s",
-    "dead_reports": "SELECT return_id, shipment_number, last_error, done_at FROM reports WHERE state = 'dead'"
-                    " ORDER BY done_at LIMIT %s",
-    "outdated_reports": "SELECT p.return_id, c.before, c.after, p.done_at FROM reports p"
-                        " JOIN corrections c ON c.id = (SELECT MAX(id) FROM corrections WHERE return_id = p.return_id)"
-                        " WHERE p.accepted_revision < p.revision ORDER BY p.done_at LIMIT %s",
-    "overdue_boxes": "SELECT shipment_number, COALESCE(requested_at, first_seen_at), last_status, status_since,"
-                     " checks FROM boxes WHERE state = 'tracking' AND COALESCE(requested_at, first_seen_at) < %s"
-                     " ORDER BY COALESCE(requested_at, first_seen_at) LIMIT %s",
-    "stale_boxes": "SELECT b.shipment_number, b.first_seen_at,"
-                   " (SELECT COUNT(*) FROM returns r WHERE r.shipment_number = b.shipment_number)"
-                   " FROM boxes b WHERE b.state = 'stale' ORDER BY b.first_seen_at LIMIT %s",
-    "latest_corrections": "SELECT return_id, before, after, report_state, corrected_at FROM corrections"
-                          " ORDER BY id DESC LIMIT %s",
-    "requeue_dead_reports": "UPDATE reports SET state = 'pending', attempts = 0, next_attempt_at = %s, outcome = NULL,"
-                            " done_at = NULL WHERE state = 'dead'"
-                            " AND (%s::text[] IS NULL OR return_id = ANY(%s::text[])) RETURNING return_id",
-    "requeue_stale_boxes": "UPDATE boxes SET state = 'tracking', next_check_at = %s, first_seen_at = %s,"
-                           " not_found = 0, errors = 0, closed_at = NULL, last_error = NULL WHERE state = 'stale'"
-                           " AND (%s::text[] IS NULL OR shipment_number = ANY(%s::text[])) RETURNING shipment_number",
-}
-# Sharing the work (several instances on one database). Every lease is on tracker_now(), the
-# database's clock. A claim takes due rows nobody holds (or whose holder's lease ran out), skipping
-# rows another instance is claiming this very moment (SKIP LOCKED: River, Oban, pgqueuer alike).
+
+# Sharing the work (several instances on one database: PgFleet). Every lease is on tracker_now(),
+# the database's clock. A claim takes due rows nobody holds (or whose holder's lease ran out),
+# skipping rows another instance is claiming this very moment (SKIP LOCKED: River, Oban, pgqueuer
+# alike). Only PostgreSQL has a fleet, so these are written in its words alone.
 PG_FLEET_SQL = {
     "claim_boxes":
         "WITH due AS (SELECT shipment_number FROM boxes WHERE state = 'tracking' AND next_check_at <= %(now)s"
@@ -1892,112 +1283,363 @@ PG_FLEET_SQL = {
     "take_feed": "UPDATE leases SET holder = %(me)s, epoch = epoch + 1, until = tracker_now() + %(lease)s"
                  " WHERE name = 'feed' AND (until < tracker_now() OR holder IS NULL) RETURNING epoch",
     "give_up_feed": "UPDATE leases SET until = 0 WHERE name = 'feed' AND holder = %(me)s",
-    "instance_alive": "INSERT INTO instances (id, started_at, seen_at) VALUES (%(me)s, tracker_now(), tracker_now())"
-                      " ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
-    "live_instances": "SELECT COUNT(*) FROM instances WHERE seen_at > tracker_now() - %(lease)s",
-    "instance_gone": "DELETE FROM instances WHERE id = %(me)s OR seen_at < tracker_now() - 86400",
+    # Membership: each live instance holds a session advisory lock (MEMBER_LOCK_CLASS, its own key)
+    # on a connection of its own. PostgreSQL drops the lock with the session, so a process that
+    # dies leaves the count at once, and a host that dies within its TCP keepalives.
+    "join_fleet": "SELECT pg_try_advisory_lock(%(class)s, %(key)s)",
+    "fleet_members": "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                     " AND classid = %(class)s AND objsubid = 2",
     # one Slack message per key and window for the fleet: whoever inserts (or renews) it sends it
     "alert_once": "INSERT INTO alerts_sent (key, sent_at) VALUES (%(key)s, tracker_now())"
                   " ON CONFLICT (key) DO UPDATE SET sent_at = excluded.sent_at"
                   " WHERE alerts_sent.sent_at < tracker_now() - %(window)s RETURNING key",
-}
-PG_SHOW_SQL = {
-    "returns": "SELECT id, order_number, order_item_number, shipment_number, requested_at, seen_at FROM returns"
-               " WHERE id = %(key)s OR order_number = %(key)s OR shipment_number = %(key)s ORDER BY seen_at, id",
-    "quarantine": "SELECT return_id, reason, raw, seen_at, resolved_at FROM quarantine"
-                  " WHERE return_id = ANY(%(ids)s) ORDER BY seen_at",
-    "boxes": "SELECT shipment_number, state, last_status, checks, not_found, first_seen_at, next_check_at, closed_at,"
-             " last_error FROM boxes WHERE shipment_number = ANY(%(ids)s)",
-    "history": "SELECT shipment_number, changed_at, status, seen_at FROM box_history"
-               " WHERE shipment_number = ANY(%(ids)s) ORDER BY shipment_number, changed_at",
-    "reports": "SELECT return_id, state, order_number, order_item_number, shipment_number, collected_at, attempts,"
-               " next_attempt_at, queued_at, done_at, outcome, last_error, revision, accepted_revision FROM reports"
-               " WHERE return_id = ANY(%(ids)s)",
-    "attempts": "SELECT return_id, attempt, attempted_at, outcome, http_status, latency_s, error FROM report_attempts"
-                " WHERE return_id = ANY(%(ids)s) ORDER BY return_id, id",
-    "corrections": "SELECT return_id, fields, before, after, report_state, corrected_at FROM corrections"
-                   " WHERE return_id = ANY(%(ids)s) ORDER BY id",
-}
-PG_RETENTION_SQL: dict[str, Any] = {
-    "finished_boxes":
-        "SELECT b.shipment_number FROM boxes b"
-        " WHERE b.state IN ('delivered', 'cancelled', 'emptied') AND b.closed_at < %(cutoff)s"
-        " AND NOT EXISTS (SELECT 1 FROM returns r JOIN reports p ON p.return_id = r.id"
-        " WHERE r.shipment_number = b.shipment_number AND NOT ((p.state = 'done' AND p.done_at < %(cutoff)s)"
-        " OR (p.state = 'withdrawn' AND b.state = 'cancelled')))"
-        " ORDER BY b.closed_at LIMIT %(limit)s",
-    "delete": [
-        "DELETE FROM report_attempts WHERE return_id IN"
-        " (SELECT id FROM returns WHERE shipment_number = ANY(%(boxes)s))",
-        "DELETE FROM corrections WHERE return_id IN (SELECT id FROM returns WHERE shipment_number = ANY(%(boxes)s))",
-        "DELETE FROM quarantine WHERE resolved_at IS NOT NULL AND return_id IN"
-        " (SELECT id FROM returns WHERE shipment_number = ANY(%(boxes)s))",
-        "DELETE FROM reports WHERE return_id IN (SELECT id FROM returns WHERE shipment_number = ANY(%(boxes)s))",
-        "DELETE FROM returns WHERE shipment_number = ANY(%(boxes)s)",
-        "DELETE FROM box_history WHERE shipment_number = ANY(%(boxes)s)",
-        "DELETE FROM boxes WHERE shipment_number = ANY(%(boxes)s)",
-    ],
-    "resolved_quarantine": "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine"
-                           " WHERE resolved_at < %(cutoff)s LIMIT %(limit)s)",
-}
-PG_EXPORT_SQL = {
-    "returns": "SELECT r.id AS return_id, r.order_number, r.order_item_number, r.shipment_number, r.requested_at,"
-               " r.seen_at AS collected_at, b.state AS box_state, b.last_status, b.delivered_at,"
-               " p.state AS report_state, p.outcome AS report_outcome, p.done_at AS reported_at,"
-               " p.attempts AS report_attempts, p.last_error AS report_error"
-               " FROM returns r LEFT JOIN boxes b ON b.shipment_number = r.shipment_number"
-               " LEFT JOIN reports p ON p.return_id = r.id"
-               " WHERE r.seen_at >= %(since)s AND r.seen_at < %(until)s"
-               " AND (%(state)s::text IS NULL OR p.state = %(state)s OR b.state = %(state)s) ORDER BY r.seq",
-    "timelines": "SELECT b.shipment_number, COALESCE(b.requested_at, b.first_seen_at) AS requested_at,"
-                 " b.registered_at, (SELECT COUNT(*) FROM returns r WHERE r.shipment_number = b.shipment_number)"
-                 " AS items, h.changed_at, h.status FROM boxes b JOIN box_history h"
-                 " ON h.shipment_number = b.shipment_number WHERE b.state IN ('delivered', 'cancelled')"
-                 " AND b.first_seen_at >= %(since)s AND b.first_seen_at < %(until)s"
-                 " AND (%(state)s::text IS NULL OR b.state = %(state)s)"
-                 " ORDER BY b.shipment_number, h.changed_at",
+    "has_schema": "SELECT to_regclass('meta') IS NOT NULL",
+    "schema_version": "SELECT value FROM meta WHERE key = 'schema_version'",
 }
 PG_RETRY_SQLSTATES = ("40001", "40P01")  # serialization failure, deadlock: the transaction is run again
 PG_COMMIT_ATTEMPTS = 5
+MEMBER_LOCK_CLASS = 0x74726B  # "trk": the first key of every instance's membership lock
+FLEET_COUNT_EVERY_S = 0.5  # how often an instance counts the fleet (a dead one's share returns within it)
+FLEET_SETTLE_S = 3.0  # after its own reconnect, the others' too: the count may only rise meanwhile
 
 
-class PgStore(StoreReads):
-    """Store's interface on PostgreSQL: two connections — the writer runs the committer's
-    transactions, the reader single statements (reads, claims, renewals) — each opened again
-    after it broke. A failed connection raises psycopg.OperationalError, which the committer
-    treats as the disk's failures are treated: nothing was changed, try again later."""
+# ── the dialects ────────────────────────────────────────────────────────────────────────────
 
-    READS = PG_SQL
-    SHOW = PG_SHOW_SQL
+
+class Dialect(enum.StrEnum):
+    SQLITE = "sqlite"
+    POSTGRESQL = "postgresql"
+
+
+# (pattern, replacement) in order, each dialect's spelling of SQL's shared words (see "SQL,
+# written once"). PostgreSQL's placeholders: `?` → %s, `:name` → %(name)s (a literal % doubled
+# first; a `::` cast is never a name).
+DIALECT_RULES: dict[Dialect, tuple[tuple[str, str], ...]] = {
+    Dialect.SQLITE: (
+        (r"\bIN LIST\(([^)]+)\)", r"IN (SELECT value FROM json_each(\1))"),
+        (r"\bGREATEST\(", "MAX("),
+        (r"\bLEAST\(", "MIN("),
+        (r"\bEPOCH_OF\((\w+)\)", r"((julianday(\1) - 2440587.5) * 86400.0)"),
+        (r"\bRANDOM_FRACTION\b", "((abs(random()) % 1000000) / 1000000.0)"),
+        (r"\bROW_ORDER\((\w+)\)", r"\1.rowid"),
+        (r" RELEASE_CLAIM\b", ""),
+    ),
+    Dialect.POSTGRESQL: (
+        (r"%", "%%"),
+        (r"\bIN LIST\(([^)]+)\)", r"= ANY(CAST(\1 AS text[]))"),
+        (r"\?", "%s"),
+        (r"(?<![:\w]):([A-Za-z_]\w*)", r"%(\1)s"),
+        (r"\bEPOCH_OF\((\w+)\)", r"EXTRACT(EPOCH FROM \1::timestamptz)::float8"),
+        (r"\bRANDOM_FRACTION\b", "random()"),
+        (r"\bROW_ORDER\((\w+)\)", r"\1.seq"),
+        (r" RELEASE_CLAIM\b", ", claimed_by = NULL, claim_until = NULL, claim = NULL"),
+        (r" INDEXED BY \w+", ""),
+    ),
+}
+
+
+def in_dialect(dialect: Dialect, sql: str) -> str:
+    for pattern, replacement in DIALECT_RULES[dialect]:
+        sql = re.sub(pattern, replacement, sql)
+    return sql
+
+
+STATEMENTS: dict[Dialect, dict[str, str]] = {
+    Dialect.SQLITE: {name: in_dialect(Dialect.SQLITE, sql) for name, sql in SQL.items()} | SQLITE_ONLY_SQL,
+    Dialect.POSTGRESQL: {name: in_dialect(Dialect.POSTGRESQL, sql) for name, sql in SQL.items()} | PG_FLEET_SQL,
+}
+Params = Sequence[Any] | Mapping[str, Any]
+
+
+T = typing.TypeVar("T")
+
+
+class NotYetInSchema(Exception):
+    """A read of what an older SQLite file lacks (opened read-only by `status` before any upgrade)."""
+
+
+# ── the per-backend adapters ────────────────────────────────────────────────────────────────
+# A Database runs statements by name (STATEMENTS of its dialect) and nothing else: no rule of the
+# store is here. Store is written once over this Protocol.
+
+
+class Transaction(typing.Protocol):
+    async def execute(self, name: str, params: Params = ()) -> int:
+        """Runs one statement; the rows it changed."""
+
+    async def execute_many(self, name: str, rows: Sequence[Params]) -> int:
+        """Runs one statement per row (rows hold no lists); the rows changed in all."""
+
+    async def fetch(self, name: str, params: Params = ()) -> list[tuple[Any, ...]]: ...
+
+
+class Database(typing.Protocol):
+    dialect: Dialect
+    where: str  # what `status` prints: a path, or a URL without its password
+
+    async def in_transaction(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
+        """`work` in one transaction, committed when it returns, rolled back when it raises (and,
+        where the database asks for it, run again)."""
+
+    async def fetch(self, name: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        """One read outside any transaction (raises NotYetInSchema for what an old file lacks)."""
+
+    async def fetch_dicts(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]: ...
+
+    def stream(self, name: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
+        """Every row as a dict, fetched a chunk at a time within one read snapshot."""
+
+    async def query(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        """A statement of the caller's own, in this dialect (tests, `migrate`)."""
+
+    async def freed_space_back(self) -> None:
+        """After retention deleted rows: what the file system can have back."""
+
+    async def close(self) -> None: ...
+
+
+def _as_json_lists(params: Params) -> Params:
+    """SQLite takes an id list as a JSON array (read by json_each)."""
+    if isinstance(params, Mapping):
+        return {k: json.dumps(v) if isinstance(v, list) else v for k, v in params.items()}
+    return [json.dumps(v) if isinstance(v, list) else v for v in params]
+
+
+class SqliteTransaction:
+    def __init__(self, connection: aiosqlite.Connection) -> None:
+        self._connection = connection
+        self._sql = STATEMENTS[Dialect.SQLITE]
+
+    async def execute(self, name: str, params: Params = ()) -> int:
+        cursor = await self._connection.execute(self._sql[name], _as_json_lists(params))
+        return max(cursor.rowcount, 0)
+
+    async def execute_many(self, name: str, rows: Sequence[Params]) -> int:
+        if not rows:
+            return 0
+        cursor = await self._connection.executemany(self._sql[name], rows)
+        return max(cursor.rowcount, 0)
+
+    async def fetch(self, name: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in await self._connection.execute_fetchall(self._sql[name], _as_json_lists(params))]
+
+
+class SqliteDatabase:
+    """One file in WAL mode: a writer connection for the committer's transactions, a reader for
+    everything else (WAL lets it read while the writer writes)."""
+
+    dialect = Dialect.SQLITE
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, path: str) -> None:
+        self.writer = writer
+        self._reader = reader
+        self.where = path
+        self._sql = STATEMENTS[Dialect.SQLITE]
+
+    @classmethod
+    async def open(cls, path: str, *, readonly: bool = False) -> "SqliteDatabase":
+        if readonly:
+            if not Path(path).exists():
+                raise FileNotFoundError(path)
+            reader = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            await reader.execute("PRAGMA busy_timeout = 5000")
+            return cls(reader, reader, path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # the file holds customer data: owner only
+        os.close(fd)
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            for pragma in (
+                "PRAGMA auto_vacuum = INCREMENTAL",  # before anything is written: a new file starts so
+                "PRAGMA journal_mode = WAL",
+                "PRAGMA synchronous = NORMAL",
+                "PRAGMA busy_timeout = 5000",
+                "PRAGMA foreign_keys = ON",
+            ):
+                await writer.execute(pragma)
+            await cls._check_integrity(writer, path)
+            await cls._vacuum_incrementally(writer)
+            await writer.executescript(SCHEMA)
+            await cls._migrate(writer)
+        except BaseException:
+            await writer.close()  # its thread would otherwise keep the failed process alive
+            raise
+        reader = await aiosqlite.connect(path, isolation_level=None)
+        await reader.execute("PRAGMA busy_timeout = 5000")
+        return cls(writer, reader, path)
+
+    @staticmethod
+    async def _migrate(writer: aiosqlite.Connection) -> None:
+        """Version 2 counts rows by state with triggers: count what a version-1 file already
+        holds, once. Version 3 reads stale and dead rows by partial indexes (SCHEMA creates them):
+        the full indexes on state go. Versions 4 to 6 add columns (ADDED_COLUMNS; SCHEMA creates
+        their new tables). One transaction, so a concurrent `requeue` cannot slip between."""
+        await writer.execute("BEGIN IMMEDIATE")
+        try:
+            version = list(await writer.execute_fetchall("PRAGMA user_version"))[0][0]
+            if version < 2:
+                await writer.execute("DELETE FROM state_counts")
+                await writer.execute("INSERT INTO state_counts (kind, state, n) " + SQLITE_ONLY_SQL["count_by_state"])
+            if version < 3:
+                await writer.execute("DROP INDEX IF EXISTS boxes_by_state")
+                await writer.execute("DROP INDEX IF EXISTS reports_by_state")
+            if version < SCHEMA_VERSION:
+                for table, column in ADDED_COLUMNS:
+                    present = {row[1] for row in await writer.execute_fetchall(f"PRAGMA table_info({table})")}
+                    if column.split()[0] not in present:
+                        await writer.execute(f"ALTER TABLE {table} ADD COLUMN {column}")  # our names only
+            for statement in SCHEMA_AFTER_MIGRATION:
+                await writer.execute(statement)
+            await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await writer.execute("COMMIT")
+        except BaseException:
+            await _rollback(writer)
+            raise
+
+    @staticmethod
+    async def _vacuum_incrementally(writer: aiosqlite.Connection) -> None:
+        """Pages that retention frees go back to the file system (PRAGMA incremental_vacuum after
+        each batch). A file made before that needs one full VACUUM to switch: once, at start."""
+        if list(await writer.execute_fetchall("PRAGMA auto_vacuum"))[0][0] != 2:  # set on open; an old file:
+            await writer.execute("VACUUM")
+
+    @staticmethod
+    async def _check_integrity(writer: aiosqlite.Connection, path: str) -> None:
+        """A damaged file must stop the start, not be written on. quick_check reads every page
+        (seconds for millions of rows) but skips the slow index-content comparison."""
+        rows = await writer.execute_fetchall("PRAGMA quick_check(5)")
+        problems = [row[0] for row in rows if row[0] != "ok"]
+        if problems:
+            raise sqlite3.DatabaseError(
+                f"{path} failed its integrity check: {'; '.join(problems)} — stop here and restore it from "
+                "a backup (README: Operating it)")
+
+    async def close(self) -> None:
+        await self._reader.close()
+        if self.writer is not self._reader:
+            await self.writer.close()
+
+    async def in_transaction(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
+        await self.writer.execute("BEGIN IMMEDIATE")
+        try:
+            result = await work(SqliteTransaction(self.writer))
+            await self.writer.execute("COMMIT")
+        except BaseException:
+            await _rollback(self.writer)
+            raise
+        return result
+
+    async def freed_space_back(self) -> None:
+        # Outside the transaction: the pragma frees a page a step, and only a script runs it to its end.
+        await self.writer.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_BATCH});")
+
+    async def fetch(self, name: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        return await self.query(self._sql[name], _as_json_lists(params))
+
+    async def query(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        # One thread hop that runs the statement to its end. A statement left open across hops
+        # (execute, then fetch, then close) holds its read snapshot, and a query another stage
+        # runs meanwhile on this connection would see that stale snapshot.
+        try:
+            return [tuple(row) for row in await self._reader.execute_fetchall(sql, params)]
+        except sqlite3.OperationalError as exc:
+            if "no such" in str(exc):
+                raise NotYetInSchema(str(exc)) from exc
+            raise
+
+    async def fetch_dicts(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        try:
+            cursor = await self._reader.execute(self._sql[name], _as_json_lists(params))
+        except sqlite3.OperationalError as exc:
+            if "no such" in str(exc):
+                raise NotYetInSchema(str(exc)) from exc
+            raise
+        try:
+            names = [column[0] for column in cursor.description]
+            return [dict(zip(names, row)) for row in await cursor.fetchall()]
+        finally:
+            await cursor.close()
+
+    async def stream(self, name: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
+        async with self._reader.execute(self._sql[name], params) as cursor:
+            names = [column[0] for column in cursor.description]
+            async for row in cursor:
+                yield dict(zip(names, row))
+
+    async def rows_of(self, table: str) -> typing.AsyncGenerator[tuple[Any, ...], None]:
+        """Every row of one of COPIED_TABLES, its columns in that order, oldest first (`migrate`)."""
+        columns = ", ".join(COPIED_TABLES[table])  # our names only
+        order = "shipment_number, changed_at" if table == "box_history" else "rowid"  # WITHOUT ROWID
+        async with self._reader.execute(f"SELECT {columns} FROM {table} ORDER BY {order}") as cursor:
+            async for row in cursor:
+                yield tuple(row)
+
+
+class PostgresTransaction:
+    def __init__(self, cursor: "psycopg.AsyncCursor[Any]") -> None:
+        self._cursor = cursor
+        self._sql = STATEMENTS[Dialect.POSTGRESQL]
+
+    async def execute(self, name: str, params: Params = ()) -> int:
+        await self._cursor.execute(self._sql[name], params)
+        return max(self._cursor.rowcount, 0)
+
+    async def execute_many(self, name: str, rows: Sequence[Params]) -> int:
+        if not rows:
+            return 0
+        await self._cursor.executemany(self._sql[name], rows)
+        return max(self._cursor.rowcount, 0)
+
+    async def fetch(self, name: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        await self._cursor.execute(self._sql[name], params)
+        return [tuple(row) for row in await self._cursor.fetchall()]
+
+
+class PostgresDatabase:
+    """Two connections — the writer runs the committer's transactions, the reader single
+    statements (reads, claims, renewals) — each opened again after it broke. A failed connection
+    raises psycopg.OperationalError, which the committer treats as the disk's failures are
+    treated: nothing was changed, try again later."""
+
+    dialect = Dialect.POSTGRESQL
 
     def __init__(self, url: str, readonly: bool, lease_s: float) -> None:
         self.url = url
-        self.path = redact_database_url(url)  # what `status` prints: never the password
-        self.instance = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.where = redact_database_url(url)
         self.lease_s = lease_s
         self._readonly = readonly
-        self._feed_epoch: int | None = None
-        self._held_since: dict[tuple[str, str], float] = {}  # (kind, key) → monotonic time its lease began
+        self._sql = STATEMENTS[Dialect.POSTGRESQL]
         self._writer: psycopg.AsyncConnection[Any] | None = None
         self._reader: psycopg.AsyncConnection[Any] | None = None
 
     @classmethod
-    async def open(cls, url: str, *, readonly: bool = False, lease_s: float = 30.0) -> "PgStore":
-        store = cls(url, readonly, lease_s)
-        conn = await store._connection("writer")
+    async def open(cls, url: str, *, readonly: bool = False, lease_s: float = 30.0) -> "PostgresDatabase":
+        db = cls(url, readonly, lease_s)
+        conn = await db._connection("writer")
         if not readonly:
-            await store._migrate(conn)
-        return store
+            await db._migrate(conn)
+        return db
+
+    async def connect(self, role: str) -> "psycopg.AsyncConnection[Any]":
+        """A new connection whose death either end notices within about lease_s: libpq's TCP
+        keepalives for a server that vanished, the server's own (set for this session) for a
+        client host that did — it then ends the session and drops what the session held."""
+        idle, interval = max(1, int(self.lease_s / 3)), max(1, int(self.lease_s / 9))
+        conn = await psycopg.AsyncConnection.connect(
+            self.url, autocommit=True, connect_timeout=10, application_name=f"tracker-{role}",
+            keepalives=1, keepalives_idle=idle, keepalives_interval=interval, keepalives_count=3)
+        await conn.execute(f"SET tcp_keepalives_idle = {idle}; SET tcp_keepalives_interval = {interval};"
+                           " SET tcp_keepalives_count = 3")  # our numbers only
+        if self._readonly:
+            await conn.execute("SET default_transaction_read_only = on")
+        return conn
 
     async def _connection(self, role: str) -> "psycopg.AsyncConnection[Any]":
         conn = self._writer if role == "writer" else self._reader
         if conn is None or conn.closed or conn.broken:
             if conn is not None:
                 await conn.close()
-            conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=10,
-                                                         application_name=f"tracker-{role}")
-            if self._readonly:
-                await conn.execute("SET default_transaction_read_only = on")
+            conn = await self.connect(role)
             if role == "writer":
                 self._writer = conn
             else:
@@ -2010,268 +1652,59 @@ class PgStore(StoreReads):
         instances write, and could deadlock with their commits."""
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('tracker schema'))")
-            exists = await (await conn.execute(PG_SQL["has_schema"])).fetchone()
-            found = exists and exists[0] and await (await conn.execute(PG_SQL["schema_version"])).fetchone()
+            exists = await (await conn.execute(self._sql["has_schema"])).fetchone()
+            found = exists and exists[0] and await (await conn.execute(self._sql["schema_version"])).fetchone()
             if found and found[0] == str(PG_SCHEMA_VERSION):
                 return
             await conn.execute(PG_SCHEMA)  # our constant, several statements
-            await conn.execute(PG_SQL["put_meta"], ("schema_version", str(PG_SCHEMA_VERSION)))
+            await conn.execute(self._sql["put_meta"], ("schema_version", str(PG_SCHEMA_VERSION)))
 
     async def close(self) -> None:
         for conn in (self._writer, self._reader):
             if conn is not None:
                 await conn.close()
 
-    # ── writes: one transaction per batch of transitions ────────────────────────────────────
-
-    async def commit(self, transitions: Sequence[Transition], now: float) -> CommitResult:
+    async def in_transaction(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
         for attempt in range(PG_COMMIT_ATTEMPTS):
             conn = await self._connection("writer")
             try:
                 async with conn.transaction():
-                    return await self._apply(conn.cursor(), transitions, now)
+                    return await work(PostgresTransaction(conn.cursor()))
             except psycopg.errors.OperationalError as exc:
                 if exc.sqlstate not in PG_RETRY_SQLSTATES or attempt == PG_COMMIT_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
 
-    async def _apply(self, cur: "psycopg.AsyncCursor[Any]", transitions: Sequence[Transition],
-                     now: float) -> CommitResult:
-        result = CommitResult()
-        for page in (t for t in transitions if isinstance(t, FeedPage)):
-            if page.epoch is not None:  # read as the feed's leader: stored only while that holds
-                await cur.execute(PG_FLEET_SQL["keep_feed"],
-                                  {"me": self.instance, "lease": self.lease_s, "epoch": page.epoch})
-                if cur.rowcount != 1:
-                    raise LeaseLost(f"the feed lease of epoch {page.epoch} passed to another instance")
-            result += await self._write_page(cur, page, now)
-        boxes, lost_boxes = await self._still_claimed(cur, "box_claims", "shipment_number",
-                                                      [t for t in transitions if isinstance(t, BoxUpdate)])
-        if boxes:
-            result += CommitResult(reports_queued=await self._write_box_updates(cur, boxes, now))
-        reports, lost_reports = await self._still_claimed(cur, "report_claims", "return_id",
-                                                          [t for t in transitions if isinstance(t, ReportUpdate)])
-        if reports:
-            result += CommitResult(superseded=await self._write_report_updates(cur, reports, now))
-        result += CommitResult(lost_claims=frozenset(lost_boxes + lost_reports))
-        for wake in (t for t in transitions if isinstance(t, WakeBoxes)):
-            await cur.execute(PG_SQL["wake_boxes"], {"now": now, "spread": wake.spread_s, "status": wake.status})
-        for prune in (t for t in transitions if isinstance(t, Prune)):
-            result += CommitResult(pruned=await self._prune(cur, prune))
-        if any(isinstance(t, Heartbeat) for t in transitions):
-            await cur.execute(PG_SQL["put_meta"], (HEARTBEAT_KEY, repr(now)))
-        return result
+    async def freed_space_back(self) -> None:
+        pass  # autovacuum's: deleted rows' space is reused in place
 
-    @staticmethod
-    async def _still_claimed(cur: "psycopg.AsyncCursor[Any]", statement: str, key: str,
-                             updates: list[Any]) -> tuple[list[Any], list[str]]:
-        """The answers whose rows still carry the claim they were made under (locked now, until the
-        commit), and the keys of those that lost it: their lease ran out and another instance
-        claimed the row — its answer, not this stale one, is the one to store."""
-        claimed = [u for u in updates if u.claim is not None]
-        if not claimed:
-            return updates, []
-        await cur.execute(PG_FLEET_SQL[statement], ([getattr(u, key) for u in claimed],))
-        held = {row[0]: row[1] for row in await cur.fetchall()}
-        lost = [getattr(u, key) for u in claimed if held.get(getattr(u, key), u.claim) != u.claim]
-        return [u for u in updates if u.claim is None or getattr(u, key) not in lost], lost
+    async def fetch(self, name: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        return await self.query(self._sql[name], params)
 
-    async def _write_page(self, cur: "psycopg.AsyncCursor[Any]", page: FeedPage, now: float) -> CommitResult:
-        listed = {i.id for i in page.items} | {q.return_id for q in page.quarantined if q.return_id}
-        await cur.execute(PG_SQL["stored_returns"], (sorted(listed),))
-        stored = {row[0]: ReturnItem(*row) for row in await cur.fetchall()}
-        new, corrections = reconcile_listings(page.items, stored)
-        added = await _pg_many(cur, PG_SQL["insert_return"], [
-            (i.id, i.order_number, i.order_item_number, i.shipment_number, i.requested_at, now) for i in new])
-        if corrections:
-            corrections = await self._write_corrections(cur, corrections, now)
-        await _pg_many(cur, PG_SQL["insert_box"],
-                       [(s, BoxState.TRACKING.value, t, now, s) for s, t in page.first_checks])
-        await cur.execute(PG_SQL["revive_emptied_boxes"], (now, now, [s for s, _ in page.first_checks]))
-        ids = sorted({i.id for i in page.items})
-        await cur.execute(PG_SQL["reports_for_delivered_boxes"], (now, now, ids))
-        queued = max(cur.rowcount, 0)
-        await cur.execute(PG_SQL["resolve_quarantine"], (now, ids))
-        quarantined = await _pg_many(cur, PG_SQL["insert_quarantine"], [
-            (q.fingerprint, q.return_id, q.reason, q.raw, now) for q in page.quarantined])
-        if page.next_cursor is not None:
-            await cur.execute(PG_SQL["put_meta"], (FEED_CURSOR_KEY, page.next_cursor))
-        broken = frozenset(q.return_id for q in page.quarantined if q.return_id and q.return_id in stored)
-        return CommitResult(added, quarantined, queued, tuple(corrections), broken)
+    async def query(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        cursor = await (await self._connection("reader")).execute(sql, params)
+        return [tuple(row) for row in await cursor.fetchall()] if cursor.description else []
 
-    async def _write_corrections(self, cur: "psycopg.AsyncCursor[Any]", corrections: Sequence[Correction],
-                                 now: float) -> list[Correction]:
-        await cur.execute(PG_SQL["report_states"], ([c.return_id for c in corrections],))
-        reports = {row[0]: ReportState(row[1]) for row in await cur.fetchall()}
-        corrections = [dataclasses.replace(c, report_state=reports.get(c.return_id)) for c in corrections]
-        await _pg_many(cur, PG_SQL["correct_return"], [
-            (c.after.order_number, c.after.order_item_number, c.after.shipment_number, c.after.requested_at,
-             c.return_id) for c in corrections])
-        await _pg_many(cur, PG_SQL["insert_correction"], [
-            (c.return_id, ",".join(c.fields), json.dumps({f: getattr(c.before, f) for f in c.fields}),
-             json.dumps({f: getattr(c.after, f) for f in c.fields}),
-             c.report_state.value if c.report_state else None, now) for c in corrections])
-        await _pg_many(cur, PG_SQL["correct_report"], [
-            {"order_number": c.after.order_number, "order_item_number": c.after.order_item_number,
-             "shipment_number": c.after.shipment_number, "moved": c.moved, "now": now, "return_id": c.return_id}
-            for c in corrections if c.report_state is not None and c.changes_report])
-        left = sorted({c.before.shipment_number for c in corrections if c.moved})
-        await cur.execute(PG_SQL["empty_boxes"], (now, left))
-        return corrections
+    async def fetch_dicts(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        conn = await self._connection("reader")
+        async with conn.cursor(row_factory=psycopg.rows.dict_row) as cursor:
+            await cursor.execute(self._sql[name], params)
+            return await cursor.fetchall()
 
-    async def _write_box_updates(self, cur: "psycopg.AsyncCursor[Any]", updates: Sequence[BoxUpdate],
-                                 now: float) -> int:
-        await _pg_many(cur, PG_SQL["box_update"], [
-            {"state": u.state.value, "next_check_at": u.next_check_at, "called_n": int(u.called),
-             "not_found": u.not_found, "errors": u.errors, "registered": bool(u.registered), "now": now,
-             "last_status": u.last_status, "delivered_at": u.delivered_at,
-             "closed_at": None if u.state is BoxState.TRACKING else now, "called": bool(u.called),
-             "last_error": u.last_error, "since": u.history[-1].at if u.history else None,
-             "shipment_number": u.shipment_number}
-            for u in updates])
-        recorded = [u for u in updates if u.history]
-        await _pg_many(cur, PG_SQL["insert_history"],
-                       [(u.shipment_number, h.at, h.status, now) for u in recorded for h in u.history])
-        await _pg_many(cur, PG_SQL["bound_history"],
-                       [(u.shipment_number, u.shipment_number, HISTORY_PER_BOX - 1) for u in recorded])
-        queued = 0
-        for u in (u for u in updates if u.state is BoxState.DELIVERED):
-            await cur.execute(PG_SQL["queue_reports"],
-                              (u.delivered_at, ReportState.PENDING.value, now, now, u.shipment_number))
-            queued += max(cur.rowcount, 0)
-        await _pg_many(cur, PG_SQL["unknown_status"],
-                       [(u.unknown_status, now, now) for u in updates if u.unknown_status])
-        return queued
-
-    async def _prune(self, cur: "psycopg.AsyncCursor[Any]", prune: Prune) -> int:
-        params = {"cutoff": prune.cutoff, "limit": prune.limit}
-        await cur.execute(PG_RETENTION_SQL["finished_boxes"], params)
-        boxes = [row[0] for row in await cur.fetchall()]
-        if boxes:
-            for statement in PG_RETENTION_SQL["delete"]:
-                await cur.execute(statement, {"boxes": boxes})
-        await cur.execute(PG_RETENTION_SQL["resolved_quarantine"], params)
-        return len(boxes)
-
-    async def _write_report_updates(self, cur: "psycopg.AsyncCursor[Any]", updates: Sequence[ReportUpdate],
-                                    now: float) -> frozenset[str]:
-        await _pg_many(cur, PG_SQL["report_answer"], [
-            {"state": u.state.value, "revision": u.revision, "called_n": int(u.called), "called": bool(u.called),
-             "next_attempt_at": u.next_attempt_at, "now": now, "outcome": u.outcome, "last_error": u.last_error,
-             "done_at": None if u.state is ReportState.PENDING else now, "return_id": u.return_id}
-            for u in updates])
-        called = [u for u in updates if u.called]
-        await _pg_many(cur, PG_SQL["insert_attempt"], [
-            (u.return_id, u.attempt, now, u.outcome or "retry", u.http_status, u.latency_s, u.last_error)
-            for u in called])
-        await _pg_many(cur, PG_SQL["bound_attempts"], [
-            (u.return_id, u.return_id, ATTEMPTS_PER_REPORT) for u in called if u.attempt > ATTEMPTS_PER_REPORT])
-        settling = [u for u in updates if u.state is not ReportState.PENDING]
-        if not settling:
-            return frozenset()
-        await cur.execute(PG_SQL["superseded_answers"],
-                          ([u.return_id for u in settling], [u.revision for u in settling]))
-        return frozenset(row[0] for row in await cur.fetchall())
-
-    # ── sharing the work with other instances ───────────────────────────────────────────────
-
-    async def due_boxes(self, now: float, limit: int) -> list[DueBox]:
-        """Claims them: due, and held by nobody else (or by one whose lease ran out)."""
-        rows = await self._claim("boxes", now, limit)
-        return [DueBox(*row[1:]) for row in rows]
-
-    async def due_reports(self, now: float, limit: int) -> list[DueReport]:
-        rows = await self._claim("reports", now, limit)
-        return [DueReport(*row[1:]) for row in rows]
-
-    async def _claim(self, kind: str, now: float, limit: int) -> list[Any]:
-        asked_at = time.monotonic()  # the lease began no sooner than this
-        rows = await self._rows(PG_FLEET_SQL[f"claim_{kind}"],
-                                {"now": now, "limit": limit, "me": self.instance, "lease": self.lease_s})
-        for row in rows:
-            self._held_since[(kind, row[1])] = asked_at
-        return sorted(rows, key=lambda row: row[0])  # in due order (UPDATE … RETURNING keeps none)
-
-    @property
-    def leads_feed(self) -> bool:
-        return self._feed_epoch is not None
-
-    def claim_holds(self, kind: str, seconds: float, key: str) -> bool:
-        """Whether this instance's claim on the item lasts `seconds` more, by when it was taken or
-        last renewed: an item is started only if its call can end before another may claim it."""
-        since = self._held_since.get((kind, key))
-        return since is not None and time.monotonic() + seconds < since + self.lease_s
-
-    async def keep_alive(self, boxes: Sequence[str], reports: Sequence[str]) -> int:
-        """Renew the claims this instance still holds (these boxes and reports) and its feed lease,
-        and say it is alive: every lease_s / 4. The number of live instances, which share the
-        partner's limits."""
-        asked_at = time.monotonic()
-        params = {"me": self.instance, "lease": self.lease_s, "boxes": list(boxes), "reports": list(reports)}
-        for statement in ("renew_box_claims", "renew_report_claims", "instance_alive"):
-            await self._execute(PG_FLEET_SQL[statement], params)
-        renewed = {("boxes", key): asked_at for key in boxes} | {("reports", key): asked_at for key in reports}
-        self._held_since = renewed | {held: at for held, at in self._held_since.items() if at > asked_at}
-        epoch = self._feed_epoch  # the collect stage may take or lose the lease meanwhile
-        if epoch is not None and not await self._rows(PG_FLEET_SQL["keep_feed"], {**params, "epoch": epoch}):
-            if self._feed_epoch == epoch:
-                self._feed_epoch = None  # it ran out while this instance could not renew it
-        return max(1, (await self._rows(PG_FLEET_SQL["live_instances"], params))[0][0])
-
-    async def lead_feed(self) -> int | None:
-        """The feed lease's epoch while this instance pages the feed (kept, or taken once the
-        holder's ran out); None while another one does."""
-        params = {"me": self.instance, "lease": self.lease_s, "epoch": self._feed_epoch}
-        rows = await self._rows(PG_FLEET_SQL["keep_feed"], params) if self._feed_epoch is not None else []
-        if not rows:
-            rows = await self._rows(PG_FLEET_SQL["take_feed"], params)
-        self._feed_epoch = rows[0][0] if rows else None
-        return self._feed_epoch
-
-    async def alert_once(self, key: str, window_s: float) -> bool:
-        """Whether this instance is the one to send alert `key` now: the first of the fleet to ask
-        in each window."""
-        return bool(await self._rows(PG_FLEET_SQL["alert_once"], {"key": key, "window": window_s}))
-
-    async def leave(self) -> None:
-        """At shutdown: what this instance held goes back at once, not when its leases run out."""
-        params = {"me": self.instance}
-        for statement in ("release_box_claims", "release_report_claims", "give_up_feed", "instance_gone"):
-            await self._execute(PG_FLEET_SQL[statement], params)
-
-    # ── operator requeues ───────────────────────────────────────────────────────────────────
-
-    async def requeue_dead_reports(self, ids: Sequence[str] | None, now: float) -> list[str]:
-        return await self._requeue(PG_SQL["requeue_dead_reports"], (now,), ids)
-
-    async def requeue_stale_boxes(self, ids: Sequence[str] | None, now: float) -> list[str]:
-        return await self._requeue(PG_SQL["requeue_stale_boxes"], (now, now), ids)
-
-    async def _requeue(self, sql: str, params: tuple[Any, ...], ids: Sequence[str] | None) -> list[str]:
-        id_list = None if ids is None else list(ids)
-        conn = await self._connection("writer")
+    async def stream(self, name: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
+        """From a server-side cursor in one read-only transaction: constant memory."""
+        conn = await self._connection("reader")
         async with conn.transaction():
-            cur = await conn.execute(sql, (*params, id_list, id_list))
-            rows = await cur.fetchall()
-        return sorted(row[0] for row in rows)
-
-    async def open_quarantine_for(self, ids: Sequence[str] | None) -> list[tuple[str | None, str]]:
-        id_list = None if ids is None else list(ids)
-        return await self._rows(PG_SQL["open_quarantine_for"], (id_list, id_list))
-
-    # ── reads ───────────────────────────────────────────────────────────────────────────────
-
-    async def overdue(self, before: float) -> tuple[int, float | None]:
-        count, oldest = (await self._rows(PG_SQL["overdue_count"], (before,)))[0]
-        return count, oldest
-
-    # ── `migrate`: a SQLite state copied in ─────────────────────────────────────────────────
+            async with conn.cursor(name="tracker_export", row_factory=psycopg.rows.dict_row) as cursor:
+                await cursor.execute(self._sql[name], params)
+                async for row in cursor:
+                    yield row
 
     async def holds_anything(self) -> bool:
-        """Whether any table but the schema's own bookkeeping has a row."""
+        """Whether any table but the schema's own bookkeeping has a row (`migrate`)."""
         for table in COPIED_TABLES:
             where = " WHERE key <> 'schema_version'" if table == "meta" else ""
-            if (await self._rows(f"SELECT EXISTS (SELECT 1 FROM {table}{where})", ()))[0][0]:
+            if (await self.query(f"SELECT EXISTS (SELECT 1 FROM {table}{where})"))[0][0]:
                 return True
         return False
 
@@ -2291,42 +1724,6 @@ class PgStore(StoreReads):
                         copied[table] += 1
         return copied
 
-    def _id_list(self, ids: Sequence[str]) -> list[str]:
-        return list(ids)  # a text[] parameter
-
-    async def export(self, kind: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
-        """Rows as dicts, from a server-side cursor in one read-only transaction: constant memory."""
-        conn = await self._connection("reader")
-        async with conn.transaction():
-            async with conn.cursor(name="tracker_export", row_factory=psycopg.rows.dict_row) as cursor:
-                await cursor.execute(PG_EXPORT_SQL[kind], params)
-                async for row in cursor:
-                    yield row
-
-    async def _dicts(self, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        conn = await self._connection("reader")
-        async with conn.cursor(row_factory=psycopg.rows.dict_row) as cursor:
-            await cursor.execute(sql, params)
-            return await cursor.fetchall()
-
-    async def _rows(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Any]:
-        conn = await self._connection("reader")
-        cursor = await conn.execute(sql, params)
-        return [tuple(row) for row in await cursor.fetchall()]
-
-    async def _execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> None:
-        """One statement in a transaction of its own, on the reader: the writer's transactions are
-        the committer's alone (a statement sent on that connection would join whichever is open)."""
-        await (await self._connection("reader")).execute(sql, params)
-
-
-async def _pg_many(cur: "psycopg.AsyncCursor[Any]", sql: str, rows: Sequence[Any]) -> int:
-    """executemany, and the rows it changed (0 for none to run)."""
-    if not rows:
-        return 0
-    await cur.executemany(sql, rows)
-    return max(cur.rowcount, 0)
-
 
 def redact_database_url(url: str) -> str:
     """A connection URL without its password, for logs and `status`."""
@@ -2341,14 +1738,539 @@ def redact_database_url(url: str) -> str:
     return f"postgresql://{user}{','.join(f'{h}:{p}' for h, p in zip(hosts, ports))}/{info.get('dbname', '')}"
 
 
-StateStore = Store | PgStore  # what the stages and commands see: the same methods on either backend
+# ── the fleet: who does what when instances share the database ──────────────────────────────
+# Claims on due rows, the feed's lease and its fencing epoch, membership (how many share the
+# partner's limits) and the fleet's one-alert-per-window. On SQLite one instance is the fleet
+# (InstanceLock keeps a second away): SoloFleet.
+
+
+U = typing.TypeVar("U", BoxUpdate, ReportUpdate)
+CLAIMS = {"boxes": ("shipment_number", "box_claims"), "reports": ("return_id", "report_claims")}  # key, statement
+
+
+class Fleet(typing.Protocol):
+    @property
+    def leads_feed(self) -> bool:
+        """Whether this instance pages the feed now."""
+
+    async def due(self, kind: str, now: float, limit: int) -> list[tuple[Any, ...]]:
+        """Due boxes or reports (kind) this instance may work on, in due order: DueBox's or
+        DueReport's fields, the last its claim."""
+
+    def claim_holds(self, kind: str, seconds: float, key: str) -> bool:
+        """Whether this instance's claim on the item lasts `seconds` more."""
+
+    async def fence_page(self, tx: Transaction, page: FeedPage) -> None:
+        """Inside the page's commit: raises LeaseLost if another instance pages the feed now."""
+
+    async def still_claimed(self, tx: Transaction, kind: str, updates: Sequence[U]) -> tuple[list[U], list[str]]:
+        """Inside the commit: the answers whose rows still carry their claim, and the keys of those
+        that lost it."""
+
+    async def renew(self, boxes: Sequence[str], reports: Sequence[str]) -> None:
+        """Keep the claims this instance still holds, and the feed's lease if it has it."""
+
+    async def count(self) -> int:
+        """How many live instances share the partner's limits."""
+
+    async def lead_feed(self) -> int | None:
+        """The feed lease's epoch while this instance pages the feed; None while another does."""
+
+    async def alert_once(self, key: str, window_s: float) -> bool:
+        """Whether this instance is the one to send alert `key` now."""
+
+    async def leave(self) -> None:
+        """At shutdown: what this instance held goes back at once."""
+
+    async def close(self) -> None: ...
+
+
+class SoloFleet:
+    """The fleet of one: every due row is this instance's, and so is the feed."""
+
+    leads_feed = True
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def due(self, kind: str, now: float, limit: int) -> list[tuple[Any, ...]]:
+        return [(*row, None) for row in await self._db.fetch(f"due_{kind}", (now, limit))]
+
+    def claim_holds(self, kind: str, seconds: float, key: str) -> bool:
+        return True
+
+    async def fence_page(self, tx: Transaction, page: FeedPage) -> None:
+        return None
+
+    async def still_claimed(self, tx: Transaction, kind: str, updates: Sequence[U]) -> tuple[list[U], list[str]]:
+        return list(updates), []
+
+    async def renew(self, boxes: Sequence[str], reports: Sequence[str]) -> None:
+        return None
+
+    async def count(self) -> int:
+        return 1
+
+    async def lead_feed(self) -> int | None:
+        return 0
+
+    async def alert_once(self, key: str, window_s: float) -> bool:
+        return True
+
+    async def leave(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class PgFleet:
+    """Instances sharing one PostgreSQL database. A due row is worked on under a claim with a
+    lease on the database's clock, renewed while held and checked at commit; the feed is paged
+    by the holder of its lease, each page stored only under the epoch it was read under; the
+    live instances are counted by their membership locks."""
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self._lease_s = db.lease_s
+        self._feed_epoch: int | None = None
+        self._held_since: dict[tuple[str, str], float] = {}  # (kind, key) → monotonic time its lease began
+        self._member: psycopg.AsyncConnection[Any] | None = None
+        self._joined = False
+        self._counted = 1
+        self._settle_until = -math.inf
+
+    @property
+    def leads_feed(self) -> bool:
+        return self._feed_epoch is not None
+
+    def _params(self, **more: Any) -> dict[str, Any]:
+        return {"me": self.instance, "lease": self._lease_s, **more}
+
+    async def due(self, kind: str, now: float, limit: int) -> list[tuple[Any, ...]]:
+        """Claims them: due, and held by nobody else (or by one whose lease ran out)."""
+        asked_at = time.monotonic()  # the lease began no sooner than this
+        rows = await self._db.fetch(f"claim_{kind}", self._params(now=now, limit=limit))
+        for row in rows:
+            self._held_since[(kind, row[1])] = asked_at
+        return [row[1:] for row in sorted(rows, key=lambda row: row[0])]  # UPDATE … RETURNING keeps no order
+
+    def claim_holds(self, kind: str, seconds: float, key: str) -> bool:
+        """By when the claim was taken or last renewed: an item is started only if its call can
+        end before another instance may claim it."""
+        since = self._held_since.get((kind, key))
+        return since is not None and time.monotonic() + seconds < since + self._lease_s
+
+    async def fence_page(self, tx: Transaction, page: FeedPage) -> None:
+        if page.epoch is not None and await tx.execute("keep_feed", self._params(epoch=page.epoch)) != 1:
+            raise LeaseLost(f"the feed lease of epoch {page.epoch} passed to another instance")
+
+    async def still_claimed(self, tx: Transaction, kind: str, updates: Sequence[U]) -> tuple[list[U], list[str]]:
+        """Those that lost it: their lease ran out and another instance claimed the row — its
+        answer, not this stale one, is the one to store."""
+        key, statement = CLAIMS[kind]
+        claimed = [u for u in updates if u.claim is not None]
+        if not claimed:
+            return list(updates), []
+        held = dict(await tx.fetch(statement, ([getattr(u, key) for u in claimed],)))
+        lost = [getattr(u, key) for u in claimed if held.get(getattr(u, key), u.claim) != u.claim]
+        return [u for u in updates if u.claim is None or getattr(u, key) not in lost], lost
+
+    async def renew(self, boxes: Sequence[str], reports: Sequence[str]) -> None:
+        """Every lease_s / 4."""
+        asked_at = time.monotonic()
+        params = self._params(boxes=list(boxes), reports=list(reports))
+        for statement in ("renew_box_claims", "renew_report_claims"):
+            await self._db.fetch(statement, params)
+        renewed = {("boxes", key): asked_at for key in boxes} | {("reports", key): asked_at for key in reports}
+        self._held_since = renewed | {held: at for held, at in self._held_since.items() if at > asked_at}
+        epoch = self._feed_epoch  # the collect stage may take or lose the lease meanwhile
+        if epoch is not None and not await self._db.fetch("keep_feed", {**params, "epoch": epoch}):
+            if self._feed_epoch == epoch:
+                self._feed_epoch = None  # it ran out while this instance could not renew it
+
+    async def count(self) -> int:
+        """The instances holding a membership lock, this one's taken again first if its session
+        ended. After this instance's own reconnect (a cut, a restart, a failover: the others'
+        sessions may have ended too) the count may only rise for FLEET_SETTLE_S, while they come
+        back: no instance ever briefly believes it is alone and takes the whole rate."""
+        if self._member is None or self._member.closed or self._member.broken:
+            await self._join()
+        assert self._member is not None
+        cursor = await self._member.execute(STATEMENTS[Dialect.POSTGRESQL]["fleet_members"],
+                                            {"class": MEMBER_LOCK_CLASS})
+        counted = max(1, (await cursor.fetchone() or (1,))[0])
+        if counted < self._counted and time.monotonic() < self._settle_until:
+            return self._counted
+        self._counted = counted
+        return counted
+
+    async def _join(self) -> None:
+        if self._member is not None:
+            await self._member.close()
+            self._member = None
+        conn = await self._db.connect("member")
+        try:
+            while True:  # a key another instance drew already: draw again
+                key = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
+                cursor = await conn.execute(STATEMENTS[Dialect.POSTGRESQL]["join_fleet"],
+                                            {"class": MEMBER_LOCK_CLASS, "key": key})
+                if (await cursor.fetchone() or (False,))[0]:
+                    break
+        except BaseException:
+            await conn.close()
+            raise
+        if self._joined:  # again: the others' sessions may have ended with this one's
+            self._settle_until = time.monotonic() + FLEET_SETTLE_S
+        self._joined = True
+        self._member = conn
+
+    async def lead_feed(self) -> int | None:
+        """Kept, or taken once the holder's lease ran out."""
+        params = self._params(epoch=self._feed_epoch)
+        rows = await self._db.fetch("keep_feed", params) if self._feed_epoch is not None else []
+        if not rows:
+            rows = await self._db.fetch("take_feed", params)
+        self._feed_epoch = rows[0][0] if rows else None
+        return self._feed_epoch
+
+    async def alert_once(self, key: str, window_s: float) -> bool:
+        """The first of the fleet to ask in each window sends it."""
+        return bool(await self._db.fetch("alert_once", {"key": key, "window": window_s}))
+
+    async def leave(self) -> None:
+        for statement in ("release_box_claims", "release_report_claims", "give_up_feed"):
+            await self._db.fetch(statement, self._params())
+        await self.close()
+
+    async def close(self) -> None:
+        if self._member is not None:
+            await self._member.close()  # the membership lock goes with the session
+            self._member = None
+
+
+# ── the store: every transition and read, written once ──────────────────────────────────────
+
+
+class StateStore(typing.Protocol):
+    """What the stages, the daemon and the commands see of the state, whichever database holds it."""
+
+    fleet: Fleet
+    where: str
+
+    async def commit(self, transitions: Sequence[Transition], now: float) -> CommitResult: ...
+    async def feed_cursor(self) -> str | None: ...
+    async def due_boxes(self, now: float, limit: int) -> list[DueBox]: ...
+    async def next_box_due_at(self) -> float | None: ...
+    async def due_reports(self, now: float, limit: int) -> list[DueReport]: ...
+    async def next_report_due_at(self) -> float | None: ...
+    async def oldest_pending_report_queued_at(self) -> float | None: ...
+    async def closed_histories(self, since: float) -> list[tuple[StatusChange, ...]]: ...
+    async def counts(self) -> dict[str, int]: ...
+    async def overdue(self, before: float) -> tuple[int, float | None]: ...
+    async def overdue_boxes(self, before: float, limit: int) -> list[tuple[Any, ...]]: ...
+    async def oldest_pending_reports(self, limit: int) -> list[tuple[Any, ...]]: ...
+    async def oldest_tracking_boxes(self, limit: int) -> list[tuple[Any, ...]]: ...
+    async def open_quarantine(self, limit: int) -> list[tuple[Any, ...]]: ...
+    async def dead_reports(self, limit: int) -> list[tuple[Any, ...]]: ...
+    async def stale_boxes(self, limit: int) -> list[tuple[Any, ...]]: ...
+    async def latest_corrections(self, limit: int) -> list[tuple[Any, ...]]: ...
+    async def outdated_reports(self, limit: int) -> list[tuple[Any, ...]]: ...
+    async def unknown_statuses(self) -> list[tuple[Any, ...]]: ...
+    async def story(self, key: str) -> dict[str, Any]: ...
+    def export(self, kind: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]: ...
+    async def requeue_dead_reports(self, ids: Sequence[str] | None, now: float) -> list[str]: ...
+    async def requeue_stale_boxes(self, ids: Sequence[str] | None, now: float) -> list[str]: ...
+    async def open_quarantine_for(self, ids: Sequence[str] | None) -> list[tuple[Any, ...]]: ...
+    async def close(self) -> None: ...
+
+
+class Store:
+    """The state's rules: callers hand transitions to `commit`, each batch one transaction; reads
+    are single statements. Written once over a Database (which backend) and a Fleet (who else
+    shares it)."""
+
+    def __init__(self, db: Database, fleet: Fleet) -> None:
+        self.db = db
+        self.fleet = fleet
+        self.where = db.where
+
+    @classmethod
+    async def open(cls, where: str, *, readonly: bool = False, lease_s: float = 30.0) -> "Store":
+        """A SQLite file at the path `where`, or the PostgreSQL database at the URL `where`."""
+        if where.startswith(("postgresql://", "postgres://")):
+            pg = await PostgresDatabase.open(where, readonly=readonly, lease_s=lease_s)
+            return cls(pg, PgFleet(pg))
+        sqlite = await SqliteDatabase.open(where, readonly=readonly)
+        return cls(sqlite, SoloFleet(sqlite))
+
+    async def close(self) -> None:
+        await self.fleet.close()
+        await self.db.close()
+
+    # ── writes: one transaction per batch of transitions ────────────────────────────────────
+
+    async def commit(self, transitions: Sequence[Transition], now: float) -> CommitResult:
+        result = await self.db.in_transaction(lambda tx: self._apply(tx, transitions, now))
+        if any(isinstance(t, Prune) for t in transitions):
+            await self.db.freed_space_back()
+        return result
+
+    async def _apply(self, tx: Transaction, transitions: Sequence[Transition], now: float) -> CommitResult:
+        result = CommitResult()
+        for page in (t for t in transitions if isinstance(t, FeedPage)):
+            await self.fleet.fence_page(tx, page)
+            result += await self._write_page(tx, page, now)
+        boxes, lost_boxes = await self.fleet.still_claimed(
+            tx, "boxes", [t for t in transitions if isinstance(t, BoxUpdate)])
+        if boxes:
+            result += CommitResult(reports_queued=await self._write_box_updates(tx, boxes, now))
+        reports, lost_reports = await self.fleet.still_claimed(
+            tx, "reports", [t for t in transitions if isinstance(t, ReportUpdate)])
+        if reports:
+            result += CommitResult(superseded=await self._write_report_updates(tx, reports, now))
+        if lost_boxes or lost_reports:
+            result += CommitResult(lost_claims=frozenset(lost_boxes + lost_reports))
+        for wake in (t for t in transitions if isinstance(t, WakeBoxes)):
+            await tx.execute("wake_boxes", {"now": now, "spread": wake.spread_s, "status": wake.status})
+        for prune in (t for t in transitions if isinstance(t, Prune)):
+            result += CommitResult(pruned=await self._prune(tx, prune))
+        if any(isinstance(t, Heartbeat) for t in transitions):
+            await tx.execute("put_meta", (HEARTBEAT_KEY, repr(now)))
+        return result
+
+    async def _write_page(self, tx: Transaction, page: FeedPage, now: float) -> CommitResult:
+        listed = {i.id for i in page.items} | {q.return_id for q in page.quarantined if q.return_id}
+        stored = {row[0]: ReturnItem(*row) for row in await tx.fetch("stored_returns", (sorted(listed),))}
+        new, corrections = reconcile_listings(page.items, stored)
+        added = await tx.execute_many("insert_return", [
+            (i.id, i.order_number, i.order_item_number, i.shipment_number, i.requested_at, now) for i in new])
+        if corrections:
+            corrections = await self._write_corrections(tx, corrections, now)
+        await tx.execute_many("insert_box", [(s, BoxState.TRACKING.value, t, now, s) for s, t in page.first_checks])
+        await tx.execute("revive_emptied_boxes", (now, now, [s for s, _ in page.first_checks]))
+        ids = sorted({i.id for i in page.items})
+        queued = await tx.execute("reports_for_delivered_boxes", (now, now, ids))
+        await tx.execute("resolve_quarantine", (now, ids))
+        quarantined = await tx.execute_many("insert_quarantine", [
+            (q.fingerprint, q.return_id, q.reason, q.raw, now) for q in page.quarantined])
+        if page.next_cursor is not None:
+            await tx.execute("put_meta", (FEED_CURSOR_KEY, page.next_cursor))
+        broken = frozenset(q.return_id for q in page.quarantined if q.return_id and q.return_id in stored)
+        return CommitResult(added, quarantined, queued, tuple(corrections), broken)
+
+    async def _write_corrections(self, tx: Transaction, corrections: Sequence[Correction],
+                                 now: float) -> list[Correction]:
+        """Apply corrections: the return takes its latest fields, its report follows them (see
+        WRITE_SQL's correct_report), a box left without items stops being polled, and each is
+        recorded."""
+        reports = {row[0]: ReportState(row[1])
+                   for row in await tx.fetch("report_states", ([c.return_id for c in corrections],))}
+        corrections = [dataclasses.replace(c, report_state=reports.get(c.return_id)) for c in corrections]
+        await tx.execute_many("correct_return", [
+            (c.after.order_number, c.after.order_item_number, c.after.shipment_number, c.after.requested_at,
+             c.return_id) for c in corrections])
+        await tx.execute_many("insert_correction", [
+            (c.return_id, ",".join(c.fields), json.dumps({f: getattr(c.before, f) for f in c.fields}),
+             json.dumps({f: getattr(c.after, f) for f in c.fields}),
+             c.report_state.value if c.report_state else None, now) for c in corrections])
+        await tx.execute_many("correct_report", [
+            {"order_number": c.after.order_number, "order_item_number": c.after.order_item_number,
+             "shipment_number": c.after.shipment_number, "moved": c.moved, "now": now, "return_id": c.return_id}
+            for c in corrections if c.report_state is not None and c.changes_report])
+        await tx.execute("empty_boxes", (now, sorted({c.before.shipment_number for c in corrections if c.moved})))
+        return corrections
+
+    async def _write_box_updates(self, tx: Transaction, updates: Sequence[BoxUpdate], now: float) -> int:
+        await tx.execute_many("box_update", [
+            {"state": u.state.value, "next_check_at": u.next_check_at, "called_n": int(u.called),
+             "not_found": u.not_found, "errors": u.errors, "registered": bool(u.registered), "now": now,
+             "last_status": u.last_status, "delivered_at": u.delivered_at,
+             "closed_at": None if u.state is BoxState.TRACKING else now, "called": u.called,
+             "last_error": u.last_error, "since": u.history[-1].at if u.history else None,
+             "shipment_number": u.shipment_number}
+            for u in updates])
+        recorded = [u for u in updates if u.history]
+        if recorded:
+            await tx.execute_many("insert_history",
+                                  [(u.shipment_number, h.at, h.status, now) for u in recorded for h in u.history])
+            await tx.execute_many("bound_history",
+                                  [(u.shipment_number, u.shipment_number, HISTORY_PER_BOX - 1) for u in recorded])
+        queued = await tx.execute_many("queue_reports", [
+            (u.delivered_at, ReportState.PENDING.value, now, now, u.shipment_number)
+            for u in updates if u.state is BoxState.DELIVERED])
+        await tx.execute_many("unknown_status", [(u.unknown_status, now, now) for u in updates if u.unknown_status])
+        return queued
+
+    async def _write_report_updates(self, tx: Transaction, updates: Sequence[ReportUpdate],
+                                    now: float) -> frozenset[str]:
+        """Returns the reports settled (done or dead) by an answer to a body since corrected."""
+        await tx.execute_many("report_answer", [
+            {"state": u.state.value, "revision": u.revision, "called_n": int(u.called), "called": u.called,
+             "next_attempt_at": u.next_attempt_at, "now": now, "outcome": u.outcome, "last_error": u.last_error,
+             "done_at": None if u.state is ReportState.PENDING else now, "return_id": u.return_id}
+            for u in updates])
+        called = [u for u in updates if u.called]
+        await tx.execute_many("insert_attempt", [
+            (u.return_id, u.attempt, now, u.outcome or "retry", u.http_status, u.latency_s, u.last_error)
+            for u in called])
+        await tx.execute_many("bound_attempts", [
+            (u.return_id, u.return_id, ATTEMPTS_PER_REPORT) for u in called if u.attempt > ATTEMPTS_PER_REPORT])
+        settling = {u.return_id: u.revision for u in updates if u.state is not ReportState.PENDING}
+        if not settling:
+            return frozenset()
+        revisions = await tx.fetch("report_revisions", (sorted(settling),))
+        return frozenset(return_id for return_id, revision in revisions if revision != settling[return_id])
+
+    async def _prune(self, tx: Transaction, prune: Prune) -> int:
+        params = {"cutoff": prune.cutoff, "limit": prune.limit}
+        boxes = [row[0] for row in await tx.fetch("finished_boxes", params)]
+        if boxes:
+            for statement in PRUNE_DELETES:
+                await tx.execute(statement, {"boxes": boxes})
+        await tx.execute("resolved_quarantine", params)
+        return len(boxes)
+
+    # ── operator requeues: back into the pipeline after the cause was fixed ─────────────────
+    # `ids` None means all.
+
+    async def requeue_dead_reports(self, ids: Sequence[str] | None, now: float) -> list[str]:
+        return await self._requeue("requeue_dead_reports", ids, now)
+
+    async def requeue_stale_boxes(self, ids: Sequence[str] | None, now: float) -> list[str]:
+        return await self._requeue("requeue_stale_boxes", ids, now)
+
+    async def _requeue(self, statement: str, ids: Sequence[str] | None, now: float) -> list[str]:
+        params = {"now": now, **self._which(ids)}
+        rows = await self.db.in_transaction(lambda tx: tx.fetch(statement, params))
+        return sorted(row[0] for row in rows)
+
+    async def open_quarantine_for(self, ids: Sequence[str] | None) -> list[tuple[Any, ...]]:
+        return await self.db.fetch("open_quarantine_for", self._which(ids))
+
+    @staticmethod
+    def _which(ids: Sequence[str] | None) -> dict[str, Any]:
+        return {"all": ids is None, "ids": list(ids or ())}
+
+    # ── reads for the stages ────────────────────────────────────────────────────────────────
+
+    async def _value(self, name: str) -> Any:
+        return (await self.db.fetch(name))[0][0]
+
+    async def closed_histories(self, since: float) -> list[tuple[StatusChange, ...]]:
+        """The status histories of boxes closed since `since`, each oldest first."""
+        histories: dict[str, list[StatusChange]] = {}
+        for shipment_number, at, status in await self.db.fetch("learned_history", (since,)):
+            histories.setdefault(shipment_number, []).append(StatusChange(status, at))
+        return [tuple(history) for history in histories.values()]
+
+    async def feed_cursor(self) -> str | None:
+        rows = await self.db.fetch("feed_cursor", (FEED_CURSOR_KEY,))
+        return rows[0][0] if rows else None
+
+    async def due_boxes(self, now: float, limit: int) -> list[DueBox]:
+        """On PostgreSQL: claims them."""
+        return [DueBox(*row) for row in await self.fleet.due("boxes", now, limit)]
+
+    async def next_box_due_at(self) -> float | None:
+        return await self._value("next_box_due_at")
+
+    async def due_reports(self, now: float, limit: int) -> list[DueReport]:
+        return [DueReport(*row) for row in await self.fleet.due("reports", now, limit)]
+
+    async def next_report_due_at(self) -> float | None:
+        return await self._value("next_report_due_at")
+
+    async def oldest_pending_report_queued_at(self) -> float | None:
+        return await self._value("oldest_pending_report")
+
+    # ── for `status`, the demo and the housekeeping ─────────────────────────────────────────
+
+    async def _newer_read(self, name: str, *params: Any) -> list[Any]:
+        """A read of what an older SQLite file lacks: on such a file, opened read-only by
+        `status` before any upgrade, there is none of it yet."""
+        try:
+            return await self.db.fetch(name, params)
+        except NotYetInSchema:
+            return []
+
+    async def overdue(self, before: float) -> tuple[int, float | None]:
+        """How many tracked boxes were requested before `before`, and the oldest one's request."""
+        rows = await self._newer_read("overdue_count", before)
+        return (rows[0][0], rows[0][1]) if rows else (0, None)
+
+    async def overdue_boxes(self, before: float, limit: int) -> list[tuple[str, float, str | None, float | None, int]]:
+        return await self._newer_read("overdue_boxes", before, limit)
+
+    async def oldest_pending_reports(self, limit: int) -> list[tuple[str, str, float, int, str | None]]:
+        return await self.db.fetch("oldest_pending_reports", (limit,))
+
+    async def oldest_tracking_boxes(self, limit: int) -> list[tuple[str, float, str | None, int]]:
+        return await self.db.fetch("oldest_tracking_boxes", (limit,))
+
+    async def open_quarantine(self, limit: int) -> list[tuple[str | None, str, str, float]]:
+        return await self.db.fetch("open_quarantine", (limit,))
+
+    async def dead_reports(self, limit: int) -> list[tuple[str, str, str | None, float]]:
+        return await self.db.fetch("dead_reports", (limit,))
+
+    async def stale_boxes(self, limit: int) -> list[tuple[str, float, int]]:
+        return await self.db.fetch("stale_boxes", (limit,))
+
+    async def latest_corrections(self, limit: int) -> list[tuple[str, str, str, str | None, float]]:
+        """(return id, before, after, report state then, when), newest first; before/after are JSON."""
+        return await self._newer_read("latest_corrections", limit)
+
+    async def outdated_reports(self, limit: int) -> list[tuple[str, str, str, float | None]]:
+        """Reports the partner recorded under fields a correction has since changed: (return id, the
+        latest correction's before and after as JSON, when the report was recorded)."""
+        return await self._newer_read("outdated_reports", limit)
+
+    async def unknown_statuses(self) -> list[tuple[str, int, float]]:
+        return await self.db.fetch("unknown_statuses")
+
+    async def counts(self) -> dict[str, int]:
+        """Totals by kind and state, e.g. {"returns": 10, "boxes.tracking": 3, "reports.done": 7}."""
+        try:
+            by_state = await self.db.fetch("state_counts")
+        except NotYetInSchema:  # a version-1 file opened read-only (`status`): count
+            by_state = await self.db.fetch("count_by_state")
+        counts: dict[str, int] = {}
+        for kind, state, n in by_state:
+            if n:
+                counts[f"{kind}.{state}" if state else kind] = n
+        counts.setdefault("returns", 0)
+        counts["quarantine.open"] = await self._value("open_quarantine_count")
+        counts["unknown_statuses"] = await self._value("unknown_status_count")
+        return counts
+
+    async def story(self, key: str) -> dict[str, Any]:
+        """Everything known about the returns `key` names (an id, order number or shipment number),
+        their boxes and reports, as plain data; empty lists when it names nothing."""
+        returns = await self.db.fetch_dicts("returns", {"key": key})
+        ids = {"ids": sorted({r["id"] for r in returns} | {key})}
+        shipments = {"ids": sorted({r["shipment_number"] for r in returns} | {key})}
+        story: dict[str, Any] = {"returns": returns}
+        for part, params in (("quarantine", ids), ("boxes", shipments), ("history", shipments), ("reports", ids),
+                             ("attempts", ids), ("corrections", ids)):
+            try:
+                story[part] = await self.db.fetch_dicts(part, params)
+            except NotYetInSchema:  # an older file opened read-only: it has none of these yet
+                story[part] = []
+        return story
+
+    def export(self, kind: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
+        """Every return ("returns") or closed box's history ("timelines") as dicts, streamed within
+        one read snapshot (a consistent export), in constant memory."""
+        return self.db.stream(f"export_{kind}", params)
+
+
 STORAGE_ERRORS = (sqlite3.Error, psycopg.Error, LeaseLost)  # a failed read or write, on either backend
 
 
-async def open_store(config: "StorageConfig", *, readonly: bool = False) -> StateStore:
-    if config.url:
-        return await PgStore.open(config.url, readonly=readonly, lease_s=config.lease_s)
-    return await Store.open(config.path, readonly=readonly)
+async def open_store(config: "StorageConfig", *, readonly: bool = False) -> Store:
+    return await Store.open(config.url or config.path, readonly=readonly, lease_s=config.lease_s)
 
 
 class InstanceLock:
@@ -4001,12 +3923,12 @@ class Stages:
         # seconds: claiming a whole backlog ahead would leave the others idle while it works through it.
         self.tracker = Dispatcher[DueBox](
             "track", store.due_boxes, store.next_box_due_at, lambda b: b.shipment_number, self.check_box,
-            capacity, log, functools.partial(store.claim_holds, "boxes", config.partner.timeout_s),
+            capacity, log, functools.partial(store.fleet.claim_holds, "boxes", config.partner.timeout_s),
             functools.partial(self._claim_at_most, Endpoint.TRACKING),
         )
         self.reporter = Dispatcher[DueReport](
             "report", store.due_reports, store.next_report_due_at, lambda r: r.return_id, self.send_report,
-            capacity, log, functools.partial(store.claim_holds, "reports", config.partner.timeout_s),
+            capacity, log, functools.partial(store.fleet.claim_holds, "reports", config.partner.timeout_s),
             functools.partial(self._claim_at_most, Endpoint.RESULTS),
         )
 
@@ -4101,7 +4023,7 @@ class Stages:
 
     async def _lead_feed(self) -> int | None:
         try:
-            return await self.store.lead_feed()
+            return await self.store.fleet.lead_feed()
         except STORAGE_ERRORS as exc:
             self.log.warning("storage.read_failed", stage="collect", error=str(exc))
             return None
@@ -4709,7 +4631,7 @@ class Daemon:
             try:
                 await self._run_with(store, once)
                 with contextlib.suppress(*STORAGE_ERRORS):  # else its leases run out by themselves
-                    await store.leave()
+                    await store.fleet.leave()
             finally:
                 await store.close()
         finally:
@@ -4728,7 +4650,7 @@ class Daemon:
             aiohttp.ClientSession() as slack_session,  # no partner headers ever reach Slack
         ):
             alerts = Alerter(config.slack.webhook_url, slack_session, self.metrics, self.log, REDACT.text,
-                             store.alert_once)
+                             store.fleet.alert_once)
             committer = Committer(store, self._on_committed, lambda exc: alerts.alert(
                 "storage", f"Cannot write the state database: {exc}. Work is paused until it can."), self.log,
                 self.metrics.db_commit_latency)
@@ -4859,22 +4781,29 @@ class Daemon:
                 self._stages.reporter.wake()
 
     async def _keep_fleet(self, store: StateStore, stages: Stages) -> None:
-        """Every lease_s / 4: renew what this instance holds (its claims, the feed's lease), say it
-        is alive, and take its share of the partner's limits. On SQLite: the fleet of one."""
+        """Count the fleet every FLEET_COUNT_EVERY_S and take this instance's share of the
+        partner's limits (a dead instance's share comes back within a count); every lease_s / 4
+        renew what this instance holds (its claims, the feed's lease). On a failed count the share
+        stays as it was. On SQLite: the fleet of one."""
         instances = 1
+        renew_every = max(0.5, self.config.storage.lease_s / 4)
+        renewed_at = -math.inf
         while True:
             try:
-                live = await store.keep_alive(stages.tracker.held(), stages.reporter.held())
+                if time.monotonic() - renewed_at >= renew_every:
+                    renewed_at = time.monotonic()
+                    await store.fleet.renew(stages.tracker.held(), stages.reporter.held())
+                live = await store.fleet.count()
             except STORAGE_ERRORS as exc:
                 self.log.warning("storage.read_failed", stage="fleet", error=str(exc))
             else:
                 if live != instances:
-                    self.log.info("fleet.changed", instances=live)
+                    self.log.info("fleet.changed", instances=live, rate_per_s=self.config.limits.rate_per_s / live)
+                    stages.client.share_limits(live)
                 instances = live
                 self.metrics.fleet_instances.set(live)
-                stages.client.share_limits(live)
-            self.metrics.feed_leader.set(1 if store.leads_feed else 0)
-            await asyncio.sleep(max(0.5, self.config.storage.lease_s / 4))
+            self.metrics.feed_leader.set(1 if store.fleet.leads_feed else 0)
+            await asyncio.sleep(FLEET_COUNT_EVERY_S)
 
     async def _housekeeping(self, store: StateStore, committer: Committer, alerts: "Alerter") -> None:
         """Row-count gauges, overdue pickups, the database's writability and retention, every few
@@ -5140,9 +5069,9 @@ async def migrate(config: Config, target: str, out: typing.TextIO | None = None)
         print(f"tracker: {exc}; stop it before migrating", file=sys.stderr)
         return EXIT_FAILURE
     try:
-        source = await Store.open(config.storage.path)  # brought to the current schema first
+        source = await SqliteDatabase.open(config.storage.path)  # brought to the current schema first
         try:
-            destination = await PgStore.open(target)
+            destination = await PostgresDatabase.open(target)
         except psycopg.Error as exc:
             await source.close()
             print(f"tracker: cannot open {where}: {exc}", file=sys.stderr)
@@ -5153,7 +5082,7 @@ async def migrate(config: Config, target: str, out: typing.TextIO | None = None)
                       file=sys.stderr)
                 return EXIT_FAILURE
             copied = await destination.copy_in({table: source.rows_of(table) for table in COPIED_TABLES})
-            counts = await destination.counts()
+            counts = await Store(destination, PgFleet(destination)).counts()
         except STORAGE_ERRORS as exc:
             print(f"tracker: the copy failed, {where} is left as it was: {exc}", file=sys.stderr)
             return EXIT_FAILURE
@@ -5587,7 +5516,7 @@ async def status_lines(store: StateStore, limit: int = 10, overdue_after_s: floa
         return " · ".join(f"{name} {c.get(f'{kind}.{name}', 0):,}" for name in names)
 
     lines = [
-        f"tracker status — {store.path}",
+        f"tracker status — {store.where}",
         "",
         (f"  returns   {c.get('returns', 0):,} collected · {c.get('corrections', 0):,} corrections applied · "
          f"{c.get('quarantine.open', 0):,} quarantined"),

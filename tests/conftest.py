@@ -287,11 +287,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 async def open_backend(where: str | Path) -> tracker.StateStore:
     """The store the `backend` fixture names: a PostgreSQL URL, or a SQLite file."""
-    if str(where).startswith("postgresql://"):
-        return await tracker.PgStore.open(str(where))
     return await tracker.Store.open(str(where))
 
 
 def in_dialect(store: tracker.StateStore, sql: str) -> str:
     """A test's own query, written with SQLite's `?`, for the store at hand."""
-    return sql.replace("?", "%s") if isinstance(store, tracker.PgStore) else sql
+    return sql.replace("?", "%s") if store.db.dialect is tracker.Dialect.POSTGRESQL else sql

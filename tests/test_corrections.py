@@ -39,7 +39,7 @@ async def opened(where: str | Path) -> AsyncIterator[tracker.StateStore]:
 
 
 async def one(store: tracker.StateStore, sql: str, *params: Any) -> Any:
-    rows = await store._rows(in_dialect(store, sql), params)
+    rows = await store.db.query(in_dialect(store, sql), params)
     return rows[0] if rows else None
 
 
@@ -322,7 +322,7 @@ async def test_a_version_3_database_gains_report_revisions_and_keeps_its_reports
     finally:
         await readonly.close()
     async with opened(db_path) as store:
-        assert (await store._rows("PRAGMA user_version", ()))[0][0] == tracker.SCHEMA_VERSION
+        assert (await store.db.query("PRAGMA user_version", ()))[0][0] == tracker.SCHEMA_VERSION
         await store.commit([page(item(line="2"))], 3.0)
         assert (await report(store, "R1"))["order_item_number"] == "2"
 

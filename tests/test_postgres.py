@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import time
@@ -215,9 +216,9 @@ async def test_migrate_copies_everything_and_the_daemon_goes_on_from_postgresql(
 
 
 @contextlib.asynccontextmanager
-async def instances(url: str, n: int = 2, lease_s: float = 30.0) -> AsyncIterator[list[tracker.PgStore]]:
+async def instances(url: str, n: int = 2, lease_s: float = 30.0) -> AsyncIterator[list[tracker.Store]]:
     """n instances' stores on one database (each its own identity, as on separate hosts)."""
-    stores = [await tracker.PgStore.open(url, lease_s=lease_s) for _ in range(n)]
+    stores = [await tracker.Store.open(url, lease_s=lease_s) for _ in range(n)]
     try:
         yield stores
     finally:
@@ -231,7 +232,7 @@ async def due_boxes_listed(store: tracker.StateStore, n: int) -> list[str]:
     return [f"S{k}" for k in range(n)]
 
 
-def claimed_by(store: tracker.PgStore, kind: str = "boxes"):
+def claimed_by(store: tracker.Store, kind: str = "boxes"):
     async def check() -> list[Any]:
         return await (store.due_boxes if kind == "boxes" else store.due_reports)(time.time(), 100)
     return check
@@ -252,7 +253,7 @@ async def test_claims_kept_alive_are_never_taken_over(pg_url: str) -> None:
         await a.due_boxes(time.time(), 100)
         deadline = time.monotonic() + 3.0  # three leases long
         while time.monotonic() < deadline:
-            await a.keep_alive(listed, [])
+            await a.fleet.renew(listed, [])
             assert await b.due_boxes(time.time(), 100) == []
             await asyncio.sleep(0.2)
 
@@ -261,7 +262,7 @@ async def test_an_instance_leaving_hands_its_claims_back_at_once(pg_url: str) ->
     async with instances(pg_url, lease_s=600.0) as (a, b):
         listed = await due_boxes_listed(a, 5)
         await a.due_boxes(time.time(), 100)
-        await a.leave()
+        await a.fleet.leave()
         assert sorted(box.shipment_number for box in await b.due_boxes(time.time(), 100)) == listed
 
 
@@ -282,9 +283,9 @@ async def test_an_answer_made_under_a_lapsed_claim_is_not_stored(pg_url: str) ->
 
 async def test_a_feed_page_read_under_a_lease_since_taken_over_is_not_stored(pg_url: str) -> None:
     async with instances(pg_url, lease_s=1.0) as (a, b):
-        assert (first := await a.lead_feed()) is not None
-        assert await b.lead_feed() is None  # a pages the feed
-        second = await wait_until(b.lead_feed, 10, what="b to take the lapsed feed lease")
+        assert (first := await a.fleet.lead_feed()) is not None
+        assert await b.fleet.lead_feed() is None  # a pages the feed
+        second = await wait_until(b.fleet.lead_feed, 10, what="b to take the lapsed feed lease")
         assert second > first
         page = tracker.FeedPage((tracker.ReturnItem("R1", "O", "1", "S1", None),), (), "from-a", False, epoch=first)
         with pytest.raises(tracker.LeaseLost):
@@ -296,19 +297,19 @@ async def test_a_feed_page_read_under_a_lease_since_taken_over_is_not_stored(pg_
 
 async def test_an_alert_is_sent_by_one_instance_of_the_fleet_per_window(pg_url: str) -> None:
     async with instances(pg_url) as (a, b):
-        assert await a.alert_once("stale", 60.0)
-        assert not await b.alert_once("stale", 60.0)  # a sent it
-        assert await b.alert_once("quarantine", 60.0)
-        assert await b.alert_once("stale", 0.0)  # its window has passed
+        assert await a.fleet.alert_once("stale", 60.0)
+        assert not await b.fleet.alert_once("stale", 60.0)  # a sent it
+        assert await b.fleet.alert_once("quarantine", 60.0)
+        assert await b.fleet.alert_once("stale", 0.0)  # its window has passed
 
 
 async def test_live_instances_count_themselves_and_split_the_partners_limits(pg_url: str) -> None:
     async with instances(pg_url, n=3) as stores:
-        for store in stores:
-            await store.keep_alive([], [])
-        assert [await store.keep_alive([], []) for store in stores] == [3, 3, 3]
-        await stores[2].leave()
-        assert await stores[0].keep_alive([], []) == 2
+        for store in stores:  # each joins the fleet when it first counts it
+            await store.fleet.count()
+        assert [await store.fleet.count() for store in stores] == [3, 3, 3]
+        await stores[2].fleet.leave()
+        assert await stores[0].fleet.count() == 2  # at once: its membership went with its session
     config = make_config(Path("unused.db"), "http://127.0.0.1:9",
                          limits=tracker.LimitsConfig(concurrency=16, rate_per_s=300.0))
     async with aiohttp.ClientSession() as session:
@@ -318,13 +319,119 @@ async def test_live_instances_count_themselves_and_split_the_partners_limits(pg_
         assert client._slots._slots == 6  # ⌈16 / 3⌉
 
 
+def fleet_changes(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    """The daemon's `fleet.changed` log lines: instances counted, and its share of the rate."""
+    lines = (json.loads(line) for line in daemon.log().splitlines() if '"fleet.changed"' in line)
+    return [line for line in lines if line.get("event") == "fleet.changed"]
+
+
+async def test_a_killed_instances_share_returns_to_the_survivors_within_five_seconds(
+        start_partner, pg_url: str, tmp_path: Path) -> None:
+    partner = start_partner(scenario(returns=50))
+    config = tmp_path / "config.toml"
+    # leases of 30 s (the default): what a dead instance held passes on then, but its share of the
+    # rate must not wait for that
+    config.write_text(fleet_config(partner.url, tmp_path / "unused.db", pg_url, rate_per_s=300, lease_s=30.0))
+    fleet = [DaemonProcess(config, tmp_path / f"tracker-{n}.log").start() for n in range(3)]
+    try:
+        for daemon in fleet:
+            await wait_until(lambda: asyncio.to_thread(lambda: [c for c in fleet_changes(daemon)
+                                                                 if c["instances"] == 3]),
+                             30, what="each instance to count three")
+        victim, survivors = fleet[0], fleet[1:]
+        killed_at = time.monotonic()
+        victim.kill9()
+
+        def halved() -> bool:
+            return all(any(c["instances"] == 2 and c["rate_per_s"] == 150.0 for c in fleet_changes(d))
+                       for d in survivors)
+        await wait_until(lambda: asyncio.to_thread(halved), 10, what="both survivors at half the rate")
+        assert time.monotonic() - killed_at < 5.0
+    finally:
+        for daemon in fleet:
+            daemon.stop()
+
+
+def fleet_gauge(daemon: tracker.Daemon) -> float:
+    line = next(line for line in daemon.metrics.exposition().decode().splitlines()
+                if line.startswith("tracker_fleet_instances "))
+    return float(line.split()[-1])
+
+
+def member_sessions(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'tracker-member'"
+                            " AND datname = current_database()").fetchone()[0]
+
+
+async def test_after_every_connection_is_cut_no_instance_counts_fewer_than_the_fleet(
+        start_partner, pg_url: str, tmp_path: Path) -> None:
+    partner = start_partner(scenario(returns=50))
+    config = on_postgres(make_config(tmp_path / "unused.db", partner.url), pg_url)
+    daemons = [tracker.Daemon(config) for _ in range(3)]
+    running = [asyncio.create_task(d.run()) for d in daemons]
+    try:
+        await wait_until(lambda: asyncio.sleep(0, all(fleet_gauge(d) == 3 for d in daemons)), 30,
+                         what="each instance to count three")
+        assert await asyncio.to_thread(cut_every_connection, pg_url) >= 3
+        # Each reconnects on its own tick and, meanwhile, sees the others gone. Watched until every
+        # one has joined again and its settling time has passed: none ever counts fewer than three.
+        seen: set[float] = set()
+        rejoined_at = None
+        deadline = time.monotonic() + 30
+        while rejoined_at is None or time.monotonic() < rejoined_at + tracker.FLEET_SETTLE_S + 1.0:
+            assert time.monotonic() < deadline, "the instances did not join the fleet again"
+            seen |= {fleet_gauge(d) for d in daemons}
+            if rejoined_at is None and await asyncio.to_thread(member_sessions, pg_url) == 3:
+                rejoined_at = time.monotonic()
+            await asyncio.sleep(0.05)
+        assert seen == {3.0}
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        await asyncio.gather(*running)
+
+
+async def test_a_database_restart_mid_burst_draws_no_burst_of_429s(
+        start_partner, postgres: PostgresCluster, pg_url: str, tmp_path: Path) -> None:
+    partner = start_partner(scenario(returns=3000, arrive_over_s=2.0, step_s=(0.05, 0.1),
+                                     faults=standin.Faults(latency_ms=(5, 20), rate_limit_per_s=300)))
+    config = tmp_path / "config.toml"
+    config.write_text(fleet_config(partner.url, tmp_path / "unused.db", pg_url, rate_per_s=300))
+    fleet = [DaemonProcess(config, tmp_path / f"tracker-{n}.log").start() for n in range(3)]
+    try:
+        async def under_way() -> bool:
+            return (await ledger_of(partner))["recorded"] >= 300
+        await wait_until(under_way, 60, what="the burst under way")
+        for daemon in fleet:
+            await wait_until(lambda: asyncio.to_thread(lambda: [c for c in fleet_changes(daemon)
+                                                                 if c["instances"] == 3]),
+                             30, what="each instance to count three")
+        postgres.stop("immediate")
+        restarted_tenth = math.floor(await asyncio.to_thread(partner.call, lambda: partner.standin.now() * 10))
+        postgres.start()
+        await wait_until(everything_reported(partner, pg_url), 120, what="every report after the restart")
+    finally:
+        for daemon in fleet:
+            daemon.stop()
+    ledger = await ledger_of(partner)
+    assert_nothing_lost_nothing_early(ledger)
+    after = [counts for tenths in ledger["by_tenth"].values() for tenth, counts in tenths.items()
+             if restarted_tenth <= int(tenth) < restarted_tenth + 100]  # the ten seconds after it
+    through, refused = sum(c[0] for c in after), sum(c[1] for c in after)
+    assert through > 0 and refused <= 0.02 * (through + refused), (through, refused)
+    for daemon in fleet:  # once three, always three: none believed for a moment it was alone
+        counted = [c["instances"] for c in fleet_changes(daemon)]
+        assert set(counted[counted.index(3):]) == {3}, counted
+
+
 # ── chaos: three instances, kill -9, a cut, a database crash ───────────────────────────────
 
 
-def fleet_config(partner_url: str, db_path: Path, url: str, rate_per_s: float) -> str:
+def fleet_config(partner_url: str, db_path: Path, url: str, rate_per_s: float, lease_s: float = 3.0) -> str:
     sections = json.loads(json.dumps(dataclasses.asdict(make_config(db_path, partner_url))))
     del sections["partner"]["token"]
-    sections["storage"].update(url=url, lease_s=3.0)
+    sections["storage"].update(url=url, lease_s=lease_s)
     sections["limits"].update(rate_per_s=rate_per_s, concurrency=24)
     return standin.daemon_config_toml(sections)
 

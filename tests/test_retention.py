@@ -47,10 +47,10 @@ async def history_of_every_kind(store: tracker.StateStore) -> None:
     await store.commit([done("R_KEPT_CLOSED_LATELY")], RECENT)
     await store.commit([tracker.FeedPage((), (), "c", False, ())], NOW)
     # the open quarantine entry of BAD_1 is resolved long ago too
-    if isinstance(store, tracker.PgStore):
-        await store._execute("UPDATE quarantine SET resolved_at = %s WHERE return_id = 'BAD_1'", (OLD,))
+    if store.db.dialect is tracker.Dialect.POSTGRESQL:
+        await store.db.query("UPDATE quarantine SET resolved_at = %s WHERE return_id = 'BAD_1'", (OLD,))
     else:
-        with sqlite3.connect(store.path) as conn:
+        with sqlite3.connect(store.where) as conn:
             conn.execute("UPDATE quarantine SET resolved_at = ? WHERE return_id = 'BAD_1'", (OLD,))
 
 
@@ -60,7 +60,7 @@ def rows(db: Path, sql: str) -> list:
 
 
 async def column(store: tracker.StateStore, sql: str) -> list:
-    return [row[0] for row in await store._rows(sql, ())]
+    return [row[0] for row in await store.db.query(sql, ())]
 
 
 async def test_retention_deletes_exactly_the_finished_rows_past_keep_days(backend: str) -> None:

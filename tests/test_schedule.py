@@ -253,7 +253,7 @@ async def test_a_box_keeps_at_most_history_per_box_entries(db_path: Path) -> Non
         for first in range(0, 40, 10):
             await store.commit([tracker.BoxUpdate("S1", tracker.BoxState.TRACKING, 5.0, 0, 0, True, "assigned",
                                                   history=entries[first:first + 10])], 2.0)
-        rows = await store._rows(
+        rows = await store.db.query(
             "SELECT changed_at FROM box_history WHERE shipment_number = 'S1' ORDER BY changed_at", ())
     finally:
         await store.close()
@@ -278,7 +278,7 @@ async def test_a_woken_status_makes_its_boxes_due_within_the_spread_and_no_other
                             tracker.BoxUpdate("S1", tracker.BoxState.TRACKING, 1e9, 0, 0, True, "assigned"),
                             tracker.BoxUpdate("S2", tracker.BoxState.TRACKING, 1000.5, 0, 0, True, "requested")], 1.0)
         await store.commit([tracker.WakeBoxes("requested", 60.0)], 1000.0)
-        due = dict(await store._rows("SELECT shipment_number, next_check_at FROM boxes", ()))
+        due = dict(await store.db.query("SELECT shipment_number, next_check_at FROM boxes", ()))
     finally:
         await store.close()
     assert 1000.0 <= due["S0"] <= 1060.0

@@ -143,7 +143,7 @@ async def break_storage(daemon: tracker.Daemon, fault: str) -> None:
     "read-only": query_only, so every write fails with SQLITE_READONLY as on a read-only mount.
     The test reaches into the daemon's writer connection to do it."""
     assert daemon._committer is not None
-    writer = daemon._committer._store._writer
+    writer = daemon._committer._store.db.writer
     if fault == "full":
         pages = (await writer.execute_fetchall("PRAGMA page_count"))[0][0]
         await writer.execute(f"PRAGMA max_page_count = {int(pages)}")
@@ -153,7 +153,7 @@ async def break_storage(daemon: tracker.Daemon, fault: str) -> None:
 
 async def repair_storage(daemon: tracker.Daemon) -> None:
     assert daemon._committer is not None
-    writer = daemon._committer._store._writer
+    writer = daemon._committer._store.db.writer
     await writer.execute("PRAGMA max_page_count = 1000000000")
     await writer.execute("PRAGMA query_only = OFF")
 

@@ -3,6 +3,7 @@ is never interleaved with and batches what arrives together, and the file is pri
 
 import asyncio
 import contextlib
+import re
 import sqlite3
 import stat
 import time
@@ -17,9 +18,14 @@ import tracker
 from conftest import create_schema, open_backend, wait_until
 
 
+SQLITE = tracker.STATEMENTS[tracker.Dialect.SQLITE]  # each statement as the SQLite backend runs it
+
+
 def query_plan(db: Path, sql: str) -> list[str]:
+    names = re.findall(r"(?<!:):(\w+)", sql)
+    params = dict.fromkeys(names, 0) if names else (0,) * sql.count("?")
     with sqlite3.connect(db) as conn:
-        return [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, (0,) * sql.count("?"))]
+        return [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
 
 
 def write_history(db: Path, finished: int, unfinished: int) -> None:
@@ -53,14 +59,14 @@ def indexes(db: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", sorted(tracker.HOT_PATH_SQL))
 def test_hot_path_query_searches_a_partial_index_and_never_scans(name: str, db_path: Path) -> None:
-    plan = plan_over_history(db_path, tracker.HOT_PATH_SQL[name])
+    plan = plan_over_history(db_path, SQLITE[name])
     assert plan and all(step.startswith("SEARCH") for step in plan), plan
     assert not any("TEMP B-TREE" in step for step in plan), plan  # no per-query sort of the backlog
 
 
 @pytest.mark.parametrize("name", sorted(tracker.PAGE_SQL))
 def test_per_page_statement_starts_from_the_pages_ids_and_never_scans_a_table(name: str, db_path: Path) -> None:
-    plan = plan_over_history(db_path, tracker.PAGE_SQL[name])
+    plan = plan_over_history(db_path, SQLITE[name])
     scans = [step for step in plan if step.startswith("SCAN")]
     assert all("VIRTUAL TABLE" in step for step in scans), plan  # json_each over the page, nothing else
 
@@ -70,7 +76,7 @@ def test_show_statement_searches_an_index_and_never_scans_a_table(name: str, db_
     create_schema(db_path)
     write_history(db_path, finished=20000, unfinished=50)
     with sqlite3.connect(db_path) as conn:
-        explained = conn.execute("EXPLAIN QUERY PLAN " + tracker.SHOW_SQL[name], {"key": "R1", "ids": "[]"})
+        explained = conn.execute("EXPLAIN QUERY PLAN " + SQLITE[name], {"key": "R1", "ids": "[]"})
         plan = [row[3] for row in explained]
     scans = [step for step in plan if step.startswith("SCAN")]
     assert all("VIRTUAL TABLE" in step for step in scans), plan  # json_each over the ids, nothing else
@@ -78,7 +84,7 @@ def test_show_statement_searches_an_index_and_never_scans_a_table(name: str, db_
 
 @pytest.mark.parametrize("name", sorted(tracker.OPERATOR_SQL))
 def test_operator_statement_reads_only_the_partial_index_of_its_state(name: str, db_path: Path) -> None:
-    plan = plan_over_history(db_path, tracker.OPERATOR_SQL[name])
+    plan = plan_over_history(db_path, SQLITE[name])
     partial = {name for name, sql in indexes(db_path).items() if " WHERE " in sql}
     scans = [step for step in plan if step.startswith("SCAN")]
     ranges = [step for step in plan
@@ -105,7 +111,7 @@ async def test_a_version_2_database_trades_its_full_state_indexes_for_partial_on
         await readonly.close()
     store = await tracker.Store.open(str(db_path))
     try:
-        assert (await store._rows("PRAGMA user_version", ()))[0][0] == tracker.SCHEMA_VERSION
+        assert (await store.db.query("PRAGMA user_version", ()))[0][0] == tracker.SCHEMA_VERSION
     finally:
         await store.close()
     assert {"boxes_stale", "reports_dead"} <= indexes(db_path).keys()
@@ -192,10 +198,10 @@ async def test_database_file_is_readable_by_its_owner_only(db_path: Path) -> Non
 
 
 async def counted_by_hand(store: tracker.StateStore) -> dict[str, int]:
-    counts = {"returns": (await store._rows("SELECT COUNT(*) FROM returns", ()))[0][0]}
+    counts = {"returns": (await store.db.query("SELECT COUNT(*) FROM returns", ()))[0][0]}
     for table in ("boxes", "reports"):
         counts.update({f"{table}.{state}": n for state, n in
-                       await store._rows(f"SELECT state, COUNT(*) FROM {table} GROUP BY state", ())})
+                       await store.db.query(f"SELECT state, COUNT(*) FROM {table} GROUP BY state", ())})
     return counts
 
 
@@ -238,6 +244,6 @@ async def test_a_version_1_database_gets_its_counts_once_on_open(db_path: Path) 
     store = await tracker.Store.open(str(db_path))
     try:
         assert without_quarantine(await store.counts()) == await counted_by_hand(store)
-        assert (await store._rows("PRAGMA user_version", ()))[0][0] == tracker.SCHEMA_VERSION
+        assert (await store.db.query("PRAGMA user_version", ()))[0][0] == tracker.SCHEMA_VERSION
     finally:
         await store.close()
