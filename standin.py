@@ -206,7 +206,7 @@ def versions_by_return(feed: list[tuple[float, dict[str, Any]]]) -> dict[str, li
     """Each return's usable listings in feed order (unusable ones correct nothing)."""
     versions: dict[str, list[tuple[float, dict[str, Any]]]] = {}
     for at, item in feed:
-        if _usable(item):
+        if usable(item):
             versions.setdefault(item["id"], []).append((at, item))
     return versions
 
@@ -353,7 +353,7 @@ class StandIn:
         self.world = {  # what the scenario lists, counted once (the ledger is read twice a second)
             "broken": sum(1 for _, item in self.feed if item.get("id") not in self.versions),
             "broken_corrections": sum(1 for _, item in self.feed if item.get("id") in self.versions
-                                      and not _usable(item)),
+                                      and not usable(item)),
             "corrections": sum(1 for versions in self.versions.values()
                                for (_, a), (_, b) in zip(versions, versions[1:]) if not _same_item(a, b)),
             "reissued": sum(1 for b in self.boxes if b.shipment_number.endswith("R")),
@@ -625,7 +625,7 @@ class StandIn:
 RETURN_FIELDS = ("id", "order_number", "order_item_number", "shipment_number")
 
 
-def _usable(item: dict[str, Any]) -> bool:
+def usable(item: dict[str, Any]) -> bool:
     return all(isinstance(item.get(k), str) and item[k] for k in RETURN_FIELDS)
 
 

@@ -9,6 +9,7 @@ is committed before it is acted on, so kill -9 at any instant loses nothing.
 
     python tracker.py run    [--config PATH]   the daemon
     python tracker.py once   [--config PATH]   one pass over what is due now, then exit
+    python tracker.py check-config             the config as the daemon would read it
     python tracker.py status [--config PATH]   what the state store holds, for a terminal
     python tracker.py show ID…                 one return's whole story
     python tracker.py export                   every return, streamed (CSV or JSON lines)
@@ -16,6 +17,30 @@ is committed before it is acted on, so kill -9 at any instant loses nothing.
     python tracker.py replay TIMELINES.jsonl   the tracking schedule's what-if
     python tracker.py migrate --to URL         a SQLite state into an empty PostgreSQL database
     python tracker.py demo                     the whole pipeline against the partner stand-in
+
+Contents, in the order data flows (each section opens with a banner of its name):
+
+    Configuration        Config and its sections; load_config: config.toml, then the environment
+                         and systemd credentials; every wrong value a ConfigError naming its key
+    Records and states   BoxState, ReportState; ReturnItem, Correction, QuarantinedItem,
+                         FeedPage, DueBox, DueReport, StatusChange; the transitions (BoxUpdate,
+                         ReportUpdate, WakeBoxes, Prune, Heartbeat) and CommitResult
+    Storage              SQLite's tables; SQL, every statement written once; PostgreSQL's tables
+                         and the fleet's statements; the dialects (DIALECT_RULES, STATEMENTS);
+                         the adapters (Database: SqliteDatabase, PostgresDatabase); the fleet
+                         (Fleet: SoloFleet, PgFleet — claims, the feed's lease, membership);
+                         Store, every transition and read once (the StateStore Protocol)
+    Partner client       Reply and its Outcome; AdaptiveRate, CircuitBreaker, TokenGate,
+                         RetryBudget, PrioritySemaphore; PartnerClient; what the answers mean
+                         (parse_returns_page, validate_return, parse_tracking, parse_history)
+    Tracking schedule    TrackingSchedule: when to ask about a box again, learned from histories
+    Stages               decide_box_update, decide_report_update; StopSignal; Committer, the only
+                         writer; Dispatcher; Stages: collect, track (check_box), report (send_report)
+    Alerts               what each alert says (*_alert → Alert); Alerter, the Slack sender
+    Observability, HTTP  Redactor, configure_logging, Metrics, start_http_server
+    Daemon               SystemdNotifier; OverdueWatch, Housekeeping; Daemon: start, the stages'
+                         task group, the one way to stop and the order of shutdown
+    CLI                  build_parser, main; migrate, requeue, replay, show, export, status
 """
 
 import argparse
@@ -68,6 +93,15 @@ VERSION = "0.1.0"
 USER_AGENT = f"returns-tracker/{VERSION}"
 
 
+class Logger(typing.Protocol):
+    """What the daemon asks of a logger (structlog's bound loggers): an event name, then fields."""
+
+    def debug(self, event: str, **fields: Any) -> Any: ...
+    def info(self, event: str, **fields: Any) -> Any: ...
+    def warning(self, event: str, **fields: Any) -> Any: ...
+    def error(self, event: str, **fields: Any) -> Any: ...
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════════
 # Configuration — config.toml, overridden by the environment and systemd credentials.
 # A wrong value stops the start with one line naming the key; nothing is started.
@@ -90,7 +124,7 @@ class ConfigError(Exception):
         self.problem = problem
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PartnerConfig:
     base_url: str
     token: str = dataclasses.field(default="", repr=False)
@@ -98,7 +132,7 @@ class PartnerConfig:
     page_size: int = 200
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class StorageConfig:
     path: str = "tracker.db"
     url: str = dataclasses.field(default="", repr=False)  # postgresql://…: the state lives there, not in `path`
@@ -111,7 +145,7 @@ class StorageConfig:
         return redact_database_url(self.url) if self.url else self.path
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class HttpConfig:
     listen: str = "127.0.0.1:9108"
 
@@ -124,12 +158,12 @@ class HttpConfig:
         return int(self.listen.rsplit(":", 1)[1])
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SlackConfig:
     webhook_url: str = dataclasses.field(default="", repr=False)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ScheduleConfig:
     returns_every_s: float = 30.0
     track_every_s: float = 900.0
@@ -142,18 +176,18 @@ class ScheduleConfig:
     shutdown_grace_s: float = 5.0
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LimitsConfig:
     concurrency: int = 16
     rate_per_s: float = 20.0
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LogConfig:
     level: str = "info"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     partner: PartnerConfig
     storage: StorageConfig = StorageConfig()
@@ -365,13 +399,10 @@ def _validate_listen(listen: str) -> None:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# Storage — SQLite's tables, every SQL statement written once, PostgreSQL's tables, the two
-# dialects, the per-backend adapters (Database), who shares the work (Fleet), and the Store that
-# holds every transition once over them. The committer's writer connection runs one transaction
-# per batch of transitions (nothing interleaves); a reader serves everything else. SQLite in
-# WAL + synchronous=NORMAL: a kill -9 loses nothing committed; a power cut may lose the last
-# commits, and every one of them is redone idempotently (page re-read and deduplicated, box
-# re-checked, report re-sent and settled by the partner's 409).
+# Records and states — what flows through the pipeline, each frozen and built by keyword: a
+# feed page's returns and quarantined items, a correction, a box or report that is due, the
+# outcome of one partner call (BoxUpdate, ReportUpdate), the other transitions the committer
+# stores, what a commit did; and the states a box and a report pass through.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -388,6 +419,230 @@ class ReportState(enum.StrEnum):
     DONE = "done"  # partner answered 200 (recorded) or 409 (recorded earlier)
     DEAD = "dead"  # partner answered 422: resending the same body cannot help
     WITHDRAWN = "withdrawn"  # a correction moved its return to a box not yet delivered; queued again when it is
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReturnItem:
+    id: str
+    order_number: str
+    order_item_number: str
+    shipment_number: str
+    requested_at: str | None
+
+
+REPORTED_FIELDS = ("order_number", "order_item_number", "shipment_number")  # what a report carries
+CORRECTABLE_FIELDS = (*REPORTED_FIELDS, "requested_at")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Correction:
+    """A relisted return whose fields differ from the stored ones. The latest listing is the truth."""
+
+    before: ReturnItem
+    after: ReturnItem
+    report_state: ReportState | None = None  # the report's, when the correction arrived (None: none yet)
+
+    @property
+    def return_id(self) -> str:
+        return self.after.id
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(f for f in CORRECTABLE_FIELDS if getattr(self.before, f) != getattr(self.after, f))
+
+    @property
+    def moved(self) -> bool:
+        """The waybill was reissued: the return now belongs to another box."""
+        return self.before.shipment_number != self.after.shipment_number
+
+    @property
+    def changes_report(self) -> bool:
+        return any(f in REPORTED_FIELDS for f in self.fields)
+
+    def describe(self) -> str:
+        return ", ".join(f"{f} {getattr(self.before, f)!r} → {getattr(self.after, f)!r}" for f in self.fields)
+
+
+def reconcile_listings(items: Iterable[ReturnItem],
+                       stored: Mapping[str, ReturnItem]) -> tuple[list[ReturnItem], list[Correction]]:
+    """A page's listings against what is stored: the returns never seen before (in their last
+    listing) and the corrections, one per changed return, from the version before this page (or its
+    first listing in it) to its last listing in it. An unchanged relisting is neither."""
+    first: dict[str, ReturnItem] = {}
+    last: dict[str, ReturnItem] = {}
+    for item in items:
+        first.setdefault(item.id, stored.get(item.id, item))
+        last[item.id] = item
+    new = [item for return_id, item in last.items() if return_id not in stored]
+    corrections = [Correction(before=first[return_id], after=item) for return_id,
+                   item in last.items() if first[return_id] != item]
+    return new, corrections
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuarantinedItem:
+    return_id: str | None
+    reason: str
+    raw: str
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.raw.encode("utf-8", "replace")).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FeedPage:
+    """One page of the feed, committed with the cursor that follows it — all or nothing."""
+
+    items: tuple[ReturnItem, ...]
+    quarantined: tuple[QuarantinedItem, ...]
+    next_cursor: str | None
+    has_more: bool
+    first_checks: tuple[tuple[str, float], ...] = ()  # (shipment, when) for boxes not seen before
+    epoch: int | None = None  # the feed lease it was read under (PostgreSQL): stored only while it holds
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DueBox:
+    shipment_number: str
+    first_seen_at: float
+    not_found: int
+    errors: int
+    status_since: float | None = None  # the partner's time of the newest status already recorded
+    checks: int = 0  # calls made for it so far
+    claim: int | None = None  # this instance's claim on it (PostgreSQL); its answer is stored only under it
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StatusChange:
+    """One entry of a box's status history: the status and the partner's time it took effect."""
+
+    status: str
+    at: float  # the entry's updated_at, Unix seconds
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BoxUpdate:
+    """The outcome of one tracking call; applied only while the box is still being tracked."""
+
+    shipment_number: str
+    state: BoxState
+    next_check_at: float | None
+    not_found: int
+    errors: int
+    registered: bool
+    last_status: str | None = None
+    delivered_at: str | None = None
+    last_error: str | None = None
+    unknown_status: str | None = None
+    called: bool = True  # False: deferred without a partner call (counters and last error stay)
+    history: tuple[StatusChange, ...] = ()  # entries newer than the box's status_since, oldest first
+    claim: int | None = None  # the claim the check was made under (DueBox.claim)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DueReport:
+    return_id: str
+    order_number: str
+    order_item_number: str
+    shipment_number: str
+    collected_at: str
+    attempts: int
+    queued_at: float = 0.0  # when the box was seen delivered and this report queued
+    revision: int = 0  # bumped by each correction of its fields
+    first_sent_revision: int | None = None  # the oldest revision an earlier attempt sent
+    claim: int | None = None  # this instance's claim on it (PostgreSQL)
+
+    @property
+    def sent_before_correction(self) -> bool:
+        """An earlier attempt sent fields a correction has since changed (its answer unknown)."""
+        return self.first_sent_revision is not None and self.first_sent_revision < self.revision
+
+    def body(self) -> dict[str, str]:
+        return {
+            "order_number": self.order_number,
+            "order_item_number": self.order_item_number,
+            "shipment_number": self.shipment_number,
+            "result": "collected",
+            "collected_at": self.collected_at,
+        }
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReportUpdate:
+    return_id: str
+    state: ReportState
+    next_attempt_at: float | None
+    outcome: str | None
+    last_error: str | None
+    called: bool = True  # False: deferred without a partner call (attempts and last error stay)
+    revision: int = 0  # the revision of the body this answer was to
+    attempt: int = 0  # which attempt this was (recorded in report_attempts when called)
+    http_status: int | None = None
+    latency_s: float | None = None
+    claim: int | None = None  # the claim the call was made under (DueReport.claim)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WakeBoxes:
+    """A quiet status woke (a box was just seen leaving it): its boxes are asked again within
+    `spread_s`, spread over it, instead of when their quiet-time intervals end."""
+
+    status: str
+    spread_s: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Prune:
+    """Retention: up to `limit` finished boxes closed before `cutoff`, with all their rows."""
+
+    cutoff: float
+    limit: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Heartbeat:
+    """A real write that changes nothing that matters: proves the disk takes writes (a full or
+    read-only disk fails it). It goes through the committer like every write: one writer."""
+
+
+Transition = FeedPage | BoxUpdate | ReportUpdate | WakeBoxes | Prune | Heartbeat
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CommitResult:
+    returns_added: int = 0
+    quarantined_added: int = 0
+    reports_queued: int = 0
+    corrections: tuple[Correction, ...] = ()
+    broken_corrections: frozenset[str] = frozenset()  # ids of stored returns relisted unusable
+    superseded: frozenset[str] = frozenset()  # reports whose settling answer was to an outdated body
+    pruned: int = 0  # finished boxes retention deleted (with their returns, reports, histories)
+    lost_claims: frozenset[str] = frozenset()  # answers not stored: another instance holds the row now
+
+    def __add__(self, other: "CommitResult") -> "CommitResult":
+        return CommitResult(
+            returns_added=self.returns_added + other.returns_added,
+            quarantined_added=self.quarantined_added + other.quarantined_added,
+            reports_queued=self.reports_queued + other.reports_queued, corrections=self.corrections + other.corrections,
+            broken_corrections=self.broken_corrections | other.broken_corrections,
+            superseded=self.superseded | other.superseded,
+            pruned=self.pruned + other.pruned, lost_claims=self.lost_claims | other.lost_claims)
+
+
+class LeaseLost(Exception):
+    """A feed page read under a lease another instance has since taken: not stored."""
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# Storage — SQLite's tables, every SQL statement written once, PostgreSQL's tables, the two
+# dialects, the per-backend adapters (Database), who shares the work (Fleet), and the Store that
+# holds every transition once over them. The committer's writer connection runs one transaction
+# per batch of transitions (nothing interleaves); a reader serves everything else. SQLite in
+# WAL + synchronous=NORMAL: a kill -9 loses nothing committed; a power cut may lose the last
+# commits, and every one of them is redone idempotently (page re-read and deduplicated, box
+# re-checked, report re-sent and settled by the partner's 409).
+# ════════════════════════════════════════════════════════════════════════════════════════════
 
 
 SCHEMA_VERSION = 6  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
@@ -852,216 +1107,6 @@ COPIED_TABLES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class ReturnItem:
-    id: str
-    order_number: str
-    order_item_number: str
-    shipment_number: str
-    requested_at: str | None
-
-
-REPORTED_FIELDS = ("order_number", "order_item_number", "shipment_number")  # what a report carries
-CORRECTABLE_FIELDS = (*REPORTED_FIELDS, "requested_at")
-
-
-@dataclasses.dataclass(frozen=True)
-class Correction:
-    """A relisted return whose fields differ from the stored ones. The latest listing is the truth."""
-
-    before: ReturnItem
-    after: ReturnItem
-    report_state: ReportState | None = None  # the report's, when the correction arrived (None: none yet)
-
-    @property
-    def return_id(self) -> str:
-        return self.after.id
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        return tuple(f for f in CORRECTABLE_FIELDS if getattr(self.before, f) != getattr(self.after, f))
-
-    @property
-    def moved(self) -> bool:
-        """The waybill was reissued: the return now belongs to another box."""
-        return self.before.shipment_number != self.after.shipment_number
-
-    @property
-    def changes_report(self) -> bool:
-        return any(f in REPORTED_FIELDS for f in self.fields)
-
-    def describe(self) -> str:
-        return ", ".join(f"{f} {getattr(self.before, f)!r} → {getattr(self.after, f)!r}" for f in self.fields)
-
-
-def reconcile_listings(items: Iterable[ReturnItem],
-                       stored: Mapping[str, ReturnItem]) -> tuple[list[ReturnItem], list[Correction]]:
-    """A page's listings against what is stored: the returns never seen before (in their last
-    listing) and the corrections, one per changed return, from the version before this page (or its
-    first listing in it) to its last listing in it. An unchanged relisting is neither."""
-    first: dict[str, ReturnItem] = {}
-    last: dict[str, ReturnItem] = {}
-    for item in items:
-        first.setdefault(item.id, stored.get(item.id, item))
-        last[item.id] = item
-    new = [item for return_id, item in last.items() if return_id not in stored]
-    corrections = [Correction(first[return_id], item) for return_id, item in last.items() if first[return_id] != item]
-    return new, corrections
-
-
-@dataclasses.dataclass(frozen=True)
-class QuarantinedItem:
-    return_id: str | None
-    reason: str
-    raw: str
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.raw.encode("utf-8", "replace")).hexdigest()
-
-
-@dataclasses.dataclass(frozen=True)
-class FeedPage:
-    """One page of the feed, committed with the cursor that follows it — all or nothing."""
-
-    items: tuple[ReturnItem, ...]
-    quarantined: tuple[QuarantinedItem, ...]
-    next_cursor: str | None
-    has_more: bool
-    first_checks: tuple[tuple[str, float], ...] = ()  # (shipment, when) for boxes not seen before
-    epoch: int | None = None  # the feed lease it was read under (PostgreSQL): stored only while it holds
-
-
-@dataclasses.dataclass(frozen=True)
-class DueBox:
-    shipment_number: str
-    first_seen_at: float
-    not_found: int
-    errors: int
-    status_since: float | None = None  # the partner's time of the newest status already recorded
-    checks: int = 0  # calls made for it so far
-    claim: int | None = None  # this instance's claim on it (PostgreSQL); its answer is stored only under it
-
-
-@dataclasses.dataclass(frozen=True)
-class StatusChange:
-    """One entry of a box's status history: the status and the partner's time it took effect."""
-
-    status: str
-    at: float  # the entry's updated_at, Unix seconds
-
-
-@dataclasses.dataclass(frozen=True)
-class BoxUpdate:
-    """The outcome of one tracking call; applied only while the box is still being tracked."""
-
-    shipment_number: str
-    state: BoxState
-    next_check_at: float | None
-    not_found: int
-    errors: int
-    registered: bool
-    last_status: str | None = None
-    delivered_at: str | None = None
-    last_error: str | None = None
-    unknown_status: str | None = None
-    called: bool = True  # False: deferred without a partner call (counters and last error stay)
-    history: tuple[StatusChange, ...] = ()  # entries newer than the box's status_since, oldest first
-    claim: int | None = None  # the claim the check was made under (DueBox.claim)
-
-
-@dataclasses.dataclass(frozen=True)
-class DueReport:
-    return_id: str
-    order_number: str
-    order_item_number: str
-    shipment_number: str
-    collected_at: str
-    attempts: int
-    queued_at: float = 0.0  # when the box was seen delivered and this report queued
-    revision: int = 0  # bumped by each correction of its fields
-    first_sent_revision: int | None = None  # the oldest revision an earlier attempt sent
-    claim: int | None = None  # this instance's claim on it (PostgreSQL)
-
-    @property
-    def sent_before_correction(self) -> bool:
-        """An earlier attempt sent fields a correction has since changed (its answer unknown)."""
-        return self.first_sent_revision is not None and self.first_sent_revision < self.revision
-
-    def body(self) -> dict[str, str]:
-        return {
-            "order_number": self.order_number,
-            "order_item_number": self.order_item_number,
-            "shipment_number": self.shipment_number,
-            "result": "collected",
-            "collected_at": self.collected_at,
-        }
-
-
-@dataclasses.dataclass(frozen=True)
-class ReportUpdate:
-    return_id: str
-    state: ReportState
-    next_attempt_at: float | None
-    outcome: str | None
-    last_error: str | None
-    called: bool = True  # False: deferred without a partner call (attempts and last error stay)
-    revision: int = 0  # the revision of the body this answer was to
-    attempt: int = 0  # which attempt this was (recorded in report_attempts when called)
-    http_status: int | None = None
-    latency_s: float | None = None
-    claim: int | None = None  # the claim the call was made under (DueReport.claim)
-
-
-@dataclasses.dataclass(frozen=True)
-class WakeBoxes:
-    """A quiet status woke (a box was just seen leaving it): its boxes are asked again within
-    `spread_s`, spread over it, instead of when their quiet-time intervals end."""
-
-    status: str
-    spread_s: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Prune:
-    """Retention: up to `limit` finished boxes closed before `cutoff`, with all their rows."""
-
-    cutoff: float
-    limit: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Heartbeat:
-    """A real write that changes nothing that matters: proves the disk takes writes (a full or
-    read-only disk fails it). It goes through the committer like every write: one writer."""
-
-
-Transition = FeedPage | BoxUpdate | ReportUpdate | WakeBoxes | Prune | Heartbeat
-
-
-@dataclasses.dataclass(frozen=True)
-class CommitResult:
-    returns_added: int = 0
-    quarantined_added: int = 0
-    reports_queued: int = 0
-    corrections: tuple[Correction, ...] = ()
-    broken_corrections: frozenset[str] = frozenset()  # ids of stored returns relisted unusable
-    superseded: frozenset[str] = frozenset()  # reports whose settling answer was to an outdated body
-    pruned: int = 0  # finished boxes retention deleted (with their returns, reports, histories)
-    lost_claims: frozenset[str] = frozenset()  # answers not stored: another instance holds the row now
-
-    def __add__(self, other: "CommitResult") -> "CommitResult":
-        return CommitResult(
-            self.returns_added + other.returns_added, self.quarantined_added + other.quarantined_added,
-            self.reports_queued + other.reports_queued, self.corrections + other.corrections,
-            self.broken_corrections | other.broken_corrections, self.superseded | other.superseded,
-            self.pruned + other.pruned, self.lost_claims | other.lost_claims)
-
-
-class LeaseLost(Exception):
-    """A feed page read under a lease another instance has since taken: not stored."""
-
-
 async def _rollback(connection: aiosqlite.Connection) -> None:
     with contextlib.suppress(sqlite3.Error):  # the failure may already have ended the transaction
         await connection.execute("ROLLBACK")
@@ -1255,15 +1300,15 @@ PG_FLEET_SQL = {
         " FOR UPDATE SKIP LOCKED)"
         " UPDATE boxes b SET claimed_by = %(me)s, claim_until = tracker_now() + %(lease)s, claim = nextval('claims')"
         " FROM due WHERE b.shipment_number = due.shipment_number"
-        " RETURNING b.next_check_at, b.shipment_number, b.first_seen_at, b.not_found, b.errors, b.status_since,"
-        " b.checks, b.claim",
+        " RETURNING b.next_check_at AS due_at, b.shipment_number, b.first_seen_at, b.not_found, b.errors,"
+        " b.status_since, b.checks, b.claim",
     "claim_reports":
         "WITH due AS (SELECT return_id FROM reports WHERE state = 'pending' AND next_attempt_at <= %(now)s"
         " AND (claim_until IS NULL OR claim_until < tracker_now()) ORDER BY next_attempt_at LIMIT %(limit)s"
         " FOR UPDATE SKIP LOCKED)"
         " UPDATE reports r SET claimed_by = %(me)s, claim_until = tracker_now() + %(lease)s, claim = nextval('claims')"
         " FROM due WHERE r.return_id = due.return_id"
-        " RETURNING r.next_attempt_at, r.return_id, r.order_number, r.order_item_number, r.shipment_number,"
+        " RETURNING r.next_attempt_at AS due_at, r.return_id, r.order_number, r.order_item_number, r.shipment_number,"
         " r.collected_at, r.attempts, r.queued_at, r.revision, r.first_sent_revision, r.claim",
     # inside the commit: which answers still hold their claim (the rows locked until it ends)
     "box_claims": "SELECT shipment_number, claim FROM boxes WHERE shipment_number = ANY(%s) FOR UPDATE",
@@ -1373,6 +1418,9 @@ class Transaction(typing.Protocol):
 
     async def fetch(self, name: str, params: Params = ()) -> list[tuple[Any, ...]]: ...
 
+    async def fetch_dicts(self, name: str, params: Params = ()) -> list[dict[str, Any]]:
+        """Rows read by column name."""
+
 
 class Database(typing.Protocol):
     dialect: Dialect
@@ -1385,7 +1433,7 @@ class Database(typing.Protocol):
     async def fetch(self, name: str, params: Params = ()) -> list[tuple[Any, ...]]:
         """One read outside any transaction (raises NotYetInSchema for what an old file lacks)."""
 
-    async def fetch_dicts(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]: ...
+    async def fetch_dicts(self, name: str, params: Params = ()) -> list[dict[str, Any]]: ...
 
     def stream(self, name: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
         """Every row as a dict, fetched a chunk at a time within one read snapshot."""
@@ -1423,6 +1471,23 @@ class SqliteTransaction:
 
     async def fetch(self, name: str, params: Params = ()) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in await self._connection.execute_fetchall(self._sql[name], _as_json_lists(params))]
+
+    async def fetch_dicts(self, name: str, params: Params = ()) -> list[dict[str, Any]]:
+        return await _sqlite_dicts(self._connection, self._sql[name], _as_json_lists(params))
+
+
+async def _sqlite_dicts(connection: aiosqlite.Connection, sql: str, params: Params) -> list[dict[str, Any]]:
+    try:
+        cursor = await connection.execute(sql, params)
+    except sqlite3.OperationalError as exc:
+        if "no such" in str(exc):
+            raise NotYetInSchema(str(exc)) from exc
+        raise
+    try:
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row)) for row in await cursor.fetchall()]
+    finally:
+        await cursor.close()
 
 
 class SqliteDatabase:
@@ -1547,18 +1612,8 @@ class SqliteDatabase:
                 raise NotYetInSchema(str(exc)) from exc
             raise
 
-    async def fetch_dicts(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        try:
-            cursor = await self._reader.execute(self._sql[name], _as_json_lists(params))
-        except sqlite3.OperationalError as exc:
-            if "no such" in str(exc):
-                raise NotYetInSchema(str(exc)) from exc
-            raise
-        try:
-            names = [column[0] for column in cursor.description]
-            return [dict(zip(names, row)) for row in await cursor.fetchall()]
-        finally:
-            await cursor.close()
+    async def fetch_dicts(self, name: str, params: Params = ()) -> list[dict[str, Any]]:
+        return await _sqlite_dicts(self._reader, self._sql[name], _as_json_lists(params))
 
     async def stream(self, name: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
         async with self._reader.execute(self._sql[name], params) as cursor:
@@ -1593,6 +1648,11 @@ class PostgresTransaction:
     async def fetch(self, name: str, params: Params = ()) -> list[tuple[Any, ...]]:
         await self._cursor.execute(self._sql[name], params)
         return [tuple(row) for row in await self._cursor.fetchall()]
+
+    async def fetch_dicts(self, name: str, params: Params = ()) -> list[dict[str, Any]]:
+        await self._cursor.execute(self._sql[name], params)
+        names = [column.name for column in self._cursor.description or ()]
+        return [dict(zip(names, row)) for row in await self._cursor.fetchall()]
 
 
 class PostgresDatabase:
@@ -1685,7 +1745,7 @@ class PostgresDatabase:
         cursor = await (await self._connection("reader")).execute(sql, params)
         return [tuple(row) for row in await cursor.fetchall()] if cursor.description else []
 
-    async def fetch_dicts(self, name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    async def fetch_dicts(self, name: str, params: Params = ()) -> list[dict[str, Any]]:
         conn = await self._connection("reader")
         async with conn.cursor(row_factory=psycopg.rows.dict_row) as cursor:
             await cursor.execute(self._sql[name], params)
@@ -1753,9 +1813,9 @@ class Fleet(typing.Protocol):
     def leads_feed(self) -> bool:
         """Whether this instance pages the feed now."""
 
-    async def due(self, kind: str, now: float, limit: int) -> list[tuple[Any, ...]]:
+    async def due(self, kind: str, now: float, limit: int) -> list[dict[str, Any]]:
         """Due boxes or reports (kind) this instance may work on, in due order: DueBox's or
-        DueReport's fields, the last its claim."""
+        DueReport's fields by name (with its claim on PostgreSQL)."""
 
     def claim_holds(self, kind: str, seconds: float, key: str) -> bool:
         """Whether this instance's claim on the item lasts `seconds` more."""
@@ -1793,8 +1853,8 @@ class SoloFleet:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def due(self, kind: str, now: float, limit: int) -> list[tuple[Any, ...]]:
-        return [(*row, None) for row in await self._db.fetch(f"due_{kind}", (now, limit))]
+    async def due(self, kind: str, now: float, limit: int) -> list[dict[str, Any]]:
+        return await self._db.fetch_dicts(f"due_{kind}", (now, limit))
 
     def claim_holds(self, kind: str, seconds: float, key: str) -> bool:
         return True
@@ -1848,13 +1908,15 @@ class PgFleet:
     def _params(self, **more: Any) -> dict[str, Any]:
         return {"me": self.instance, "lease": self._lease_s, **more}
 
-    async def due(self, kind: str, now: float, limit: int) -> list[tuple[Any, ...]]:
+    async def due(self, kind: str, now: float, limit: int) -> list[dict[str, Any]]:
         """Claims them: due, and held by nobody else (or by one whose lease ran out)."""
         asked_at = time.monotonic()  # the lease began no sooner than this
-        rows = await self._db.fetch(f"claim_{kind}", self._params(now=now, limit=limit))
+        rows = await self._db.fetch_dicts(f"claim_{kind}", self._params(now=now, limit=limit))
+        key = CLAIMS[kind][0]
         for row in rows:
-            self._held_since[(kind, row[1])] = asked_at
-        return [row[1:] for row in sorted(rows, key=lambda row: row[0])]  # UPDATE … RETURNING keeps no order
+            self._held_since[(kind, row[key])] = asked_at
+        rows.sort(key=lambda row: row["due_at"])  # UPDATE … RETURNING keeps no order
+        return [{name: value for name, value in row.items() if name != "due_at"} for row in rows]
 
     def claim_holds(self, kind: str, seconds: float, key: str) -> bool:
         """By when the claim was taken or last renewed: an item is started only if its call can
@@ -2042,7 +2104,7 @@ class Store:
 
     async def _write_page(self, tx: Transaction, page: FeedPage, now: float) -> CommitResult:
         listed = {i.id for i in page.items} | {q.return_id for q in page.quarantined if q.return_id}
-        stored = {row[0]: ReturnItem(*row) for row in await tx.fetch("stored_returns", (sorted(listed),))}
+        stored = {row["id"]: ReturnItem(**row) for row in await tx.fetch_dicts("stored_returns", (sorted(listed),))}
         new, corrections = reconcile_listings(page.items, stored)
         added = await tx.execute_many("insert_return", [
             (i.id, i.order_number, i.order_item_number, i.shipment_number, i.requested_at, now) for i in new])
@@ -2058,7 +2120,8 @@ class Store:
         if page.next_cursor is not None:
             await tx.execute("put_meta", (FEED_CURSOR_KEY, page.next_cursor))
         broken = frozenset(q.return_id for q in page.quarantined if q.return_id and q.return_id in stored)
-        return CommitResult(added, quarantined, queued, tuple(corrections), broken)
+        return CommitResult(returns_added=added, quarantined_added=quarantined, reports_queued=queued,
+                            corrections=tuple(corrections), broken_corrections=broken)
 
     async def _write_corrections(self, tx: Transaction, corrections: Sequence[Correction],
                                  now: float) -> list[Correction]:
@@ -2162,7 +2225,7 @@ class Store:
         """The status histories of boxes closed since `since`, each oldest first."""
         histories: dict[str, list[StatusChange]] = {}
         for shipment_number, at, status in await self.db.fetch("learned_history", (since,)):
-            histories.setdefault(shipment_number, []).append(StatusChange(status, at))
+            histories.setdefault(shipment_number, []).append(StatusChange(status=status, at=at))
         return [tuple(history) for history in histories.values()]
 
     async def feed_cursor(self) -> str | None:
@@ -2171,13 +2234,13 @@ class Store:
 
     async def due_boxes(self, now: float, limit: int) -> list[DueBox]:
         """On PostgreSQL: claims them."""
-        return [DueBox(*row) for row in await self.fleet.due("boxes", now, limit)]
+        return [DueBox(**row) for row in await self.fleet.due("boxes", now, limit)]
 
     async def next_box_due_at(self) -> float | None:
         return await self._value("next_box_due_at")
 
     async def due_reports(self, now: float, limit: int) -> list[DueReport]:
-        return [DueReport(*row) for row in await self.fleet.due("reports", now, limit)]
+        return [DueReport(**row) for row in await self.fleet.due("reports", now, limit)]
 
     async def next_report_due_at(self) -> float | None:
         return await self._value("next_report_due_at")
@@ -2296,9 +2359,10 @@ class InstanceLock:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# Partner client — one aiohttp session, a cap on calls in flight, a rate cap per endpoint, a
-# timeout on every call. It never raises for what the partner does: every answer, silence or
-# garbage becomes a Reply whose `outcome` the stages act on.
+# Partner client — one aiohttp session, a cap on calls in flight, an adaptive rate per endpoint,
+# breakers, a timeout on every call. It never raises for what the partner does: every answer,
+# silence or garbage becomes a Reply whose `outcome` the stages act on. Then what the answers
+# mean: a feed page, a tracking answer and its history, parsed and validated (GarbledAnswer).
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -2327,7 +2391,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024  # a feed page of 500 items is ~100 KB; anythin
 MAX_RETRY_AFTER_S = 3600.0
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Reply:
     endpoint: Endpoint
     outcome: Outcome
@@ -2337,11 +2401,8 @@ class Reply:
     latency_s: float
     detail: str = ""  # short, secret-free description for logs and alerts
 
-    @property
-    def transient(self) -> bool:
-        return self.outcome in TRANSIENT_OUTCOMES
 
-
+# What may go better if asked again: the retry budget counts these.
 TRANSIENT_OUTCOMES = frozenset(
     {Outcome.RATE_LIMITED, Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION, Outcome.GARBLED}
 )
@@ -2899,6 +2960,10 @@ class PrioritySemaphore:
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
 
+    @property
+    def capacity(self) -> int:
+        return self._slots
+
     def resize(self, slots: int) -> None:
         """More slots wake waiters at once; fewer take effect as holders release theirs."""
         added, self._slots = slots - self._slots, slots
@@ -2983,6 +3048,11 @@ class PartnerClient:
             metrics.partner_limit_measured.labels(e.value).set_function(self.rates[e].measured_or_nan)
         self._calls = {(e, o): metrics.partner_calls.labels(e.value, o.value) for e in Endpoint for o in Outcome}
 
+    @property
+    def call_slots(self) -> int:
+        """Calls this instance may have in flight (its share of limits.concurrency)."""
+        return self._slots.capacity
+
     def share_limits(self, instances: int) -> None:
         """limits.rate_per_s and limits.concurrency are the fleet's: with `instances` live, this one
         takes its share of each (the partner's limit does not grow with our instance count), and
@@ -3040,7 +3110,8 @@ class PartnerClient:
                 probe = breaker.state is not CircuitState.CLOSED and await breaker.admit()
                 if retry and not probe and not budget.allows_retry():
                     self._metrics.retries_deferred.labels(endpoint.value).inc()
-                    return Reply(endpoint, Outcome.DEFERRED, None, None, None, 0.0, "retry budget spent")
+                    return Reply(endpoint=endpoint, outcome=Outcome.DEFERRED, status=None, body=None, retry_after=None,
+                                 latency_s=0.0, detail="retry budget spent")
                 await rate.acquire()
                 await self._slots.acquire(PRIORITY[endpoint.value])
                 try:
@@ -3084,7 +3155,8 @@ class PartnerClient:
     ) -> Reply:
         def reply(outcome: Outcome, status: int | None, body: Any = None, retry_after: float | None = None,
                   detail: str = "") -> Reply:
-            return Reply(endpoint, outcome, status, body, retry_after, time.monotonic() - started, detail)
+            return Reply(endpoint=endpoint, outcome=outcome, status=status, body=body, retry_after=retry_after,
+                         latency_s=time.monotonic() - started, detail=detail)
 
         all_headers = {"Authorization": f"Bearer {self._token}", "User-Agent": USER_AGENT, **(headers or {})}
         try:
@@ -3170,11 +3242,7 @@ def jittered(seconds: float, spread: float = 0.2) -> float:
     return seconds * random.uniform(1 - spread, 1 + spread)
 
 
-# ════════════════════════════════════════════════════════════════════════════════════════════
-# The stages — collect (feed → returns and boxes), track (box → terminal status), report
-# (outbox → partner). Each decision is a pure function of the partner's answer; the stage
-# commits it through the Committer before anything acts on it.
-# ════════════════════════════════════════════════════════════════════════════════════════════
+# ── what the partner's answers mean ─────────────────────────────────────────────────────────
 
 
 class GarbledAnswer(Exception):
@@ -3195,10 +3263,6 @@ MAX_FIELD_CHARS = 128
 MAX_STATUS_CHARS = 64
 MAX_CURSOR_CHARS = 1024
 QUARANTINE_RAW_CHARS = 2000
-NOT_FOUND_GROWTH_CAP = 16  # a 404'd box is re-asked at most every 16 × track_every_s
-COMMIT_BATCH_MAX = 1000
-COMMIT_GATHER_S = 0.02  # a call waits at most this long for its transition's transaction to begin
-STORAGE_SETTLE_S = 15.0  # after a failed commit, the database counts as unwritable this long
 
 
 def parse_returns_page(body: Any, sent_cursor: str | None, now: float, first_check_in_s: float) -> FeedPage:
@@ -3232,7 +3296,8 @@ def parse_returns_page(body: Any, sent_cursor: str | None, now: float, first_che
     first_checks: dict[str, float] = {}
     for item in items:  # spread a burst's first checks over an interval instead of all at once
         first_checks.setdefault(item.shipment_number, now + jittered(first_check_in_s, 0.5))
-    return FeedPage(tuple(items), tuple(quarantined), next_cursor, has_more, tuple(first_checks.items()))
+    return FeedPage(items=tuple(items), quarantined=tuple(quarantined), next_cursor=next_cursor, has_more=has_more,
+                    first_checks=tuple(first_checks.items()))
 
 
 def validate_return(raw: Any) -> ReturnItem | QuarantinedItem:
@@ -3275,7 +3340,7 @@ def _quarantine(raw: Any, return_id: str | None, reason: str) -> QuarantinedItem
         text = json.dumps(raw, sort_keys=True)
     except (TypeError, ValueError, RecursionError):
         text = "(not representable: nested too deeply)"
-    return QuarantinedItem(return_id, reason, text[:QUARANTINE_RAW_CHARS])
+    return QuarantinedItem(return_id=return_id, reason=reason, raw=text[:QUARANTINE_RAW_CHARS])
 
 
 def parse_tracking(body: Any, shipment_number: str) -> tuple[str, str | None]:
@@ -3306,13 +3371,13 @@ def parse_history(body: Any, since: float | None) -> tuple[StatusChange, ...]:
     for entry in reversed(body["data"][-HISTORY_PER_BOX:]):
         if not isinstance(entry, dict):
             continue
-        status, at = entry.get("return_status"), _epoch(entry.get("updated_at"))
+        status, at = entry.get("return_status"), unix_seconds(entry.get("updated_at"))
         if at is None or not isinstance(status, str) or not status or len(status) > MAX_STATUS_CHARS \
                 or not status.isprintable():
             continue
         if since is not None and at <= since:
             break
-        changes.append(StatusChange(status, at))
+        changes.append(StatusChange(status=status, at=at))
     changes.sort(key=lambda change: change.at)
     return tuple(changes)
 
@@ -3328,7 +3393,7 @@ def answered_history(reply: Reply, shipment_number: str) -> tuple[StatusChange, 
     return parse_history(reply.body, None)
 
 
-def _epoch(value: Any) -> float | None:
+def unix_seconds(value: Any) -> float | None:
     """An ISO 8601 time as Unix seconds (UTC when it names no zone), or None."""
     if not isinstance(value, str) or len(value) > MAX_FIELD_CHARS:
         return None
@@ -3349,7 +3414,8 @@ def _is_timestamp(value: Any) -> bool:
     return True
 
 
-# ── the tracking schedule ───────────────────────────────────────────────────────────────────
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# The tracking schedule — when to ask about a box again.
 # When to ask about a box again. Only the move to `delivered` has to be noticed soon (within
 # detect_within_s, meant as the 95th percentile); every other move is read from the history the
 # answer carries, exactly, whenever it is asked. So a box is asked again after detect_within_s plus
@@ -3366,6 +3432,7 @@ def _is_timestamp(value: Any) -> bool:
 # QUIET_CAP_S), except the sentinels — one box in SENTINEL_EVERY, and at least SENTINELS_AT_LEAST —
 # which keep the cadence. The first move out of the quiet — a sentinel usually sees it — wakes every
 # box concerned: the first delivery wakes the fleet. docs/schedule.md has the numbers.
+# ════════════════════════════════════════════════════════════════════════════════════════════
 
 LEAD_RISK = 0.05
 LEAD_MIN_SAMPLES = 30
@@ -3585,6 +3652,17 @@ class TrackingSchedule:
                 self._holds.pop(key, None)
 
 
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# The stages — collect (feed → returns and boxes), track (box → terminal status), report
+# (outbox → partner). What an answer means is a pure function (decide_*); the stage commits it
+# through the Committer, the only writer, before anything acts on it; a Dispatcher runs each
+# stage's due items, a bounded number at a time. All of them stop on the daemon's one StopSignal.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+
+NOT_FOUND_GROWTH_CAP = 16  # a 404'd box is re-asked at most every 16 × track_every_s
+
+
 def decide_box_update(box: DueBox, reply: Reply, now: float, schedule: ScheduleConfig,
                       tracking: TrackingSchedule | None = None) -> BoxUpdate:
     """What one tracking answer means for a box. Pure but for what `tracking` has learned: no I/O,
@@ -3596,29 +3674,35 @@ def decide_box_update(box: DueBox, reply: Reply, now: float, schedule: ScheduleC
             return _box_retry(box, now, schedule, reply, f"garbled: {exc}")
         history = parse_history(reply.body, box.status_since)
         if status == PickupStatus.DELIVERED:
-            return BoxUpdate(box.shipment_number, BoxState.DELIVERED, None, 0, 0, True, status, updated_at,
+            return BoxUpdate(shipment_number=box.shipment_number, state=BoxState.DELIVERED, next_check_at=None,
+                             not_found=0, errors=0, registered=True, last_status=status, delivered_at=updated_at,
                              history=history)
         if status == PickupStatus.CANCELLED:
-            return BoxUpdate(box.shipment_number, BoxState.CANCELLED, None, 0, 0, True, status, history=history)
-        next_check = (tracking.next_check(box.shipment_number, status, _epoch(updated_at), now) if tracking
+            return BoxUpdate(shipment_number=box.shipment_number, state=BoxState.CANCELLED, next_check_at=None,
+                             not_found=0, errors=0, registered=True, last_status=status, history=history)
+        next_check = (tracking.next_check(box.shipment_number, status, unix_seconds(updated_at), now) if tracking
                       else now + jittered(schedule.track_every_s))
         return BoxUpdate(
-            box.shipment_number, BoxState.TRACKING, next_check, 0, 0, True, status,
+            shipment_number=box.shipment_number, state=BoxState.TRACKING, next_check_at=next_check, not_found=0,
+            errors=0, registered=True, last_status=status,
             unknown_status=None if status in KNOWN_STATUSES else status, history=history,
         )
     if reply.outcome is Outcome.DEFERRED:
         delay = retry_delay(box.errors, schedule.retry_base_s, schedule.retry_max_s, None)
-        return BoxUpdate(box.shipment_number, BoxState.TRACKING, now + delay, box.not_found, box.errors, False,
+        return BoxUpdate(shipment_number=box.shipment_number, state=BoxState.TRACKING, next_check_at=now + delay,
+                         not_found=box.not_found, errors=box.errors, registered=False,
                          called=False)
     if reply.outcome is Outcome.NOT_FOUND:
         not_found = box.not_found + 1
         stale_at = box.first_seen_at + schedule.stale_after_s
         if now >= stale_at:
-            return BoxUpdate(box.shipment_number, BoxState.STALE, None, not_found, 0, False,
+            return BoxUpdate(shipment_number=box.shipment_number, state=BoxState.STALE, next_check_at=None,
+                             not_found=not_found, errors=0, registered=False,
                              last_error="unknown to the carrier")
         growth = min(2 ** (not_found - 1), NOT_FOUND_GROWTH_CAP)
         next_check = min(now + jittered(schedule.track_every_s * growth), stale_at)
-        return BoxUpdate(box.shipment_number, BoxState.TRACKING, next_check, not_found, 0, False)
+        return BoxUpdate(shipment_number=box.shipment_number, state=BoxState.TRACKING, next_check_at=next_check,
+                         not_found=not_found, errors=0, registered=False)
     return _box_retry(box, now, schedule, reply, reply.detail or reply.outcome.value)
 
 
@@ -3627,7 +3711,8 @@ def _box_retry(box: DueBox, now: float, schedule: ScheduleConfig, reply: Reply, 
     # A 401 needs no longer delay here: the endpoint's token gate holds the call until its trial,
     # and lets it go the moment a new token works.
     delay = retry_delay(errors, schedule.retry_base_s, schedule.retry_max_s, reply.retry_after)
-    return BoxUpdate(box.shipment_number, BoxState.TRACKING, now + delay, box.not_found, errors, False,
+    return BoxUpdate(shipment_number=box.shipment_number, state=BoxState.TRACKING, next_check_at=now + delay,
+                     not_found=box.not_found, errors=errors, registered=False,
                      last_error=f"{reply.outcome.value}: {error}"[:500])
 
 
@@ -3636,23 +3721,60 @@ def decide_report_update(report: DueReport, reply: Reply, now: float, schedule: 
     sent: dict[str, Any] = {"revision": report.revision, "attempt": report.attempts + 1, "http_status": reply.status,
             "latency_s": round(reply.latency_s, 4)}
     if reply.outcome is Outcome.OK and reply.body == {"data": {"result": True}}:
-        return ReportUpdate(report.return_id, ReportState.DONE, None, "recorded", None, **sent)
+        return ReportUpdate(return_id=report.return_id, state=ReportState.DONE, next_attempt_at=None,
+                            outcome="recorded", last_error=None, **sent)
     if reply.outcome is Outcome.CONFLICT:
-        return ReportUpdate(report.return_id, ReportState.DONE, None, "duplicate", None, **sent)
+        return ReportUpdate(return_id=report.return_id, state=ReportState.DONE, next_attempt_at=None,
+                            outcome="duplicate", last_error=None, **sent)
     if reply.outcome is Outcome.REFUSED:
-        return ReportUpdate(report.return_id, ReportState.DEAD, None, "refused", reply.detail[:500],
+        return ReportUpdate(return_id=report.return_id, state=ReportState.DEAD, next_attempt_at=None,
+                            outcome="refused", last_error=reply.detail[:500],
                             **sent)
     if reply.outcome is Outcome.DEFERRED:
         delay = retry_delay(report.attempts, schedule.retry_base_s, schedule.retry_max_s, None)
-        return ReportUpdate(report.return_id, ReportState.PENDING, now + delay, None, None, called=False,
+        return ReportUpdate(return_id=report.return_id, state=ReportState.PENDING, next_attempt_at=now + delay,
+                            outcome=None, last_error=None, called=False,
                             revision=report.revision)
     # Anything else leaves the outcome unknown or failed: send the same report again later.
     error = reply.detail or reply.outcome.value
     if reply.outcome is Outcome.OK:
         error = "200 without {data: {result: true}}"
     delay = retry_delay(report.attempts + 1, schedule.retry_base_s, schedule.retry_max_s, reply.retry_after)
-    return ReportUpdate(report.return_id, ReportState.PENDING, now + delay, None,
-                        f"{reply.outcome.value}: {error}"[:500], **sent)
+    return ReportUpdate(return_id=report.return_id, state=ReportState.PENDING, next_attempt_at=now + delay,
+                        outcome=None,
+                        last_error=f"{reply.outcome.value}: {error}"[:500], **sent)
+
+
+COMMIT_BATCH_MAX = 1000
+COMMIT_GATHER_S = 0.02  # a call waits at most this long for its transition's transaction to begin
+STORAGE_SETTLE_S = 15.0  # after a failed commit, the database counts as unwritable this long
+
+
+class StopSignal:
+    """The daemon's one way to stop. Set once; the stages' loops check `is_set()`, and each wait
+    that must end at once on it is an event the signal sets too (`waking`)."""
+
+    def __init__(self) -> None:
+        self._stopped = asyncio.Event()
+        self._wakes: list[asyncio.Event] = []
+
+    def is_set(self) -> bool:
+        return self._stopped.is_set()
+
+    def set(self) -> None:
+        self._stopped.set()
+        for event in self._wakes:
+            event.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    def waking(self, event: asyncio.Event) -> asyncio.Event:
+        """`event`, which the signal sets too when it is set."""
+        self._wakes.append(event)
+        if self.is_set():
+            event.set()
+        return event
 
 
 class StorageUnavailable(Exception):
@@ -3664,7 +3786,7 @@ class Committer:
     stage's `submit` returns only once its transition is durable."""
 
     def __init__(self, store: StateStore, on_committed: Callable[[CommitResult], None],
-                 on_failure: Callable[[Exception], None], log: Any, latency: Any = None,
+                 on_failure: Callable[[Exception], None], log: Logger, latency: Any = None,
                  gather_s: float = COMMIT_GATHER_S) -> None:
         self._store = store
         self._latency = latency
@@ -3681,6 +3803,11 @@ class Committer:
         """No failed commit for a while. Not just "the last commit worked": on a full disk a
         write into existing pages can succeed between failing ones, and readiness must not flap."""
         return time.monotonic() - self._last_failure_at > STORAGE_SETTLE_S
+
+    @property
+    def queued(self) -> int:
+        """Transitions handed in and not yet taken into a transaction."""
+        return self._queue.qsize()
 
     async def submit(self, transition: Transition) -> CommitResult:
         """What the transaction that made it durable did (shared with the rest of its batch)."""
@@ -3771,9 +3898,10 @@ class Dispatcher(typing.Generic[Item]):
         key: Callable[[Item], str],
         handle: Callable[[Item], Awaitable[None]],
         capacity: int,
-        log: Any,
+        log: Logger,
         may_start: Callable[[str], bool] = lambda key: True,
         fetch_at_most: Callable[[], int | None] = lambda: None,
+        stop: "StopSignal | None" = None,
     ) -> None:
         self.name = name
         self._may_start = may_start
@@ -3784,17 +3912,13 @@ class Dispatcher(typing.Generic[Item]):
         self._handle = handle
         self._capacity = capacity
         self._log = log
-        self._nudge = asyncio.Event()
-        self._stopping = False
+        self._stop = stop or StopSignal()
+        self._nudge = self._stop.waking(asyncio.Event())
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self._ready: collections.deque[Item] = collections.deque()
         self._settled_during_fetch: set[str] | None = None
 
     def wake(self) -> None:
-        self._nudge.set()
-
-    def stop(self) -> None:
-        self._stopping = True
         self._nudge.set()
 
     def held(self) -> list[str]:
@@ -3813,7 +3937,7 @@ class Dispatcher(typing.Generic[Item]):
     async def run(self, *, once: bool = False, grace_s: float = 5.0) -> None:
         pass_time = time.time()  # in `once`, only what was due when the pass started
         async with asyncio.TaskGroup() as tasks:
-            while not self._stopping:
+            while not self._stop.is_set():
                 self._nudge.clear()
                 started = await self._dispatch(tasks, pass_time if once else time.time())
                 if once and not started and not self.in_flight:
@@ -3902,7 +4026,7 @@ class Stages:
     """The three stages over one store, client, committer and alerter."""
 
     def __init__(self, config: Config, store: StateStore, client: PartnerClient, committer: Committer,
-                 alerts: "Alerter", metrics: "Metrics", log: Any) -> None:
+                 alerts: "Alerter", metrics: "Metrics", log: Logger, stop: "StopSignal") -> None:
         self.config = config
         self.store = store
         self.client = client
@@ -3910,8 +4034,8 @@ class Stages:
         self.alerts = alerts
         self.metrics = metrics
         self.log = log
-        self._stop = asyncio.Event()
-        self._feed_nudge = asyncio.Event()
+        self._stop = stop
+        self._feed_nudge = stop.waking(asyncio.Event())
         self._boxes_closed = {state: metrics.boxes_closed.labels(state.value)
                               for state in (BoxState.DELIVERED, BoxState.CANCELLED, BoxState.STALE)}
         self.schedule = TrackingSchedule(config.schedule)
@@ -3924,28 +4048,28 @@ class Stages:
         self.tracker = Dispatcher[DueBox](
             "track", store.due_boxes, store.next_box_due_at, lambda b: b.shipment_number, self.check_box,
             capacity, log, functools.partial(store.fleet.claim_holds, "boxes", config.partner.timeout_s),
-            functools.partial(self._claim_at_most, Endpoint.TRACKING),
+            functools.partial(self._claim_at_most, Endpoint.TRACKING), stop,
         )
         self.reporter = Dispatcher[DueReport](
             "report", store.due_reports, store.next_report_due_at, lambda r: r.return_id, self.send_report,
             capacity, log, functools.partial(store.fleet.claim_holds, "reports", config.partner.timeout_s),
-            functools.partial(self._claim_at_most, Endpoint.RESULTS),
+            functools.partial(self._claim_at_most, Endpoint.RESULTS), stop,
         )
 
-    def stop(self) -> None:
-        self._stop.set()
-        self.tracker.stop()
-        self.reporter.stop()
+    async def one_pass(self, grace_s: float) -> None:
+        """`tracker.py once`: each stage once over what is due now, in order."""
+        await self.collect(once=True)
+        await self.tracker.run(once=True, grace_s=grace_s)
+        await self.reporter.run(once=True, grace_s=grace_s)
 
     async def _pause(self, seconds: float) -> None:
         """The feed loop's wait: ended early by shutdown or by `wake_feed` (a new token)."""
+        if self._stop.is_set():
+            return
         self._feed_nudge.clear()
-        waits = [asyncio.ensure_future(self._stop.wait()), asyncio.ensure_future(self._feed_nudge.wait())]
-        try:
-            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiting in waits:
-                waiting.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._feed_nudge.wait()
 
     def wake_feed(self) -> None:
         self._feed_nudge.set()
@@ -4050,16 +4174,9 @@ class Stages:
             self.log.warning("collect.quarantined", return_id=q.return_id, reason=q.reason,
                              correction=q.return_id in result.broken_corrections)
             if q.return_id in result.broken_corrections:
-                self.alerts.alert(
-                    "broken_correction",
-                    f"A correction of return {q.return_id} was set aside: {q.reason}. The stored version is "
-                    "kept and used. See `tracker.py status` for the raw item.")
+                self.alerts.alert(*broken_correction_alert(q))
             else:
-                self.alerts.alert(
-                    "quarantine",
-                    f"Return {q.return_id or '(no id)'} was set aside: {q.reason}. "
-                    "See `tracker.py status` for the raw item.",
-                )
+                self.alerts.alert(*quarantine_alert(q))
         if result.corrections:
             self._corrections_applied(result.corrections)
 
@@ -4072,11 +4189,7 @@ class Stages:
                           before={f: getattr(c.before, f) for f in c.fields},
                           after={f: getattr(c.after, f) for f in c.fields}, report=report)
             if c.report_state is ReportState.DONE and c.changes_report:
-                self.alerts.alert(
-                    f"corrected_after_report:{c.return_id}",
-                    f"Return {c.return_id} was corrected after the partner recorded its report: {c.describe()}. "
-                    "The partner holds the old fields and the report is not sent again. "
-                    "Check with the partner and decide; `tracker.py status` lists every such return.")
+                self.alerts.alert(*corrected_after_report_alert(c))
 
     # ── track ───────────────────────────────────────────────────────────────────────────────
 
@@ -4097,24 +4210,16 @@ class Stages:
         if update.state is not BoxState.TRACKING:
             self._boxes_closed[update.state].inc()
             self.metrics.box_checks.observe(box.checks + 1)
-        if update.state is BoxState.DELIVERED and (delivered_at := _epoch(update.delivered_at)) is not None:
+        if update.state is BoxState.DELIVERED and (delivered_at := unix_seconds(update.delivered_at)) is not None:
             self.metrics.detect_delay.observe(max(0.0, now - delivered_at))
         await self._wake(woken)
         if update.state is BoxState.STALE:
-            self.alerts.alert(
-                "stale",
-                f"Shipment {box.shipment_number} is still unknown to the carrier after "
-                f"{_human_duration(self.config.schedule.stale_after_s)}; no longer tracked. Needs a person.",
-            )
+            self.alerts.alert(*stale_alert(box.shipment_number, self.config.schedule.stale_after_s))
         if update.unknown_status:
             self.metrics.unknown_statuses.inc()
             self.log.warning("track.unknown_status", shipment_number=box.shipment_number,
                              status=update.unknown_status)
-            self.alerts.alert(
-                f"unknown_status:{update.unknown_status}",
-                f"The partner sent an unknown pickup status '{update.unknown_status}' "
-                f"(shipment {box.shipment_number}); still tracking.",
-            )
+            self.alerts.alert(*unknown_status_alert(update.unknown_status, box.shipment_number))
         if reply.outcome not in (Outcome.OK, Outcome.NOT_FOUND, Outcome.DEFERRED):
             self._partner_failed(Endpoint.TRACKING, reply, update.last_error or "")
         elif update.last_error and update.state is BoxState.TRACKING:
@@ -4124,7 +4229,7 @@ class Stages:
         for status in woken:
             spread = self.config.schedule.detect_within_s
             self.log.info("track.woken", status=status, within_s=spread)
-            await self.committer.submit(WakeBoxes(status, spread))
+            await self.committer.submit(WakeBoxes(status=status, spread_s=spread))
             self.tracker.wake()
 
     # ── report ──────────────────────────────────────────────────────────────────────────────
@@ -4151,25 +4256,11 @@ class Stages:
                       outcome=outcome, attempt=report.attempts + 1, latency_s=round(reply.latency_s, 4),
                       error=update.last_error)
         if update.state is ReportState.DONE and superseded:
-            self.alerts.alert(
-                f"corrected_after_report:{report.return_id}",
-                f"The partner recorded return {report.return_id} as order {report.order_number} item "
-                f"{report.order_item_number}, box {report.shipment_number}: a report sent just before a "
-                "correction of those fields arrived. The corrected report is not sent. Check with the partner "
-                "and decide; `tracker.py status` lists every such return.")
+            self.alerts.alert(*recorded_before_correction_alert(report))
         elif update.outcome == "duplicate" and report.sent_before_correction:
-            self.alerts.alert(
-                f"corrected_after_report:{report.return_id}",
-                f"The partner answered 409 to the corrected report of return {report.return_id}: it had "
-                "recorded an earlier send, made before the correction, and may hold the old fields. Check with "
-                "the partner and decide; `tracker.py status` lists every such return.")
+            self.alerts.alert(*duplicate_of_uncorrected_alert(report))
         if update.state is ReportState.DEAD:
-            self.alerts.alert(
-                "dead",
-                f"The partner refused the report for return {report.return_id} "
-                f"(order {report.order_number} item {report.order_item_number}): {reply.detail}. "
-                "It will not be resent until requeued.",
-            )
+            self.alerts.alert(*dead_report_alert(report, reply.detail))
         elif update.state is ReportState.PENDING and reply.outcome not in (Outcome.OK, Outcome.DEFERRED):
             self._partner_failed(Endpoint.RESULTS, reply, update.last_error or "")
 
@@ -4178,6 +4269,13 @@ class Stages:
     def _partner_failed(self, endpoint: Endpoint, reply: Reply, error: str) -> None:
         self.log.warning("partner.call_failed", endpoint=endpoint.value, outcome=reply.outcome.value,
                          status=reply.status, error=error, latency_s=round(reply.latency_s, 4))
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# Alerts — Slack incoming webhook. `alert` never blocks and never fails: it folds repeats of
+# the same key into the pending message, drops past a bound, and one task posts at Slack's pace.
+# A broken or slow webhook costs tracking nothing.
+# ════════════════════════════════════════════════════════════════════════════════════════════
 
 
 def _human_duration(seconds: float) -> str:
@@ -4192,14 +4290,107 @@ def _amount(value: float, unit: str) -> str:
     return f"{number} {unit}{'' if number == '1' else 's'}" if unit else f"{number} "
 
 
-# ════════════════════════════════════════════════════════════════════════════════════════════
-# Alerts — Slack incoming webhook. `alert` never blocks and never fails: it folds repeats of
-# the same key into the pending message, drops past a bound, and one task posts at Slack's pace.
-# A broken or slow webhook costs tracking nothing.
-# ════════════════════════════════════════════════════════════════════════════════════════════
+# ── what each alert says ────────────────────────────────────────────────────────────────────
+# An alert is a key (repeats of one key within a minute fold into one message) and its text.
 
 
-@dataclasses.dataclass
+class Alert(typing.NamedTuple):
+    key: str
+    text: str
+
+
+def quarantine_alert(q: QuarantinedItem) -> Alert:
+    return Alert("quarantine", f"Return {q.return_id or '(no id)'} was set aside: {q.reason}. "
+                               "See `tracker.py status` for the raw item.")
+
+
+def broken_correction_alert(q: QuarantinedItem) -> Alert:
+    return Alert("broken_correction", f"A correction of return {q.return_id} was set aside: {q.reason}. The stored "
+                                      "version is kept and used. See `tracker.py status` for the raw item.")
+
+
+def corrected_after_report_alert(c: Correction) -> Alert:
+    return _held_by_the_partner(c.return_id, f"Return {c.return_id} was corrected after the partner recorded its "
+                                             f"report: {c.describe()}. The partner holds the old fields and the "
+                                             "report is not sent again.")
+
+
+def recorded_before_correction_alert(report: DueReport) -> Alert:
+    return _held_by_the_partner(report.return_id,
+                                f"The partner recorded return {report.return_id} as order {report.order_number} "
+                                f"item {report.order_item_number}, box {report.shipment_number}: a report sent just "
+                                "before a correction of those fields arrived. The corrected report is not sent.")
+
+
+def duplicate_of_uncorrected_alert(report: DueReport) -> Alert:
+    return _held_by_the_partner(report.return_id,
+                                f"The partner answered 409 to the corrected report of return {report.return_id}: it "
+                                "had recorded an earlier send, made before the correction, and may hold the old "
+                                "fields.")
+
+
+def _held_by_the_partner(return_id: str, what_happened: str) -> Alert:
+    """The partner holds fields a correction has since changed: a person decides."""
+    return Alert(f"corrected_after_report:{return_id}", f"{what_happened} Check with the partner and decide; "
+                                                        "`tracker.py status` lists every such return.")
+
+
+def stale_alert(shipment_number: str, stale_after_s: float) -> Alert:
+    return Alert("stale", f"Shipment {shipment_number} is still unknown to the carrier after "
+                          f"{_human_duration(stale_after_s)}; no longer tracked. Needs a person.")
+
+
+def unknown_status_alert(status: str, shipment_number: str) -> Alert:
+    return Alert(f"unknown_status:{status}",
+                 f"The partner sent an unknown pickup status '{status}' (shipment {shipment_number}); still tracking.")
+
+
+def dead_report_alert(report: DueReport, detail: str) -> Alert:
+    return Alert("dead", f"The partner refused the report for return {report.return_id} "
+                         f"(order {report.order_number} item {report.order_item_number}): {detail}. "
+                         "It will not be resent until requeued.")
+
+
+def overdue_alert(count: int, sample: Sequence[str], overdue_after_s: float, oldest_age_s: float) -> Alert:
+    more = ", …" if count > len(sample) else ""
+    return Alert("overdue", f"{count} pickup(s) overdue — not collected {_human_duration(overdue_after_s)} "
+                            f"after the return was requested — oldest {_human_duration(oldest_age_s)}: "
+                            f"{', '.join(sample)}{more}. `tracker.py status` lists them; "
+                            "`tracker.py show SHIPMENT` tells one's story.")
+
+
+def overdue_cleared_alert() -> Alert:
+    return Alert("overdue_cleared", "No pickup is overdue any more.")
+
+
+def storage_alert(exc: Exception) -> Alert:
+    return Alert("storage", f"Cannot write the state database: {exc}. Work is paused until it can.")
+
+
+def circuit_open_alert(endpoint: str, why: str) -> Alert:
+    return Alert(f"circuit_open:{endpoint}", f"The partner's /{endpoint} is failing ({why}). Calls to it are paused "
+                                             "and probed every few seconds; work waits, nothing is lost.")
+
+
+def circuit_closed_alert(endpoint: str) -> Alert:
+    return Alert(f"circuit_closed:{endpoint}", f"The partner's /{endpoint} answers again; calls resumed.")
+
+
+def token_refused_alert(endpoint: str) -> Alert:
+    return Alert(f"unauthorized:{endpoint}",
+                 f"The partner refuses our token on /{endpoint} (401). Calls to it wait; one every "
+                 f"{UNAUTHORIZED_RETRY_S:g} s tries again. Replace the token, then `systemctl reload tracker` "
+                 "(SIGHUP re-reads it); nothing is lost meanwhile.")
+
+
+def token_accepted_alert(endpoint: str) -> Alert:
+    return Alert(f"authorized:{endpoint}", f"The partner accepts our token on /{endpoint} again; calls resumed.")
+
+
+# ── sending them ────────────────────────────────────────────────────────────────────────────
+
+
+@dataclasses.dataclass(kw_only=True)
 class _PendingAlert:
     text: str
     count: int = 1
@@ -4214,7 +4405,7 @@ class Alerter:
     POST_TIMEOUT_S = 5.0
 
     def __init__(self, webhook_url: str, session: aiohttp.ClientSession | None, metrics: "Metrics",
-                 log: Any, redact: Callable[[str], str],
+                 log: Logger, redact: Callable[[str], str],
                  first_in_fleet: Callable[[str, float], Awaitable[bool]] | None = None) -> None:
         self._first_in_fleet = first_in_fleet  # several instances: one of them sends each alert
         self._url = webhook_url
@@ -4241,7 +4432,7 @@ class Alerter:
         if len(self._pending) >= self.MAX_PENDING:
             self._metrics.alerts.labels("dropped").inc()
             return
-        self._pending[key] = _PendingAlert(text)
+        self._pending[key] = _PendingAlert(text=text)
         self._changed.set()
 
     @property
@@ -4301,7 +4492,8 @@ class Alerter:
         status, retry_after = None, None
         try:
             async with asyncio.timeout(self.POST_TIMEOUT_S):
-                async with self._session.post(self._url, json={"text": f"[tracker] {text}"}) as resp:  # type: ignore[union-attr]
+                assert self._session is not None  # alert() queues nothing without one
+                async with self._session.post(self._url, json={"text": f"[tracker] {text}"}) as resp:
                     status = resp.status
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -4327,8 +4519,8 @@ class Alerter:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# Observability — JSON logs with secrets redacted, Prometheus metrics, and the daemon's own
-# small HTTP server (/healthz, /metrics) on the event loop: no second server thread.
+# Observability and HTTP — JSON logs with secrets redacted, Prometheus metrics, and the daemon's
+# own small HTTP server (/healthz, /readyz, /metrics) on the event loop: no second server thread.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -4552,9 +4744,13 @@ async def start_http_server(listen_host: str, listen_port: int, metrics: Metrics
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# The daemon — owns every task in one TaskGroup. Shutdown: stop dispatching, give calls in
-# flight `shutdown_grace_s` to finish and commit, cancel the rest (they stay pending in
-# SQLite), flush the committer, exit.
+# The daemon and its housekeeping — the daemon owns every task in task groups. One way to stop:
+# Daemon.stop() (SIGTERM, SIGINT, a failed stage, the end of `once`) sets the StopSignal; then,
+# in order (Daemon._shut_down): calls in flight get `shutdown_grace_s` to finish and commit, the
+# rest are cancelled (they stay pending in the database), the chores end, the committer commits
+# what it was handed, pending alerts get ALERT_FLUSH_S. Beside the stages, Housekeeping keeps
+# the gauges, overdue pickups (OverdueWatch), the writability probe, retention, the fleet's
+# count and the token re-read on SIGHUP; SystemdNotifier speaks sd_notify.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
@@ -4595,19 +4791,146 @@ HOUSEKEEPING_EVERY_S = 5.0
 RETENTION_BACKLOG_EVERY_S = 0.5  # between retention batches while finished rows past keep_days remain
 
 
+class OverdueWatch:
+    """Pickups not collected overdue_after_s after their return was requested: the gauge, and one
+    Slack message an hour at most while any are, and one when none are any more."""
+
+    def __init__(self, config: Config, store: StateStore, alerts: "Alerter", metrics: "Metrics", log: Logger) -> None:
+        self._overdue_after_s = config.schedule.overdue_after_s
+        self._store = store
+        self._alerts = alerts
+        self._metrics = metrics
+        self._log = log
+        self._alerted_at = -math.inf
+
+    async def check(self, now: float) -> None:
+        count, oldest = await self._store.overdue(now - self._overdue_after_s)
+        self._metrics.boxes_overdue.set(count)
+        if count and now - self._alerted_at >= OVERDUE_ALERT_EVERY_S:
+            sample = [row[0] for row in await self._store.overdue_boxes(now - self._overdue_after_s,
+                                                                         OVERDUE_ALERT_NAMES)]
+            age = now - (oldest or now)
+            self._alerts.alert(*overdue_alert(count, sample, self._overdue_after_s, age))
+            self._log.warning("track.overdue", boxes=count, oldest_s=round(age))
+            self._alerted_at = now
+        elif not count and self._alerted_at > -math.inf:
+            self._alerts.alert(*overdue_cleared_alert())
+            self._alerted_at = -math.inf
+
+
+class Housekeeping:
+    """What the daemon does beside the stages: the row-count gauges, overdue pickups, the
+    database's writability probe and retention every few seconds; the fleet's count and this
+    instance's share of the limits; the token re-read on SIGHUP."""
+
+    def __init__(self, config: Config, store: StateStore, stages: Stages, metrics: "Metrics", log: Logger,
+                 config_path: Path | None = None) -> None:
+        self.config = config
+        self._store = store
+        self._stages = stages
+        self._metrics = metrics
+        self._log = log
+        self._config_path = config_path
+        self._overdue = OverdueWatch(config, store, stages.alerts, metrics, log)
+
+    async def keep_house(self) -> None:
+        """Every few seconds — retention faster while a backlog of finished rows remains."""
+        while True:
+            backlog = False
+            try:
+                self._metrics.db_writable.set(1 if await self._stages.committer.probe() else 0)
+                counts = await self._metrics.refresh_from(self._store)
+                self._stages.schedule.tracked = counts.get(f"boxes.{BoxState.TRACKING.value}", 0)
+                await self._overdue.check(time.time())
+                backlog = await self._retain()
+            except STORAGE_ERRORS as exc:
+                self._log.warning("storage.read_failed", error=str(exc))
+            await asyncio.sleep(RETENTION_BACKLOG_EVERY_S if backlog else HOUSEKEEPING_EVERY_S)
+
+    async def _retain(self) -> bool:
+        """One retention batch (storage.keep_days; 0 keeps everything). True when more remain."""
+        keep_days = self.config.storage.keep_days
+        if not keep_days:
+            return False
+        try:
+            result = await self._stages.committer.submit(Prune(cutoff=time.time() - keep_days * 86400,
+                                                               limit=RETENTION_BATCH))
+        except StorageUnavailable:
+            return False  # the committer has said so; the next tick tries again
+        if result.pruned:
+            self._log.info("storage.pruned", boxes=result.pruned, keep_days=keep_days)
+        return result.pruned >= RETENTION_BATCH
+
+    async def keep_fleet(self) -> None:
+        """Count the fleet every FLEET_COUNT_EVERY_S and take this instance's share of the
+        partner's limits (a dead instance's share comes back within a count); every lease_s / 4
+        renew what this instance holds (its claims, the feed's lease). On a failed count the share
+        stays as it was. On SQLite: the fleet of one."""
+        fleet, stages = self._store.fleet, self._stages
+        instances = 1
+        renew_every = max(0.5, self.config.storage.lease_s / 4)
+        renewed_at = -math.inf
+        while True:
+            try:
+                if time.monotonic() - renewed_at >= renew_every:
+                    renewed_at = time.monotonic()
+                    await fleet.renew(stages.tracker.held(), stages.reporter.held())
+                live = await fleet.count()
+            except STORAGE_ERRORS as exc:
+                self._log.warning("storage.read_failed", stage="fleet", error=str(exc))
+            else:
+                if live != instances:
+                    self._log.info("fleet.changed", instances=live, rate_per_s=self.config.limits.rate_per_s / live)
+                    stages.client.share_limits(live)
+                instances = live
+                self._metrics.fleet_instances.set(live)
+            self._metrics.feed_leader.set(1 if fleet.leads_feed else 0)
+            await asyncio.sleep(FLEET_COUNT_EVERY_S)
+
+    def reload_token(self) -> None:
+        """SIGHUP: read the token again from where `run` read it (config file, environment,
+        systemd credential). Only the token changes; other settings need a restart."""
+        if self._config_path is None:
+            return
+        try:
+            fresh = load_config(self._config_path)
+        except ConfigError as exc:
+            self._log.error("config.reload_failed", error=str(exc))
+            return
+        changed = fresh.partner.token != self.config.partner.token
+        if changed:
+            REDACT.add_secrets([fresh.partner.token])
+            self.config = dataclasses.replace(self.config, partner=dataclasses.replace(
+                self.config.partner, token=fresh.partner.token))
+        self._stages.client.set_token(self.config.partner.token)
+        self._stages.wake_feed()  # a feed loop resting after a 401 tries the new token now
+        # The token is now the same in both: any section that still differs keeps its old values.
+        ignored = [f.name for f in dataclasses.fields(Config) if getattr(fresh, f.name) != getattr(self.config, f.name)]
+        self._log.info("config.reloaded", token_changed=changed, needs_restart_for=ignored or None)
+
+
+class StageFailed(Exception):
+    """A stage ended on an error it was not built to handle: the daemon stopped (exit 1)."""
+
+
 class Daemon:
-    def __init__(self, config: Config, log: Any = None, config_path: Path | None = None) -> None:
+    """Owns every task. One way to stop: `stop()` (SIGTERM, SIGINT, a failed stage, the end of a
+    `once` pass) sets the one StopSignal the stages watch; what follows, in order, is decided in
+    `_shut_down` alone."""
+
+    def __init__(self, config: Config, log: Logger | None = None, config_path: Path | None = None) -> None:
         self.config = config
         self._config_path = config_path
-        self.log = log or structlog.get_logger("tracker")
+        self.log: Logger = log or structlog.get_logger("tracker")
         self.metrics = Metrics()
         self.http_address: str | None = None
-        self._stop = asyncio.Event()
+        self._stop = StopSignal()
+        self.store: StateStore | None = None  # once run() has opened it
         self._stages: Stages | None = None
-        self._committer: Committer | None = None
+        self._housekeeping: Housekeeping | None = None
         self.notifier = SystemdNotifier()
         self.started = asyncio.Event()
-        self._overdue_alerted_at = -math.inf
+        self.failure: str | None = None  # what stopped it, when a stage failed
         REDACT.set_secrets(config.secrets)
 
     @property
@@ -4619,15 +4942,19 @@ class Daemon:
             self.log.info("shutdown.requested")
             self.notifier.notify("STOPPING=1")
         self._stop.set()
-        if self._stages is not None:
-            self._stages.stop()
+
+    def reload_token(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.reload_token()
 
     async def run(self, *, once: bool = False) -> None:
+        """Until stopped (`once`: one pass over what is due). Raises StageFailed after an orderly
+        shutdown when a stage failed."""
         lock = None if self.config.storage.url else InstanceLock(self.config.storage.path)
         if lock is not None:
             lock.acquire()
         try:
-            store = await open_store(self.config.storage)
+            self.store = store = await open_store(self.config.storage)
             try:
                 await self._run_with(store, once)
                 with contextlib.suppress(*STORAGE_ERRORS):  # else its leases run out by themselves
@@ -4638,6 +4965,8 @@ class Daemon:
             if lock is not None:
                 lock.release()
         self.log.info("shutdown.complete")
+        if self.failure is not None:
+            raise StageFailed(self.failure)
 
     async def _run_with(self, store: StateStore, once: bool) -> None:
         config = self.config
@@ -4651,24 +4980,22 @@ class Daemon:
         ):
             alerts = Alerter(config.slack.webhook_url, slack_session, self.metrics, self.log, REDACT.text,
                              store.fleet.alert_once)
-            committer = Committer(store, self._on_committed, lambda exc: alerts.alert(
-                "storage", f"Cannot write the state database: {exc}. Work is paused until it can."), self.log,
-                self.metrics.db_commit_latency)
-            self._committer = committer
+            committer = Committer(store, self._on_committed, lambda exc: alerts.alert(*storage_alert(exc)),
+                                  self.log, self.metrics.db_commit_latency)
             client = PartnerClient(config, partner_session, self.metrics,
                                    lambda breaker, previous, why: self._circuit_changed(alerts, breaker, previous, why),
                                    lambda endpoint, refused: self._token_changed(alerts, endpoint, refused))
-            stages = Stages(config, store, client, committer, alerts, self.metrics, self.log)
+            stages = Stages(config, store, client, committer, alerts, self.metrics, self.log, self._stop)
             histories = await store.closed_histories(time.time() - LEARN_FROM_DAYS * 86400)
             stages.schedule.restore(histories)  # what was learned before a restart is in the histories
             self.log.info("schedule.restored", boxes=len(histories))
             self._stages = stages
-            if self._stop.is_set():
-                stages.stop()
+            housekeeping = Housekeeping(config, store, stages, self.metrics, self.log, self._config_path)
+            self._housekeeping = housekeeping
             runner = None
             if not once:
                 runner, self.http_address = await start_http_server(
-                    config.http.host, config.http.port, self.metrics, self._health, self._readiness)
+                    config.http.host, config.http.port, self.metrics, self._health, self.readiness)
                 self.log.info("http.listening", address=self.http_address)
             self.log.info("daemon.started", mode="once" if once else "run", storage=config.storage.where,
                           partner=config.partner.base_url, concurrency=config.limits.concurrency,
@@ -4680,92 +5007,78 @@ class Daemon:
                     commit_task = tasks.create_task(committer.run(), name="committer")
                     alert_task = tasks.create_task(alerts.run(), name="alerts")
                     chores = [tasks.create_task(self.notifier.keep_watchdog_fed(), name="watchdog"),
-                              tasks.create_task(self._housekeeping(store, committer, alerts), name="housekeeping"),
-                              tasks.create_task(self._keep_fleet(store, stages), name="fleet")]
-                    if once:
-                        await self._one_pass(stages)
-                    else:
-                        await self._run_stages(stages)
-                    for chore in chores:
-                        chore.cancel()
-                    committer.close()
-                    await commit_task
-                    alerts.close()
-                    try:
-                        async with asyncio.timeout(ALERT_FLUSH_S):
-                            await asyncio.shield(alert_task)
-                    except TimeoutError:
-                        alert_task.cancel()
+                              tasks.create_task(housekeeping.keep_house(), name="housekeeping"),
+                              tasks.create_task(housekeeping.keep_fleet(), name="fleet")]
+                    await self._run_stages(stages, once)
+                    await self._shut_down(chores, committer, commit_task, alerts, alert_task)
             finally:
                 if runner is not None:
                     await runner.cleanup()
 
-    async def _one_pass(self, stages: Stages) -> None:
-        grace = self.config.schedule.shutdown_grace_s
-        await stages.collect(once=True)
-        await stages.tracker.run(once=True, grace_s=grace)
-        await stages.reporter.run(once=True, grace_s=grace)
-
-    async def _run_stages(self, stages: Stages) -> None:
+    async def _run_stages(self, stages: Stages, once: bool) -> None:
+        """The three stages, each in its own task, until the stop signal; a stage that fails sets
+        it, so the others drain as at SIGTERM."""
         grace = self.config.schedule.shutdown_grace_s
         async with asyncio.TaskGroup() as stage_tasks:
-            collect = stage_tasks.create_task(stages.collect(), name="collect")
-            stage_tasks.create_task(stages.tracker.run(grace_s=grace), name="track")
-            stage_tasks.create_task(stages.reporter.run(grace_s=grace), name="report")
-            guard = asyncio.create_task(self._cancel_after_grace(collect, grace), name="shutdown-guard")
-        guard.cancel()
+            if once:
+                stage_tasks.create_task(self._stage("once", stages.one_pass(grace)), name="once")
+                return
+            collect = stage_tasks.create_task(self._stage("collect", stages.collect()), name="collect")
+            stage_tasks.create_task(self._stage("track", stages.tracker.run(grace_s=grace)), name="track")
+            stage_tasks.create_task(self._stage("report", stages.reporter.run(grace_s=grace)), name="report")
+            stage_tasks.create_task(self._cancel_after_grace(collect, grace), name="shutdown-guard")
+
+    async def _stage(self, name: str, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except Exception as exc:  # noqa: BLE001 — any failure of a stage stops the daemon, named
+            cause: BaseException = exc
+            while isinstance(cause, BaseExceptionGroup):  # a stage's calls run in a TaskGroup of its own
+                cause = cause.exceptions[0]
+            error = f"{type(cause).__name__}: {cause}"
+            self.failure = f"the {name} stage failed: {error}"
+            self.log.error("daemon.stage_failed", stage=name, error=error, exc_info=exc)
+            self.stop()
 
     async def _cancel_after_grace(self, collect: asyncio.Task[None], grace: float) -> None:
         """A feed call in flight at shutdown gets the same grace as the others, then is cancelled;
         its page was not committed, so the cursor has not moved."""
         await self._stop.wait()
-        await asyncio.sleep(grace)
-        collect.cancel()
+        _, pending = await asyncio.wait({collect}, timeout=grace)
+        for task in pending:
+            task.cancel()
+
+    async def _shut_down(self, chores: Sequence[asyncio.Task[None]], committer: Committer,
+                         commit_task: asyncio.Task[None], alerts: "Alerter", alert_task: asyncio.Task[None]) -> None:
+        """The order of shutdown, once the stages have drained: the chores end, every transition
+        already handed to the committer is committed, then pending alerts get ALERT_FLUSH_S."""
+        self._stop.set()  # already, but for the end of a `once` pass
+        for chore in chores:
+            chore.cancel()
+        committer.close()
+        await commit_task
+        alerts.close()
+        _, pending = await asyncio.wait({alert_task}, timeout=ALERT_FLUSH_S)
+        for task in pending:
+            task.cancel()
 
     def _circuit_changed(self, alerts: "Alerter", breaker: CircuitBreaker, previous: CircuitState, why: str) -> None:
         endpoint = breaker.endpoint.value
         self.log.warning("partner.circuit_changed", endpoint=endpoint, state=breaker.state.value,
                          previous=previous.value, why=why)
         if previous is CircuitState.CLOSED and breaker.state is CircuitState.OPEN:
-            alerts.alert(f"circuit_open:{endpoint}",
-                         f"The partner's /{endpoint} is failing ({why}). Calls to it are paused and "
-                         "probed every few seconds; work waits, nothing is lost.")
+            alerts.alert(*circuit_open_alert(endpoint, why))
         elif breaker.state is CircuitState.CLOSED:
-            alerts.alert(f"circuit_closed:{endpoint}", f"The partner's /{endpoint} answers again; calls resumed.")
+            alerts.alert(*circuit_closed_alert(endpoint))
 
     def _token_changed(self, alerts: "Alerter", endpoint: Endpoint, refused: bool) -> None:
         self.metrics.token_refused.labels(endpoint.value).set(1 if refused else 0)
         if refused:
             self.log.error("partner.token_refused", endpoint=endpoint.value)
-            alerts.alert(f"unauthorized:{endpoint.value}",
-                         f"The partner refuses our token on /{endpoint.value} (401). Calls to it wait; one "
-                         f"every {UNAUTHORIZED_RETRY_S:g} s tries again. Replace the token, then "
-                         "`systemctl reload tracker` (SIGHUP re-reads it); nothing is lost meanwhile.")
+            alerts.alert(*token_refused_alert(endpoint.value))
         else:
             self.log.info("partner.token_accepted", endpoint=endpoint.value)
-            alerts.alert(f"authorized:{endpoint.value}",
-                         f"The partner accepts our token on /{endpoint.value} again; calls resumed.")
-
-    def reload_token(self) -> None:
-        """SIGHUP: read the token again from where `run` read it (config file, environment,
-        systemd credential). Only the token changes; other settings need a restart."""
-        if self._config_path is None or self._stages is None:
-            return
-        try:
-            fresh = load_config(self._config_path)
-        except ConfigError as exc:
-            self.log.error("config.reload_failed", error=str(exc))
-            return
-        changed = fresh.partner.token != self.config.partner.token
-        if changed:
-            REDACT.add_secrets([fresh.partner.token])
-            self.config = dataclasses.replace(self.config, partner=dataclasses.replace(
-                self.config.partner, token=fresh.partner.token))
-        self._stages.client.set_token(self.config.partner.token)
-        self._stages.wake_feed()  # a feed loop resting after a 401 tries the new token now
-        # The token is now the same in both: any section that still differs keeps its old values.
-        ignored = [f.name for f in dataclasses.fields(Config) if getattr(fresh, f.name) != getattr(self.config, f.name)]
-        self.log.info("config.reloaded", token_changed=changed, needs_restart_for=ignored or None)
+            alerts.alert(*token_accepted_alert(endpoint.value))
 
     def _on_committed(self, result: CommitResult) -> None:
         if result.returns_added:
@@ -4780,91 +5093,17 @@ class Daemon:
             if self._stages is not None:
                 self._stages.reporter.wake()
 
-    async def _keep_fleet(self, store: StateStore, stages: Stages) -> None:
-        """Count the fleet every FLEET_COUNT_EVERY_S and take this instance's share of the
-        partner's limits (a dead instance's share comes back within a count); every lease_s / 4
-        renew what this instance holds (its claims, the feed's lease). On a failed count the share
-        stays as it was. On SQLite: the fleet of one."""
-        instances = 1
-        renew_every = max(0.5, self.config.storage.lease_s / 4)
-        renewed_at = -math.inf
-        while True:
-            try:
-                if time.monotonic() - renewed_at >= renew_every:
-                    renewed_at = time.monotonic()
-                    await store.fleet.renew(stages.tracker.held(), stages.reporter.held())
-                live = await store.fleet.count()
-            except STORAGE_ERRORS as exc:
-                self.log.warning("storage.read_failed", stage="fleet", error=str(exc))
-            else:
-                if live != instances:
-                    self.log.info("fleet.changed", instances=live, rate_per_s=self.config.limits.rate_per_s / live)
-                    stages.client.share_limits(live)
-                instances = live
-                self.metrics.fleet_instances.set(live)
-            self.metrics.feed_leader.set(1 if store.fleet.leads_feed else 0)
-            await asyncio.sleep(FLEET_COUNT_EVERY_S)
-
-    async def _housekeeping(self, store: StateStore, committer: Committer, alerts: "Alerter") -> None:
-        """Row-count gauges, overdue pickups, the database's writability and retention, every few
-        seconds — retention faster while a backlog of finished rows remains."""
-        while True:
-            backlog = False
-            try:
-                self.metrics.db_writable.set(1 if await committer.probe() else 0)
-                counts = await self.metrics.refresh_from(store)
-                if self._stages is not None:
-                    self._stages.schedule.tracked = counts.get(f"boxes.{BoxState.TRACKING.value}", 0)
-                await self._watch_overdue(store, alerts, time.time())
-                backlog = await self._retain(committer)
-            except STORAGE_ERRORS as exc:
-                self.log.warning("storage.read_failed", error=str(exc))
-            await asyncio.sleep(RETENTION_BACKLOG_EVERY_S if backlog else HOUSEKEEPING_EVERY_S)
-
-    async def _retain(self, committer: Committer) -> bool:
-        """One retention batch (storage.keep_days; 0 keeps everything). True when more remain."""
-        keep_days = self.config.storage.keep_days
-        if not keep_days:
-            return False
-        try:
-            result = await committer.submit(Prune(time.time() - keep_days * 86400, RETENTION_BATCH))
-        except StorageUnavailable:
-            return False  # the committer has said so; the next tick tries again
-        if result.pruned:
-            self.log.info("storage.pruned", boxes=result.pruned, keep_days=keep_days)
-        return result.pruned >= RETENTION_BATCH
-
-    async def _watch_overdue(self, store: StateStore, alerts: "Alerter", now: float) -> None:
-        """The overdue gauge; one Slack message an hour at most while pickups are overdue, and one
-        when none are any more."""
-        overdue_after = self.config.schedule.overdue_after_s
-        count, oldest = await store.overdue(now - overdue_after)
-        self.metrics.boxes_overdue.set(count)
-        if count and now - self._overdue_alerted_at >= OVERDUE_ALERT_EVERY_S:
-            sample = [row[0] for row in await store.overdue_boxes(now - overdue_after, OVERDUE_ALERT_NAMES)]
-            more = ", …" if count > len(sample) else ""
-            age = now - (oldest or now)
-            alerts.alert("overdue", f"{count} pickup(s) overdue — not collected {_human_duration(overdue_after)} "
-                                    f"after the return was requested — oldest {_human_duration(age)}: "
-                                    f"{', '.join(sample)}{more}. `tracker.py status` lists them; "
-                                    "`tracker.py show SHIPMENT` tells one's story.")
-            self.log.warning("track.overdue", boxes=count, oldest_s=round(age))
-            self._overdue_alerted_at = now
-        elif not count and self._overdue_alerted_at > -math.inf:
-            alerts.alert("overdue_cleared", "No pickup is overdue any more.")
-            self._overdue_alerted_at = -math.inf
-
     def _health(self) -> dict[str, Any]:
         return {"status": "ok", "version": VERSION, "stopping": self._stop.is_set()}
 
-    def _readiness(self) -> list[str]:
-        """Why the daemon cannot do its work now; empty when it can."""
+    def readiness(self) -> list[str]:
+        """Why the daemon cannot do its work now (what /readyz says); empty when it can."""
         problems = []
         if self._stop.is_set():
             problems.append("shutting down")
-        if self._committer is not None and not self._committer.healthy:  # a failed probe counts too
-            problems.append("the state database is not writable")
         if self._stages is not None:
+            if not self._stages.committer.healthy:  # a failed probe counts too
+                problems.append("the state database is not writable")
             for endpoint, breaker in self._stages.client.breakers.items():
                 if breaker.state is not CircuitState.CLOSED:
                     problems.append(f"the circuit to /{endpoint.value} is {breaker.state.value}")
@@ -4875,7 +5114,9 @@ class Daemon:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
-# CLI — run, once, status, demo. Usage errors exit 2, config errors exit 2 naming the key.
+# CLI — run, once, check-config, status, show, export, requeue, replay (the tracking schedule's
+# what-if over recorded or modelled timelines), migrate, demo. Usage errors exit 2, config
+# errors exit 2 naming the key.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -4998,6 +5239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settle_garbage_collector()
     try:
         asyncio.run(run_until_signalled(config, once=args.command == "once", config_path=args.config))
+    except StageFailed as exc:  # logged as daemon.stage_failed, with its traceback
+        print(f"tracker: stopped: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except RuntimeError as exc:  # e.g. another instance holds the lock
         print(f"tracker: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -5146,11 +5390,12 @@ async def requeue_quarantined(store: StateStore, ids: list[str] | None,
             still_bad.append((return_id, checked.reason))
     if items:
         first_checks = tuple({item.shipment_number: now for item in items}.items())
-        await store.commit([FeedPage(tuple(items), (), None, False, first_checks)], now)
+        await store.commit([FeedPage(items=tuple(items), quarantined=(), next_cursor=None, has_more=False,
+                                     first_checks=first_checks)], now)
     return sorted(item.id for item in items), still_bad
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PickupTimeline:
     """One box's real (or modelled) pickup, as ../shared/timelines.py writes it."""
 
@@ -5168,15 +5413,16 @@ class PickupTimeline:
         if not isinstance(events, list) or not events:
             raise ValueError("events must be a non-empty list")
         try:
-            changes = tuple(StatusChange(str(e["status"]), float(e["at"])) for e in events)
+            changes = tuple(StatusChange(status=str(e["status"]), at=float(e["at"])) for e in events)
             registered = raw.get("registered_at")
-            return cls(str(raw["shipment_number"]), float(raw["requested_at"]),
-                       None if registered is None else float(registered), tuple(sorted(changes, key=lambda c: c.at)))
+            return cls(shipment_number=str(raw["shipment_number"]), requested_at=float(raw["requested_at"]),
+                       registered_at=None if registered is None else float(registered),
+                       events=tuple(sorted(changes, key=lambda c: c.at)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"missing or wrong field: {exc}") from None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class ReplayResult:
     boxes: int = 0
     calls: int = 0
@@ -5217,7 +5463,7 @@ def replay_timelines(timelines: Sequence[PickupTimeline], config: ScheduleConfig
     horizon = max((t.events[-1].at for t in timelines), default=0.0) + config.stale_after_s
     for i, timeline in enumerate(timelines):
         seen_in_feed = timeline.requested_at + random.uniform(0, config.returns_every_s)
-        due.append(DueBox(timeline.shipment_number, seen_in_feed, 0, 0))
+        due.append(DueBox(shipment_number=timeline.shipment_number, first_seen_at=seen_in_feed, not_found=0, errors=0))
         next_at.append(seen_in_feed)
         heapq.heappush(queue, (next_at[i], i))
         result.delivered += timelines[i].events[-1].status == PickupStatus.DELIVERED
@@ -5235,10 +5481,12 @@ def replay_timelines(timelines: Sequence[PickupTimeline], config: ScheduleConfig
             continue
         timeline, box = timelines[i], due[i]
         if timeline.registered_at is None or now < timeline.registered_at:
-            reply = Reply(Endpoint.TRACKING, Outcome.NOT_FOUND, 404, None, None, 0.0)
+            reply = Reply(endpoint=Endpoint.TRACKING, outcome=Outcome.NOT_FOUND, status=404, body=None,
+                          retry_after=None, latency_s=0.0)
         else:
             seen = answers[i][:bisect.bisect_right(times[i], now)]
-            reply = Reply(Endpoint.TRACKING, Outcome.OK, 200, {"data": seen}, None, 0.0)
+            reply = Reply(endpoint=Endpoint.TRACKING, outcome=Outcome.OK, status=200, body={"data": seen},
+                          retry_after=None, latency_s=0.0)
         woken = []  # as the track stage does: learn from the answer first, then decide
         if reply.outcome is Outcome.OK and learn:  # (the history as answered: these events, parsed)
             woken = tracking.learn(timeline.events[:len(reply.body["data"])], now)
@@ -5252,8 +5500,9 @@ def replay_timelines(timelines: Sequence[PickupTimeline], config: ScheduleConfig
             tracking.tracked -= 1
         if update.state is BoxState.TRACKING and update.next_check_at is not None:
             since = update.history[-1].at if update.history else box.status_since
-            due[i] = DueBox(box.shipment_number, box.first_seen_at, update.not_found, update.errors, since,
-                            box.checks + 1)
+            due[i] = DueBox(shipment_number=box.shipment_number, first_seen_at=box.first_seen_at,
+                            not_found=update.not_found, errors=update.errors, status_since=since,
+                            checks=box.checks + 1)
             status_of[i] = update.last_status or status_of[i]
             if status_of[i] is not None:
                 by_status[status_of[i]].add(i)  # type: ignore[index]
@@ -5324,7 +5573,7 @@ async def show(config: Config, keys: Sequence[str], *, as_json: bool, out: typin
 
 def parse_date(text: str) -> float:
     """A command-line DATE: YYYY-MM-DD (UTC midnight) or an ISO 8601 time; Unix seconds."""
-    epoch = _epoch(text)
+    epoch = unix_seconds(text)
     if epoch is None:
         raise argparse.ArgumentTypeError(f"not a date: {text!r} (expected YYYY-MM-DD or an ISO 8601 time)")
     return epoch

@@ -72,7 +72,8 @@ async def retain(db: Path, keep_days: int) -> tuple[int, int, float]:
     try:
         while True:
             started = time.perf_counter()
-            pruned = (await store.commit([tracker.Prune(time.time() - keep_days * 86400, tracker.RETENTION_BATCH)],
+            pruned = (await store.commit([tracker.Prune(cutoff=time.time() - keep_days * 86400,
+                                                        limit=tracker.RETENTION_BATCH)],
                                          time.time())).pruned
             longest = max(longest, time.perf_counter() - started)
             boxes, batches = boxes + pruned, batches + 1

@@ -47,8 +47,10 @@ def load_model() -> Any:
 
 
 def timelines(model: Any, boxes: int, seed: int, params: dict[str, Any]) -> list[tracker.PickupTimeline]:
-    return [tracker.PickupTimeline(b["shipment_number"], b["requested_at"], b["registered_at"],
-                                   tuple(tracker.StatusChange(e["status"], e["at"]) for e in b["events"]))
+    return [tracker.PickupTimeline(shipment_number=b["shipment_number"], requested_at=b["requested_at"],
+                                   registered_at=b["registered_at"],
+                                   events=tuple(tracker.StatusChange(status=e["status"],
+                                                                     at=e["at"]) for e in b["events"]))
             for b in model.generate(boxes, seed, params)]
 
 

@@ -39,20 +39,24 @@ async def write_burst(db_path: str, returns: int) -> tuple[float, int]:
     before = thread_cpu_seconds()
     shuffle = random.Random(1).shuffle
     now = time.time()
-    items = [tracker.ReturnItem(f"RET_{i:08d}", f"O-{i // 2:08d}", str(i % 2 + 1), f"SHP_{i // 2:08d}",
-                                "2026-11-24T09:00:00Z") for i in range(returns)]
+    items = [tracker.ReturnItem(id=f"RET_{i:08d}", order_number=f"O-{i // 2:08d}", order_item_number=str(i % 2 + 1),
+                                shipment_number=f"SHP_{i // 2:08d}",
+                                requested_at="2026-11-24T09:00:00Z") for i in range(returns)]
     transactions: list[Sequence[tracker.Transition]] = []
     for start in range(0, returns, PAGE_SIZE):
         page = items[start:start + PAGE_SIZE]
         first_checks = tuple({item.shipment_number: now for item in page}.items())
-        transactions.append([tracker.FeedPage(tuple(page), (), f"cursor-{start}", True, first_checks)])
+        transactions.append([tracker.FeedPage(items=tuple(page), quarantined=(), next_cursor=f"cursor-{start}",
+                                              has_more=True, first_checks=first_checks)])
     boxes = sorted({item.shipment_number for item in items})
     shuffle(boxes)
-    delivered = [tracker.BoxUpdate(box, tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
-                                   "2026-11-24T10:00:00Z") for box in boxes]
+    delivered = [tracker.BoxUpdate(shipment_number=box, state=tracker.BoxState.DELIVERED, next_check_at=None,
+                                   not_found=0, errors=0, registered=True, last_status="delivered",
+                                   delivered_at="2026-11-24T10:00:00Z") for box in boxes]
     reports = [item.id for item in items]
     shuffle(reports)
-    done = [tracker.ReportUpdate(rid, tracker.ReportState.DONE, None, "recorded", None) for rid in reports]
+    done = [tracker.ReportUpdate(return_id=rid, state=tracker.ReportState.DONE, next_attempt_at=None,
+                                 outcome="recorded", last_error=None) for rid in reports]
     for updates in (delivered, done):
         transactions += [updates[start:start + BATCH] for start in range(0, len(updates), BATCH)]
     try:

@@ -2,6 +2,7 @@
 as subprocesses, and polling with a deadline (never a bare sleep) for synchronisation."""
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -10,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,20 +172,37 @@ def db_count_reaches(db: Path, key: str, expected: int) -> Callable[[], Awaitabl
     return check
 
 
-async def run_daemon_until(config: tracker.Config, until: Callable[[], Awaitable[Any]],
-                           timeout_s: float = 30.0) -> tracker.Daemon:
-    """Run a daemon in this loop until `until()` holds, then stop it and wait for it to exit."""
-    daemon = tracker.Daemon(config)
+@contextlib.asynccontextmanager
+async def running_daemon(config_or_daemon: tracker.Config | tracker.Daemon) -> AsyncIterator[tracker.Daemon]:
+    """A daemon running in this loop, started (its HTTP server listening) when the block begins,
+    stopped and waited for when it ends — however the block ends. A daemon that failed to start
+    raises here; one that crashed meanwhile, at the end of the block."""
+    daemon = config_or_daemon if isinstance(config_or_daemon, tracker.Daemon) else tracker.Daemon(config_or_daemon)
     task = asyncio.create_task(daemon.run())
     try:
-        async def check() -> Any:
+        async def started() -> bool:
             if task.done():
-                task.result()  # surface a crash instead of waiting out the deadline
-            return await until()
-        await wait_until(check, timeout_s, what=getattr(until, "__qualname__", "condition"))
+                task.result()  # it could not start: say why
+            return daemon.started.is_set()
+        await wait_until(started, 30, what="the daemon to start")
+        yield daemon
     finally:
         daemon.stop()
         await task
+
+
+@contextlib.asynccontextmanager
+async def running_daemons(config: tracker.Config, n: int) -> AsyncIterator[list[tracker.Daemon]]:
+    """n instances of the daemon sharing one configuration (PostgreSQL), as running_daemon."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(running_daemon(config)) for _ in range(n)]
+
+
+async def run_daemon_until(config: tracker.Config, until: Callable[[], Awaitable[Any]],
+                           timeout_s: float = 30.0) -> tracker.Daemon:
+    """Run a daemon in this loop until `until()` holds, then stop it and wait for it to exit."""
+    async with running_daemon(config) as daemon:
+        await wait_until(until, timeout_s, what=getattr(until, "__qualname__", "condition"))
     return daemon
 
 

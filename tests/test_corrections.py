@@ -20,13 +20,15 @@ DELIVERED_AT = "2026-11-24T15:42:00Z"
 
 def item(rid: str = "R1", order: str = "O1", line: str = "1", shipment: str = "S1",
          requested: str | None = None) -> tracker.ReturnItem:
-    return tracker.ReturnItem(rid, order, line, shipment, requested)
+    return tracker.ReturnItem(id=rid, order_number=order, order_item_number=line, shipment_number=shipment,
+                              requested_at=requested)
 
 
 def page(*items: tracker.ReturnItem, quarantined: tuple[tracker.QuarantinedItem, ...] = ()) -> tracker.FeedPage:
     """A feed page as the collect stage builds it: every listed box gets a first check."""
     shipments = dict.fromkeys(i.shipment_number for i in items)
-    return tracker.FeedPage(items, quarantined, "cursor", False, tuple((s, 100.0) for s in shipments))
+    return tracker.FeedPage(items=items, quarantined=quarantined, next_cursor="cursor", has_more=False,
+                            first_checks=tuple((s, 100.0) for s in shipments))
 
 
 @contextlib.asynccontextmanager
@@ -55,12 +57,15 @@ async def report(store: tracker.StateStore, rid: str) -> dict[str, Any] | None:
 
 
 def delivered(shipment: str, at: str = DELIVERED_AT) -> tracker.BoxUpdate:
-    return tracker.BoxUpdate(shipment, tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered", at)
+    return tracker.BoxUpdate(shipment_number=shipment, state=tracker.BoxState.DELIVERED, next_check_at=None,
+                             not_found=0, errors=0, registered=True, last_status="delivered", delivered_at=at)
 
 
 def answered(rid: str, state: tracker.ReportState, outcome: str | None, revision: int = 0) -> tracker.ReportUpdate:
-    return tracker.ReportUpdate(rid, state, None if state is not tracker.ReportState.PENDING else 1e12, outcome,
-                                None, revision=revision)
+    return tracker.ReportUpdate(return_id=rid, state=state,
+                                next_attempt_at=None if state is not tracker.ReportState.PENDING else 1e12,
+                                outcome=outcome,
+                                last_error=None, revision=revision)
 
 
 # ── what counts as a correction ─────────────────────────────────────────────────────────────
@@ -100,7 +105,8 @@ async def test_a_correction_is_committed_with_its_page_or_not_at_all(db_path: Pa
         await store.commit([page(item(line="1"))], 1.0)
         with sqlite3.connect(db_path) as conn:  # the corrections table refuses writes: the page fails
             conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON corrections BEGIN SELECT RAISE(ABORT, 'full'); END")
-        corrected = tracker.FeedPage((item(line="2"),), (), "after-correction", False, (("S1", 100.0),))
+        corrected = tracker.FeedPage(items=(item(line="2"),), quarantined=(), next_cursor="after-correction",
+                                     has_more=False, first_checks=(("S1", 100.0),))
         try:
             await store.commit([corrected], 2.0)
         except sqlite3.DatabaseError:
@@ -194,7 +200,9 @@ async def test_a_return_moved_to_a_delivered_box_is_reported_at_once_with_that_b
         backend: str) -> None:
     async with opened(backend) as store:
         await store.commit([page(item("R1", shipment="OLD"), item("R2", line="2", shipment="NEW"))], 1.0)
-        await store.commit([tracker.BoxUpdate("OLD", tracker.BoxState.CANCELLED, None, 0, 0, True, "cancelled"),
+        await store.commit([tracker.BoxUpdate(shipment_number="OLD", state=tracker.BoxState.CANCELLED,
+                                              next_check_at=None, not_found=0, errors=0, registered=True,
+                                              last_status="cancelled"),
                             delivered("NEW")], 2.0)
         assert await report(store, "R1") is None  # a cancelled box reports nothing
         result = await store.commit([page(item("R1", shipment="NEW"))], 3.0)
@@ -220,7 +228,8 @@ async def test_a_pending_report_moved_to_a_box_not_yet_delivered_waits_for_that_
 async def test_a_stale_box_whose_items_moved_leaves_the_stale_list(backend: str) -> None:
     async with opened(backend) as store:
         await store.commit([page(item(shipment="OLD"))], 1.0)
-        await store.commit([tracker.BoxUpdate("OLD", tracker.BoxState.STALE, None, 9, 0, False)], 2.0)
+        await store.commit([tracker.BoxUpdate(shipment_number="OLD", state=tracker.BoxState.STALE, next_check_at=None,
+                                              not_found=9, errors=0, registered=False)], 2.0)
         await store.commit([page(item(shipment="NEW"))], 3.0)
         assert await box_state(store, "OLD") == "emptied"
         assert await store.stale_boxes(10) == []

@@ -1,13 +1,18 @@
 """kill -9 and SIGTERM against the real daemon process: nothing lost, nothing repeated beyond
 what was in flight, and a clean exit within seconds."""
 
+import json
+import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import standin
-from conftest import config_toml, scenario, wait_until_sync
+import tracker
+from conftest import ROOT, TOKEN, config_toml, scenario, wait_until_sync
 
 
 def pending_reports(db: Path) -> int:
@@ -74,3 +79,30 @@ def test_a_second_daemon_on_the_same_database_refuses_to_start(start_partner, da
     assert "already running" in second.log()
     first.signal(signal.SIGTERM)
     assert first.wait(10) == 0
+
+
+A_BUG_IN_THE_TRACKING_STAGE = """
+import sys
+import tracker
+
+async def a_bug(self, box):
+    raise ZeroDivisionError("a bug in the tracking stage")
+
+tracker.Stages.check_box = a_bug  # no partner answer can do this: only a bug can
+sys.exit(tracker.main(["run", "--config", sys.argv[1]]))
+"""
+
+
+def test_a_failing_stage_stops_the_daemon_naming_the_failure_with_exit_code_1(start_partner, tmp_path: Path) -> None:
+    partner = start_partner(scenario(returns=20))
+    config = tmp_path / "config.toml"
+    config.write_text(config_toml(partner.url, tmp_path / "tracker.db"))
+    done = subprocess.run([sys.executable, "-c", A_BUG_IN_THE_TRACKING_STAGE, str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, tracker.ENV_TOKEN: TOKEN})
+    assert done.returncode == 1, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    failed = [e for e in events if e["event"] == "daemon.stage_failed"]
+    assert len(failed) == 1 and failed[0]["stage"] == "track"
+    assert failed[0]["error"] == "ZeroDivisionError: a bug in the tracking stage"
+    assert events[-1]["event"] == "shutdown.complete"  # the other stages drained as at SIGTERM
+    assert "stopped: the track stage failed: ZeroDivisionError: a bug in the tracking stage" in done.stderr

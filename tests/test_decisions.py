@@ -14,7 +14,8 @@ GOOD = {"id": "RET_1", "order_number": "20261124-0001", "order_item_number": "1"
 
 
 def reply(outcome: Outcome, body=None, retry_after=None) -> Reply:
-    return Reply(Endpoint.TRACKING, outcome, 200 if outcome is Outcome.OK else None, body, retry_after, 0.01)
+    return Reply(endpoint=Endpoint.TRACKING, outcome=outcome, status=200 if outcome is Outcome.OK else None, body=body,
+                 retry_after=retry_after, latency_s=0.01)
 
 
 def history(*statuses: str, shipment: str = "SHP_1") -> dict:
@@ -72,7 +73,7 @@ def test_an_empty_page_that_does_not_move_has_nothing_more() -> None:
 # ── tracking ────────────────────────────────────────────────────────────────────────────────
 
 def box(not_found: int = 0, errors: int = 0, first_seen_at: float = 0.0) -> DueBox:
-    return DueBox("SHP_1", first_seen_at, not_found, errors)
+    return DueBox(shipment_number="SHP_1", first_seen_at=first_seen_at, not_found=not_found, errors=errors)
 
 
 def test_the_last_history_entry_is_the_current_status() -> None:

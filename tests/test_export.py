@@ -67,17 +67,24 @@ async def recorded_pickups(db: Path, boxes: int) -> None:
     t0 = 1794488400.0  # a Friday 20:00 in Seoul
     store = await tracker.Store.open(str(db))
     try:
-        items = tuple(tracker.ReturnItem(f"R{k}", "O", "1", f"S{k}", "2026-11-13T11:00:00Z") for k in range(boxes))
-        await store.commit([tracker.FeedPage(items, (), "c", False, tuple((f"S{k}", t0) for k in range(boxes)))], t0)
+        items = tuple(tracker.ReturnItem(id=f"R{k}", order_number="O", order_item_number="1", shipment_number=f"S{k}",
+                                         requested_at="2026-11-13T11:00:00Z") for k in range(boxes))
+        await store.commit([tracker.FeedPage(items=items, quarantined=(), next_cursor="c", has_more=False,
+                                             first_checks=tuple((f"S{k}", t0) for k in range(boxes)))], t0)
         for k in range(boxes):
             final = "cancelled" if k % 5 == 0 else "delivered"
-            history = (tracker.StatusChange("requested", t0), tracker.StatusChange("assigned", t0 + 11 * 3600),
-                       tracker.StatusChange(final, t0 + 15 * 3600 + 60 * k))
+            history = (tracker.StatusChange(status="requested", at=t0), tracker.StatusChange(status="assigned",
+                                                                                             at=t0 + 11 * 3600),
+                       tracker.StatusChange(status=final, at=t0 + 15 * 3600 + 60 * k))
             state = tracker.BoxState.CANCELLED if final == "cancelled" else tracker.BoxState.DELIVERED
-            registered = tracker.BoxUpdate(f"S{k}", tracker.BoxState.TRACKING, t0 + 3600, 0, 0, True, "requested",
+            registered = tracker.BoxUpdate(shipment_number=f"S{k}", state=tracker.BoxState.TRACKING,
+                                           next_check_at=t0 + 3600, not_found=0, errors=0, registered=True,
+                                           last_status="requested",
                                            history=history[:1])
             await store.commit([registered], t0 + 600)
-            await store.commit([tracker.BoxUpdate(f"S{k}", state, None, 0, 0, True, final, "2026-11-14T02:00:00Z",
+            await store.commit([tracker.BoxUpdate(shipment_number=f"S{k}", state=state, next_check_at=None,
+                                                  not_found=0, errors=0, registered=True, last_status=final,
+                                                  delivered_at="2026-11-14T02:00:00Z",
                                                   history=history[1:])], t0 + 16 * 3600)
     finally:
         await store.close()

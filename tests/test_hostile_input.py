@@ -77,8 +77,9 @@ def dataclasses_values(item: tracker.ReturnItem) -> list[Any]:
     st.fixed_dictionaries({}, optional={"return_status": texts | json_values, "updated_at": texts | json_values,
                                         "shipment_number": st.just("S1") | texts}), max_size=4)}))
 def test_any_tracking_answer_is_a_known_decision_and_delivered_only_with_a_valid_time(body: Any) -> None:
-    box = tracker.DueBox("S1", first_seen_at=0.0, not_found=0, errors=0)
-    reply = tracker.Reply(tracker.Endpoint.TRACKING, tracker.Outcome.OK, 200, body, None, 0.01)
+    box = tracker.DueBox(shipment_number="S1", first_seen_at=0.0, not_found=0, errors=0)
+    reply = tracker.Reply(endpoint=tracker.Endpoint.TRACKING, outcome=tracker.Outcome.OK, status=200, body=body,
+                          retry_after=None, latency_s=0.01)
     update = tracker.decide_box_update(box, reply, 100.0, SCHEDULE)
     if update.state is tracker.BoxState.DELIVERED:
         last = body["data"][-1]
@@ -92,8 +93,10 @@ def test_any_tracking_answer_is_a_known_decision_and_delivered_only_with_a_valid
        outcome=st.sampled_from(list(tracker.Outcome)))
 def test_any_results_answer_settles_a_report_only_on_the_contracts_exact_words(body: Any, status: int,
                                                                                outcome: tracker.Outcome) -> None:
-    report = tracker.DueReport("R1", "O1", "1", "S1", "2026-11-24T10:00:00Z", attempts=0)
-    reply = tracker.Reply(tracker.Endpoint.RESULTS, outcome, status, body, None, 0.01, "detail")
+    report = tracker.DueReport(return_id="R1", order_number="O1", order_item_number="1", shipment_number="S1",
+                               collected_at="2026-11-24T10:00:00Z", attempts=0)
+    reply = tracker.Reply(endpoint=tracker.Endpoint.RESULTS, outcome=outcome, status=status, body=body,
+                          retry_after=None, latency_s=0.01, detail="detail")
     update = tracker.decide_report_update(report, reply, 100.0, SCHEDULE)
     if update.state is tracker.ReportState.DONE:
         assert outcome is tracker.Outcome.CONFLICT or body == {"data": {"result": True}}

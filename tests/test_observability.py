@@ -12,8 +12,8 @@ from pathlib import Path
 import aiohttp
 
 import tracker
-from conftest import (ROOT, TOKEN, config_toml, db_count_reaches, everything_reported, make_config,
-                      run_daemon_until, scenario, wait_until, wait_until_sync)
+from conftest import (ROOT, TOKEN, config_toml, db_count_reaches, everything_reported, make_config, run_daemon_until,
+                      running_daemon, scenario, wait_until, wait_until_sync)
 
 WEBHOOK = "https://hooks.slack.example/services/T000/B000/s3cr3tw3bh00k"
 
@@ -61,9 +61,7 @@ def test_the_redactor_hides_secrets_in_any_field_and_the_authorization_header() 
 
 async def test_healthz_and_metrics_are_served_while_running(start_partner, db_path: Path) -> None:
     partner = start_partner(scenario(returns=200))
-    daemon = tracker.Daemon(make_config(db_path, partner.url))
-    task = asyncio.create_task(daemon.run())
-    try:
+    async with running_daemon(make_config(db_path, partner.url)) as daemon:
         await wait_until(everything_reported(partner), 30, what="all reported")
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://{daemon.http_address}/healthz") as resp:
@@ -71,9 +69,6 @@ async def test_healthz_and_metrics_are_served_while_running(start_partner, db_pa
             async with http.get(f"http://{daemon.http_address}/metrics") as resp:
                 assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
                 text = await resp.text()
-    finally:
-        daemon.stop()
-        await task
     assert 'tracker_partner_calls_total{endpoint="results",outcome="ok"}' in text
     assert "tracker_returns_collected_total 200.0" in text
     assert 'tracker_partner_calls_in_flight{endpoint="results"} 0.0' in text  # every call answered

@@ -21,7 +21,8 @@ import pytest
 import standin
 import tracker
 from conftest import (ROOT, TOKEN, DaemonProcess, PostgresCluster, assert_nothing_lost_nothing_early, config_toml,
-                      counts_in, everything_reported, ledger_of, make_config, run_daemon_until, scenario, wait_until)
+                      counts_in, everything_reported, ledger_of, make_config, run_daemon_until, running_daemon,
+                      running_daemons, scenario, wait_until)
 
 
 def on_postgres(config: tracker.Config, url: str) -> tracker.Config:
@@ -56,14 +57,8 @@ async def test_two_instances_share_the_work_and_each_item_is_reported_once(start
     partner = start_partner(scenario(returns=600, arrive_over_s=3.0, reissue_share=0.05,
                                      faults=standin.Faults(error_share=0.03, reset_share=0.02)))
     config = on_postgres(make_config(db_path, partner.url), pg_url)
-    daemons = [tracker.Daemon(config), tracker.Daemon(config)]
-    running = [asyncio.create_task(d.run()) for d in daemons]
-    try:
+    async with running_daemons(config, 2) as daemons:
         await wait_until(everything_reported(partner, pg_url), 60, what="every report, from two instances")
-    finally:
-        for daemon in daemons:
-            daemon.stop()
-        await asyncio.gather(*running)
     ledger = await ledger_of(partner)
     assert_nothing_lost_nothing_early(ledger)
     for daemon in daemons:  # both did a share of the tracking and the reporting
@@ -90,11 +85,9 @@ async def readyz(daemon: tracker.Daemon) -> tuple[int, dict]:
         return resp.status, await resp.json()
 
 
-def recorded_at_least(partner: standin.ThreadedStandIn, running: asyncio.Task, n: int):
-    """The partner has recorded n reports (and the daemon has not crashed meanwhile)."""
+def recorded_at_least(partner: standin.ThreadedStandIn, n: int):
+    """The partner has recorded n reports."""
     async def check() -> bool:
-        if running.done():
-            running.result()
         return (await ledger_of(partner))["recorded"] >= n
     return check
 
@@ -103,12 +96,10 @@ async def test_cut_connections_and_a_database_restart_lose_nothing_and_report_no
         start_partner, postgres: PostgresCluster, db_path: Path, pg_url: str) -> None:
     partner = start_partner(scenario(returns=400, arrive_over_s=4.0, step_s=(0.3, 0.8)))
     config = on_postgres(make_config(db_path, partner.url), pg_url)
-    daemon = tracker.Daemon(config)
-    running = asyncio.create_task(daemon.run())
-    try:
-        await wait_until(recorded_at_least(partner, running, 50), 30, what="the first reports")
+    async with running_daemon(config) as daemon:
+        await wait_until(recorded_at_least(partner, 50), 30, what="the first reports")
         assert cut_every_connection(pg_url) >= 1
-        await wait_until(recorded_at_least(partner, running, 150), 30, what="reports after every connection was cut")
+        await wait_until(recorded_at_least(partner, 150), 30, what="reports after every connection was cut")
         postgres.stop("immediate")  # a crash: no checkpoint, recovery on start
 
         async def not_ready() -> bool:
@@ -118,9 +109,6 @@ async def test_cut_connections_and_a_database_restart_lose_nothing_and_report_no
         await wait_until(not_ready, 30, what="/readyz to say the database is not writable")
         postgres.start()
         await wait_until(everything_reported(partner, pg_url), 60, what="every report after the restart")
-    finally:
-        daemon.stop()
-        await running
     ledger = await ledger_of(partner)
     assert_nothing_lost_nothing_early(ledger)  # each once; a report resent after a cut got a 409
 
@@ -227,8 +215,10 @@ async def instances(url: str, n: int = 2, lease_s: float = 30.0) -> AsyncIterato
 
 
 async def due_boxes_listed(store: tracker.StateStore, n: int) -> list[str]:
-    items = tuple(tracker.ReturnItem(f"R{k}", "O", "1", f"S{k}", None) for k in range(n))
-    await store.commit([tracker.FeedPage(items, (), "c", False, tuple((f"S{k}", 0.0) for k in range(n)))], 1.0)
+    items = tuple(tracker.ReturnItem(id=f"R{k}", order_number="O", order_item_number="1", shipment_number=f"S{k}",
+                                     requested_at=None) for k in range(n))
+    await store.commit([tracker.FeedPage(items=items, quarantined=(), next_cursor="c", has_more=False,
+                                         first_checks=tuple((f"S{k}", 0.0) for k in range(n)))], 1.0)
     return [f"S{k}" for k in range(n)]
 
 
@@ -271,12 +261,14 @@ async def test_an_answer_made_under_a_lapsed_claim_is_not_stored(pg_url: str) ->
         await due_boxes_listed(a, 1)
         (stale,) = await a.due_boxes(time.time(), 100)
         (current,) = await wait_until(claimed_by(b), 10, what="b to take the lapsed claim")
-        late = tracker.BoxUpdate("S0", tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
-                                 "2026-11-24T10:00:00Z", claim=stale.claim)
+        late = tracker.BoxUpdate(shipment_number="S0", state=tracker.BoxState.DELIVERED, next_check_at=None,
+                                 not_found=0, errors=0, registered=True, last_status="delivered",
+                                 delivered_at="2026-11-24T10:00:00Z", claim=stale.claim)
         assert (await a.commit([late], 2.0)).lost_claims == {"S0"}
         assert (await counts_in(pg_url)).get("boxes.tracking") == 1  # a's answer changed nothing
-        fresh = tracker.BoxUpdate("S0", tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
-                                  "2026-11-24T10:00:00Z", claim=current.claim)
+        fresh = tracker.BoxUpdate(shipment_number="S0", state=tracker.BoxState.DELIVERED, next_check_at=None,
+                                  not_found=0, errors=0, registered=True, last_status="delivered",
+                                  delivered_at="2026-11-24T10:00:00Z", claim=current.claim)
         assert (await b.commit([fresh], 3.0)).lost_claims == frozenset()
         assert (await counts_in(pg_url)).get("boxes.delivered") == 1
 
@@ -287,7 +279,9 @@ async def test_a_feed_page_read_under_a_lease_since_taken_over_is_not_stored(pg_
         assert await b.fleet.lead_feed() is None  # a pages the feed
         second = await wait_until(b.fleet.lead_feed, 10, what="b to take the lapsed feed lease")
         assert second > first
-        page = tracker.FeedPage((tracker.ReturnItem("R1", "O", "1", "S1", None),), (), "from-a", False, epoch=first)
+        page = tracker.FeedPage(items=(tracker.ReturnItem(id="R1", order_number="O", order_item_number="1",
+                                                          shipment_number="S1", requested_at=None),), quarantined=(),
+                                                          next_cursor="from-a", has_more=False, epoch=first)
         with pytest.raises(tracker.LeaseLost):
             await a.commit([page], 2.0)  # a paused former leader: it moves nothing
         assert await b.feed_cursor() is None and (await counts_in(pg_url))["returns"] == 0
@@ -316,7 +310,7 @@ async def test_live_instances_count_themselves_and_split_the_partners_limits(pg_
         client = tracker.PartnerClient(config, session, tracker.Metrics(), lambda *args: None)
         client.share_limits(3)
         assert all(rate.max_rate == 100.0 and rate.rate <= 100.0 for rate in client.rates.values())
-        assert client._slots._slots == 6  # ⌈16 / 3⌉
+        assert client.call_slots == 6  # ⌈16 / 3⌉
 
 
 def fleet_changes(daemon: DaemonProcess) -> list[dict[str, Any]]:
@@ -368,9 +362,7 @@ async def test_after_every_connection_is_cut_no_instance_counts_fewer_than_the_f
         start_partner, pg_url: str, tmp_path: Path) -> None:
     partner = start_partner(scenario(returns=50))
     config = on_postgres(make_config(tmp_path / "unused.db", partner.url), pg_url)
-    daemons = [tracker.Daemon(config) for _ in range(3)]
-    running = [asyncio.create_task(d.run()) for d in daemons]
-    try:
+    async with running_daemons(config, 3) as daemons:
         await wait_until(lambda: asyncio.sleep(0, all(fleet_gauge(d) == 3 for d in daemons)), 30,
                          what="each instance to count three")
         assert await asyncio.to_thread(cut_every_connection, pg_url) >= 3
@@ -386,10 +378,6 @@ async def test_after_every_connection_is_cut_no_instance_counts_fewer_than_the_f
                 rejoined_at = time.monotonic()
             await asyncio.sleep(0.05)
         assert seen == {3.0}
-    finally:
-        for daemon in daemons:
-            daemon.stop()
-        await asyncio.gather(*running)
 
 
 async def test_a_database_restart_mid_burst_draws_no_burst_of_429s(
@@ -493,15 +481,10 @@ async def test_a_failover_to_a_synchronous_standby_mid_burst_loses_nothing(start
             # as README says: every host, and libpq connects only to the one that takes writes
             url = (f"postgresql://tracker@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{database}"
                    "?target_session_attrs=read-write")
-            daemon = tracker.Daemon(on_postgres(make_config(db_path, partner.url), url))
-            running = asyncio.create_task(daemon.run())
-            try:
-                await wait_until(recorded_at_least(partner, running, 100), 30, what="the first reports")
+            async with running_daemon(on_postgres(make_config(db_path, partner.url), url)):
+                await wait_until(recorded_at_least(partner, 100), 30, what="the first reports")
                 primary.stop("immediate")  # the primary's host dies
                 standby.promote()
                 await wait_until(everything_reported(partner, url), 60, what="every report after the failover")
-            finally:
-                daemon.stop()
-                await running
     ledger = await ledger_of(partner)
     assert_nothing_lost_nothing_early(ledger)

@@ -27,12 +27,16 @@ async def seed(db: Path, *, delivered: bool = True) -> None:
     """One return in one box; the box delivered (report queued) or still in transit."""
     store = await tracker.Store.open(str(db))
     try:
-        item = tracker.ReturnItem("RET_1", "20261124-0001", "1", "SHP_1", None)
-        await store.commit([tracker.FeedPage((item,), (), "c1", False, (("SHP_1", 0.0),))], time.time())
+        item = tracker.ReturnItem(id="RET_1", order_number="20261124-0001", order_item_number="1",
+                                  shipment_number="SHP_1", requested_at=None)
+        await store.commit([tracker.FeedPage(items=(item,), quarantined=(), next_cursor="c1", has_more=False,
+                                             first_checks=(("SHP_1", 0.0),))], time.time())
         state = tracker.BoxState.DELIVERED if delivered else tracker.BoxState.TRACKING
-        await store.commit([tracker.BoxUpdate("SHP_1", state, None if delivered else 0.0, 0, 0, True,
-                                              "delivered" if delivered else "picking_up",
-                                              DELIVERED_AT if delivered else None)], time.time())
+        await store.commit([tracker.BoxUpdate(shipment_number="SHP_1", state=state,
+                                              next_check_at=None if delivered else 0.0, not_found=0, errors=0,
+                                              registered=True,
+                                              last_status="delivered" if delivered else "picking_up",
+                                              delivered_at=DELIVERED_AT if delivered else None)], time.time())
     finally:
         await store.close()
 
@@ -135,8 +139,10 @@ async def test_nothing_is_reported_while_the_box_is_in_transit(db_path: Path) ->
 
 async def test_a_delivered_box_queues_a_report_for_every_item_in_it(db_path: Path) -> None:
     store = await tracker.Store.open(str(db_path))
-    items = tuple(tracker.ReturnItem(f"RET_{i}", "20261124-0009", str(i), "SHP_9", None) for i in (1, 2, 3))
-    await store.commit([tracker.FeedPage(items, (), "c1", False, (("SHP_9", 0.0),))], time.time())
+    items = tuple(tracker.ReturnItem(id=f"RET_{i}", order_number="20261124-0009", order_item_number=str(i),
+                                     shipment_number="SHP_9", requested_at=None) for i in (1, 2, 3))
+    await store.commit([tracker.FeedPage(items=items, quarantined=(), next_cursor="c1", has_more=False,
+                                         first_checks=(("SHP_9", 0.0),))], time.time())
     await store.close()
     history = {"data": [{"shipment_number": "SHP_9", "return_status": "delivered", "updated_at": DELIVERED_AT}]}
     with aioresponses() as mock:

@@ -19,18 +19,25 @@ async def seed(db: Path) -> None:
     validation (an older rule rejected it) and one that is still broken."""
     store = await tracker.Store.open(str(db))
     now = time.time()
-    items = tuple(tracker.ReturnItem(f"RET_{i}", f"2026-{i}", "1", f"SHP_{i}", None) for i in (1, 2, 3, 4))
-    quarantined = (tracker.QuarantinedItem("RET_7", "order_number looked odd", json.dumps(GOOD)),
-                   tracker.QuarantinedItem("BAD_1", "order_number is missing", json.dumps({"id": "BAD_1"})))
-    await store.commit([tracker.FeedPage(items, quarantined, "c1", False,
-                                         tuple((i.shipment_number, now) for i in items))], now)
+    items = tuple(tracker.ReturnItem(id=f"RET_{i}", order_number=f"2026-{i}", order_item_number="1",
+                                     shipment_number=f"SHP_{i}", requested_at=None) for i in (1, 2, 3, 4))
+    quarantined = (tracker.QuarantinedItem(return_id="RET_7", reason="order_number looked odd", raw=json.dumps(GOOD)),
+                   tracker.QuarantinedItem(return_id="BAD_1", reason="order_number is missing",
+                                           raw=json.dumps({"id": "BAD_1"})))
+    await store.commit([tracker.FeedPage(items=items, quarantined=quarantined, next_cursor="c1", has_more=False,
+                                         first_checks=tuple((i.shipment_number, now) for i in items))], now)
     await store.commit([
-        tracker.BoxUpdate("SHP_1", tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered", "2026-11-24T10:00:00Z"),
-        tracker.BoxUpdate("SHP_2", tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered", "2026-11-24T10:00:00Z"),
-        tracker.BoxUpdate("SHP_3", tracker.BoxState.STALE, None, 9, 0, False),
-        tracker.BoxUpdate("SHP_4", tracker.BoxState.STALE, None, 9, 0, False),
+        tracker.BoxUpdate(shipment_number="SHP_1", state=tracker.BoxState.DELIVERED, next_check_at=None, not_found=0,
+                          errors=0, registered=True, last_status="delivered", delivered_at="2026-11-24T10:00:00Z"),
+        tracker.BoxUpdate(shipment_number="SHP_2", state=tracker.BoxState.DELIVERED, next_check_at=None, not_found=0,
+                          errors=0, registered=True, last_status="delivered", delivered_at="2026-11-24T10:00:00Z"),
+        tracker.BoxUpdate(shipment_number="SHP_3", state=tracker.BoxState.STALE, next_check_at=None, not_found=9,
+                          errors=0, registered=False),
+        tracker.BoxUpdate(shipment_number="SHP_4", state=tracker.BoxState.STALE, next_check_at=None, not_found=9,
+                          errors=0, registered=False),
     ], now)
-    await store.commit([tracker.ReportUpdate(f"RET_{i}", tracker.ReportState.DEAD, None, "refused", "422 unknown")
+    await store.commit([tracker.ReportUpdate(return_id=f"RET_{i}", state=tracker.ReportState.DEAD,
+                                             next_attempt_at=None, outcome="refused", last_error="422 unknown")
                         for i in (1, 2)], now)
     await store.close()
 

@@ -17,7 +17,8 @@ from tracker import AdaptiveRate, CircuitBreaker, CircuitState, Endpoint, Outcom
 
 
 def reply(outcome: Outcome, retry_after: float | None = None) -> Reply:
-    return Reply(Endpoint.TRACKING, outcome, None, None, retry_after, 0.01)
+    return Reply(endpoint=Endpoint.TRACKING, outcome=outcome, status=None, body=None, retry_after=retry_after,
+                 latency_s=0.01)
 
 
 # ── adaptive rate: a simulated partner ──────────────────────────────────────────────────────

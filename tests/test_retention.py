@@ -19,33 +19,47 @@ CUTOFF = NOW - 90 * DAY
 
 
 def delivered(shipment: str) -> tracker.BoxUpdate:
-    return tracker.BoxUpdate(shipment, tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
-                             "2026-01-01T00:00:00Z", history=(tracker.StatusChange("delivered", 1.0),))
+    return tracker.BoxUpdate(shipment_number=shipment, state=tracker.BoxState.DELIVERED, next_check_at=None,
+                             not_found=0, errors=0, registered=True, last_status="delivered",
+                             delivered_at="2026-01-01T00:00:00Z", history=(tracker.StatusChange(status="delivered",
+                                                                                                at=1.0),))
 
 
 def done(return_id: str) -> tracker.ReportUpdate:
-    return tracker.ReportUpdate(return_id, tracker.ReportState.DONE, None, "recorded", None, attempt=1, http_status=200)
+    return tracker.ReportUpdate(return_id=return_id, state=tracker.ReportState.DONE, next_attempt_at=None,
+                                outcome="recorded", last_error=None, attempt=1, http_status=200)
 
 
 async def history_of_every_kind(store: tracker.StateStore) -> None:
     """Boxes named for what retention must do with them."""
     names = ["GONE_REPORTED", "GONE_CANCELLED", "KEPT_PENDING", "KEPT_REPORTED_LATELY", "KEPT_STALE",
              "KEPT_CLOSED_LATELY", "KEPT_TRACKING"]
-    items = tuple(tracker.ReturnItem(f"R_{n}", "O", "1", n, None) for n in names)
-    broken = (tracker.QuarantinedItem("R_GONE_REPORTED", "order_number is null", '{"id": "R_GONE_REPORTED"}'),
-              tracker.QuarantinedItem("BAD_1", "id is missing", '{"x": 1}'))
-    await store.commit([tracker.FeedPage(items, broken, "c", False, tuple((n, OLD) for n in names))], OLD)
-    await store.commit([tracker.FeedPage((items[0],), (), "c", False, (("GONE_REPORTED", OLD),))], OLD)  # resolves it
-    await store.commit([tracker.FeedPage((tracker.ReturnItem("R_GONE_REPORTED", "O", "2", "GONE_REPORTED", None),),
-                                         (), "c", False, ())], OLD)  # a correction
+    items = tuple(tracker.ReturnItem(id=f"R_{n}", order_number="O", order_item_number="1", shipment_number=n,
+                                     requested_at=None) for n in names)
+    broken = (tracker.QuarantinedItem(return_id="R_GONE_REPORTED", reason="order_number is null",
+                                      raw='{"id": "R_GONE_REPORTED"}'),
+              tracker.QuarantinedItem(return_id="BAD_1", reason="id is missing", raw='{"x": 1}'))
+    await store.commit([tracker.FeedPage(items=items, quarantined=broken, next_cursor="c", has_more=False,
+                                         first_checks=tuple((n, OLD) for n in names))], OLD)
+    await store.commit([tracker.FeedPage(items=(items[0],), quarantined=(), next_cursor="c", has_more=False,
+                                         first_checks=(("GONE_REPORTED", OLD),))], OLD)  # resolves it
+    await store.commit([tracker.FeedPage(items=(tracker.ReturnItem(id="R_GONE_REPORTED", order_number="O",
+                                                                   order_item_number="2",
+                                                                   shipment_number="GONE_REPORTED", requested_at=None),
+                                                                   ),
+                                         quarantined=(), next_cursor="c", has_more=False, first_checks=())],
+                                         OLD)  # a correction
     await store.commit([delivered(n) for n in ("GONE_REPORTED", "KEPT_PENDING", "KEPT_REPORTED_LATELY")] + [
-        tracker.BoxUpdate("GONE_CANCELLED", tracker.BoxState.CANCELLED, None, 0, 0, True, "cancelled"),
-        tracker.BoxUpdate("KEPT_STALE", tracker.BoxState.STALE, None, 9, 0, False)], OLD)
+        tracker.BoxUpdate(shipment_number="GONE_CANCELLED", state=tracker.BoxState.CANCELLED, next_check_at=None,
+                          not_found=0, errors=0, registered=True, last_status="cancelled"),
+        tracker.BoxUpdate(shipment_number="KEPT_STALE", state=tracker.BoxState.STALE, next_check_at=None, not_found=9,
+                          errors=0, registered=False)], OLD)
     await store.commit([done("R_GONE_REPORTED")], OLD)
     await store.commit([done("R_KEPT_REPORTED_LATELY")], RECENT)
     await store.commit([delivered("KEPT_CLOSED_LATELY")], RECENT)
     await store.commit([done("R_KEPT_CLOSED_LATELY")], RECENT)
-    await store.commit([tracker.FeedPage((), (), "c", False, ())], NOW)
+    await store.commit([tracker.FeedPage(items=(), quarantined=(), next_cursor="c", has_more=False, first_checks=())],
+                       NOW)
     # the open quarantine entry of BAD_1 is resolved long ago too
     if store.db.dialect is tracker.Dialect.POSTGRESQL:
         await store.db.query("UPDATE quarantine SET resolved_at = %s WHERE return_id = 'BAD_1'", (OLD,))
@@ -67,7 +81,7 @@ async def test_retention_deletes_exactly_the_finished_rows_past_keep_days(backen
     store = await open_backend(backend)
     try:
         await history_of_every_kind(store)
-        result = await store.commit([tracker.Prune(CUTOFF, 100)], NOW)
+        result = await store.commit([tracker.Prune(cutoff=CUTOFF, limit=100)], NOW)
         counts = await store.counts()
         assert result.pruned == 2
         assert sorted(await column(store, "SELECT shipment_number FROM boxes")) == [
@@ -87,12 +101,16 @@ async def test_retention_deletes_exactly_the_finished_rows_past_keep_days(backen
 async def test_retention_goes_a_batch_at_a_time_oldest_first(backend: str) -> None:
     store = await open_backend(backend)
     try:
-        items = tuple(tracker.ReturnItem(f"R{k}", "O", "1", f"S{k}", None) for k in range(5))
-        await store.commit([tracker.FeedPage(items, (), "c", False, tuple((f"S{k}", OLD) for k in range(5)))], OLD)
+        items = tuple(tracker.ReturnItem(id=f"R{k}", order_number="O", order_item_number="1", shipment_number=f"S{k}",
+                                         requested_at=None) for k in range(5))
+        await store.commit([tracker.FeedPage(items=items, quarantined=(), next_cursor="c", has_more=False,
+                                             first_checks=tuple((f"S{k}", OLD) for k in range(5)))], OLD)
         for k in range(5):
-            await store.commit([tracker.BoxUpdate(f"S{k}", tracker.BoxState.CANCELLED, None, 0, 0, True, "cancelled")],
+            await store.commit([tracker.BoxUpdate(shipment_number=f"S{k}", state=tracker.BoxState.CANCELLED,
+                                                  next_check_at=None, not_found=0, errors=0, registered=True,
+                                                  last_status="cancelled")],
                                OLD + k)
-        assert (await store.commit([tracker.Prune(CUTOFF, 2)], NOW)).pruned == 2
+        assert (await store.commit([tracker.Prune(cutoff=CUTOFF, limit=2)], NOW)).pruned == 2
         assert sorted(await column(store, "SELECT shipment_number FROM boxes")) == ["S2", "S3", "S4"]
     finally:
         await store.close()
@@ -106,7 +124,7 @@ async def test_a_failed_retention_batch_changes_nothing(db_path: Path) -> None:
         with sqlite3.connect(db_path) as conn:  # the batch fails at its last table: disk full, say
             conn.execute("CREATE TRIGGER refuse BEFORE DELETE ON boxes BEGIN SELECT RAISE(ABORT, 'full'); END")
         try:
-            await store.commit([tracker.Prune(CUTOFF, 100)], NOW)
+            await store.commit([tracker.Prune(cutoff=CUTOFF, limit=100)], NOW)
         except sqlite3.DatabaseError:
             pass
         else:
@@ -130,7 +148,7 @@ def test_an_older_file_switches_to_incremental_vacuum_and_gives_space_back(db_pa
         store = await tracker.Store.open(str(db_path))
         try:
             total = 0
-            while (pruned := (await store.commit([tracker.Prune(CUTOFF, 5000)], NOW)).pruned):
+            while (pruned := (await store.commit([tracker.Prune(cutoff=CUTOFF, limit=5000)], NOW)).pruned):
                 total += pruned
             return total
         finally:

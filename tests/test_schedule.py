@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import tracker
-from conftest import ROOT, counts_in, everything_reported, make_config, run_daemon_until, scenario, wait_until
+from conftest import (ROOT, counts_in, everything_reported, make_config, run_daemon_until, running_daemon, scenario,
+                      wait_until)
 
 D = 900.0
 ANY = tracker.ANY_STATUS
@@ -30,7 +31,7 @@ def at(day: int, hour: float) -> float:
 
 
 def history(*steps: tuple[str, float]) -> tuple[tracker.StatusChange, ...]:
-    return tuple(tracker.StatusChange(status, when) for status, when in steps)
+    return tuple(tracker.StatusChange(status=status, at=when) for status, when in steps)
 
 
 def taught(histories: Sequence[Sequence[tracker.StatusChange]]) -> tracker.TrackingSchedule:
@@ -176,11 +177,15 @@ def test_restart_keeps_what_was_learned(db_path: Path) -> None:
     async def record_and_restore() -> tracker.TrackingSchedule:
         store = await tracker.Store.open(str(db_path))
         try:
-            items = tuple(tracker.ReturnItem(f"R{k}", "O", "1", f"S{k}", None) for k in range(len(learned)))
+            items = tuple(tracker.ReturnItem(id=f"R{k}", order_number="O", order_item_number="1",
+                                             shipment_number=f"S{k}", requested_at=None) for k in range(len(learned)))
             first_checks = tuple((f"S{k}", 0.0) for k in range(len(learned)))
-            await store.commit([tracker.FeedPage(items, (), "c", False, first_checks)], time.time())
-            await store.commit([tracker.BoxUpdate(f"S{k}", tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
-                                                  "2026-11-09T00:00:00Z", history=tuple(h))
+            await store.commit([tracker.FeedPage(items=items, quarantined=(), next_cursor="c", has_more=False,
+                                                 first_checks=first_checks)], time.time())
+            await store.commit([tracker.BoxUpdate(shipment_number=f"S{k}", state=tracker.BoxState.DELIVERED,
+                                                  next_check_at=None, not_found=0, errors=0, registered=True,
+                                                  last_status="delivered",
+                                                  delivered_at="2026-11-09T00:00:00Z", history=tuple(h))
                                 for k, h in enumerate(learned)], time.time())
             restarted = tracker.TrackingSchedule(CONFIG)
             restarted.restore(await store.closed_histories(time.time() - 86400))
@@ -206,13 +211,8 @@ async def test_the_daemon_tells_the_schedule_how_many_boxes_it_tracks(start_part
         tracking = (await counts_in(db_path)).get("boxes.tracking", 0)
         return tracking > 0 and schedule.tracked == tracking
 
-    daemon = tracker.Daemon(make_config(db_path, partner.url))
-    task = asyncio.create_task(daemon.run())
-    try:
+    async with running_daemon(make_config(db_path, partner.url)) as daemon:
         await wait_until(schedule_counts_the_tracked_boxes, 20.0, what="the schedule's count of tracked boxes")
-    finally:
-        daemon.stop()
-        await task
 
 
 # ── what it records ─────────────────────────────────────────────────────────────────────────
@@ -228,7 +228,7 @@ async def test_every_status_a_box_passes_through_is_recorded_with_the_partners_t
                             " ORDER BY changed_at", (box.shipment_number,)).fetchall()
         since = conn.execute("SELECT status_since FROM boxes WHERE shipment_number = ?",
                              (box.shipment_number,)).fetchone()[0]
-    expected = [(status, tracker._epoch(tracker_iso(t))) for t, status in box.timeline]
+    expected = [(status, tracker.unix_seconds(tracker_iso(t))) for t, status in box.timeline]
     assert [(status, changed) for status, changed, _ in rows] == expected
     assert all(seen >= changed for _, changed, seen in rows)  # seen no earlier than it happened
     assert since == rows[-1][1]
@@ -247,11 +247,16 @@ def tracker_iso(t: float) -> str:
 async def test_a_box_keeps_at_most_history_per_box_entries(db_path: Path) -> None:
     store = await tracker.Store.open(str(db_path))
     try:
-        await store.commit([tracker.FeedPage((tracker.ReturnItem("R1", "O", "1", "S1", None),), (), "c", False,
-                                             (("S1", 0.0),))], 1.0)
+        await store.commit([tracker.FeedPage(items=(tracker.ReturnItem(id="R1", order_number="O",
+                                                                       order_item_number="1", shipment_number="S1",
+                                                                       requested_at=None),), quarantined=(),
+                                                                       next_cursor="c", has_more=False,
+                                             first_checks=(("S1", 0.0),))], 1.0)
         entries = history(*[("assigned" if k % 2 else "picking_up", 1000.0 + k) for k in range(40)])
         for first in range(0, 40, 10):
-            await store.commit([tracker.BoxUpdate("S1", tracker.BoxState.TRACKING, 5.0, 0, 0, True, "assigned",
+            await store.commit([tracker.BoxUpdate(shipment_number="S1", state=tracker.BoxState.TRACKING,
+                                                  next_check_at=5.0, not_found=0, errors=0, registered=True,
+                                                  last_status="assigned",
                                                   history=entries[first:first + 10])], 2.0)
         rows = await store.db.query(
             "SELECT changed_at FROM box_history WHERE shipment_number = 'S1' ORDER BY changed_at", ())
@@ -264,7 +269,7 @@ def test_an_answer_adds_only_the_entries_newer_than_those_recorded() -> None:
     body = {"data": [{"shipment_number": "S", "return_status": s, "updated_at": t} for s, t in (
         ("requested", "2026-11-24T09:00:00Z"), ("assigned", "2026-11-24T10:00:00Z"),
         ("picking_up", "2026-11-24T11:00:00Z"))]}
-    since = tracker._epoch("2026-11-24T10:00:00Z")
+    since = tracker.unix_seconds("2026-11-24T10:00:00Z")
     assert [c.status for c in tracker.parse_history(body, since)] == ["picking_up"]
     assert [c.status for c in tracker.parse_history(body, None)] == ["requested", "assigned", "picking_up"]
 
@@ -272,12 +277,18 @@ def test_an_answer_adds_only_the_entries_newer_than_those_recorded() -> None:
 async def test_a_woken_status_makes_its_boxes_due_within_the_spread_and_no_others(db_path: Path) -> None:
     store = await tracker.Store.open(str(db_path))
     try:
-        items = tuple(tracker.ReturnItem(f"R{k}", "O", "1", f"S{k}", None) for k in range(3))
-        await store.commit([tracker.FeedPage(items, (), "c", False, tuple((f"S{k}", 0.0) for k in range(3)))], 1.0)
-        await store.commit([tracker.BoxUpdate("S0", tracker.BoxState.TRACKING, 1e9, 0, 0, True, "requested"),
-                            tracker.BoxUpdate("S1", tracker.BoxState.TRACKING, 1e9, 0, 0, True, "assigned"),
-                            tracker.BoxUpdate("S2", tracker.BoxState.TRACKING, 1000.5, 0, 0, True, "requested")], 1.0)
-        await store.commit([tracker.WakeBoxes("requested", 60.0)], 1000.0)
+        items = tuple(tracker.ReturnItem(id=f"R{k}", order_number="O", order_item_number="1", shipment_number=f"S{k}",
+                                         requested_at=None) for k in range(3))
+        await store.commit([tracker.FeedPage(items=items, quarantined=(), next_cursor="c", has_more=False,
+                                             first_checks=tuple((f"S{k}", 0.0) for k in range(3)))], 1.0)
+        await store.commit([tracker.BoxUpdate(shipment_number="S0", state=tracker.BoxState.TRACKING, next_check_at=1e9,
+                                              not_found=0, errors=0, registered=True, last_status="requested"),
+                            tracker.BoxUpdate(shipment_number="S1", state=tracker.BoxState.TRACKING, next_check_at=1e9,
+                                              not_found=0, errors=0, registered=True, last_status="assigned"),
+                            tracker.BoxUpdate(shipment_number="S2", state=tracker.BoxState.TRACKING,
+                                              next_check_at=1000.5, not_found=0, errors=0, registered=True,
+                                              last_status="requested")], 1.0)
+        await store.commit([tracker.WakeBoxes(status="requested", spread_s=60.0)], 1000.0)
         due = dict(await store.db.query("SELECT shipment_number, next_check_at FROM boxes", ()))
     finally:
         await store.close()

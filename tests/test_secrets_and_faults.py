@@ -15,8 +15,8 @@ import pytest
 from structlog.testing import capture_logs
 
 import tracker
-from conftest import (TOKEN, config_toml, everything_reported, ledger_of, make_config, scenario, wait_until,
-                      wait_until_sync)
+from conftest import (TOKEN, config_toml, everything_reported, ledger_of, make_config, running_daemon, scenario,
+                      wait_until, wait_until_sync)
 from test_config_and_cli import VALID, run_cli
 
 WEBHOOK = "https://hooks.slack.test/services/T000/B000/very-secret-path"
@@ -141,9 +141,9 @@ async def break_storage(daemon: tracker.Daemon, fault: str) -> None:
     """Make every write that needs it fail the way SQLite fails on a bad disk. "full": SQLite's
     own cap on the file's size, so growing it fails with SQLITE_FULL as on a full disk.
     "read-only": query_only, so every write fails with SQLITE_READONLY as on a read-only mount.
-    The test reaches into the daemon's writer connection to do it."""
-    assert daemon._committer is not None
-    writer = daemon._committer._store.db.writer
+    The test reaches the daemon's SQLite writer connection to do it."""
+    assert daemon.store is not None
+    writer = daemon.store.db.writer
     if fault == "full":
         pages = (await writer.execute_fetchall("PRAGMA page_count"))[0][0]
         await writer.execute(f"PRAGMA max_page_count = {int(pages)}")
@@ -152,8 +152,8 @@ async def break_storage(daemon: tracker.Daemon, fault: str) -> None:
 
 
 async def repair_storage(daemon: tracker.Daemon) -> None:
-    assert daemon._committer is not None
-    writer = daemon._committer._store.db.writer
+    assert daemon.store is not None
+    writer = daemon.store.db.writer
     await writer.execute("PRAGMA max_page_count = 1000000000")
     await writer.execute("PRAGMA query_only = OFF")
 
@@ -174,22 +174,18 @@ async def test_a_full_or_read_only_disk_pauses_work_alerts_and_recovers_by_itsel
 
 
 async def run_through_a_storage_fault(daemon: tracker.Daemon, partner, db_path: Path, fault: str) -> None:
-    task = asyncio.create_task(daemon.run())
-    try:
+    async with running_daemon(daemon):
         await wait_until(lambda: asyncio.sleep(0, daemon.started.is_set()), 10, what="the daemon started")
         await break_storage(daemon, fault)
         partner.call(partner.standin.restart_clock)
-        await wait_until(lambda: asyncio.sleep(0, "the state database is not writable" in daemon._readiness()),
+        await wait_until(lambda: asyncio.sleep(0, "the state database is not writable" in daemon.readiness()),
                          20, what="readiness to report the broken disk")
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://{daemon.http_address}/readyz") as resp:
                 assert resp.status == 503
         await repair_storage(daemon)
         await wait_until(everything_reported(partner, db_path), 60, what="everything reported after recovery")
-        await wait_until(lambda: asyncio.sleep(0, daemon._readiness() == []), 20, what="ready again")
-    finally:
-        daemon.stop()
-        await task
+        await wait_until(lambda: asyncio.sleep(0, daemon.readiness() == []), 20, what="ready again")
 
 
 def test_a_damaged_database_stops_the_start_with_a_clear_message(tmp_path: Path) -> None:
@@ -215,9 +211,7 @@ async def test_the_http_server_answers_only_get_on_its_paths_and_never_a_secret(
                                                                                db_path: Path) -> None:
     partner = start_partner(scenario(returns=20))
     config = make_config(db_path, partner.url, slack=tracker.SlackConfig(webhook_url=WEBHOOK))
-    daemon = tracker.Daemon(config)
-    task = asyncio.create_task(daemon.run())
-    try:
+    async with running_daemon(config) as daemon:
         await wait_until(lambda: asyncio.sleep(0, daemon.http_address), 10, what="listening")
         host = daemon.http_address
         assert host is not None and host.startswith("127.0.0.1:")
@@ -230,9 +224,6 @@ async def test_the_http_server_answers_only_get_on_its_paths_and_never_a_secret(
             for path in ("/healthz", "/readyz", "/metrics"):
                 async with http.get(f"http://{host}{path}") as resp:
                     bodies.append(await resp.text())
-    finally:
-        daemon.stop()
-        await task
     for body in bodies:
         assert TOKEN not in body and WEBHOOK not in body and "very-secret-path" not in body
 

@@ -94,10 +94,14 @@ async def a_delivered_return(db_path: Path) -> AsyncIterator[tracker.Store]:
     """A store holding return R1 in box S1, delivered: its report is pending, not yet sent."""
     store = await tracker.Store.open(str(db_path))
     try:
-        item = tracker.ReturnItem("R1", "O1", "1", "S1", None)
-        await store.commit([tracker.FeedPage((item,), (), "c", False, (("S1", 0.0),))], 1.0)
-        await store.commit([tracker.BoxUpdate("S1", tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
-                                              "2026-11-24T10:00:00Z")], 2.0)
+        item = tracker.ReturnItem(id="R1", order_number="O1", order_item_number="1", shipment_number="S1",
+                                  requested_at=None)
+        await store.commit([tracker.FeedPage(items=(item,), quarantined=(), next_cursor="c", has_more=False,
+                                             first_checks=(("S1", 0.0),))], 1.0)
+        await store.commit([tracker.BoxUpdate(shipment_number="S1", state=tracker.BoxState.DELIVERED,
+                                              next_check_at=None, not_found=0, errors=0, registered=True,
+                                              last_status="delivered",
+                                              delivered_at="2026-11-24T10:00:00Z")], 2.0)
         yield store
     finally:
         await store.close()
@@ -105,7 +109,8 @@ async def a_delivered_return(db_path: Path) -> AsyncIterator[tracker.Store]:
 
 async def test_show_tells_a_pending_report_its_failed_attempt_and_next_try(db_path: Path) -> None:
     async with a_delivered_return(db_path) as store:
-        await store.commit([tracker.ReportUpdate("R1", tracker.ReportState.PENDING, 100.0, None, "server_error: 503",
+        await store.commit([tracker.ReportUpdate(return_id="R1", state=tracker.ReportState.PENDING,
+                                                 next_attempt_at=100.0, outcome=None, last_error="server_error: 503",
                                                  attempt=1, http_status=503, latency_s=0.2)], 3.0)
         story = await store.story("R1")
     assert [(a["attempt"], a["outcome"], a["http_status"]) for a in story["attempts"]] == [(1, "retry", 503)]
@@ -117,7 +122,8 @@ async def test_show_tells_a_pending_report_its_failed_attempt_and_next_try(db_pa
 async def test_report_attempts_are_kept_for_the_latest_attempts_per_report(db_path: Path) -> None:
     async with a_delivered_return(db_path) as store:
         for attempt in range(1, tracker.ATTEMPTS_PER_REPORT + 6):
-            await store.commit([tracker.ReportUpdate("R1", tracker.ReportState.PENDING, 100.0, None, "timeout",
+            await store.commit([tracker.ReportUpdate(return_id="R1", state=tracker.ReportState.PENDING,
+                                                     next_attempt_at=100.0, outcome=None, last_error="timeout",
                                                      attempt=attempt)], 2.0 + attempt)
         attempts = [a["attempt"] for a in (await store.story("R1"))["attempts"]]
     assert attempts == list(range(6, tracker.ATTEMPTS_PER_REPORT + 6))

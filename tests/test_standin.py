@@ -48,9 +48,9 @@ def test_a_typo_fix_can_arrive_before_or_after_the_box_is_collected() -> None:
 def test_a_broken_correction_is_listed_but_corrects_nothing() -> None:
     _, feed = standin.build_world(scenario(returns=2000, fix_share=0.2, broken_correction_share=1.0))
     versions = standin.versions_by_return(feed)
-    broken = [item for _, item in feed if item.get("id") in versions and not standin._usable(item)]
+    broken = [item for _, item in feed if item.get("id") in versions and not standin.usable(item)]
     assert len(broken) > 200
-    assert all(all(standin._usable(v) for _, v in versions[item["id"]]) for item in broken)
+    assert all(all(standin.usable(v) for _, v in versions[item["id"]]) for item in broken)
 
 
 def test_scenarios_without_corrections_play_the_same_world_as_before_they_existed() -> None:

@@ -157,7 +157,7 @@ async def test_writability_probes_never_break_a_commit_in_progress(backend: str)
     own transaction on that connection used to end a commit half-way (and lose its batch)."""
     failures: list[Exception] = []
     async with running_committer(backend, on_failure=failures.append) as (_, committer):
-        page = tracker.FeedPage((), (), "c1", False)
+        page = tracker.FeedPage(items=(), quarantined=(), next_cursor="c1", has_more=False)
         submits = [committer.submit(page) for _ in range(300)]
         probes = [committer.probe() for _ in range(50)]
         results = await asyncio.gather(*submits, *probes)
@@ -174,10 +174,11 @@ async def test_transitions_arriving_within_the_gather_window_share_one_transacti
         await asyncio.sleep(0)  # one scheduling turn: `first` has queued its transition
 
         async def first_taken() -> bool:  # the committer holds it and is gathering
-            return committer._queue.empty() and not first.done()
+            return committer.queued == 0 and not first.done()
 
         await wait_until(first_taken, timeout_s=5, interval_s=0.001, what="the committer to take the first")
-        second = asyncio.create_task(committer.submit(tracker.FeedPage((), (), "c2", False)))
+        second = asyncio.create_task(committer.submit(tracker.FeedPage(items=(), quarantined=(), next_cursor="c2",
+                                                                       has_more=False)))
         await asyncio.gather(first, second)
         assert len(commits) == 1
         assert await store.feed_cursor() == "c2"
@@ -187,7 +188,8 @@ async def test_a_feed_page_is_committed_without_waiting_for_the_gather_window(ba
     """The feed asks for its next page only once this one is stored: a page waiting out the window
     would slow a backlog's catch-up by the window for every 500 returns."""
     async with running_committer(backend, gather_s=60.0) as (store, committer):
-        await asyncio.wait_for(committer.submit(tracker.FeedPage((), (), "c1", True)), timeout=10)
+        await asyncio.wait_for(committer.submit(tracker.FeedPage(items=(), quarantined=(), next_cursor="c1",
+                                                                 has_more=True)), timeout=10)
         assert await store.feed_cursor() == "c1"
 
 
@@ -212,13 +214,21 @@ def without_quarantine(counts: dict[str, int]) -> dict[str, int]:
 async def test_state_counts_follow_every_transition_without_counting_the_tables(backend: str) -> None:
     store = await open_backend(backend)
     try:
-        items = tuple(tracker.ReturnItem(f"R{i}", "O", str(i), f"S{i % 3}", None) for i in range(7))
-        await store.commit([tracker.FeedPage(items, (), "c1", False, tuple((f"S{i}", 0.0) for i in range(3)))], 1.0)
-        await store.commit([tracker.BoxUpdate("S0", tracker.BoxState.DELIVERED, None, 0, 0, True, "delivered",
-                                              "2026-11-24T10:00:00Z"),
-                            tracker.BoxUpdate("S1", tracker.BoxState.CANCELLED, None, 0, 0, True, "cancelled")], 2.0)
-        await store.commit([tracker.ReportUpdate("R0", tracker.ReportState.DONE, None, "recorded", None),
-                            tracker.ReportUpdate("R3", tracker.ReportState.DEAD, None, "refused", "422")], 3.0)
+        items = tuple(tracker.ReturnItem(id=f"R{i}", order_number="O", order_item_number=str(i),
+                                         shipment_number=f"S{i % 3}", requested_at=None) for i in range(7))
+        await store.commit([tracker.FeedPage(items=items, quarantined=(), next_cursor="c1", has_more=False,
+                                             first_checks=tuple((f"S{i}", 0.0) for i in range(3)))], 1.0)
+        await store.commit([tracker.BoxUpdate(shipment_number="S0", state=tracker.BoxState.DELIVERED,
+                                              next_check_at=None, not_found=0, errors=0, registered=True,
+                                              last_status="delivered",
+                                              delivered_at="2026-11-24T10:00:00Z"),
+                            tracker.BoxUpdate(shipment_number="S1", state=tracker.BoxState.CANCELLED,
+                                              next_check_at=None, not_found=0, errors=0, registered=True,
+                                              last_status="cancelled")], 2.0)
+        await store.commit([tracker.ReportUpdate(return_id="R0", state=tracker.ReportState.DONE, next_attempt_at=None,
+                                                 outcome="recorded", last_error=None),
+                            tracker.ReportUpdate(return_id="R3", state=tracker.ReportState.DEAD, next_attempt_at=None,
+                                                 outcome="refused", last_error="422")], 3.0)
         await store.requeue_dead_reports(None, 4.0)
         counts = without_quarantine(await store.counts())
         assert counts == await counted_by_hand(store)
