@@ -1476,15 +1476,23 @@ class SqliteTransaction:
         return await _sqlite_dicts(self._connection, self._sql[name], _as_json_lists(params))
 
 
+_SQLITE_COLUMNS: dict[str, list[str]] = {}  # a statement's column names, learned at its first run
+
+
 async def _sqlite_dicts(connection: aiosqlite.Connection, sql: str, params: Params) -> list[dict[str, Any]]:
+    """Rows by column name. After a statement's first run, one thread hop that runs it to its end
+    (execute_fetchall: see SqliteDatabase.query), its names zipped on from what that run learned."""
     try:
+        names = _SQLITE_COLUMNS.get(sql)
+        if names is not None:
+            return [dict(zip(names, row)) for row in await connection.execute_fetchall(sql, params)]
         cursor = await connection.execute(sql, params)
     except sqlite3.OperationalError as exc:
         if "no such" in str(exc):
             raise NotYetInSchema(str(exc)) from exc
         raise
     try:
-        names = [column[0] for column in cursor.description]
+        names = _SQLITE_COLUMNS[sql] = [column[0] for column in cursor.description]
         return [dict(zip(names, row)) for row in await cursor.fetchall()]
     finally:
         await cursor.close()
