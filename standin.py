@@ -64,6 +64,7 @@ class Faults:
     storm_at_s: float | None = None  # the rate limit drops to storm_limit_per_s during the window
     storm_s: float = 0.0
     storm_limit_per_s: float = 10.0
+    feed_down: bool = False  # /returns answers 503 throughout (tracking and results work): push the returns instead
 
     def __post_init__(self) -> None:
         if self.limiter not in ("bucket", "window"):
@@ -490,6 +491,8 @@ class StandIn:
     # ── the contract ────────────────────────────────────────────────────────────────────────
 
     async def get_returns(self, request: web.Request) -> web.Response:
+        if self.faults.feed_down:
+            return _error(503, "the returns feed is down")
         try:
             limit = int(request.query.get("limit", "100"))
             start = _decode_cursor(request.query.get("cursor"))

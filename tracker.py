@@ -56,6 +56,8 @@ import fcntl
 import functools
 import gc
 import hashlib
+import hmac
+import ipaddress
 import heapq
 import itertools
 import json
@@ -64,6 +66,7 @@ import math
 import os
 import random
 import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -80,6 +83,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp_remotes
 import aiosqlite
 import prometheus_client
 import psycopg
@@ -188,6 +192,21 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ApiConfig:
+    listen: str = ""  # "host:port" of the shop's API, a listener of its own; empty: no API
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed; nobody else's is
+    max_body_bytes: int = 1_048_576  # a batch of 500 returns is about 100 KB
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     partner: PartnerConfig
     storage: StorageConfig = StorageConfig()
@@ -196,6 +215,7 @@ class Config:
     schedule: ScheduleConfig = ScheduleConfig()
     limits: LimitsConfig = LimitsConfig()
     log: LogConfig = LogConfig()
+    api: ApiConfig = ApiConfig()
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -271,6 +291,10 @@ def _typed_value(key: str, kind: type, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {_describe(value, key)}")
         return value
+    if kind == tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(key, f"expected a list of strings, got {_describe(value, key)}")
+        return tuple(value)
     raise TypeError(f"unsupported config type {kind!r}")  # a programming error, not user input
 
 
@@ -367,6 +391,7 @@ def _validate(config: Config) -> None:
     _require_range("limits.rate_per_s", config.limits.rate_per_s, 0.01, 100000)
     if config.log.level not in LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+    _validate_api(config.api, config.http)
 
 
 def _require_range(key: str, value: float, low: float, high: float) -> None:
@@ -392,10 +417,23 @@ def _require_http_url(key: str, value: str) -> None:
         raise ConfigError(key, "must be an http:// or https:// URL with a host")
 
 
-def _validate_listen(listen: str) -> None:
+def _validate_listen(listen: str, key: str = "http.listen") -> None:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError("http.listen", f'expected "host:port", got "{listen}"')
+        raise ConfigError(key, f'expected "host:port", got "{listen}"')
+
+
+def _validate_api(api: ApiConfig, http: HttpConfig) -> None:
+    if api.listen:
+        _validate_listen(api.listen, "api.listen")
+        if api.listen == http.listen and api.port != 0:
+            raise ConfigError("api.listen", "must differ from http.listen: the API has a listener of its own")
+    for cidr in api.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError("api.trusted_proxies", f'not an IP network: "{cidr}"') from None
+    _require_range("api.max_body_bytes", api.max_body_bytes, 1024, 64 * 1024 * 1024)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -606,7 +644,23 @@ class Heartbeat:
     read-only disk fails it). It goes through the committer like every write: one writer."""
 
 
-Transition = FeedPage | BoxUpdate | ReportUpdate | WakeBoxes | Prune | Heartbeat
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckNow:
+    """The shop asked for a check of this box now (the API): first in due order, at most once a
+    cooldown. CommitResult.checks_queued says whether it was queued."""
+
+    shipment_number: str
+    cooldown_s: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Audit:
+    """Rows of the API's audit trail, written with the daemon's other writes."""
+
+    entries: tuple["AuditEntry", ...]
+
+
+Transition = FeedPage | BoxUpdate | ReportUpdate | WakeBoxes | Prune | Heartbeat | CheckNow | Audit
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -619,6 +673,7 @@ class CommitResult:
     superseded: frozenset[str] = frozenset()  # reports whose settling answer was to an outdated body
     pruned: int = 0  # finished boxes retention deleted (with their returns, reports, histories)
     lost_claims: frozenset[str] = frozenset()  # answers not stored: another instance holds the row now
+    checks_queued: frozenset[str] = frozenset()  # boxes a CheckNow put first in due order
 
     def __add__(self, other: "CommitResult") -> "CommitResult":
         return CommitResult(
@@ -627,7 +682,48 @@ class CommitResult:
             reports_queued=self.reports_queued + other.reports_queued, corrections=self.corrections + other.corrections,
             broken_corrections=self.broken_corrections | other.broken_corrections,
             superseded=self.superseded | other.superseded,
-            pruned=self.pruned + other.pruned, lost_claims=self.lost_claims | other.lost_claims)
+            pruned=self.pruned + other.pruned, lost_claims=self.lost_claims | other.lost_claims,
+            checks_queued=self.checks_queued | other.checks_queued)
+
+
+API_SCOPES = ("returns:read", "returns:write", "shipments:check")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ApiKey:
+    """A key of the shop's API, as stored (its secret only as a hash, elsewhere)."""
+
+    name: str
+    scopes: tuple[str, ...]
+    allow: tuple[str, ...] = ()  # CIDRs it may be used from; empty: anywhere
+    rate_per_s: float = 100.0
+    created_at: float = 0.0
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    prefix: str = ""
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "ApiKey":
+        return cls(name=row["name"], scopes=tuple(filter(None, row["scopes"].split(","))),
+                   allow=tuple(filter(None, row["allow"].split(","))), rate_per_s=row["rate_per_s"],
+                   created_at=row.get("created_at") or 0.0, expires_at=row["expires_at"],
+                   revoked_at=row["revoked_at"], prefix=row.get("prefix") or "")
+
+    def usable(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AuditEntry:
+    """One write request to the API, or one key change."""
+
+    at: float
+    key_name: str | None
+    source_ip: str
+    action: str  # e.g. "returns.push", "shipments.check", "api-key.create"
+    target: str  # what it acted on, or counts ("500 accepted, 2 rejected")
+    result: str  # "ok", or the refusal's type
+    request_id: str
 
 
 class LeaseLost(Exception):
@@ -645,9 +741,10 @@ class LeaseLost(Exception):
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
-SCHEMA_VERSION = 6  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
+SCHEMA_VERSION = 7  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
 #                    4: corrections, and the report revisions they bump; 5: box status histories;
-#                    6: report attempts, boxes' requested_at (overdue pickups)
+#                    6: report attempts, boxes' requested_at (overdue pickups); 7: the shop's API (keys,
+#                    audit, boxes' check_requested_at)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -677,7 +774,8 @@ CREATE TABLE IF NOT EXISTS boxes (
     closed_at       REAL,
     last_error      TEXT,
     status_since    REAL,
-    requested_at    REAL
+    requested_at    REAL,
+    check_requested_at REAL
 );
 -- boxes.status_since: the partner's time of the newest status in box_history (NULL: none yet);
 -- boxes.requested_at: when its first return was requested (the feed's requested_at), for overdue.
@@ -770,6 +868,31 @@ CREATE TABLE IF NOT EXISTS unknown_statuses (
     last_seen_at  REAL NOT NULL,
     seen          INTEGER NOT NULL
 );
+-- The shop's API keys: only a hash of each (SHA-256: a key is 190 random bits, so a fast hash
+-- suffices), found by its lookup prefix. scopes and allow are comma-separated.
+CREATE TABLE IF NOT EXISTS api_keys (
+    name       TEXT PRIMARY KEY,
+    prefix     TEXT NOT NULL UNIQUE,
+    hash       TEXT NOT NULL,
+    scopes     TEXT NOT NULL,
+    allow      TEXT NOT NULL,
+    rate_per_s REAL NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    revoked_at REAL
+);
+-- One row per write request to the API and per key change (`tracker.py audit`).
+CREATE TABLE IF NOT EXISTS audit (
+    id         INTEGER PRIMARY KEY,
+    at         REAL NOT NULL,
+    key_name   TEXT,
+    source_ip  TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    target     TEXT NOT NULL,
+    result     TEXT NOT NULL,
+    request_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
 """
 
 # ── SQL, written once ───────────────────────────────────────────────────────────────────────
@@ -1040,7 +1163,36 @@ READ_SQL = {
     "open_quarantine_count": "SELECT COUNT(*) FROM quarantine WHERE resolved_at IS NULL",
     "unknown_status_count": "SELECT COUNT(*) FROM unknown_statuses",
 }
-SQL = {**HOT_PATH_SQL, **PAGE_SQL, **WRITE_SQL, **OPERATOR_SQL, **SHOW_SQL, **RETENTION_SQL, **EXPORT_SQL, **READ_SQL}
+# The shop's API: its keys, its audit trail, a check asked for now, and the listing by cursor.
+API_SQL = {
+    "insert_api_key": "INSERT INTO api_keys (name, prefix, hash, scopes, allow, rate_per_s, created_at, expires_at)"
+                      " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    "api_key_by_prefix": "SELECT name, hash, scopes, allow, rate_per_s, expires_at, revoked_at FROM api_keys"
+                         " WHERE prefix = ?",
+    "api_keys": "SELECT name, prefix, scopes, allow, rate_per_s, created_at, expires_at, revoked_at FROM api_keys"
+                " ORDER BY created_at, name",
+    "revoke_api_key": "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+    "insert_audit": "INSERT INTO audit (at, key_name, source_ip, action, target, result, request_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+    "audit_since": "SELECT at, key_name, source_ip, action, target, result, request_id FROM audit"
+                   " WHERE at >= ? ORDER BY at, id",
+    "prune_audit": "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at < :cutoff LIMIT :limit)",
+    # A check now: first in due order (next_check_at 0), at most once a cooldown a box. A box
+    # already due or in flight is the same check: its answer sets the next one as usual.
+    "request_check": "UPDATE boxes SET next_check_at = 0, check_requested_at = :now WHERE shipment_number = :shipment"
+                     " AND state = 'tracking'"
+                     " AND (check_requested_at IS NULL OR check_requested_at <= :now - :cooldown)"
+                     " RETURNING shipment_number",
+    "box_check_state": "SELECT state, check_requested_at FROM boxes WHERE shipment_number = ?",
+    # every return in insertion order after a cursor (the last row's order key), by state and time
+    "list_returns": "SELECT r.id, ROW_ORDER(r) AS seq FROM returns r LEFT JOIN reports p ON p.return_id = r.id"
+                    " LEFT JOIN boxes b ON b.shipment_number = r.shipment_number"
+                    " WHERE ROW_ORDER(r) > :after AND r.seen_at >= :since"
+                    " AND (CAST(:state AS TEXT) IS NULL OR p.state = :state OR b.state = :state)"
+                    " ORDER BY ROW_ORDER(r) LIMIT :limit",
+}
+SQL = {**HOT_PATH_SQL, **PAGE_SQL, **WRITE_SQL, **OPERATOR_SQL, **SHOW_SQL, **RETENTION_SQL, **EXPORT_SQL, **READ_SQL,
+       **API_SQL}
 
 STATE_COUNT_TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS {table}_uncounted AFTER DELETE ON {table} BEGIN
@@ -1075,6 +1227,7 @@ ADDED_COLUMNS = (
     ("reports", "accepted_revision INTEGER"),  # 4
     ("boxes", "status_since REAL"),  # 5
     ("boxes", "requested_at REAL"),  # 6
+    ("boxes", "check_requested_at REAL"),  # 7: when the API last asked for a check now
 )
 SCHEMA_AFTER_MIGRATION = (
     "CREATE INDEX IF NOT EXISTS reports_outdated ON reports (done_at) WHERE accepted_revision < revision",
@@ -1117,7 +1270,8 @@ async def _rollback(connection: aiosqlite.Connection) -> None:
 # identity columns, triggers in PL/pgSQL, seconds as double precision), and the fleet's own: claims
 # on rows, the feed's lease, the alerts sent.
 
-PG_SCHEMA_VERSION = 2  # PostgreSQL's own numbering: 1 holds what SQLite's version 6 holds; 2: no instances table
+PG_SCHEMA_VERSION = 3  # PostgreSQL's own numbering: 1 holds what SQLite's version 6 holds; 2: no instances
+#                       table; 3: the shop's API (SQLite's 7)
 PG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -1258,6 +1412,29 @@ CREATE TABLE IF NOT EXISTS unknown_statuses (
     last_seen_at  DOUBLE PRECISION NOT NULL,
     seen          BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS api_keys (
+    name       TEXT PRIMARY KEY,
+    prefix     TEXT NOT NULL UNIQUE,
+    hash       TEXT NOT NULL,
+    scopes     TEXT NOT NULL,
+    allow      TEXT NOT NULL,
+    rate_per_s DOUBLE PRECISION NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION,
+    revoked_at DOUBLE PRECISION
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at         DOUBLE PRECISION NOT NULL,
+    key_name   TEXT,
+    source_ip  TEXT NOT NULL,
+    action     TEXT NOT NULL,
+    target     TEXT NOT NULL,
+    result     TEXT NOT NULL,
+    request_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
+ALTER TABLE boxes ADD COLUMN IF NOT EXISTS check_requested_at DOUBLE PRECISION;
 CREATE OR REPLACE FUNCTION tracker_count_state() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
@@ -2053,6 +2230,15 @@ class StateStore(typing.Protocol):
     async def requeue_dead_reports(self, ids: Sequence[str] | None, now: float) -> list[str]: ...
     async def requeue_stale_boxes(self, ids: Sequence[str] | None, now: float) -> list[str]: ...
     async def open_quarantine_for(self, ids: Sequence[str] | None) -> list[tuple[Any, ...]]: ...
+    async def add_api_key(self, key: "ApiKey", key_hash: str, prefix: str) -> None: ...
+    async def api_key_by_prefix(self, prefix: str) -> tuple[str, "ApiKey"] | None: ...
+    async def api_keys(self) -> list["ApiKey"]: ...
+    async def revoke_api_key(self, name: str, now: float) -> bool: ...
+    async def audit(self, entries: Sequence["AuditEntry"]) -> None: ...
+    async def audit_since(self, since: float) -> list[dict[str, Any]]: ...
+    async def box_check_state(self, shipment_number: str) -> tuple[str, float | None] | None: ...
+    async def list_returns(self, *, after: int, since: float, state: str | None,
+                           limit: int) -> list[tuple[str, int]]: ...
     async def close(self) -> None: ...
 
 
@@ -2108,6 +2294,14 @@ class Store:
             result += CommitResult(pruned=await self._prune(tx, prune))
         if any(isinstance(t, Heartbeat) for t in transitions):
             await tx.execute("put_meta", (HEARTBEAT_KEY, repr(now)))
+        for check in (t for t in transitions if isinstance(t, CheckNow)):
+            params = {"now": now, "shipment": check.shipment_number, "cooldown": check.cooldown_s}
+            if await tx.fetch("request_check", params):
+                result += CommitResult(checks_queued=frozenset({check.shipment_number}))
+        audited = [e for t in transitions if isinstance(t, Audit) for e in t.entries]
+        if audited:
+            await tx.execute_many("insert_audit", [
+                (e.at, e.key_name, e.source_ip, e.action, e.target, e.result, e.request_id) for e in audited])
         return result
 
     async def _write_page(self, tx: Transaction, page: FeedPage, now: float) -> CommitResult:
@@ -2201,6 +2395,7 @@ class Store:
             for statement in PRUNE_DELETES:
                 await tx.execute(statement, {"boxes": boxes})
         await tx.execute("resolved_quarantine", params)
+        await tx.execute("prune_audit", params)
         return len(boxes)
 
     # ── operator requeues: back into the pipeline after the cause was fixed ─────────────────
@@ -2335,6 +2530,44 @@ class Store:
         """Every return ("returns") or closed box's history ("timelines") as dicts, streamed within
         one read snapshot (a consistent export), in constant memory."""
         return self.db.stream(f"export_{kind}", params)
+
+    # ── the shop's API ──────────────────────────────────────────────────────────────────────
+
+    async def add_api_key(self, key: "ApiKey", key_hash: str, prefix: str) -> None:
+        await self.db.in_transaction(lambda tx: tx.execute("insert_api_key", (
+            key.name, prefix, key_hash, ",".join(key.scopes), ",".join(key.allow), key.rate_per_s, key.created_at,
+            key.expires_at)))
+
+    async def api_key_by_prefix(self, prefix: str) -> tuple[str, "ApiKey"] | None:
+        """(its hash, the key) for a lookup prefix, revoked and expired ones too."""
+        rows = await self.db.fetch_dicts("api_key_by_prefix", (prefix,))
+        if not rows:
+            return None
+        row = rows[0]
+        return row["hash"], ApiKey.from_row(row)
+
+    async def api_keys(self) -> list["ApiKey"]:
+        return [ApiKey.from_row(row) for row in await self.db.fetch_dicts("api_keys")]
+
+    async def revoke_api_key(self, name: str, now: float) -> bool:
+        return await self.db.in_transaction(lambda tx: tx.execute("revoke_api_key", (now, name))) == 1
+
+    async def audit(self, entries: Sequence["AuditEntry"]) -> None:
+        """For the commands (their own connection); the daemon audits through its committer (Audit)."""
+        await self.commit([Audit(entries=tuple(entries))], time.time())
+
+    async def audit_since(self, since: float) -> list[dict[str, Any]]:
+        return await self.db.fetch_dicts("audit_since", (since,))
+
+    async def box_check_state(self, shipment_number: str) -> tuple[str, float | None] | None:
+        """(the box's state, when a check was last asked for), or None for no such box."""
+        rows = await self.db.fetch("box_check_state", (shipment_number,))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def list_returns(self, *, after: int, since: float, state: str | None, limit: int) -> list[tuple[str, int]]:
+        """(return id, order key) of the returns after the order key `after`, in insertion order."""
+        return [(row[0], row[1]) for row in await self.db.fetch(
+            "list_returns", {"after": after, "since": since, "state": state, "limit": limit})]
 
 
 STORAGE_ERRORS = (sqlite3.Error, psycopg.Error, LeaseLost)  # a failed read or write, on either backend
@@ -4188,6 +4421,14 @@ class Stages:
         if result.corrections:
             self._corrections_applied(result.corrections)
 
+    def pushed(self, page: FeedPage, result: CommitResult) -> None:
+        """Returns the shop pushed through the API, committed as a feed page is."""
+        self.log.info("api.pushed", items=len(page.items), new=result.returns_added, corrected=len(result.corrections))
+        if result.corrections:
+            self._corrections_applied(result.corrections)
+        if page.first_checks:
+            self.tracker.wake()
+
     def _corrections_applied(self, corrections: Sequence[Correction]) -> None:
         self.reporter.forget(c.return_id for c in corrections)  # fetched ahead with the old fields
         self.tracker.forget(c.before.shipment_number for c in corrections if c.moved)  # maybe emptied
@@ -4527,6 +4768,442 @@ class Alerter:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
+# The shop's API — the shop's own systems hand the tracker returns, ask where one stands and
+# ask for a check now, over /v1 on a listener of its own ([api] listen). Every request carries
+# a key (Authorization: Bearer trk_…) with scopes, CIDRs it may come from and a rate; every write
+# is an audit row; every refusal an RFC 9457 problem. A pushed return is committed as a feed
+# page is, so it is tracked and reported by the same rules. openapi.json beside this file is the
+# contract, served at /v1/openapi.json.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+API_KEY_PREFIX = "trk_"  # recognisable, so secret scanners can find a leaked key
+API_KEY_BODY_CHARS = 32  # base62: about 190 random bits
+API_KEY_LOOKUP_CHARS = 8  # the part stored in clear, to find a key's hash
+API_KEY_CACHE_S = 1.0  # a revoke or an expiry takes effect within this, on every instance
+API_BATCH_MAX = 500
+CHECK_COOLDOWN_S = 60.0  # a box is checked now at most this often at a key's asking
+API_LIST_MAX = 500
+OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.json"
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+REQUEST_CONTEXT = web.RequestKey("context", dict)  # the request's id and route, shared with its clones
+
+
+def _base62(number: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        number, digit = divmod(number, 62)
+        digits.append(BASE62[digit])
+    return "".join(reversed(digits))
+
+
+def new_api_key() -> str:
+    """trk_ + 32 random base62 characters + a 6-character CRC32 of them (a typo is told apart
+    from a wrong key without a database read, as GitHub's tokens are)."""
+    body = "".join(secrets.choice(BASE62) for _ in range(API_KEY_BODY_CHARS))
+    return f"{API_KEY_PREFIX}{body}{_base62(zlib.crc32(body.encode()), 6)}"
+
+
+def api_key_well_formed(key: str) -> bool:
+    body, check = key[len(API_KEY_PREFIX):-6], key[-6:]
+    return (key.startswith(API_KEY_PREFIX) and len(body) == API_KEY_BODY_CHARS and all(c in BASE62 for c in body)
+            and _base62(zlib.crc32(body.encode()), 6) == check)
+
+
+def api_key_lookup(key: str) -> str:
+    return key[len(API_KEY_PREFIX):len(API_KEY_PREFIX) + API_KEY_LOOKUP_CHARS]
+
+
+def api_key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Problem(Exception):
+    """An RFC 9457 problem: raised anywhere in a request, answered as application/problem+json."""
+
+    def __init__(self, status: int, slug: str, title: str, detail: str = "", *,
+                 headers: Mapping[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(detail or title)
+        self.status, self.slug, self.title, self.detail = status, slug, title, detail
+        self.headers = dict(headers or {})
+        self.extra = extra
+
+    def response(self, instance: str) -> web.Response:
+        body = {"type": f"/v1/problems/{self.slug}", "title": self.title, "status": self.status,
+                "detail": self.detail or self.title, "instance": instance, **self.extra}
+        return web.json_response(body, status=self.status, headers=self.headers,
+                                 content_type="application/problem+json")
+
+
+def api_return(return_id: str, story: Mapping[str, Any]) -> dict[str, Any]:
+    """A return as the API tells it (openapi.json's Return): its fields, where it stands, its box
+    and status history, its corrections, its report and the attempts at it. Never a raw partner
+    payload: only what the tracker made of the answers."""
+    ret = next(r for r in story["returns"] if r["id"] == return_id)
+    box = next((b for b in story["boxes"] if b["shipment_number"] == ret["shipment_number"]), None)
+    report = next((p for p in story["reports"] if p["return_id"] == return_id), None)
+    return {
+        "id": return_id,
+        "order_number": ret["order_number"],
+        "order_item_number": ret["order_item_number"],
+        "shipment_number": ret["shipment_number"],
+        "requested_at": ret["requested_at"],
+        "received_at": _iso(ret["seen_at"]),
+        "state": report["state"] if report is not None else (box["state"] if box is not None else "received"),
+        "summary": where_it_stands(return_id, story),
+        "box": None if box is None else api_box(box, story),
+        "corrections": [{"fields": c["fields"].split(","), "before": json.loads(c["before"]),
+                         "after": json.loads(c["after"]), "corrected_at": _iso(c["corrected_at"])}
+                        for c in story["corrections"] if c["return_id"] == return_id],
+        "report": None if report is None else {
+            "state": report["state"], "collected_at": report["collected_at"], "attempts": report["attempts"],
+            "outcome": report["outcome"], "queued_at": _iso(report["queued_at"]), "done_at": _iso(report["done_at"]),
+            "next_attempt_at": _iso(report["next_attempt_at"])},
+        "attempts": [{"attempt": a["attempt"], "at": _iso(a["attempted_at"]), "outcome": a["outcome"],
+                      "http_status": a["http_status"], "latency_s": a["latency_s"]}
+                     for a in story["attempts"] if a["return_id"] == return_id],
+    }
+
+
+def api_box(box: Mapping[str, Any], story: Mapping[str, Any]) -> dict[str, Any]:
+    shipment = box["shipment_number"]
+    return {
+        "shipment_number": shipment, "state": box["state"], "last_status": box["last_status"],
+        "checks": box["checks"], "first_seen_at": _iso(box["first_seen_at"]),
+        "next_check_at": _iso(box["next_check_at"]) if box["state"] == BoxState.TRACKING else None,
+        "closed_at": _iso(box["closed_at"]),
+        "history": [{"status": h["status"], "at": _iso(h["changed_at"]), "seen_at": _iso(h["seen_at"])}
+                    for h in story["history"] if h["shipment_number"] == shipment],
+    }
+
+
+def pushed_return(raw: Any) -> ReturnItem | QuarantinedItem:
+    """A return the shop pushed, checked as a feed item is. Without an `id` it is named by its
+    order item: order:<order_number>:<order_item_number>."""
+    if isinstance(raw, dict) and raw.get("id") is None and "id" in raw:
+        raw = {k: v for k, v in raw.items() if k != "id"}
+    if isinstance(raw, dict) and "id" not in raw:
+        order, item = raw.get("order_number"), raw.get("order_item_number")
+        if isinstance(order, str) and isinstance(item, str):
+            raw = {**raw, "id": f"order:{order}:{item}"}
+    if isinstance(raw, dict) and set(raw) - {*RETURN_FIELDS, "requested_at"}:
+        unknown = ", ".join(sorted(set(raw) - {*RETURN_FIELDS, "requested_at"}))[:200]
+        return QuarantinedItem(return_id=None, reason=f"unknown field(s): {unknown}", raw="")
+    return validate_return(raw)
+
+
+class KeyRing:
+    """The keys, looked up by prefix and cached for API_KEY_CACHE_S; each key's rate as a token
+    bucket of this instance's."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+        self._cache: dict[str, tuple[float, tuple[str, ApiKey] | None]] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}  # name → (tokens, at)
+
+    async def find(self, secret: str) -> ApiKey | None:
+        """The key this secret is (revoked and expired ones too), or None."""
+        prefix = api_key_lookup(secret)
+        now = time.monotonic()
+        cached = self._cache.get(prefix)
+        if cached is None or now - cached[0] > API_KEY_CACHE_S:
+            cached = (now, await self._store.api_key_by_prefix(prefix))
+            self._cache[prefix] = cached
+            if len(self._cache) > 10_000:  # wrong keys with many prefixes: forget the oldest
+                self._cache.pop(next(iter(self._cache)))
+        found = cached[1]
+        if found is None or not hmac.compare_digest(found[0], api_key_hash(secret)):
+            return None
+        return found[1]
+
+    def wait_s(self, key: ApiKey) -> float:
+        """0 when the key may make a request now (and it is counted), else how long until it may."""
+        now = time.monotonic()
+        tokens, at = self._buckets.get(key.name, (key.rate_per_s, now))
+        tokens = min(key.rate_per_s, tokens + (now - at) * key.rate_per_s)  # a second's burst at most
+        if tokens < 1.0:
+            self._buckets[key.name] = (tokens, now)
+            return (1.0 - tokens) / key.rate_per_s
+        self._buckets[key.name] = (tokens - 1.0, now)
+        return 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Route:
+    method: str
+    path: str
+    scope: str | None  # None: no key needed
+    name: str  # the metrics' route label, and the ShopApi method that answers it
+
+
+API_ROUTES = (
+    Route(method="GET", path="/v1/openapi.json", scope=None, name="openapi"),
+    Route(method="POST", path="/v1/returns", scope="returns:write", name="push_one"),
+    Route(method="POST", path="/v1/returns/batch", scope="returns:write", name="push_batch"),
+    Route(method="GET", path="/v1/returns", scope="returns:read", name="list_returns"),
+    Route(method="GET", path="/v1/returns/{id}", scope="returns:read", name="get_return"),
+    Route(method="GET", path="/v1/shipments/{shipment_number}", scope="returns:read", name="get_shipment"),
+    Route(method="POST", path="/v1/shipments/{shipment_number}/check", scope="shipments:check", name="check"),
+)
+
+
+class ShopApi:
+    """The /v1 handlers over the store, the committer and the tracking stage."""
+
+    def __init__(self, config: Config, store: StateStore, stages: Stages, metrics: "Metrics", log: Logger) -> None:
+        self._config = config
+        self._store = store
+        self._stages = stages
+        self._metrics = metrics
+        self._log = log
+        self._keys = KeyRing(store)
+        self._trusted = [ipaddress.ip_network(cidr, strict=False) for cidr in config.api.trusted_proxies]
+        self._forwarded = aiohttp_remotes.XForwardedFiltered(set(self._trusted)) if self._trusted else None
+        self._openapi = OPENAPI_PATH.read_bytes()
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=self._config.api.max_body_bytes, middlewares=[self._answer])
+        for route in API_ROUTES:
+            app.router.add_route(route.method, route.path,
+                                 functools.partial(self._guarded, route, getattr(self, route.name)))
+        return app
+
+    # ── every request: its id, its client, its key, its problem, its metrics ────────────────
+
+    @web.middleware
+    async def _answer(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        started = time.monotonic()
+        request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
+        context = request[REQUEST_CONTEXT] = {"request_id": request_id, "route": "unknown"}  # shared with clones
+        try:
+            if self._forwarded is not None and self._peer_is_trusted(request):
+                response = await self._forwarded.middleware(request, handler)
+            else:
+                response = await handler(request)  # X-Forwarded-For from anyone else is not believed
+        except Problem as problem:
+            if problem.status in (401, 403, 429):
+                self._metrics.api_refusals.labels(problem.slug).inc()
+            response = problem.response(request.path)
+        except web.HTTPException as exc:  # aiohttp's own: no such route or method, a body too large
+            slug = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}.get(exc.status, "bad-request")
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            response = Problem(exc.status, slug, exc.reason, headers=headers).response(request.path)
+        except Exception:  # noqa: BLE001 — a bug answers 500 and is logged; the daemon goes on
+            self._log.error("api.failed", path=request.path, request_id=request_id, exc_info=True)
+            response = Problem(500, "internal-error", "Internal Server Error",
+                               f"see the tracker's log for request {request_id}").response(request.path)
+        response.headers["X-Request-Id"] = request_id
+        self._metrics.api_requests.labels(context["route"], str(response.status)).inc()
+        self._metrics.api_latency.labels(context["route"]).observe(time.monotonic() - started)
+        return response
+
+    def _peer_is_trusted(self, request: web.Request) -> bool:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer[0])
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+    async def _guarded(self, route: Route, handler: Callable[[web.Request, ApiKey | None],
+                                                             Awaitable[web.StreamResponse]],
+                       request: web.Request) -> web.StreamResponse:
+        request[REQUEST_CONTEXT]["route"] = route.name
+        key = await self._authorize(request, route.scope) if route.scope else None
+        return await handler(request, key)
+
+    async def _authorize(self, request: web.Request, scope: str) -> ApiKey:
+        header = request.headers.get("Authorization", "")
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise Problem(401, "unauthorized", "Unauthorized", "send Authorization: Bearer <key>",
+                          headers={"WWW-Authenticate": 'Bearer realm="tracker"'})
+        secret = secret.strip()
+        key = await self._keys.find(secret) if api_key_well_formed(secret) else None
+        if key is None or not key.usable(time.time()):
+            raise Problem(401, "unauthorized", "Unauthorized", "the key is unknown, revoked or expired",
+                          headers={"WWW-Authenticate": 'Bearer realm="tracker", error="invalid_token"'})
+        client = request.remote or ""
+        if key.allow and not _address_in(client, key.allow):
+            raise Problem(403, "address-not-allowed", "Forbidden",
+                          f"key {key.name!r} may not be used from {client}")
+        if scope not in key.scopes:
+            raise Problem(403, "scope-missing", "Forbidden", f"key {key.name!r} lacks the scope {scope}")
+        wait = self._keys.wait_s(key)
+        if wait:
+            raise Problem(429, "rate-limited", "Too Many Requests",
+                          f"key {key.name!r} may make {key.rate_per_s:g} requests a second here",
+                          headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        return key
+
+    async def _json(self, request: web.Request) -> Any:
+        if request.content_type != "application/json":
+            raise Problem(415, "unsupported-media-type", "Unsupported Media Type", "send application/json")
+        try:
+            return json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise Problem(400, "invalid-json", "Bad Request", "the body is not JSON") from None
+
+    async def _audit(self, request: web.Request, key: ApiKey | None, action: str, target: str, result: str) -> None:
+        entry = AuditEntry(at=time.time(), key_name=key.name if key else None, source_ip=request.remote or "",
+                           action=action, target=target[:500], result=result,
+                           request_id=request[REQUEST_CONTEXT]["request_id"])
+        try:
+            await self._stages.committer.submit(Audit(entries=(entry,)))
+        except StorageUnavailable as exc:  # the write itself was committed: an audit row lost is logged
+            self._log.error("api.audit_failed", action=action, target=target, error=str(exc))
+
+    # ── the endpoints ───────────────────────────────────────────────────────────────────────
+
+    async def openapi(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
+        return web.Response(body=self._openapi, content_type="application/json")
+
+    async def push_one(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
+        item = pushed_return(await self._json(request))
+        if isinstance(item, QuarantinedItem):
+            await self._audit(request, key, "returns.push", "1 rejected", "invalid-return")
+            raise Problem(422, "invalid-return", "Unprocessable Content", item.reason)
+        result = await self._commit_pushed([item])
+        await self._audit(request, key, "returns.push", item.id, "ok")
+        story = await self._store.story(item.id)
+        return web.json_response(api_return(item.id, story), status=201 if result.returns_added else 200,
+                                 headers={"Location": f"/v1/returns/{urllib.parse.quote(item.id, safe=':')}"})
+
+    async def push_batch(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
+        body = await self._json(request)
+        raw = body.get("returns") if isinstance(body, dict) else None
+        if not isinstance(raw, list) or not raw:
+            raise Problem(422, "invalid-batch", "Unprocessable Content", 'send {"returns": [ … ]}, 1 to 500 of them')
+        if len(raw) > API_BATCH_MAX:
+            raise Problem(413, "batch-too-large", "Content Too Large", f"at most {API_BATCH_MAX} returns a batch")
+        checked = [pushed_return(r) for r in raw]
+        accepted = [item for item in checked if isinstance(item, ReturnItem)]
+        result = await self._commit_pushed(accepted) if accepted else CommitResult()
+        added = result.returns_added
+        results = [{"index": i, "id": item.id, "status": "accepted"} if isinstance(item, ReturnItem)
+                   else {"index": i, "id": item.return_id, "status": "rejected", "reason": item.reason}
+                   for i, item in enumerate(checked)]
+        rejected = len(checked) - len(accepted)
+        await self._audit(request, key, "returns.push_batch", f"{len(accepted)} accepted ({added} new), "
+                                                              f"{rejected} rejected", "ok")
+        return web.json_response({"accepted": len(accepted), "new": added, "rejected": rejected, "results": results})
+
+    async def _commit_pushed(self, items: Sequence[ReturnItem]) -> CommitResult:
+        now = time.time()
+        first_checks: dict[str, float] = {}
+        for item in items:
+            first_checks.setdefault(item.shipment_number, now + jittered(self._stages.schedule.first_check_in(), 0.5))
+        page = FeedPage(items=tuple(items), quarantined=(), next_cursor=None, has_more=False,
+                        first_checks=tuple(first_checks.items()))
+        try:
+            result = await self._stages.committer.submit(page)
+        except StorageUnavailable as exc:
+            raise Problem(503, "storage-unavailable", "Service Unavailable", str(exc),
+                          headers={"Retry-After": "5"}) from None
+        self._stages.pushed(page, result)
+        return result
+
+    async def get_return(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
+        return_id = request.match_info["id"]
+        story = await self._store.story(return_id)
+        if not any(r["id"] == return_id for r in story["returns"]):
+            raise Problem(404, "not-found", "Not Found", f"no return {return_id!r}")
+        return web.json_response(api_return(return_id, story))
+
+    async def list_returns(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
+        query = request.query
+        for field in ("order_number", "shipment_number"):
+            if field in query:
+                story = await self._store.story(query[field])
+                found = [api_return(r["id"], story) for r in story["returns"] if r[field] == query[field]]
+                return web.json_response({"returns": found, "next_cursor": None, "has_more": False})
+        state = query.get("state")
+        if state is not None and state not in {*(s.value for s in BoxState), *(s.value for s in ReportState)}:
+            raise Problem(400, "invalid-parameter", "Bad Request", f"state: not a box or report state: {state[:40]!r}")
+        try:
+            limit = int(query.get("limit", "100"))
+            since = parse_date(query["since"]) if "since" in query else 0.0
+            after = int(query["cursor"], 36) if "cursor" in query else 0
+        except (ValueError, OverflowError):
+            raise Problem(400, "invalid-parameter", "Bad Request", "limit, since or cursor is not valid") from None
+        if not 1 <= limit <= API_LIST_MAX or after < 0:
+            raise Problem(400, "invalid-parameter", "Bad Request", f"limit must be 1 to {API_LIST_MAX}")
+        rows = await self._store.list_returns(after=after, since=since, state=state, limit=limit + 1)
+        page = rows[:limit]
+        found = []
+        for return_id, _ in page:
+            story = await self._store.story(return_id)
+            if any(r["id"] == return_id for r in story["returns"]):  # retention may have taken it meanwhile
+                found.append(api_return(return_id, story))
+        more = len(rows) > limit
+        return web.json_response({"returns": found, "has_more": more,
+                                  "next_cursor": _base36(page[-1][1]) if more and page else None})
+
+    async def get_shipment(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
+        shipment = request.match_info["shipment_number"]
+        story = await self._store.story(shipment)
+        box = next((b for b in story["boxes"] if b["shipment_number"] == shipment), None)
+        if box is None:
+            raise Problem(404, "not-found", "Not Found", f"no shipment {shipment!r}")
+        returns = [api_return(r["id"], story) for r in story["returns"] if r["shipment_number"] == shipment]
+        return web.json_response({**api_box(box, story), "returns": returns})
+
+    async def check(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
+        shipment = request.match_info["shipment_number"]
+        try:
+            result = await self._stages.committer.submit(CheckNow(shipment_number=shipment,
+                                                                  cooldown_s=CHECK_COOLDOWN_S))
+        except StorageUnavailable as exc:
+            raise Problem(503, "storage-unavailable", "Service Unavailable", str(exc),
+                          headers={"Retry-After": "5"}) from None
+        if shipment in result.checks_queued:
+            self._stages.tracker.wake()
+            await self._audit(request, key, "shipments.check", shipment, "ok")
+            return web.json_response({"shipment_number": shipment, "check": "queued"}, status=202)
+        found = await self._store.box_check_state(shipment)
+        outcome, last = found if found is not None else (None, None)
+        if outcome == BoxState.TRACKING:
+            outcome = "cooling"
+        slug = {None: "not-found", "cooling": "check-cooling-down"}.get(outcome, "shipment-closed")
+        await self._audit(request, key, "shipments.check", shipment, slug)
+        if outcome is None:
+            raise Problem(404, "not-found", "Not Found", f"no shipment {shipment!r}")
+        if outcome == "cooling":
+            wait = max(1, math.ceil((last or 0) + CHECK_COOLDOWN_S - time.time()))
+            raise Problem(429, "check-cooling-down", "Too Many Requests",
+                          f"{shipment} was asked for a check less than {CHECK_COOLDOWN_S:g} s ago",
+                          headers={"Retry-After": str(wait)})
+        raise Problem(409, "shipment-closed", "Conflict", f"{shipment} is {outcome}: no longer tracked", state=outcome)
+
+
+def _address_in(address: str, cidrs: Sequence[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+def _base36(number: int) -> str:
+    digits = ""
+    while True:
+        number, digit = divmod(number, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[digit] + digits
+        if not number:
+            return digits
+
+
+async def start_api_server(api: ShopApi, host: str, port: int) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(api.application(), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    bound_host, bound_port = runner.addresses[0][:2]
+    return runner, f"{bound_host}:{bound_port}"
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
 # Observability and HTTP — JSON logs with secrets redacted, Prometheus metrics, and the daemon's
 # own small HTTP server (/healthz, /readyz, /metrics) on the event loop: no second server thread.
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -4619,6 +5296,15 @@ class Metrics:
             ["outcome"], registry=r)
         self.boxes_closed = prometheus_client.Counter(
             "tracker_boxes_closed_total", "Boxes that left tracking, by final state.", ["state"], registry=r)
+        self.api_requests = prometheus_client.Counter(
+            "tracker_api_requests_total", "Requests to the shop's API, by route and HTTP status.",
+            ["route", "status"], registry=r)
+        self.api_latency = prometheus_client.Histogram(
+            "tracker_api_request_duration_seconds", "The shop's API: time to answer, by route.", ["route"],
+            registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.api_refusals = prometheus_client.Counter(
+            "tracker_api_refusals_total", "Requests to the shop's API refused: no or a bad key, a missing scope, "
+            "an address not allowed, a rate exceeded.", ["reason"], registry=r)
         self.claims_lost = prometheus_client.Counter(
             "tracker_claims_lost_total", "Answers not stored because their claim ran out and another instance "
             "took the item (PostgreSQL, several instances), by stage.", ["stage"], registry=r)
@@ -4932,6 +5618,8 @@ class Daemon:
         self.log: Logger = log or structlog.get_logger("tracker")
         self.metrics = Metrics()
         self.http_address: str | None = None
+        self.api_address: str | None = None  # where the shop's API listens, once started ([api] listen)
+        self._api_runner: web.AppRunner | None = None
         self._stop = StopSignal()
         self.store: StateStore | None = None  # once run() has opened it
         self._stages: Stages | None = None
@@ -5005,6 +5693,11 @@ class Daemon:
                 runner, self.http_address = await start_http_server(
                     config.http.host, config.http.port, self.metrics, self._health, self.readiness)
                 self.log.info("http.listening", address=self.http_address)
+                if config.api.listen:
+                    api = ShopApi(config, store, stages, self.metrics, self.log)
+                    self._api_runner, self.api_address = await start_api_server(api, config.api.host,
+                                                                                config.api.port)
+                    self.log.info("api.listening", address=self.api_address)
             self.log.info("daemon.started", mode="once" if once else "run", storage=config.storage.where,
                           partner=config.partner.base_url, concurrency=config.limits.concurrency,
                           rate_per_s=config.limits.rate_per_s)
@@ -5020,6 +5713,7 @@ class Daemon:
                     await self._run_stages(stages, once)
                     await self._shut_down(chores, committer, commit_task, alerts, alert_task)
             finally:
+                await self._close_api()
                 if runner is not None:
                     await runner.cleanup()
 
@@ -5061,6 +5755,7 @@ class Daemon:
         """The order of shutdown, once the stages have drained: the chores end, every transition
         already handed to the committer is committed, then pending alerts get ALERT_FLUSH_S."""
         self._stop.set()  # already, but for the end of a `once` pass
+        await self._close_api()  # no request may hand the committer work once it closes
         for chore in chores:
             chore.cancel()
         committer.close()
@@ -5069,6 +5764,11 @@ class Daemon:
         _, pending = await asyncio.wait({alert_task}, timeout=ALERT_FLUSH_S)
         for task in pending:
             task.cancel()
+
+    async def _close_api(self) -> None:
+        if self._api_runner is not None:
+            runner, self._api_runner = self._api_runner, None
+            await runner.cleanup()
 
     def _circuit_changed(self, alerts: "Alerter", breaker: CircuitBreaker, previous: CircuitState, why: str) -> None:
         endpoint = breaker.endpoint.value
@@ -5193,6 +5893,38 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--to", required=True, metavar="URL",
                          help="postgresql://… (a password from libpq's ~/.pgpass or PGPASSWORD, not here)")
     add_config_argument(migrate)
+    check = commands.add_parser(
+        "check", help="check these waybills now, ahead of other tracking calls",
+        description="What POST /v1/shipments/{shipment_number}/check does, for an operator: each open box goes "
+                    "first in due order (a running daemon makes the call within a second or two), at most once "
+                    f"every {CHECK_COOLDOWN_S:g} s a box.")
+    check.add_argument("shipments", nargs="+", metavar="SHP")
+    add_config_argument(check)
+    api_key = commands.add_parser(
+        "api-key", help="create, list or revoke the shop's API keys",
+        description="A key is printed once, when created, and stored only as a hash. A revoke takes effect "
+                    "within a second on every instance.")
+    key_commands = api_key.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    create = key_commands.add_parser("create", help="a new key, printed once")
+    create.add_argument("name", help="who uses it, e.g. refunds (letters, digits, - and _)")
+    create.add_argument("--scope", action="append", required=True, choices=API_SCOPES, dest="scopes",
+                        help="what it may do; repeat for several")
+    create.add_argument("--allow", action="append", default=[], metavar="CIDR",
+                        help="an address range it may be used from; repeat for several (default: anywhere)")
+    create.add_argument("--rate", type=float, default=100.0, help="requests a second, per instance (default 100)")
+    create.add_argument("--expires", type=parse_date, default=None, metavar="DATE",
+                        help="YYYY-MM-DD or an ISO 8601 time; after it the key is refused")
+    add_config_argument(create)
+    listed = key_commands.add_parser("list", help="every key: name, scopes, ranges, rate, state")
+    add_config_argument(listed)
+    revoke = key_commands.add_parser("revoke", help="refuse a key from now on")
+    revoke.add_argument("name")
+    add_config_argument(revoke)
+    audit = commands.add_parser("audit", help="the API's write requests and key changes, oldest first",
+                                description="One line per push, batch, check and key change: when, key, "
+                                            "source address, action, target, result, request id.")
+    audit.add_argument("--since", type=parse_date, default=0.0, metavar="DATE", help="from this date on")
+    add_config_argument(audit)
     demo = commands.add_parser("demo", help="run the whole pipeline against the partner stand-in",
                                description="Start the partner stand-in on loopback with a burst of returns, "
                                            "run the daemon against it, and print a summary.")
@@ -5241,6 +5973,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   fmt="jsonl" if args.timelines else args.format, timelines=args.timelines))
     if args.command == "migrate":
         return asyncio.run(migrate(config, args.to))
+    if args.command == "api-key":
+        return asyncio.run(api_key_command(config, args))
+    if args.command == "check":
+        return asyncio.run(check_now(config, args.shipments))
+    if args.command == "audit":
+        return asyncio.run(print_audit(config, args.since))
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # one journald record per line, as it happens
     configure_logging(config.log.level)
@@ -5378,6 +6116,109 @@ async def requeue(config: Config, kind: str, ids: list[str] | None, out: typing.
         missing = sorted(set(ids) - set(moved))
         if missing:
             print(f"not found in that state: {', '.join(missing)}", file=out)
+    return EXIT_OK
+
+
+async def check_now(config: Config, shipments: Sequence[str], out: typing.TextIO | None = None) -> int:
+    """`tracker.py check SHP…`: exit 1 when any could not be queued (each says why)."""
+    out = out or sys.stdout
+    if not config.storage.url and not Path(config.storage.path).exists():
+        print(f"tracker: no state database at {config.storage.path}", file=sys.stderr)
+        return EXIT_FAILURE
+    store = await open_store(config.storage)
+    failed = False
+    try:
+        for shipment in shipments:
+            result = await store.commit([CheckNow(shipment_number=shipment, cooldown_s=CHECK_COOLDOWN_S)], time.time())
+            if shipment in result.checks_queued:
+                print(f"{shipment}: queued — checked ahead of other boxes by the running daemon", file=out)
+                continue
+            failed = True
+            found = await store.box_check_state(shipment)
+            if found is None:
+                print(f"{shipment}: no such shipment", file=out)
+            elif found[0] == BoxState.TRACKING:
+                print(f"{shipment}: asked for less than {CHECK_COOLDOWN_S:g} s ago; try again later", file=out)
+            else:
+                print(f"{shipment}: {found[0]}, no longer tracked", file=out)
+    finally:
+        await store.close()
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+API_KEY_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+async def api_key_command(config: Config, args: argparse.Namespace, out: typing.TextIO | None = None) -> int:
+    """`tracker.py api-key create|list|revoke`; each change is an audit row (source "cli")."""
+    out = out or sys.stdout
+    if args.key_command == "create":
+        if not API_KEY_NAME.fullmatch(args.name):
+            print("tracker: api-key: a name is 1 to 64 letters, digits, - or _", file=sys.stderr)
+            return EXIT_USAGE
+        if not 0.1 <= args.rate <= 100_000:
+            print("tracker: api-key: --rate must be between 0.1 and 100000", file=sys.stderr)
+            return EXIT_USAGE
+        for cidr in args.allow:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                print(f"tracker: api-key: --allow {cidr!r} is not an IP network", file=sys.stderr)
+                return EXIT_USAGE
+    if not config.storage.url and not Path(config.storage.path).exists() and args.key_command != "create":
+        print(f"tracker: no state database at {config.storage.path}", file=sys.stderr)
+        return EXIT_FAILURE
+    store = await open_store(config.storage)
+    try:
+        now = time.time()
+        if args.key_command == "create":
+            secret = new_api_key()
+            key = ApiKey(name=args.name, scopes=tuple(sorted(set(args.scopes))), allow=tuple(args.allow),
+                         rate_per_s=args.rate, created_at=now, expires_at=args.expires)
+            try:
+                await store.add_api_key(key, api_key_hash(secret), api_key_lookup(secret))
+            except STORAGE_ERRORS as exc:
+                if "UNIQUE" not in str(exc).upper() and "duplicate" not in str(exc):
+                    raise
+                print(f"tracker: api-key: a key named {args.name!r} exists already", file=sys.stderr)
+                return EXIT_FAILURE
+            await store.audit([AuditEntry(at=now, key_name=None, source_ip="cli", action="api-key.create",
+                                          target=args.name, result="ok", request_id="cli")])
+            print(f"created key {args.name!r} ({', '.join(key.scopes)}); it is shown this once — store it now:",
+                  file=out)
+            print(secret, file=out)
+        elif args.key_command == "revoke":
+            revoked = await store.revoke_api_key(args.name, now)
+            await store.audit([AuditEntry(at=now, key_name=None, source_ip="cli", action="api-key.revoke",
+                                          target=args.name, result="ok" if revoked else "not-found",
+                                          request_id="cli")])
+            if not revoked:
+                print(f"tracker: api-key: no live key named {args.name!r}", file=sys.stderr)
+                return EXIT_FAILURE
+            print(f"revoked key {args.name!r}: refused on every instance within a second", file=out)
+        else:
+            for key in await store.api_keys():
+                state = ("revoked " + _stamp(key.revoked_at) if key.revoked_at is not None
+                         else "expired" if not key.usable(now) else "active")
+                expiry = f", expires {_stamp(key.expires_at)}" if key.expires_at is not None else ""
+                print(f"{key.name:<20} {API_KEY_PREFIX}{key.prefix}…  {','.join(key.scopes):<45} "
+                      f"{','.join(key.allow) or 'anywhere':<20} {key.rate_per_s:g}/s  {state}{expiry}", file=out)
+    finally:
+        await store.close()
+    return EXIT_OK
+
+
+async def print_audit(config: Config, since: float, out: typing.TextIO | None = None) -> int:
+    out = out or sys.stdout
+    store = await open_for_reading(config)
+    if store is None:
+        return EXIT_FAILURE
+    try:
+        for row in await store.audit_since(since):
+            print(f"{_stamp(row['at'])}  {row['key_name'] or '-':<16} {row['source_ip']:<15} {row['action']:<20} "
+                  f"{row['target']}  → {row['result']}  [{row['request_id']}]", file=out)
+    finally:
+        await store.close()
     return EXIT_OK
 
 

@@ -1,0 +1,460 @@
+"""The shop's API (/v1) through real HTTP on loopback: pushed returns tracked and reported as feed
+items are, the reads, a check now, keys with scopes, address ranges and rates, an audit trail,
+and every refusal an RFC 9457 problem. The storage behind it on both backends."""
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from openapi_spec_validator import validate as validate_openapi
+
+import standin
+import tracker
+from conftest import ROOT, TOKEN, config_toml, counts_in, ledger_of, make_config, running_daemon, scenario, wait_until
+
+ALL_SCOPES = ("returns:read", "returns:write", "shipments:check")
+
+
+def with_api(config: tracker.Config, **api: Any) -> tracker.Config:
+    return dataclasses.replace(config, api=tracker.ApiConfig(listen="127.0.0.1:0", **api))
+
+
+async def add_key(where: str | Path, name: str, scopes: tuple[str, ...] = ALL_SCOPES, **options: Any) -> str:
+    """A key in the state, as `tracker.py api-key create` makes one; its secret."""
+    secret = tracker.new_api_key()
+    store = await tracker.Store.open(str(where))
+    try:
+        await store.add_api_key(tracker.ApiKey(name=name, scopes=scopes, created_at=time.time(), **options),
+                                tracker.api_key_hash(secret), tracker.api_key_lookup(secret))
+    finally:
+        await store.close()
+    return secret
+
+
+class Client:
+    """The shop's side: one key, the API's address."""
+
+    def __init__(self, http: aiohttp.ClientSession, address: str, key: str | None) -> None:
+        self.http, self.root, self.key = http, f"http://{address}", key
+
+    async def call(self, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None,
+                   raw: bytes | None = None) -> tuple[int, Any, Any]:
+        sent = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        sent.update(headers or {})
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        if data is not None and "Content-Type" not in sent:
+            sent["Content-Type"] = "application/json"
+        async with self.http.request(method, self.root + path, data=data, headers=sent) as resp:
+            text = await resp.text()
+            return resp.status, (json.loads(text) if text else None), resp.headers
+
+
+@contextlib.asynccontextmanager
+async def api_daemon(config: tracker.Config) -> AsyncIterator[tuple[tracker.Daemon, aiohttp.ClientSession]]:
+    async with running_daemon(config) as daemon, aiohttp.ClientSession() as http:
+        yield daemon, http
+
+
+@contextlib.asynccontextmanager
+async def quiet_api(start_partner, db_path: Path, key_name: str = "order-system", returns: int = 5,
+                    **key_options: Any) -> AsyncIterator[tuple[Client, list[dict[str, Any]]]]:
+    """A daemon with the API on, against a partner whose feed lists nothing yet (its clock held):
+    what the state holds came by the API. A client with a key of every scope, and the partner's returns."""
+    partner = start_partner(scenario(returns=returns))
+    partner.call(partner.standin.hold_clock)
+    key = await add_key(db_path, key_name, **key_options)
+    async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
+        yield Client(http, daemon.api_address, key), items_of(partner)
+
+
+def items_of(partner: standin.ThreadedStandIn) -> list[dict[str, Any]]:
+    """Every return the partner knows, as its feed would list it."""
+    return partner.call(lambda: [dict(item) for box in partner.standin.boxes for item in box.items])
+
+
+def reported_all(partner: standin.ThreadedStandIn, where: str | Path):
+    async def check() -> bool:
+        ledger = await ledger_of(partner)
+        counts = await counts_in(where)
+        return ledger["finished"] and ledger["missing"] == 0 and counts.get("reports.pending", 0) == 0
+    return check
+
+
+def assert_problem(status: int, body: Any, headers: Any, expected: int, slug: str) -> None:
+    assert status == expected, body
+    assert headers["Content-Type"].startswith("application/problem+json")
+    assert body["type"] == f"/v1/problems/{slug}" and body["status"] == expected and body["title"]
+    assert body["detail"] and body["instance"].startswith("/")
+
+
+# ── pushed returns: the same pipeline as the feed's ────────────────────────────────────────
+
+
+async def test_returns_pushed_while_the_feed_is_down_are_tracked_and_each_reported_once(
+        start_partner, backend: str, tmp_path: Path) -> None:
+    partner = start_partner(scenario(returns=200, faults=standin.Faults(feed_down=True)))
+    config = with_api(make_config(tmp_path / "unused.db", partner.url))
+    if backend.startswith("postgresql://"):
+        config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, url=backend, lease_s=3.0))
+    else:
+        config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, path=backend))
+    key = await add_key(backend, "order-system")
+    items = items_of(partner)
+    async with api_daemon(config) as (daemon, http):
+        client = Client(http, daemon.api_address, key)
+        for start in range(0, len(items), 80):
+            status, body, _ = await client.call("POST", "/v1/returns/batch", {"returns": items[start:start + 80]})
+            assert status == 200 and body["rejected"] == 0, body
+        again, body, _ = await client.call("POST", "/v1/returns/batch", {"returns": items[:10]})  # sent twice
+        assert again == 200 and body["accepted"] == 10 and body["new"] == 0
+        await wait_until(reported_all(partner, backend), 60, what="every pushed return reported")
+    ledger = await ledger_of(partner)
+    assert ledger["recorded"] == ledger["expected"] > 0
+    assert ledger["premature"] == ledger["unknown"] == ledger["mismatched"] == 0
+    assert ledger["calls"]["returns"].get("200", 0) == 0  # nothing came by the feed
+
+
+async def test_a_return_the_feed_lists_after_it_was_pushed_is_one_return(start_partner, db_path: Path) -> None:
+    partner = start_partner(scenario(returns=60, arrive_over_s=1.5))
+    partner.call(partner.standin.hold_clock)  # the feed lists nothing until the pushes are in
+    key = await add_key(db_path, "order-system")
+    async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
+        client = Client(http, daemon.api_address, key)
+        status, body, _ = await client.call("POST", "/v1/returns/batch", {"returns": items_of(partner)})
+        assert status == 200 and body["new"] == 60
+        partner.call(partner.standin.restart_clock)
+        await wait_until(reported_all(partner, db_path), 40, what="every return reported")
+    ledger = await ledger_of(partner)
+    assert ledger["recorded"] == ledger["expected"] and ledger["duplicates"] == 0
+    assert (await counts_in(db_path))["returns"] == 60  # the feed's listings were the same returns
+
+
+async def test_one_pushed_return_answers_201_with_its_story_then_200(start_partner, db_path: Path) -> None:
+    async with quiet_api(start_partner, db_path) as (client, items):
+        item = items[0]
+        status, body, headers = await client.call("POST", "/v1/returns", item)
+        assert status == 201 and body["id"] == item["id"] and headers["Location"] == f"/v1/returns/{item['id']}"
+        assert body["box"]["shipment_number"] == item["shipment_number"] and body["box"]["state"] == "tracking"
+        assert body["report"] is None and body["corrections"] == []
+        status, body, _ = await client.call("POST", "/v1/returns", item)
+        assert status == 200 and body["id"] == item["id"]
+
+
+async def test_a_return_without_id_is_named_by_its_order_item(start_partner, db_path: Path) -> None:
+    async with quiet_api(start_partner, db_path) as (client, items):
+        item = {k: v for k, v in items[0].items() if k != "id"}
+        status, body, _ = await client.call("POST", "/v1/returns", item)
+        name = f"order:{item['order_number']}:{item['order_item_number']}"
+        assert status == 201 and body["id"] == name
+        status, found, _ = await client.call("GET", f"/v1/returns/{name}")
+        assert status == 200 and found["order_item_number"] == item["order_item_number"]
+
+
+async def test_a_pushed_return_that_changes_fields_is_a_correction(start_partner, db_path: Path) -> None:
+    async with quiet_api(start_partner, db_path) as (client, items):
+        item = items[0]
+        await client.call("POST", "/v1/returns", item)
+        status, body, _ = await client.call("POST", "/v1/returns", {**item, "order_item_number": "99"})
+        assert status == 200 and body["order_item_number"] == "99"
+        assert body["corrections"][0]["fields"] == ["order_item_number"]
+        assert body["corrections"][0]["before"] == {"order_item_number": item["order_item_number"]}
+
+
+async def test_invalid_returns_are_refused_in_the_answer_and_nothing_is_quarantined(start_partner,
+                                                                                 db_path: Path) -> None:
+    partner = start_partner(scenario(returns=5))
+    key = await add_key(db_path, "order-system")
+    good = items_of(partner)[0]
+    async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
+        client = Client(http, daemon.api_address, key)
+        status, body, headers = await client.call("POST", "/v1/returns", {"order_number": "O1"})
+        assert_problem(status, body, headers, 422, "invalid-return")
+        status, body, headers = await client.call("POST", "/v1/returns", {**good, "colour": "red"})
+        assert_problem(status, body, headers, 422, "invalid-return")
+        status, body, _ = await client.call("POST", "/v1/returns/batch", {"returns": [
+            good, {"id": "R-x", "order_number": "", "order_item_number": "1", "shipment_number": "S"}, 42]})
+        assert status == 200 and (body["accepted"], body["rejected"]) == (1, 2)
+        assert [r["status"] for r in body["results"]] == ["accepted", "rejected", "rejected"]
+        assert all(r["reason"] for r in body["results"][1:])
+    assert (await counts_in(db_path))["quarantine.open"] == 0
+
+
+# ── the reads ───────────────────────────────────────────────────────────────────────────────
+
+
+async def test_a_return_is_found_by_id_order_and_shipment_and_listed_by_cursor(start_partner, backend: str,
+                                                                              tmp_path: Path) -> None:
+    partner = start_partner(scenario(returns=30))
+    config = with_api(make_config(tmp_path / "unused.db", partner.url))
+    storage = (dataclasses.replace(config.storage, url=backend, lease_s=3.0) if backend.startswith("postgresql://")
+               else dataclasses.replace(config.storage, path=backend))
+    config = dataclasses.replace(config, storage=storage)
+    key = await add_key(backend, "customer-service", ("returns:read",))
+    async with api_daemon(config) as (daemon, http):
+        await wait_until(reported_all(partner, backend), 30, what="the burst reported")
+        client = Client(http, daemon.api_address, key)
+        item = items_of(partner)[0]
+        status, one, _ = await client.call("GET", f"/v1/returns/{item['id']}")
+        assert status == 200 and one["shipment_number"] == item["shipment_number"]
+        assert one["box"]["history"] and one["summary"]
+        status, by_order, _ = await client.call("GET", f"/v1/returns?order_number={item['order_number']}")
+        assert status == 200 and item["id"] in [r["id"] for r in by_order["returns"]]
+        status, box, _ = await client.call("GET", f"/v1/shipments/{item['shipment_number']}")
+        assert status == 200 and item["id"] in [r["id"] for r in box["returns"]] and box["history"]
+        seen, cursor = [], None
+        while True:
+            status, page, _ = await client.call("GET", "/v1/returns?limit=7" + (f"&cursor={cursor}" if cursor else ""))
+            assert status == 200 and len(page["returns"]) <= 7
+            seen += [r["id"] for r in page["returns"]]
+            if not page["has_more"]:
+                break
+            cursor = page["next_cursor"]
+        assert sorted(seen) == sorted(i["id"] for i in items_of(partner)) and len(seen) == len(set(seen))
+        status, body, headers = await client.call("GET", "/v1/returns/NOPE")
+        assert_problem(status, body, headers, 404, "not-found")
+        status, body, headers = await client.call("GET", "/v1/returns?limit=0")
+        assert_problem(status, body, headers, 400, "invalid-parameter")
+
+
+# ── a check now ─────────────────────────────────────────────────────────────────────────────
+
+
+async def test_a_check_now_is_made_at_once_then_cools_down_and_a_closed_box_is_409(start_partner,
+                                                                                db_path: Path) -> None:
+    partner = start_partner(scenario(returns=20, cancel_share=0.5))
+    slow = dataclasses.replace(make_config(db_path, partner.url).schedule, track_every_s=3600.0, detect_within_s=3600.0)
+    config = with_api(make_config(db_path, partner.url, schedule=slow))
+    key = await add_key(db_path, "customer-service", ("returns:read", "shipments:check"))
+    async with api_daemon(config) as (daemon, http):
+        client = Client(http, daemon.api_address, key)
+        shipment = items_of(partner)[0]["shipment_number"]
+
+        async def checks() -> int:
+            status, box, _ = await client.call("GET", f"/v1/shipments/{shipment}")
+            return box["checks"] if status == 200 else -1
+        await wait_until(lambda: checks_at_least(checks, 0), 20, what="the box stored")
+        before = await checks()
+        status, body, _ = await client.call("POST", f"/v1/shipments/{shipment}/check")
+        assert status == 202 and body == {"shipment_number": shipment, "check": "queued"}
+        await wait_until(lambda: checks_at_least(checks, before + 1), 10, what="the check made now")
+        status, body, headers = await client.call("POST", f"/v1/shipments/{shipment}/check")
+        assert_problem(status, body, headers, 429, "check-cooling-down")
+        assert 1 <= int(headers["Retry-After"]) <= tracker.CHECK_COOLDOWN_S
+        status, body, headers = await client.call("POST", "/v1/shipments/NOPE/check")
+        assert_problem(status, body, headers, 404, "not-found")
+
+
+async def checks_at_least(checks, n: int) -> bool:
+    return await checks() >= n
+
+
+async def test_a_check_of_a_box_no_longer_tracked_is_409_with_its_state(start_partner, db_path: Path) -> None:
+    partner = start_partner(scenario(returns=20))
+    key = await add_key(db_path, "customer-service", ("shipments:check",))
+    async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
+        await wait_until(reported_all(partner, db_path), 30, what="every box closed")
+        client = Client(http, daemon.api_address, key)
+        shipment = items_of(partner)[0]["shipment_number"]
+        status, body, headers = await client.call("POST", f"/v1/shipments/{shipment}/check")
+        assert_problem(status, body, headers, 409, "shipment-closed")
+        assert body["state"] in ("delivered", "cancelled")
+
+
+# ── keys, scopes, address ranges, rates ─────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("case", ["no key", "not a key", "unknown key", "revoked", "expired", "wrong scope",
+                                  "wrong address", "spoofed X-Forwarded-For"])
+async def test_a_request_without_a_usable_key_is_refused(start_partner, db_path: Path, case: str) -> None:
+    partner = start_partner(scenario(returns=5))
+    partner.call(partner.standin.hold_clock)  # the feed lists nothing: what is stored came by the API
+    options: dict[str, Any] = {}
+    if case == "expired":
+        options["expires_at"] = time.time() - 1
+    if case in ("wrong address", "spoofed X-Forwarded-For"):
+        options["allow"] = ("10.1.2.3/32",)
+    scopes = ("returns:read",) if case == "wrong scope" else ALL_SCOPES
+    key = await add_key(db_path, "refunds", scopes, **options)
+    if case == "revoked":
+        store = await tracker.Store.open(str(db_path))
+        await store.revoke_api_key("refunds", time.time())
+        await store.close()
+    sent = {"no key": None, "not a key": "hunter2", "unknown key": tracker.new_api_key()}.get(case, key)
+    headers = {"X-Forwarded-For": "10.1.2.3"} if case == "spoofed X-Forwarded-For" else {}
+    async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
+        client = Client(http, daemon.api_address, sent)
+        status, body, answer = await client.call("POST", "/v1/returns", items_of(partner)[0], headers=headers)
+        expected = 403 if case in ("wrong scope", "wrong address", "spoofed X-Forwarded-For") else 401
+        slug = {"wrong scope": "scope-missing"}.get(case, "address-not-allowed" if expected == 403 else "unauthorized")
+        assert_problem(status, body, answer, expected, slug)
+        if expected == 401:
+            assert answer["WWW-Authenticate"].startswith("Bearer")
+        refusals = daemon.metrics.registry.get_sample_value("tracker_api_refusals_total", {"reason": slug})
+    assert refusals == 1
+    assert (await counts_in(db_path))["returns"] == 0  # nothing pushed
+
+
+async def test_a_trusted_proxys_x_forwarded_for_is_believed(start_partner, db_path: Path) -> None:
+    partner = start_partner(scenario(returns=5))
+    key = await add_key(db_path, "refunds", allow=("10.1.2.3/32",))
+    config = with_api(make_config(db_path, partner.url), trusted_proxies=("127.0.0.0/8",))
+    async with api_daemon(config) as (daemon, http):
+        client = Client(http, daemon.api_address, key)
+        item = items_of(partner)[0]
+        status, _, _ = await client.call("POST", "/v1/returns", item, headers={"X-Forwarded-For": "10.1.2.3"})
+        assert status == 201
+        status, body, headers = await client.call("POST", "/v1/returns", item, headers={"X-Forwarded-For": "10.9.9.9"})
+        assert_problem(status, body, headers, 403, "address-not-allowed")
+
+
+async def test_a_revoked_key_is_refused_within_a_second_of_the_revoke(start_partner, db_path: Path) -> None:
+    partner = start_partner(scenario(returns=5))
+    key = await add_key(db_path, "refunds", ("returns:read",))
+    async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
+        client = Client(http, daemon.api_address, key)
+        assert (await client.call("GET", "/v1/returns?limit=1"))[0] == 200
+        store = await tracker.Store.open(str(db_path))
+        await store.revoke_api_key("refunds", time.time())
+        await store.close()
+        revoked_at = time.monotonic()
+
+        async def refused() -> bool:
+            return (await client.call("GET", "/v1/returns?limit=1"))[0] == 401
+        await wait_until(refused, 5, what="the revoke to take effect")
+        assert time.monotonic() - revoked_at <= tracker.API_KEY_CACHE_S + 0.5
+
+
+async def test_a_key_past_its_rate_gets_429_with_retry_after(start_partner, db_path: Path) -> None:
+    partner = start_partner(scenario(returns=5))
+    key = await add_key(db_path, "refunds", ("returns:read",), rate_per_s=5.0)
+    async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
+        client = Client(http, daemon.api_address, key)
+        answers = [await client.call("GET", "/v1/returns?limit=1") for _ in range(12)]
+    statuses = [status for status, _, _ in answers]
+    assert statuses[:5] == [200] * 5 and 429 in statuses[5:]
+    status, body, headers = next(a for a in answers if a[0] == 429)
+    assert_problem(status, body, headers, 429, "rate-limited")
+    assert int(headers["Retry-After"]) >= 1
+
+
+# ── what HTTP means ─────────────────────────────────────────────────────────────────────────
+
+
+async def test_bad_requests_get_the_problem_http_means(start_partner, db_path: Path) -> None:
+    partner = start_partner(scenario(returns=5))
+    key = await add_key(db_path, "refunds")
+    config = with_api(make_config(db_path, partner.url), max_body_bytes=4096)
+    async with api_daemon(config) as (daemon, http):
+        client = Client(http, daemon.api_address, key)
+        cases = [
+            (("POST", "/v1/returns"), {"raw": b"{not json"}, 400, "invalid-json"),
+            (("POST", "/v1/returns"), {"raw": b"x" * 5000}, 413, "body-too-large"),
+            (("POST", "/v1/returns"), {"raw": b"{}", "headers": {"Content-Type": "text/plain"}}, 415,
+             "unsupported-media-type"),
+            (("POST", "/v1/returns/batch"), {"raw": b'{"returns": []}'}, 422, "invalid-batch"),
+            (("GET", "/v1/nowhere"), {}, 404, "not-found"),
+            (("DELETE", "/v1/returns"), {}, 405, "method-not-allowed"),
+        ]
+        for (method, path), options, expected, slug in cases:
+            status, body, headers = await client.call(method, path, **options)
+            assert_problem(status, body, headers, expected, slug)
+        big = {"returns": [items_of(partner)[0]] * (tracker.API_BATCH_MAX + 1)}
+        roomy = with_api(make_config(db_path, partner.url))
+    async with api_daemon(roomy) as (daemon, http):
+        status, body, headers = await Client(http, daemon.api_address, key).call("POST", "/v1/returns/batch", big)
+        assert_problem(status, body, headers, 413, "batch-too-large")
+
+
+async def test_the_openapi_document_is_valid_and_served_as_kept_in_the_repository(start_partner,
+                                                                                db_path: Path) -> None:
+    kept = json.loads((ROOT / "openapi.json").read_text())
+    validate_openapi(kept)  # OpenAPI 3.1, by openapi-spec-validator
+    partner = start_partner(scenario(returns=5))
+    async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
+        status, served, _ = await Client(http, daemon.api_address, None).call("GET", "/v1/openapi.json")
+    assert status == 200 and served == kept
+    assert {route.path for route in tracker.API_ROUTES} == set(kept["paths"])
+    assert {(route.method.lower(), route.path) for route in tracker.API_ROUTES} == {
+        (method, path) for path, operations in kept["paths"].items() for method in operations}
+
+
+# ── the audit trail and the key commands ────────────────────────────────────────────────────
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "tracker.py"), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+async def test_keys_are_made_listed_and_revoked_by_the_cli_shown_once_and_every_change_audited(
+        start_partner, tmp_path: Path) -> None:
+    partner = start_partner(scenario(returns=5))
+    db = tmp_path / "tracker.db"
+    config = tmp_path / "config.toml"
+    config.write_text(config_toml(partner.url, db))
+    made = await asyncio.to_thread(cli, "api-key", "create", "refunds", "--scope", "returns:read",
+                                   "--allow", "10.0.0.0/8", "--rate", "20", "--config", str(config))
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.split()[-1]
+    assert tracker.api_key_well_formed(secret) and secret.startswith("trk_")
+    listed = await asyncio.to_thread(cli, "api-key", "list", "--config", str(config))
+    assert "refunds" in listed.stdout and "10.0.0.0/8" in listed.stdout and "active" in listed.stdout
+    assert secret not in listed.stdout and secret[4:] not in db.read_bytes().decode("latin-1")  # a hash only
+    twice = await asyncio.to_thread(cli, "api-key", "create", "refunds", "--scope", "returns:read",
+                                    "--config", str(config))
+    assert twice.returncode == 1 and "exists already" in twice.stderr
+    revoked = await asyncio.to_thread(cli, "api-key", "revoke", "refunds", "--config", str(config))
+    assert revoked.returncode == 0
+    assert "revoked" in (await asyncio.to_thread(cli, "api-key", "list", "--config", str(config))).stdout
+    audit = await asyncio.to_thread(cli, "audit", "--config", str(config))
+    assert audit.returncode == 0 and "api-key.create" in audit.stdout and "api-key.revoke" in audit.stdout
+    bad = await asyncio.to_thread(cli, "api-key", "create", "x", "--scope", "everything", "--config", str(config))
+    assert bad.returncode == 2
+
+
+async def test_every_write_request_is_one_audit_row(start_partner, db_path: Path) -> None:
+    async with quiet_api(start_partner, db_path) as (client, items):
+        key = client.key
+        await client.call("POST", "/v1/returns", items[0], headers={"X-Request-Id": "req-1"})
+        await client.call("POST", "/v1/returns/batch", {"returns": items[1:3]})
+        await client.call("POST", "/v1/returns", {"order_number": "O"})
+        await client.call("POST", f"/v1/shipments/{items[0]['shipment_number']}/check")
+        await client.call("GET", f"/v1/returns/{items[0]['id']}")  # a read: not audited
+    store = await tracker.Store.open(str(db_path))
+    try:
+        rows = await store.audit_since(0.0)
+    finally:
+        await store.close()
+    assert [(r["action"], r["result"]) for r in rows] == [
+        ("returns.push", "ok"), ("returns.push_batch", "ok"), ("returns.push", "invalid-return"),
+        ("shipments.check", "ok")]
+    assert all(r["key_name"] == "order-system" and r["source_ip"] == "127.0.0.1" for r in rows)
+    assert rows[0]["target"] == items[0]["id"] and rows[0]["request_id"] == "req-1"
+    assert rows[1]["target"].startswith("2 accepted")
+    assert TOKEN not in json.dumps(rows) and key not in json.dumps(rows)
+
+
+async def test_the_cli_check_queues_an_open_box_and_says_why_not_for_others(start_partner, tmp_path: Path) -> None:
+    partner = start_partner(scenario(returns=20))
+    partner.call(partner.standin.hold_clock)
+    db = tmp_path / "tracker.db"
+    config = tmp_path / "config.toml"
+    config.write_text(config_toml(partner.url, db))
+    item = items_of(partner)[0]
+    key = await add_key(db, "order-system")
+    async with api_daemon(with_api(make_config(db, partner.url))) as (daemon, http):
+        await Client(http, daemon.api_address, key).call("POST", "/v1/returns", item)
+    first = await asyncio.to_thread(cli, "check", item["shipment_number"], "NOPE", "--config", str(config))
+    assert first.returncode == 1
+    assert f"{item['shipment_number']}: queued" in first.stdout and "NOPE: no such shipment" in first.stdout
+    again = await asyncio.to_thread(cli, "check", item["shipment_number"], "--config", str(config))
+    assert again.returncode == 1 and "try again later" in again.stdout
