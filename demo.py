@@ -8,6 +8,10 @@ SIGTERM and prints a summary. Exit 0 only when nothing is missing and nothing wa
 With --database-url the state lives in that (empty) PostgreSQL database, and --instances N runs
 N daemons on it; --kill-one-at S kills one of them with SIGKILL S seconds in: the others take its
 work over once its leases run out (lease_s 5 here).
+
+With --feed-down the partner's returns feed answers 503 throughout, and the returns reach the
+tracker as the shop's order system would hand them over: pushed through the shop's API
+(POST /v1/returns/batch, 500 at a time, each batch with an Idempotency-Key) as they are created.
 """
 
 import asyncio
@@ -40,11 +44,13 @@ def as_typed(path: str | Path) -> str:
 
 
 def main(*, returns: int, seconds: float, seed: int, deadline_s: float, instances: int = 1,
-         database_url: str = "", kill_one_at: float | None = None) -> int:
+         database_url: str = "", kill_one_at: float | None = None, feed_down: bool = False) -> int:
     if instances > 1 and not database_url:
         print("tracker demo: several instances share a PostgreSQL database: give --database-url", file=sys.stderr)
         return 2
-    return asyncio.run(Demo(returns, seconds, seed, deadline_s, instances, database_url, kill_one_at).run())
+    demo = Demo(returns, seconds, seed, deadline_s, instances, database_url, kill_one_at)
+    demo.feed_down = feed_down
+    return asyncio.run(demo.run())
 
 
 class Demo:
@@ -56,6 +62,8 @@ class Demo:
         self.tty = sys.stdout.isatty()
         self.metrics_url = ""
         self.killed: str | None = None
+        self.feed_down = False
+        self.pushed = self.batches = self.rejected = 0
 
     @property
     def storage(self) -> tracker.StorageConfig:
@@ -73,6 +81,7 @@ class Demo:
         try:
             info = json.loads((await standin.stdout.readline()).decode())  # type: ignore[union-attr]
             config_path = self._write_config(info)
+            key = await self._api_key(config_path) if self.feed_down else ""
             for k in range(self.instances):
                 with open(self._log(k), "wb") as log:  # the child keeps its own handle
                     daemons.append(await asyncio.create_subprocess_exec(
@@ -81,7 +90,14 @@ class Demo:
                     ))
             async with aiohttp.ClientSession() as http:
                 self.metrics_url = await self._metrics_url()
-                ok, elapsed, counts, ledger = await self._follow(http, info["root"], daemons)
+                pusher = asyncio.create_task(self._push(http, info["root"], key)) if self.feed_down else None
+                try:
+                    ok, elapsed, counts, ledger = await self._follow(http, info["root"], daemons)
+                finally:
+                    if pusher is not None:
+                        pusher.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await pusher
                 metrics_text = await self._scrape(http)
                 (self.workdir / "metrics.txt").write_text(metrics_text)
                 running = [d for d in daemons if d.returncode is None]
@@ -110,6 +126,7 @@ class Demo:
             return await asyncio.create_subprocess_exec(
                 sys.executable, str(HERE / "standin.py"), "--returns", str(self.returns),
                 "--seconds", str(self.seconds), "--seed", str(self.seed),
+                *(["--scenario", json.dumps({"faults": {"feed_down": True}})] if self.feed_down else []),
                 stdout=asyncio.subprocess.PIPE, stderr=log,
             )
 
@@ -124,19 +141,59 @@ class Demo:
             "schedule": {"returns_every_s": 0.5, "track_every_s": 2.0, "detect_within_s": 2.0, "stale_after_s": 15.0,
                          "retry_base_s": 0.5, "retry_max_s": 5.0, "shutdown_grace_s": 3.0},
             "limits": {"concurrency": 64, "rate_per_s": 1500},
+            **({"api": {"listen": "127.0.0.1:0"}} if self.feed_down else {}),
         }, comment=f"written by `tracker.py demo`; the token comes from {tracker.ENV_TOKEN}"))
         return path
 
     async def _metrics_url(self) -> str:
-        """The daemon listens on a free port and logs which: read it from its log."""
+        address = await self._listening("http.listening")
+        return f"http://{address}/metrics" if address else "(the daemon did not report its address; see tracker.log)"
+
+    async def _listening(self, event: str) -> str:
+        """The daemon listens on free ports and logs which: read one from its log."""
         log = self.workdir / "tracker.log"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
-                if '"http.listening"' in line:
-                    return f"http://{json.loads(line)['address']}/metrics"
+                if f'"{event}"' in line:
+                    return str(json.loads(line)["address"])
             await asyncio.sleep(0.1)
-        return "(the daemon did not report its address; see tracker.log)"
+        return ""
+
+    async def _api_key(self, config_path: Path) -> str:
+        """A key for the shop's order system, made as an operator would (`tracker.py api-key create`)."""
+        made = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "tracker.py"), "api-key", "create", "order-system", "--scope", "returns:write",
+            "--rate", "1000", "--config", str(config_path), stdout=asyncio.subprocess.PIPE)
+        out, _ = await made.communicate()
+        return out.decode().split()[-1]
+
+    async def _push(self, http: aiohttp.ClientSession, root: str, key: str) -> None:
+        """The shop's order system: every return as it is created, 500 a batch, through the API."""
+        api = f"http://{await self._listening('api.listening')}/v1/returns/batch"
+        cursor = 0
+        while True:
+            shop = await _get_json(http, f"{root}/_shop/returns?cursor={cursor}")
+            for start in range(0, len(shop["data"]), tracker.API_BATCH_MAX):
+                batch = shop["data"][start:start + tracker.API_BATCH_MAX]
+                headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": f"demo-{cursor + start}"}
+                while True:  # an unanswered batch is sent again with its key: never pushed twice
+                    try:
+                        async with http.post(api, json={"returns": batch}, headers=headers,
+                                             timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                            if resp.status == 200:
+                                answer = await resp.json()
+                                break
+                    except (aiohttp.ClientError, TimeoutError):
+                        pass
+                    await asyncio.sleep(POLL_S)
+                self.pushed += answer["accepted"]
+                self.rejected += answer["rejected"]
+                self.batches += 1
+            cursor = shop["next_cursor"]
+            if shop["finished"]:
+                return
+            await asyncio.sleep(POLL_S)
 
     async def _follow(self, http: aiohttp.ClientSession, root: str, daemons: list[asyncio.subprocess.Process]
                       ) -> tuple[bool, float, dict[str, int], dict[str, Any]]:
@@ -160,8 +217,8 @@ class Demo:
                     with contextlib.suppress(*tracker.STORAGE_ERRORS):  # the schema may still be being created
                         counts = await store.counts()
                 ledger = await _get_json(http, root + "/_ledger")
-                done = (ledger["finished"] and ledger["missing"] == 0 and "returns" in counts
-                        and ledger["feed_acknowledged"] == ledger["feed_entries"]
+                whole_feed = self.feed_down or ledger["feed_acknowledged"] == ledger["feed_entries"]
+                done = (ledger["finished"] and ledger["missing"] == 0 and "returns" in counts and whole_feed
                         and counts.get("boxes.tracking", 0) == 0 and counts.get("reports.pending", 0) == 0)
                 if self.tty or elapsed - last_line >= 5 or done:
                     self._progress(elapsed, counts, ledger)
@@ -225,6 +282,9 @@ class Demo:
                             f"· {ledger['stale']:,} refused as outdated, then resent corrected"),
             ("collected", f"{c.get('returns', 0):,} returns stored · {c.get('quarantine.open', 0):,} broken items "
                           "quarantined"),
+            *([("by the API", f"{self.pushed:,} returns pushed in {self.batches:,} batches through POST "
+                              f"/v1/returns/batch · {self.rejected:,} rejected as broken · the feed answered 503 "
+                              f"{calls.get('returns', {}).get('503', 0):,} times")] if self.feed_down else []),
             ("boxes", f"{ledger['boxes']:,}: {c.get('boxes.delivered', 0):,} delivered · "
                       f"{c.get('boxes.cancelled', 0):,} cancelled · {c.get('boxes.stale', 0):,} stale (never "
                       f"registered) · {c.get('boxes.emptied', 0):,} emptied by corrections · "

@@ -398,6 +398,7 @@ class StandIn:
         app.router.add_get(f"{API_PREFIX}/tracking", self.get_tracking)
         app.router.add_post(f"{API_PREFIX}/results", self.post_results)
         app.router.add_get("/_ledger", self.get_ledger)
+        app.router.add_get("/_shop/returns", self.get_shop_returns)
         app.router.add_post("/_faults", self.post_faults)
         app.router.add_post("/_slack", self.post_slack)
         app.router.add_get("/_slack", self.get_slack)
@@ -508,6 +509,15 @@ class StandIn:
         data = [item for _, item in self.feed[start:end]] if end > start else []
         return web.json_response({"data": data, "next_cursor": _encode_cursor(max(start, end)),
                                   "has_more": end < visible})
+
+    async def get_shop_returns(self, request: web.Request) -> web.Response:
+        """The shop's own view of the returns (its order system knows each one as it is created):
+        what the feed would list by now, from position `cursor`, whether the feed is down or not —
+        what the demo's --feed-down pushes through the tracker's API instead."""
+        start = int(request.query.get("cursor", "0"))
+        visible = bisect.bisect_right(self.feed_times, self.now())
+        return web.json_response({"data": [item for _, item in self.feed[start:visible]], "next_cursor": visible,
+                                  "finished": visible == len(self.feed)})
 
     async def get_tracking(self, request: web.Request) -> web.Response:
         box = self.by_shipment.get(request.query.get("shipment_number", ""))

@@ -660,7 +660,19 @@ class Audit:
     entries: tuple["AuditEntry", ...]
 
 
-Transition = FeedPage | BoxUpdate | ReportUpdate | WakeBoxes | Prune | Heartbeat | CheckNow | Audit
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Idempotent:
+    """An API request's Idempotency-Key: taken (answer None: CommitResult.idempotency says whether
+    this request holds it, or what holds it), or given the request's answer (status, body)."""
+
+    key_name: str
+    idem_key: str
+    body_hash: str
+    answer: tuple[int, str] | None = None
+    asker: str = dataclasses.field(default_factory=lambda: secrets.token_hex(8))  # this request, in a batch
+
+
+Transition = FeedPage | BoxUpdate | ReportUpdate | WakeBoxes | Prune | Heartbeat | CheckNow | Audit | Idempotent
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -674,6 +686,9 @@ class CommitResult:
     pruned: int = 0  # finished boxes retention deleted (with their returns, reports, histories)
     lost_claims: frozenset[str] = frozenset()  # answers not stored: another instance holds the row now
     checks_queued: frozenset[str] = frozenset()  # boxes a CheckNow put first in due order
+    # per Idempotent taken (by its asker): None when that request holds the key now, else what
+    # holds it (body hash, status or None while the first request runs, body)
+    idempotency: tuple[tuple[str, tuple[str, int | None, str | None] | None], ...] = ()
 
     def __add__(self, other: "CommitResult") -> "CommitResult":
         return CommitResult(
@@ -683,7 +698,7 @@ class CommitResult:
             broken_corrections=self.broken_corrections | other.broken_corrections,
             superseded=self.superseded | other.superseded,
             pruned=self.pruned + other.pruned, lost_claims=self.lost_claims | other.lost_claims,
-            checks_queued=self.checks_queued | other.checks_queued)
+            checks_queued=self.checks_queued | other.checks_queued, idempotency=self.idempotency + other.idempotency)
 
 
 API_SCOPES = ("returns:read", "returns:write", "shipments:check")
@@ -893,6 +908,18 @@ CREATE TABLE IF NOT EXISTS audit (
     request_id TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
+-- Idempotency-Key on the API's POSTs: the first answer, replayed for the same key and body for
+-- IDEMPOTENCY_KEEP_S; status NULL while the first request runs.
+CREATE TABLE IF NOT EXISTS idempotency (
+    key_name   TEXT NOT NULL,
+    idem_key   TEXT NOT NULL,
+    body_hash  TEXT NOT NULL,
+    status     INTEGER,
+    body       TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (key_name, idem_key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
 """
 
 # ── SQL, written once ───────────────────────────────────────────────────────────────────────
@@ -1184,6 +1211,19 @@ API_SQL = {
                      " AND (check_requested_at IS NULL OR check_requested_at <= :now - :cooldown)"
                      " RETURNING shipment_number",
     "box_check_state": "SELECT state, check_requested_at FROM boxes WHERE shipment_number = ?",
+    # An Idempotency-Key taken by the first request with it; one whose holder has kept it past
+    # :abandoned without an answer (a crash) or that is past :expired is taken anew.
+    "claim_idempotency": "INSERT INTO idempotency (key_name, idem_key, body_hash, created_at)"
+                         " VALUES (:key_name, :idem_key, :body_hash, :now) ON CONFLICT (key_name, idem_key) DO UPDATE"
+                         " SET body_hash = excluded.body_hash, status = NULL, body = NULL,"
+                         " created_at = excluded.created_at"
+                         " WHERE idempotency.created_at < :expired"
+                         " OR (idempotency.status IS NULL AND idempotency.created_at < :abandoned)"
+                         " RETURNING created_at",
+    "idempotency": "SELECT body_hash, status, body FROM idempotency WHERE key_name = ? AND idem_key = ?",
+    "answer_idempotency": "UPDATE idempotency SET status = :status, body = :body"
+                          " WHERE key_name = :key_name AND idem_key = :idem_key",
+    "prune_idempotency": "DELETE FROM idempotency WHERE created_at < :expired",
     # every return in insertion order after a cursor (the last row's order key), by state and time
     "list_returns": "SELECT r.id, ROW_ORDER(r) AS seq FROM returns r LEFT JOIN reports p ON p.return_id = r.id"
                     " LEFT JOIN boxes b ON b.shipment_number = r.shipment_number"
@@ -1235,6 +1275,8 @@ SCHEMA_AFTER_MIGRATION = (
     " WHERE state = 'tracking'",
 )
 HISTORY_PER_BOX = 32  # status history entries kept a box (a failed pickup attempt adds two)
+IDEMPOTENCY_KEEP_S = 24 * 3600.0  # an API Idempotency-Key's first answer is replayed this long
+IDEMPOTENCY_ABANDONED_S = 120.0  # a key held this long without an answer (its instance died) is free again
 ATTEMPTS_PER_REPORT = 20  # report attempts kept a report, the latest
 RETENTION_BATCH = 200  # finished boxes deleted a transaction (about 500 returns' rows: milliseconds)
 VACUUM_PAGES_PER_BATCH = 2000  # free pages handed back to the file system after each batch
@@ -1434,6 +1476,16 @@ CREATE TABLE IF NOT EXISTS audit (
     request_id TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key_name   TEXT NOT NULL,
+    idem_key   TEXT NOT NULL,
+    body_hash  TEXT NOT NULL,
+    status     INTEGER,
+    body       TEXT,
+    created_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (key_name, idem_key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
 ALTER TABLE boxes ADD COLUMN IF NOT EXISTS check_requested_at DOUBLE PRECISION;
 CREATE OR REPLACE FUNCTION tracker_count_state() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -2298,6 +2350,8 @@ class Store:
             params = {"now": now, "shipment": check.shipment_number, "cooldown": check.cooldown_s}
             if await tx.fetch("request_check", params):
                 result += CommitResult(checks_queued=frozenset({check.shipment_number}))
+        for key in (t for t in transitions if isinstance(t, Idempotent)):
+            result += CommitResult(idempotency=((key.asker, await self._idempotent(tx, key, now)),))
         audited = [e for t in transitions if isinstance(t, Audit) for e in t.entries]
         if audited:
             await tx.execute_many("insert_audit", [
@@ -2388,6 +2442,19 @@ class Store:
         revisions = await tx.fetch("report_revisions", (sorted(settling),))
         return frozenset(return_id for return_id, revision in revisions if revision != settling[return_id])
 
+    async def _idempotent(self, tx: Transaction, key: Idempotent,
+                          now: float) -> tuple[str, int | None, str | None] | None:
+        names = {"key_name": key.key_name, "idem_key": key.idem_key}
+        if key.answer is not None:
+            await tx.execute("answer_idempotency", {**names, "status": key.answer[0], "body": key.answer[1]})
+            return None
+        claim = {**names, "body_hash": key.body_hash, "now": now, "expired": now - IDEMPOTENCY_KEEP_S,
+                 "abandoned": now - IDEMPOTENCY_ABANDONED_S}
+        if await tx.fetch("claim_idempotency", claim):
+            return None
+        body_hash, status, body = (await tx.fetch("idempotency", (key.key_name, key.idem_key)))[0]
+        return body_hash, status, body
+
     async def _prune(self, tx: Transaction, prune: Prune) -> int:
         params = {"cutoff": prune.cutoff, "limit": prune.limit}
         boxes = [row[0] for row in await tx.fetch("finished_boxes", params)]
@@ -2396,6 +2463,7 @@ class Store:
                 await tx.execute(statement, {"boxes": boxes})
         await tx.execute("resolved_quarantine", params)
         await tx.execute("prune_audit", params)
+        await tx.execute("prune_idempotency", {"expired": time.time() - IDEMPOTENCY_KEEP_S})
         return len(boxes)
 
     # ── operator requeues: back into the pipeline after the cause was fixed ─────────────────
@@ -4781,6 +4849,7 @@ API_KEY_BODY_CHARS = 32  # base62: about 190 random bits
 API_KEY_LOOKUP_CHARS = 8  # the part stored in clear, to find a key's hash
 API_KEY_CACHE_S = 1.0  # a revoke or an expiry takes effect within this, on every instance
 API_BATCH_MAX = 500
+IDEMPOTENCY_KEY_CHARS = 255
 CHECK_COOLDOWN_S = 60.0  # a box is checked now at most this often at a key's asking
 API_LIST_MAX = 500
 OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.json"
@@ -5012,7 +5081,48 @@ class ShopApi:
                        request: web.Request) -> web.StreamResponse:
         request[REQUEST_CONTEXT]["route"] = route.name
         key = await self._authorize(request, route.scope) if route.scope else None
-        return await handler(request, key)
+        idem_key = request.headers.get("Idempotency-Key")
+        if key is None or request.method != "POST" or idem_key is None:
+            return await handler(request, key)
+        if not 1 <= len(idem_key) <= IDEMPOTENCY_KEY_CHARS:
+            raise Problem(400, "invalid-idempotency-key", "Bad Request",
+                          f"an Idempotency-Key is 1 to {IDEMPOTENCY_KEY_CHARS} characters")
+        return await self._once(request, key, idem_key, route, handler)
+
+    async def _once(self, request: web.Request, key: ApiKey, idem_key: str, route: Route,
+                    handler: Callable[[web.Request, ApiKey | None], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        """The same key and body answer as the first request with that Idempotency-Key did (for
+        IDEMPOTENCY_KEEP_S); another body is 422; while the first still runs, 409."""
+        body_hash = hashlib.sha256(route.name.encode() + b"\0" + await request.read()).hexdigest()
+        taken = Idempotent(key_name=key.name, idem_key=idem_key, body_hash=body_hash)
+        held = dict((await self._submit(taken)).idempotency).get(taken.asker)
+        if held is not None:
+            if held[0] != body_hash:
+                raise Problem(422, "idempotency-key-reused", "Unprocessable Content",
+                              "this Idempotency-Key came with another request before")
+            if held[1] is None:
+                raise Problem(409, "idempotency-key-in-use", "Conflict",
+                              "the first request with this Idempotency-Key is still being answered",
+                              headers={"Retry-After": "1"})
+            replayed = web.Response(status=held[1], body=(held[2] or "").encode(), content_type=(
+                "application/problem+json" if held[1] >= 400 else "application/json"))
+            replayed.headers["Idempotent-Replayed"] = "true"
+            return replayed
+        try:
+            response = await handler(request, key)
+        except Problem as problem:
+            response = problem.response(request.path)
+        body = response.body.decode() if isinstance(response, web.Response) and response.body is not None else ""
+        await self._submit(dataclasses.replace(taken, answer=(response.status, body)))
+        return response
+
+    async def _submit(self, transition: Transition) -> CommitResult:
+        try:
+            return await self._stages.committer.submit(transition)
+        except StorageUnavailable as exc:
+            raise Problem(503, "storage-unavailable", "Service Unavailable", str(exc),
+                          headers={"Retry-After": "5"}) from None
 
     async def _authorize(self, request: web.Request, scope: str) -> ApiKey:
         header = request.headers.get("Authorization", "")
@@ -5097,11 +5207,7 @@ class ShopApi:
             first_checks.setdefault(item.shipment_number, now + jittered(self._stages.schedule.first_check_in(), 0.5))
         page = FeedPage(items=tuple(items), quarantined=(), next_cursor=None, has_more=False,
                         first_checks=tuple(first_checks.items()))
-        try:
-            result = await self._stages.committer.submit(page)
-        except StorageUnavailable as exc:
-            raise Problem(503, "storage-unavailable", "Service Unavailable", str(exc),
-                          headers={"Retry-After": "5"}) from None
+        result = await self._submit(page)
         self._stages.pushed(page, result)
         return result
 
@@ -5152,12 +5258,7 @@ class ShopApi:
 
     async def check(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
         shipment = request.match_info["shipment_number"]
-        try:
-            result = await self._stages.committer.submit(CheckNow(shipment_number=shipment,
-                                                                  cooldown_s=CHECK_COOLDOWN_S))
-        except StorageUnavailable as exc:
-            raise Problem(503, "storage-unavailable", "Service Unavailable", str(exc),
-                          headers={"Retry-After": "5"}) from None
+        result = await self._submit(CheckNow(shipment_number=shipment, cooldown_s=CHECK_COOLDOWN_S))
         if shipment in result.checks_queued:
             self._stages.tracker.wake()
             await self._audit(request, key, "shipments.check", shipment, "ok")
@@ -5196,7 +5297,8 @@ def _base36(number: int) -> str:
 
 
 async def start_api_server(api: ShopApi, host: str, port: int) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(api.application(), access_log=None, handle_signals=False)
+    # a request still running at shutdown gets a second: the committer closes right after
+    runner = web.AppRunner(api.application(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     bound_host, bound_port = runner.addresses[0][:2]
@@ -5937,6 +6039,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--instances", type=int, default=1, help="daemons sharing the work (needs --database-url)")
     demo.add_argument("--kill-one-at", type=float, default=None, metavar="S",
                       help="kill -9 one of the instances S seconds in")
+    demo.add_argument("--feed-down", action="store_true",
+                      help="the partner's feed answers 503 throughout: the returns are pushed through the shop's API")
     return parser
 
 
@@ -5947,7 +6051,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import demo  # the demo and the stand-in live beside this file, never inside it
 
         return demo.main(returns=args.returns, seconds=args.seconds, seed=args.seed, deadline_s=args.deadline,
-                         instances=args.instances, database_url=args.database_url, kill_one_at=args.kill_one_at)
+                         instances=args.instances, database_url=args.database_url, kill_one_at=args.kill_one_at,
+                         feed_down=args.feed_down)
     if args.command == "replay":
         return replay_command(args.timelines, args.config, args.seed)
     try:

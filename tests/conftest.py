@@ -206,6 +206,20 @@ async def run_daemon_until(config: tracker.Config, until: Callable[[], Awaitable
     return daemon
 
 
+async def api_key_in(where: str | Path, name: str,
+                     scopes: tuple[str, ...] = ("returns:read", "returns:write", "shipments:check"),
+                     **options: Any) -> str:
+    """A key of the shop's API in the state, as `tracker.py api-key create` makes one; its secret."""
+    secret = tracker.new_api_key()
+    store = await tracker.Store.open(str(where))
+    try:
+        await store.add_api_key(tracker.ApiKey(name=name, scopes=scopes, created_at=time.time(), **options),
+                                tracker.api_key_hash(secret), tracker.api_key_lookup(secret))
+    finally:
+        await store.close()
+    return secret
+
+
 def create_schema(db: Path) -> None:
     """An empty state database at `db`, as the daemon creates it."""
     async def create() -> None:

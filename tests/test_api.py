@@ -19,25 +19,14 @@ from openapi_spec_validator import validate as validate_openapi
 
 import standin
 import tracker
-from conftest import ROOT, TOKEN, config_toml, counts_in, ledger_of, make_config, running_daemon, scenario, wait_until
+from conftest import (ROOT, TOKEN, api_key_in, config_toml, counts_in, ledger_of, make_config, running_daemon,
+                      scenario, wait_until)
 
 ALL_SCOPES = ("returns:read", "returns:write", "shipments:check")
 
 
 def with_api(config: tracker.Config, **api: Any) -> tracker.Config:
     return dataclasses.replace(config, api=tracker.ApiConfig(listen="127.0.0.1:0", **api))
-
-
-async def add_key(where: str | Path, name: str, scopes: tuple[str, ...] = ALL_SCOPES, **options: Any) -> str:
-    """A key in the state, as `tracker.py api-key create` makes one; its secret."""
-    secret = tracker.new_api_key()
-    store = await tracker.Store.open(str(where))
-    try:
-        await store.add_api_key(tracker.ApiKey(name=name, scopes=scopes, created_at=time.time(), **options),
-                                tracker.api_key_hash(secret), tracker.api_key_lookup(secret))
-    finally:
-        await store.close()
-    return secret
 
 
 class Client:
@@ -71,7 +60,7 @@ async def quiet_api(start_partner, db_path: Path, key_name: str = "order-system"
     what the state holds came by the API. A client with a key of every scope, and the partner's returns."""
     partner = start_partner(scenario(returns=returns))
     partner.call(partner.standin.hold_clock)
-    key = await add_key(db_path, key_name, **key_options)
+    key = await api_key_in(db_path, key_name, **key_options)
     async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
         yield Client(http, daemon.api_address, key), items_of(partner)
 
@@ -107,7 +96,7 @@ async def test_returns_pushed_while_the_feed_is_down_are_tracked_and_each_report
         config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, url=backend, lease_s=3.0))
     else:
         config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, path=backend))
-    key = await add_key(backend, "order-system")
+    key = await api_key_in(backend, "order-system")
     items = items_of(partner)
     async with api_daemon(config) as (daemon, http):
         client = Client(http, daemon.api_address, key)
@@ -126,7 +115,7 @@ async def test_returns_pushed_while_the_feed_is_down_are_tracked_and_each_report
 async def test_a_return_the_feed_lists_after_it_was_pushed_is_one_return(start_partner, db_path: Path) -> None:
     partner = start_partner(scenario(returns=60, arrive_over_s=1.5))
     partner.call(partner.standin.hold_clock)  # the feed lists nothing until the pushes are in
-    key = await add_key(db_path, "order-system")
+    key = await api_key_in(db_path, "order-system")
     async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
         client = Client(http, daemon.api_address, key)
         status, body, _ = await client.call("POST", "/v1/returns/batch", {"returns": items_of(partner)})
@@ -172,7 +161,7 @@ async def test_a_pushed_return_that_changes_fields_is_a_correction(start_partner
 async def test_invalid_returns_are_refused_in_the_answer_and_nothing_is_quarantined(start_partner,
                                                                                  db_path: Path) -> None:
     partner = start_partner(scenario(returns=5))
-    key = await add_key(db_path, "order-system")
+    key = await api_key_in(db_path, "order-system")
     good = items_of(partner)[0]
     async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
         client = Client(http, daemon.api_address, key)
@@ -198,7 +187,7 @@ async def test_a_return_is_found_by_id_order_and_shipment_and_listed_by_cursor(s
     storage = (dataclasses.replace(config.storage, url=backend, lease_s=3.0) if backend.startswith("postgresql://")
                else dataclasses.replace(config.storage, path=backend))
     config = dataclasses.replace(config, storage=storage)
-    key = await add_key(backend, "customer-service", ("returns:read",))
+    key = await api_key_in(backend, "customer-service", ("returns:read",))
     async with api_daemon(config) as (daemon, http):
         await wait_until(reported_all(partner, backend), 30, what="the burst reported")
         client = Client(http, daemon.api_address, key)
@@ -233,7 +222,7 @@ async def test_a_check_now_is_made_at_once_then_cools_down_and_a_closed_box_is_4
     partner = start_partner(scenario(returns=20, cancel_share=0.5))
     slow = dataclasses.replace(make_config(db_path, partner.url).schedule, track_every_s=3600.0, detect_within_s=3600.0)
     config = with_api(make_config(db_path, partner.url, schedule=slow))
-    key = await add_key(db_path, "customer-service", ("returns:read", "shipments:check"))
+    key = await api_key_in(db_path, "customer-service", ("returns:read", "shipments:check"))
     async with api_daemon(config) as (daemon, http):
         client = Client(http, daemon.api_address, key)
         shipment = items_of(partner)[0]["shipment_number"]
@@ -259,7 +248,7 @@ async def checks_at_least(checks, n: int) -> bool:
 
 async def test_a_check_of_a_box_no_longer_tracked_is_409_with_its_state(start_partner, db_path: Path) -> None:
     partner = start_partner(scenario(returns=20))
-    key = await add_key(db_path, "customer-service", ("shipments:check",))
+    key = await api_key_in(db_path, "customer-service", ("shipments:check",))
     async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
         await wait_until(reported_all(partner, db_path), 30, what="every box closed")
         client = Client(http, daemon.api_address, key)
@@ -283,7 +272,7 @@ async def test_a_request_without_a_usable_key_is_refused(start_partner, db_path:
     if case in ("wrong address", "spoofed X-Forwarded-For"):
         options["allow"] = ("10.1.2.3/32",)
     scopes = ("returns:read",) if case == "wrong scope" else ALL_SCOPES
-    key = await add_key(db_path, "refunds", scopes, **options)
+    key = await api_key_in(db_path, "refunds", scopes, **options)
     if case == "revoked":
         store = await tracker.Store.open(str(db_path))
         await store.revoke_api_key("refunds", time.time())
@@ -305,7 +294,7 @@ async def test_a_request_without_a_usable_key_is_refused(start_partner, db_path:
 
 async def test_a_trusted_proxys_x_forwarded_for_is_believed(start_partner, db_path: Path) -> None:
     partner = start_partner(scenario(returns=5))
-    key = await add_key(db_path, "refunds", allow=("10.1.2.3/32",))
+    key = await api_key_in(db_path, "refunds", allow=("10.1.2.3/32",))
     config = with_api(make_config(db_path, partner.url), trusted_proxies=("127.0.0.0/8",))
     async with api_daemon(config) as (daemon, http):
         client = Client(http, daemon.api_address, key)
@@ -318,7 +307,7 @@ async def test_a_trusted_proxys_x_forwarded_for_is_believed(start_partner, db_pa
 
 async def test_a_revoked_key_is_refused_within_a_second_of_the_revoke(start_partner, db_path: Path) -> None:
     partner = start_partner(scenario(returns=5))
-    key = await add_key(db_path, "refunds", ("returns:read",))
+    key = await api_key_in(db_path, "refunds", ("returns:read",))
     async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
         client = Client(http, daemon.api_address, key)
         assert (await client.call("GET", "/v1/returns?limit=1"))[0] == 200
@@ -335,7 +324,7 @@ async def test_a_revoked_key_is_refused_within_a_second_of_the_revoke(start_part
 
 async def test_a_key_past_its_rate_gets_429_with_retry_after(start_partner, db_path: Path) -> None:
     partner = start_partner(scenario(returns=5))
-    key = await add_key(db_path, "refunds", ("returns:read",), rate_per_s=5.0)
+    key = await api_key_in(db_path, "refunds", ("returns:read",), rate_per_s=5.0)
     async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
         client = Client(http, daemon.api_address, key)
         answers = [await client.call("GET", "/v1/returns?limit=1") for _ in range(12)]
@@ -351,7 +340,7 @@ async def test_a_key_past_its_rate_gets_429_with_retry_after(start_partner, db_p
 
 async def test_bad_requests_get_the_problem_http_means(start_partner, db_path: Path) -> None:
     partner = start_partner(scenario(returns=5))
-    key = await add_key(db_path, "refunds")
+    key = await api_key_in(db_path, "refunds")
     config = with_api(make_config(db_path, partner.url), max_body_bytes=4096)
     async with api_daemon(config) as (daemon, http):
         client = Client(http, daemon.api_address, key)
@@ -450,7 +439,7 @@ async def test_the_cli_check_queues_an_open_box_and_says_why_not_for_others(star
     config = tmp_path / "config.toml"
     config.write_text(config_toml(partner.url, db))
     item = items_of(partner)[0]
-    key = await add_key(db, "order-system")
+    key = await api_key_in(db, "order-system")
     async with api_daemon(with_api(make_config(db, partner.url))) as (daemon, http):
         await Client(http, daemon.api_address, key).call("POST", "/v1/returns", item)
     first = await asyncio.to_thread(cli, "check", item["shipment_number"], "NOPE", "--config", str(config))
@@ -458,3 +447,47 @@ async def test_the_cli_check_queues_an_open_box_and_says_why_not_for_others(star
     assert f"{item['shipment_number']}: queued" in first.stdout and "NOPE: no such shipment" in first.stdout
     again = await asyncio.to_thread(cli, "check", item["shipment_number"], "--config", str(config))
     assert again.returncode == 1 and "try again later" in again.stdout
+
+
+# ── Idempotency-Key ─────────────────────────────────────────────────────────────────────────
+
+
+async def test_an_idempotency_key_replays_the_first_answer_and_refuses_another_body(start_partner,
+                                                                                  backend: str) -> None:
+    partner = start_partner(scenario(returns=5))
+    partner.call(partner.standin.hold_clock)
+    config = with_api(make_config(Path(backend) if not backend.startswith("postgresql") else Path("unused.db"),
+                                  partner.url))
+    if backend.startswith("postgresql://"):
+        config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, url=backend, lease_s=3.0))
+    key = await api_key_in(backend, "order-system")
+    items = items_of(partner)
+    async with api_daemon(config) as (daemon, http):
+        client = Client(http, daemon.api_address, key)
+        once = {"Idempotency-Key": "batch-0001"}
+        first = await client.call("POST", "/v1/returns/batch", {"returns": items[:3]}, headers=once)
+        again = await client.call("POST", "/v1/returns/batch", {"returns": items[:3]}, headers=once)
+        assert first[0] == again[0] == 200 and first[1] == again[1] and first[1]["new"] == 3
+        assert again[2]["Idempotent-Replayed"] == "true"
+        other = await client.call("POST", "/v1/returns/batch", {"returns": items[3:]}, headers=once)
+        assert_problem(*other, 422, "idempotency-key-reused")
+        refused = await client.call("POST", "/v1/returns", {"order_number": "O"}, headers={"Idempotency-Key": "k2"})
+        replayed = await client.call("POST", "/v1/returns", {"order_number": "O"}, headers={"Idempotency-Key": "k2"})
+        assert refused[0] == replayed[0] == 422 and refused[1] == replayed[1]  # a refusal is replayed too
+        too_long = await client.call("POST", "/v1/returns", items[0], headers={"Idempotency-Key": "k" * 300})
+        assert_problem(*too_long, 400, "invalid-idempotency-key")
+    assert (await counts_in(backend))["returns"] == 3
+
+
+async def test_an_idempotency_key_still_being_answered_is_409(start_partner, db_path: Path) -> None:
+    async with quiet_api(start_partner, db_path) as (client, items):
+        batch = {"returns": items}
+        first, second = await asyncio.gather(
+            client.call("POST", "/v1/returns/batch", batch, headers={"Idempotency-Key": "same"}),
+            client.call("POST", "/v1/returns/batch", batch, headers={"Idempotency-Key": "same"}))
+    statuses = sorted([first[0], second[0]])
+    if statuses == [200, 200]:  # the second came after the first was answered: a replay of it
+        assert "true" in (first[2].get("Idempotent-Replayed"), second[2].get("Idempotent-Replayed"))
+    else:  # never two pushes of one request
+        assert statuses == [200, 409], statuses
+        assert_problem(*(first if first[0] == 409 else second), 409, "idempotency-key-in-use")

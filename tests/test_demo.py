@@ -48,3 +48,15 @@ def test_several_demo_instances_need_a_database_url() -> None:
     result = subprocess.run([sys.executable, str(ROOT / "tracker.py"), "demo", "--instances", "2"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--database-url" in result.stderr
+
+
+def test_the_demo_with_the_feed_down_pushes_every_return_through_the_api_and_misses_nothing() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "tracker.py"), "demo", "--returns", "600", "--seconds", "2",
+                             "--feed-down"], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "RESULT: OK" in result.stdout
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("by the API"))
+    pushed = int(line.split()[3].replace(",", ""))
+    assert pushed >= 600 and "through POST /v1/returns/batch" in line
+    calls = next(line for line in result.stdout.splitlines() if line.strip().startswith("partner calls"))
+    assert "missing 0" in result.stdout and "premature 0" in result.stdout and "returns" in calls

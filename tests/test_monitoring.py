@@ -3,6 +3,7 @@ evaluating every dashboard query and alert rule, promtool, /readyz, the systemd 
 over a real datagram socket, and systemd-analyze on the unit."""
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -20,8 +22,8 @@ import pytest
 
 import standin
 import tracker
-from conftest import (ROOT, config_toml, everything_reported, free_port, make_config, running_daemon, scenario,
-                      wait_until, wait_until_sync)
+from conftest import (ROOT, api_key_in, config_toml, everything_reported, free_port, make_config, running_daemon,
+                      scenario, wait_until, wait_until_sync)
 
 
 def tool(name: str) -> str:
@@ -47,7 +49,7 @@ def test_alert_rules_pass_their_promtool_unit_tests() -> None:
 def test_the_scrape_config_and_rules_are_valid() -> None:
     result = run(tool("promtool"), "check", "config", str(ROOT / "prometheus" / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 11 rules found" in result.stdout
+    assert "SUCCESS: 12 rules found" in result.stdout
 
 
 async def test_metrics_pass_promtool_check_metrics(start_partner, db_path: Path) -> None:
@@ -112,10 +114,11 @@ def test_real_prometheus_scrapes_the_daemon_and_every_dashboard_query_and_alert_
     partner = start_partner(scenario(returns=600, arrive_over_s=2.0, broken_share=0.01, never_registered_share=0.02,
                                      unknown_status_share=0.05, faults=faults))
     # As in production, Prometheus is scraping before the daemon starts, so it sees every counter from 0.
-    address = f"127.0.0.1:{free_port()}"
+    address, api = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     prometheus = Prometheus(tmp_path, address)
     daemon = daemon_process(config_toml(partner.url, tmp_path / "tracker.db").replace(
-        'listen = "127.0.0.1:0"', f'listen = "{address}"'))
+        'listen = "127.0.0.1:0"', f'listen = "{address}"').replace('[api]\nlisten = ""', f'[api]\nlisten = "{api}"'))
+    key = asyncio.run(api_key_in(tmp_path / "tracker.db", "customer-service", ("returns:read",)))
     partner.call(partner.standin.hold_clock)
     try:
         wait_until_sync(prometheus.ready, 30, what="Prometheus to be ready")
@@ -124,6 +127,10 @@ def test_real_prometheus_scrapes_the_daemon_and_every_dashboard_query_and_alert_
         partner.call(partner.standin.restart_clock)  # the burst starts now
         wait_until_sync(lambda: (ledger := partner.ledger())["finished"] and ledger["missing"] == 0, 40,
                         what="the burst to be reported")
+        for sent in ({"Authorization": f"Bearer {key}"}, {}):  # the shop's API: one answered, one refused
+            with contextlib.suppress(urllib.error.HTTPError):
+                urllib.request.urlopen(urllib.request.Request(f"http://{api}/v1/returns?limit=1", headers=sent),
+                                       timeout=10).close()
         # Enough scrapes since the work for every rate() window, and the row-count gauges refreshed.
         wait_until_sync(lambda: prometheus.query('count_over_time(up{job="tracker"}[20s]) >= 8'), 30,
                         what="eight scrapes")
@@ -133,7 +140,7 @@ def test_real_prometheus_scrapes_the_daemon_and_every_dashboard_query_and_alert_
         assert not empty, f"dashboard queries without data: {empty}"
         groups = prometheus.api("/api/v1/rules")["data"]["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
-        assert len(rules) == 11
+        assert len(rules) == 12
         for rule in rules:
             prometheus.query(rule["query"])  # evaluates without error
         wait_until_sync(lambda: all(r["health"] == "ok" for g in prometheus.api("/api/v1/rules")["data"]["groups"]
