@@ -4090,6 +4090,9 @@ class StorageUnavailable(Exception):
     """The last commit failed (disk full, read-only, I/O error). Nothing was changed."""
 
 
+UNGATHERED = (FeedPage, CheckNow, Audit, Idempotent)  # committed without waiting for company
+
+
 class Committer:
     """The only writer. Transitions that finish together are committed in one transaction; a
     stage's `submit` returns only once its transition is durable."""
@@ -4141,12 +4144,13 @@ class Committer:
             first = await self._queue.get()
             if first is None:
                 return
-            if self._queue.qsize() < COMMIT_BATCH_MAX and not isinstance(first[0], FeedPage):
+            if self._queue.qsize() < COMMIT_BATCH_MAX and not isinstance(first[0], UNGATHERED):
                 # Calls finishing within the gather window of each other share one transaction: a
                 # commit costs about the same for one transition as for a hundred (WAL pages, a
                 # round trip to the writer thread), and a partner call takes 20 ms or more anyway.
                 # A feed page is a batch by itself, and the feed reads its next page only after
-                # this one is stored: waiting would slow a catch-up by the window per page.
+                # this one is stored: waiting would slow a catch-up by the window per page. The
+                # API's writes have a caller waiting on the other end of a request: neither waits.
                 await asyncio.sleep(self._gather_s)
             batch = [first]
             while len(batch) < COMMIT_BATCH_MAX and not self._queue.empty():

@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Benchmark (issue 24): the shop's API under a sales event, on SQLite.
+
+  push      30,000 returns pushed through POST /v1/returns/batch, 500 a batch, one after another,
+            into a daemon whose partner feed is down, tracking running meanwhile: the wall from the
+            first batch sent to the last answered; then every return counted in the database.
+  kill -9   the same push with the daemon killed (SIGKILL) while a batch is on its way, restarted,
+            the unanswered batch sent again with its Idempotency-Key, the rest pushed: every
+            accepted return there, none twice.
+  lookups   the usual 30,000-return burst (bench/burst.py's partner), once alone and once with
+            GET /v1/returns/{id} at 200 requests/s for returns already listed: the lookups' p50 /
+            p99, and the burst's wall against the run without them.
+
+    .venv/bin/python bench/api.py                 all three (about 3 minutes)
+    .venv/bin/python bench/api.py --runs push,kill
+
+Targets (issue 24): push ≤ 10 s and nothing lost; lookups p99 ≤ 20 ms at 200/s and the burst's
+wall ≤ 1.05× the run without them. Exit status 0 only when all are met.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import burst  # noqa: E402
+import standin  # noqa: E402
+import tracker  # noqa: E402
+
+RETURNS = 30_000
+BATCH = tracker.API_BATCH_MAX
+LOOKUPS_PER_S = 200.0
+
+
+def start_partner(feed_down: bool, arrive_over_s: float) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    overrides = burst.scenario_overrides(RETURNS)
+    overrides["arrive_over_s"] = arrive_over_s
+    overrides["faults"]["feed_down"] = feed_down
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "standin.py"), "--returns", str(RETURNS), "--seconds", str(arrive_over_s),
+         "--scenario", json.dumps(overrides)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert process.stdout is not None
+    return process, json.loads(process.stdout.readline())
+
+
+class Daemon:
+    def __init__(self, workdir: Path, partner: dict[str, str]) -> None:
+        self.workdir, self.partner = workdir, partner
+        self.listen, self.api = f"127.0.0.1:{burst.free_port()}", f"127.0.0.1:{burst.free_port()}"
+        config = burst.daemon_config(partner["url"], self.listen, 0.0)
+        config["api"] = {"listen": self.api}
+        self.config = workdir / "config.toml"
+        self.config.write_text(standin.daemon_config_toml(config, "written by bench/api.py"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.workdir / "tracker.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "tracker.py"), "run", "--config", str(self.config)], stdout=log,
+                stderr=subprocess.STDOUT, env={**os.environ, tracker.ENV_TOKEN: self.partner["token"]})
+        burst.wait_until_listening(self.process, self.listen)
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+
+
+async def shop_returns(http: aiohttp.ClientSession, root: str) -> list[dict[str, Any]]:
+    """Every return, once the partner's burst has listed them all."""
+    while True:
+        async with http.get(f"{root}/_shop/returns") as resp:
+            shop = await resp.json()
+        if shop["finished"]:
+            return shop["data"]
+        await asyncio.sleep(0.2)  # the burst is still arriving
+
+
+async def push(http: aiohttp.ClientSession, api: str, key: str, batch: list[dict[str, Any]], number: int) -> int:
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": f"bench-{number}"}
+    async with http.post(f"http://{api}/v1/returns/batch", json={"returns": batch}, headers=headers) as resp:
+        answer = await resp.json()
+        if resp.status != 200:
+            raise SystemExit(f"batch {number}: {resp.status} {answer}")
+        return int(answer["accepted"])
+
+
+async def stored_returns(db: Path) -> int:
+    store = await tracker.Store.open(str(db), readonly=True)
+    try:
+        return (await store.counts())["returns"]
+    finally:
+        await store.close()
+
+
+async def run_push(workdir: Path, kill: bool) -> tuple[bool, str]:
+    partner, info = start_partner(feed_down=True, arrive_over_s=1.0)
+    daemon = Daemon(workdir, info)
+    try:
+        key = await burst_key(workdir)
+        daemon.start()
+        async with aiohttp.ClientSession() as http:
+            items = await shop_returns(http, info["root"])
+            batches = [items[i:i + BATCH] for i in range(0, len(items), BATCH)]
+            started = time.monotonic()
+            accepted = 0
+            for number, batch in enumerate(batches):
+                if kill and number == len(batches) // 2:
+                    sending = asyncio.create_task(push(http, daemon.api, key, batch, number))
+                    await asyncio.sleep(0.005)  # the batch is on its way
+                    daemon.kill9()
+                    try:
+                        accepted += await sending
+                        answered = "answered before the kill"
+                    except (aiohttp.ClientError, SystemExit):
+                        answered = "unanswered: sent again after the restart"
+                        daemon.start()
+                        accepted += await push(http, daemon.api, key, batch, number)
+                    if daemon.process is not None and daemon.process.poll() is not None:
+                        daemon.start()
+                    continue
+                accepted += await push(http, daemon.api, key, batch, number)
+            wall = time.monotonic() - started
+        daemon.stop()
+        stored = await stored_returns(workdir / "tracker.db")
+    finally:
+        daemon.stop()
+        partner.terminate()
+        partner.wait(10)
+    if kill:
+        met = stored == len(items) == accepted
+        return met, (f"kill -9 mid-push   {len(batches)} batches, the killed one {answered}; {accepted:,} accepted, "
+                     f"{stored:,} stored of {len(items):,} (target: all, none twice)   {'met' if met else 'MISSED'}")
+    met = wall <= 10.0 and stored == len(items)
+    return met, (f"push               {len(items):,} returns in {len(batches)} batches of {BATCH}: {wall:.1f} s "
+                 f"({len(items) / wall:,.0f} returns/s; target ≤ 10 s), {stored:,} stored   {'met' if met else 'MISSED'}")
+
+
+async def burst_key(workdir: Path) -> str:
+    secret = tracker.new_api_key()
+    store = await tracker.Store.open(str(workdir / "tracker.db"))
+    try:
+        await store.add_api_key(tracker.ApiKey(name="bench", scopes=tracker.API_SCOPES, rate_per_s=10_000,
+                                               created_at=time.time()),
+                                tracker.api_key_hash(secret), tracker.api_key_lookup(secret))
+    finally:
+        await store.close()
+    return secret
+
+
+async def run_burst(workdir: Path, lookups: bool) -> tuple[float, list[float]]:
+    """The burst's wall (daemon start to every report recorded), and the lookups' latencies."""
+    partner, info = start_partner(feed_down=False, arrive_over_s=10.0)
+    daemon = Daemon(workdir, info)
+    latencies: list[float] = []
+    try:
+        key = await burst_key(workdir)
+        started = time.monotonic()
+        daemon.start()
+        async with aiohttp.ClientSession() as http:
+            looker = asyncio.create_task(look_up(http, info["root"], daemon.api, key, latencies)) if lookups else None
+            while True:
+                ledger = standin.read_ledger(info["root"])
+                if ledger["finished"] and ledger["missing"] == 0:
+                    break
+                await asyncio.sleep(0.5)  # a benchmark's sampling period, not synchronisation
+            wall = time.monotonic() - started
+            if looker is not None:
+                looker.cancel()
+    finally:
+        daemon.stop()
+        partner.terminate()
+        partner.wait(10)
+    return wall, latencies
+
+
+async def look_up(http: aiohttp.ClientSession, root: str, api: str, key: str, latencies: list[float]) -> None:
+    headers = {"Authorization": f"Bearer {key}"}
+    listed: list[str] = []
+    cursor, sent, started = 0, 0, time.monotonic()
+    while True:
+        if sent % 100 == 0:
+            async with http.get(f"{root}/_shop/returns?cursor={cursor}") as resp:
+                shop = await resp.json()
+            listed += [item["id"] for item in shop["data"]]
+            cursor = shop["next_cursor"]
+        if listed:
+            return_id = listed[(sent * 7919) % len(listed)]
+            at = time.monotonic()
+            async with http.get(f"http://{api}/v1/returns/{return_id}", headers=headers) as resp:
+                await resp.read()
+                if resp.status == 200:
+                    latencies.append(time.monotonic() - at)
+        sent += 1
+        await asyncio.sleep(max(0.0, started + sent / LOOKUPS_PER_S - time.monotonic()))  # the request rate
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q * 100) - 1] if len(values) >= 100 else max(values, default=0)
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default="push,kill,lookups")
+    args = parser.parse_args()
+    runs = args.runs.split(",")
+    print(f"bench/api.py — {RETURNS:,} returns, SQLite, {os.cpu_count()} CPUs")
+    all_met = True
+    with tempfile.TemporaryDirectory(prefix="tracker-bench-api-") as tmp:
+        for name in ("push", "kill"):
+            if name in runs:
+                workdir = Path(tmp) / name
+                workdir.mkdir()
+                met, line = await run_push(workdir, kill=name == "kill")
+                print(line, flush=True)
+                all_met &= met
+        if "lookups" in runs:
+            (Path(tmp) / "alone").mkdir()
+            (Path(tmp) / "looked").mkdir()
+            alone, _ = await run_burst(Path(tmp) / "alone", lookups=False)
+            looked, latencies = await run_burst(Path(tmp) / "looked", lookups=True)
+            p50, p99 = quantile(latencies, 0.5) * 1000, quantile(latencies, 0.99) * 1000
+            ratio = looked / alone
+            met = p99 <= 20.0 and ratio <= 1.05
+            all_met &= met
+            print(f"lookups            {len(latencies):,} answered during the burst at {LOOKUPS_PER_S:g}/s: "
+                  f"p50 {p50:.1f} ms, p99 {p99:.1f} ms (target ≤ 20); burst {looked:.1f} s vs {alone:.1f} s alone "
+                  f"= {ratio:.2f}× (target ≤ 1.05)   {'met' if met else 'MISSED'}")
+    return 0 if all_met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
