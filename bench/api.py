@@ -152,7 +152,8 @@ async def run_push(workdir: Path, kill: bool) -> tuple[bool, str]:
                      f"{stored:,} stored of {len(items):,} (target: all, none twice)   {'met' if met else 'MISSED'}")
     met = wall <= 10.0 and stored == len(items)
     return met, (f"push               {len(items):,} returns in {len(batches)} batches of {BATCH}: {wall:.1f} s "
-                 f"({len(items) / wall:,.0f} returns/s; target ≤ 10 s), {stored:,} stored   {'met' if met else 'MISSED'}")
+                 f"({len(items) / wall:,.0f} returns/s; target ≤ 10 s), {stored:,} stored   "
+                 f"{'met' if met else 'MISSED'}")
 
 
 async def burst_key(workdir: Path) -> str:
