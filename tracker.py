@@ -5013,7 +5013,7 @@ API_ROUTES = (
     Route(method="POST", path="/v1/returns", scope="returns:write", name="push_one"),
     Route(method="POST", path="/v1/returns/batch", scope="returns:write", name="push_batch"),
     Route(method="GET", path="/v1/returns", scope="returns:read", name="list_returns"),
-    Route(method="GET", path="/v1/returns/{id}", scope="returns:read", name="get_return"),
+    Route(method="GET", path="/v1/returns/{id}", scope="returns:read", name="get_return"),  # never "batch"
     Route(method="GET", path="/v1/shipments/{shipment_number}", scope="returns:read", name="get_shipment"),
     Route(method="POST", path="/v1/shipments/{shipment_number}/check", scope="shipments:check", name="check"),
 )
@@ -5036,8 +5036,9 @@ class ShopApi:
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self._config.api.max_body_bytes, middlewares=[self._answer])
         for route in API_ROUTES:
-            app.router.add_route(route.method, route.path,
-                                 functools.partial(self._guarded, route, getattr(self, route.name)))
+            # /v1/returns/batch is the batch's alone: a GET there is 405, as the document says
+            path = route.path.replace("{id}", "{id:(?!batch$)[^/]+}")
+            app.router.add_route(route.method, path, functools.partial(self._guarded, route, getattr(self, route.name)))
         return app
 
     # ── every request: its id, its client, its key, its problem, its metrics ────────────────
@@ -5187,11 +5188,11 @@ class ShopApi:
 
     async def push_batch(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
         body = await self._json(request)
-        raw = body.get("returns") if isinstance(body, dict) else None
+        raw = body.get("returns") if isinstance(body, dict) and set(body) == {"returns"} else None
         if not isinstance(raw, list) or not raw:
             raise Problem(422, "invalid-batch", "Unprocessable Content", 'send {"returns": [ … ]}, 1 to 500 of them')
         if len(raw) > API_BATCH_MAX:
-            raise Problem(413, "batch-too-large", "Content Too Large", f"at most {API_BATCH_MAX} returns a batch")
+            raise Problem(422, "batch-too-large", "Unprocessable Content", f"at most {API_BATCH_MAX} returns a batch")
         checked = [pushed_return(r) for r in raw]
         accepted = [item for item in checked if isinstance(item, ReturnItem)]
         result = await self._commit_pushed(accepted) if accepted else CommitResult()
@@ -5224,22 +5225,26 @@ class ShopApi:
 
     async def list_returns(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
         query = request.query
-        for field in ("order_number", "shipment_number"):
-            if field in query:
-                story = await self._store.story(query[field])
-                found = [api_return(r["id"], story) for r in story["returns"] if r[field] == query[field]]
-                return web.json_response({"returns": found, "next_cursor": None, "has_more": False})
         state = query.get("state")
         if state is not None and state not in {*(s.value for s in BoxState), *(s.value for s in ReportState)}:
             raise Problem(400, "invalid-parameter", "Bad Request", f"state: not a box or report state: {state[:40]!r}")
+        since = unix_seconds(query["since"]) if "since" in query else 0.0
         try:
             limit = int(query.get("limit", "100"))
-            since = parse_date(query["since"]) if "since" in query else 0.0
             after = int(query["cursor"], 36) if "cursor" in query else 0
         except (ValueError, OverflowError):
-            raise Problem(400, "invalid-parameter", "Bad Request", "limit, since or cursor is not valid") from None
-        if not 1 <= limit <= API_LIST_MAX or after < 0:
-            raise Problem(400, "invalid-parameter", "Bad Request", f"limit must be 1 to {API_LIST_MAX}")
+            limit = after = -1
+        if since is None or not 1 <= limit <= API_LIST_MAX or not 0 <= after < 36 ** 12:
+            raise Problem(400, "invalid-parameter", "Bad Request",
+                          f"since is a date, limit 1 to {API_LIST_MAX}, cursor a next_cursor")
+        for field in ("order_number", "shipment_number"):
+            if field in query:
+                if not printable_or_none(query[field]):
+                    raise Problem(400, "invalid-parameter", "Bad Request", f"{field}: 1 to {MAX_FIELD_CHARS} printable "
+                                                                           "characters")
+                story = await self._store.story(query[field])
+                found = [api_return(r["id"], story) for r in story["returns"] if r[field] == query[field]]
+                return web.json_response({"returns": found, "next_cursor": None, "has_more": False})
         rows = await self._store.list_returns(after=after, since=since, state=state, limit=limit + 1)
         page = rows[:limit]
         found = []
@@ -5362,8 +5367,9 @@ def configure_logging(level: str, stream: typing.TextIO | None = None) -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if not tty:
-        processors.append(structlog.processors.dict_tracebacks)
+    if not tty:  # tracebacks without their frames' locals: a local may hold a key or a token
+        processors.append(structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
     final_chain: list[Any] = [*processors, REDACT, renderer, REDACT.rendered]  # the last one gets the line
     structlog.configure(
         processors=final_chain,
