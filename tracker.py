@@ -5732,6 +5732,7 @@ class Daemon:
         self.http_address: str | None = None
         self.api_address: str | None = None  # where the shop's API listens, once started ([api] listen)
         self._api_runner: web.AppRunner | None = None
+        self._api_reads: StateStore | None = None
         self._stop = StopSignal()
         self.store: StateStore | None = None  # once run() has opened it
         self._stages: Stages | None = None
@@ -5806,7 +5807,10 @@ class Daemon:
                     config.http.host, config.http.port, self.metrics, self._health, self.readiness)
                 self.log.info("http.listening", address=self.http_address)
                 if config.api.listen:
-                    api = ShopApi(config, store, stages, self.metrics, self.log)
+                    # the API reads on a connection of its own: a lookup never queues behind the
+                    # stages' due-work fetches (its writes go through the committer)
+                    self._api_reads = await open_store(config.storage, readonly=True)
+                    api = ShopApi(config, self._api_reads, stages, self.metrics, self.log)
                     self._api_runner, self.api_address = await start_api_server(api, config.api.host,
                                                                                 config.api.port)
                     self.log.info("api.listening", address=self.api_address)
@@ -5881,6 +5885,9 @@ class Daemon:
         if self._api_runner is not None:
             runner, self._api_runner = self._api_runner, None
             await runner.cleanup()
+        if self._api_reads is not None:
+            reads, self._api_reads = self._api_reads, None
+            await reads.close()
 
     def _circuit_changed(self, alerts: "Alerter", breaker: CircuitBreaker, previous: CircuitState, why: str) -> None:
         endpoint = breaker.endpoint.value

@@ -9,8 +9,8 @@ from typing import Any
 
 import standin
 import tracker
-from conftest import (assert_nothing_lost_nothing_early, config_toml, everything_reported, ledger_of,
-                      make_config, run_daemon_until, scenario, wait_until_sync)
+from conftest import (assert_nothing_lost_nothing_early, config_toml, everything_reported, ledger_of, make_config,
+                      run_daemon_until, running_daemon, scenario, wait_until, wait_until_sync)
 
 
 async def test_a_full_outage_mid_burst_is_waited_out_with_a_handful_of_calls(start_partner, db_path: Path) -> None:
@@ -18,20 +18,34 @@ async def test_a_full_outage_mid_burst_is_waited_out_with_a_handful_of_calls(sta
     partner = start_partner(scenario(returns=1500, arrive_over_s=1.5, faults=outage))
     config = make_config(db_path, partner.url, slack=tracker.SlackConfig(webhook_url=partner.root + "/_slack"))
     reported = everything_reported(partner, db_path)
+    opened_at: list[float] = []
+    closed_at: list[float] = []
     finished_at: list[float] = []
-
-    async def done() -> bool:
-        if await reported():
-            finished_at.append((await ledger_of(partner))["now_s"])
-            return True
-        return False
-    await run_daemon_until(config, done, timeout_s=40)
+    async with running_daemon(config) as daemon:
+        async def done() -> bool:
+            now = (await ledger_of(partner))["now_s"]
+            tracking_open = daemon.metrics.registry.get_sample_value(
+                "tracker_partner_circuit_state", {"endpoint": "tracking", "state": "open"})
+            if tracking_open and not opened_at:
+                opened_at.append(now)
+            elif opened_at and not tracking_open and daemon.metrics.registry.get_sample_value(
+                    "tracker_partner_circuit_state", {"endpoint": "tracking", "state": "closed"}) and not closed_at:
+                closed_at.append(now)
+            if await reported():
+                finished_at.append(now)
+                return True
+            return False
+        await wait_until(done, 40, what="every report after the outage")
     ledger = await ledger_of(partner)
     assert_nothing_lost_nothing_early(ledger)
     during = {endpoint: answers.get("503-outage", 0) for endpoint, answers in ledger["calls"].items()}
     assert all(n <= 15 for n in during.values()), during  # the circuits opened: a handful, no hammering
-    # The backlog of the outage was worked off within seconds of the partner coming back.
-    assert finished_at[0] < outage.outage_at_s + outage.outage_s + 5.0
+    outage_end = outage.outage_at_s + outage.outage_s
+    # The circuit closed at its first probe after the partner came back: its open periods double
+    # from OPEN_BASE_S, so the probe comes at most the last period (here 4 s) after the end.
+    assert opened_at and closed_at and closed_at[0] < outage_end + 4 * tracker.CircuitBreaker.OPEN_BASE_S + 0.5
+    # Then the outage's backlog was worked off within seconds.
+    assert finished_at[0] - closed_at[0] < 3.0, (closed_at, finished_at)
     texts = partner.call(lambda: [m["text"] for m in partner.standin.slack_messages])
     assert any("/tracking is failing" in t for t in texts) and any("/tracking answers again" in t for t in texts)
 
