@@ -149,9 +149,10 @@ class StorageConfig:
         return redact_database_url(self.url) if self.url else self.path
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class HttpConfig:
-    listen: str = "127.0.0.1:9108"
+class Listening:
+    """A section with a `listen` of "host:port" (validated by _validate_listen)."""
+
+    listen: str
 
     @property
     def host(self) -> str:
@@ -160,6 +161,11 @@ class HttpConfig:
     @property
     def port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HttpConfig(Listening):
+    listen: str = "127.0.0.1:9108"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -192,18 +198,10 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ApiConfig:
+class ApiConfig(Listening):
     listen: str = ""  # "host:port" of the shop's API, a listener of its own; empty: no API
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed; nobody else's is
     max_body_bytes: int = 1_048_576  # a batch of 500 returns is about 100 KB
-
-    @property
-    def host(self) -> str:
-        return self.listen.rsplit(":", 1)[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rsplit(":", 1)[1])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -1575,7 +1573,8 @@ PG_RETRY_SQLSTATES = ("40001", "40P01")  # serialization failure, deadlock: the 
 PG_COMMIT_ATTEMPTS = 5
 MEMBER_LOCK_CLASS = 0x74726B  # "trk": the first key of every instance's membership lock
 FLEET_COUNT_EVERY_S = 0.5  # how often an instance counts the fleet (a dead one's share returns within it)
-FLEET_SETTLE_S = 3.0  # after its own reconnect, the others' too: the count may only rise meanwhile
+FLEET_SETTLE_S = 5.0  # after its own reconnect, the others' too: the count may only rise until this
+#                      long after it last rose
 
 
 # ── the dialects ────────────────────────────────────────────────────────────────────────────
@@ -2135,6 +2134,7 @@ class PgFleet:
         self._held_since: dict[tuple[str, str], float] = {}  # (kind, key) → monotonic time its lease began
         self._member: psycopg.AsyncConnection[Any] | None = None
         self._joined = False
+        self._rejoined = 1  # the most counted since this instance last joined again
         self._counted = 1
         self._settle_until = -math.inf
 
@@ -2192,16 +2192,21 @@ class PgFleet:
     async def count(self) -> int:
         """The instances holding a membership lock, this one's taken again first if its session
         ended. After this instance's own reconnect (a cut, a restart, a failover: the others'
-        sessions may have ended too) the count may only rise for FLEET_SETTLE_S, while they come
-        back: no instance ever briefly believes it is alone and takes the whole rate."""
+        sessions may have ended too) the count may only rise while they come back — until
+        FLEET_SETTLE_S after the last of them did: no instance ever briefly believes it is alone
+        and takes the whole rate."""
         if self._member is None or self._member.closed or self._member.broken:
             await self._join()
         assert self._member is not None
         cursor = await self._member.execute(STATEMENTS[Dialect.POSTGRESQL]["fleet_members"],
                                             {"class": MEMBER_LOCK_CLASS})
         counted = max(1, (await cursor.fetchone() or (1,))[0])
-        if counted < self._counted and time.monotonic() < self._settle_until:
-            return self._counted
+        if time.monotonic() < self._settle_until:
+            if counted > self._rejoined:  # another one is back: the rest may be on their way
+                self._rejoined = counted
+                self._settle_until = time.monotonic() + FLEET_SETTLE_S
+            if counted < self._counted:
+                return self._counted
         self._counted = counted
         return counted
 
@@ -2222,6 +2227,7 @@ class PgFleet:
             raise
         if self._joined:  # again: the others' sessions may have ended with this one's
             self._settle_until = time.monotonic() + FLEET_SETTLE_S
+            self._rejoined = 1
         self._joined = True
         self._member = conn
 
