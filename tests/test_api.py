@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -19,8 +20,8 @@ from openapi_spec_validator import validate as validate_openapi
 
 import standin
 import tracker
-from conftest import (ROOT, TOKEN, api_key_in, config_toml, counts_in, ledger_of, make_config, running_daemon,
-                      scenario, wait_until)
+from conftest import (ROOT, TOKEN, api_key_in, config_toml, counts_in, free_port, ledger_of, make_config,
+                      running_daemon, scenario, wait_until)
 
 ALL_SCOPES = ("returns:read", "returns:write", "shipments:check")
 
@@ -512,3 +513,41 @@ async def test_schemathesis_finds_nothing_the_document_does_not_say(start_partne
             "--request-timeout", "5"], capture_output=True, text=True, timeout=240)
     assert found.returncode == 0, found.stdout[-6000:]
     assert "Test cases:" in found.stdout and " generated" in found.stdout
+
+
+async def test_pushed_returns_survive_kill_9_and_a_batch_sent_again_is_not_pushed_twice(start_partner,
+                                                                                        daemon_process,
+                                                                                        tmp_path: Path) -> None:
+    partner = start_partner(scenario(returns=300, faults=standin.Faults(feed_down=True)))
+    db = tmp_path / "tracker.db"
+    api = f"127.0.0.1:{free_port()}"
+    daemon = daemon_process(config_toml(partner.url, db).replace('[api]\nlisten = ""', f'[api]\nlisten = "{api}"'))
+    key = await api_key_in(db, "order-system", rate_per_s=10_000)
+    items = items_of(partner)
+    batches = [items[i:i + 50] for i in range(0, len(items), 50)]
+    async with aiohttp.ClientSession() as http:
+        client = Client(http, api, key)
+
+        async def listening() -> bool:
+            with contextlib.suppress(aiohttp.ClientError):
+                return (await client.call("GET", "/v1/openapi.json"))[0] == 200
+            return False
+        daemon.start()
+        await wait_until(listening, 30, what="the API")
+        for number, batch in enumerate(batches[:3]):
+            status, _, _ = await client.call("POST", "/v1/returns/batch", {"returns": batch},
+                                             headers={"Idempotency-Key": f"b{number}"})
+            assert status == 200
+        daemon.kill9()  # after three answered batches
+        daemon.start()
+        await wait_until(listening, 30, what="the API after the restart")
+        for number, batch in enumerate(batches):  # every batch sent (again) with its key
+            status, body, headers = await client.call("POST", "/v1/returns/batch", {"returns": batch},
+                                                      headers={"Idempotency-Key": f"b{number}"})
+            assert status == 200 and (headers.get("Idempotent-Replayed") == "true") == (number < 3)
+        await wait_until(reported_all(partner, db), 60, what="every pushed return reported")
+        daemon.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.wait, 15) == 0
+    ledger = await ledger_of(partner)
+    assert ledger["recorded"] == ledger["expected"] > 0 and ledger["premature"] == ledger["unknown"] == 0
+    assert (await counts_in(db))["returns"] == len(items)  # each once
