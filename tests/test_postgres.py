@@ -399,6 +399,7 @@ async def test_a_database_restart_mid_burst_draws_no_burst_of_429s(
         restarted_tenth = math.floor(await asyncio.to_thread(partner.call, lambda: partner.standin.now() * 10))
         postgres.start()
         await wait_until(everything_reported(partner, pg_url), 120, what="every report after the restart")
+        counts = [[c["instances"] for c in fleet_changes(daemon)] for daemon in fleet]  # before the kills below
     finally:
         for daemon in fleet:
             daemon.stop()
@@ -408,8 +409,7 @@ async def test_a_database_restart_mid_burst_draws_no_burst_of_429s(
              if restarted_tenth <= int(tenth) < restarted_tenth + 100]  # the ten seconds after it
     through, refused = sum(c[0] for c in after), sum(c[1] for c in after)
     assert through > 0 and refused <= 0.02 * (through + refused), (through, refused)
-    for daemon in fleet:  # once three, always three: none believed for a moment it was alone
-        counted = [c["instances"] for c in fleet_changes(daemon)]
+    for counted in counts:  # once three, always three: none believed for a moment it was alone
         assert set(counted[counted.index(3):]) == {3}, counted
 
 
