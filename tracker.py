@@ -1707,18 +1707,25 @@ class SqliteTransaction:
 _SQLITE_COLUMNS: dict[str, list[str]] = {}  # a statement's column names, learned at its first run
 
 
-async def _sqlite_dicts(connection: aiosqlite.Connection, sql: str, params: Params) -> list[dict[str, Any]]:
-    """Rows by column name. After a statement's first run, one thread hop that runs it to its end
-    (execute_fetchall: see SqliteDatabase.query), its names zipped on from what that run learned."""
+@contextlib.contextmanager
+def _not_yet_in_schema() -> typing.Iterator[None]:
+    """SQLite's "no such table/column" as NotYetInSchema: an older file opened read-only lacks it."""
     try:
-        names = _SQLITE_COLUMNS.get(sql)
-        if names is not None:
-            return [dict(zip(names, row)) for row in await connection.execute_fetchall(sql, params)]
-        cursor = await connection.execute(sql, params)
+        yield
     except sqlite3.OperationalError as exc:
         if "no such" in str(exc):
             raise NotYetInSchema(str(exc)) from exc
         raise
+
+
+async def _sqlite_dicts(connection: aiosqlite.Connection, sql: str, params: Params) -> list[dict[str, Any]]:
+    """Rows by column name. After a statement's first run, one thread hop that runs it to its end
+    (execute_fetchall: see SqliteDatabase.query), its names zipped on from what that run learned."""
+    with _not_yet_in_schema():
+        names = _SQLITE_COLUMNS.get(sql)
+        if names is not None:
+            return [dict(zip(names, row)) for row in await connection.execute_fetchall(sql, params)]
+        cursor = await connection.execute(sql, params)
     try:
         names = _SQLITE_COLUMNS[sql] = [column[0] for column in cursor.description]
         return [dict(zip(names, row)) for row in await cursor.fetchall()]
@@ -1841,12 +1848,8 @@ class SqliteDatabase:
         # One thread hop that runs the statement to its end. A statement left open across hops
         # (execute, then fetch, then close) holds its read snapshot, and a query another stage
         # runs meanwhile on this connection would see that stale snapshot.
-        try:
+        with _not_yet_in_schema():
             return [tuple(row) for row in await self._reader.execute_fetchall(sql, params)]
-        except sqlite3.OperationalError as exc:
-            if "no such" in str(exc):
-                raise NotYetInSchema(str(exc)) from exc
-            raise
 
     async def fetch_dicts(self, name: str, params: Params = ()) -> list[dict[str, Any]]:
         return await _sqlite_dicts(self._reader, self._sql[name], _as_json_lists(params))
@@ -3608,11 +3611,17 @@ def parse_returns_page(body: Any, sent_cursor: str | None, now: float, first_che
             items.append(checked)
         else:
             quarantined.append(checked)
-    first_checks: dict[str, float] = {}
-    for item in items:  # spread a burst's first checks over an interval instead of all at once
-        first_checks.setdefault(item.shipment_number, now + jittered(first_check_in_s, 0.5))
     return FeedPage(items=tuple(items), quarantined=tuple(quarantined), next_cursor=next_cursor, has_more=has_more,
-                    first_checks=tuple(first_checks.items()))
+                    first_checks=first_checks(items, now, first_check_in_s))
+
+
+def first_checks(items: Iterable[ReturnItem], now: float, first_check_in_s: float) -> tuple[tuple[str, float], ...]:
+    """When each box of these returns is first asked about (a box not seen before is created
+    with it): spread over an interval, so a burst's first checks do not land at once."""
+    when: dict[str, float] = {}
+    for item in items:
+        when.setdefault(item.shipment_number, now + jittered(first_check_in_s, 0.5))
+    return tuple(when.items())
 
 
 def validate_return(raw: Any) -> ReturnItem | QuarantinedItem:
@@ -5212,12 +5221,8 @@ class ShopApi:
         return web.json_response({"accepted": len(accepted), "new": added, "rejected": rejected, "results": results})
 
     async def _commit_pushed(self, items: Sequence[ReturnItem]) -> CommitResult:
-        now = time.time()
-        first_checks: dict[str, float] = {}
-        for item in items:
-            first_checks.setdefault(item.shipment_number, now + jittered(self._stages.schedule.first_check_in(), 0.5))
         page = FeedPage(items=tuple(items), quarantined=(), next_cursor=None, has_more=False,
-                        first_checks=tuple(first_checks.items()))
+                        first_checks=first_checks(items, time.time(), self._stages.schedule.first_check_in()))
         result = await self._submit(page)
         self._stages.pushed(page, result)
         return result
