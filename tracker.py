@@ -1559,6 +1559,7 @@ PG_FLEET_SQL = {
     # on a connection of its own. PostgreSQL drops the lock with the session, so a process that
     # dies leaves the count at once, and a host that dies within its TCP keepalives.
     "join_fleet": "SELECT pg_try_advisory_lock(%(class)s, %(key)s)",
+    "leave_fleet": "SELECT pg_advisory_unlock_all()",
     "fleet_members": "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
                      " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
                      " AND classid = %(class)s AND objsubid = 2",
@@ -2250,6 +2251,9 @@ class PgFleet:
     async def leave(self) -> None:
         for statement in ("release_box_claims", "release_report_claims", "give_up_feed"):
             await self._db.fetch(statement, self._params())
+        if self._member is not None and not self._member.broken:
+            # at once: a closed session's locks go only when its server process has noticed
+            await self._member.execute(STATEMENTS[Dialect.POSTGRESQL]["leave_fleet"])
         await self.close()
 
     async def close(self) -> None:
