@@ -468,6 +468,13 @@ class ReturnItem:
 
 REPORTED_FIELDS = ("order_number", "order_item_number", "shipment_number")  # what a report carries
 CORRECTABLE_FIELDS = (*REPORTED_FIELDS, "requested_at")
+FEED_SOURCE = "feed"
+
+
+def order_item_name(item: ReturnItem) -> str:
+    """The name of a return pushed without an id, and the name a feed listing of the same order
+    item is matched by: the partner holds each order item once."""
+    return f"order:{item.order_number}:{item.order_item_number}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -477,6 +484,7 @@ class Correction:
     before: ReturnItem
     after: ReturnItem
     report_state: ReportState | None = None  # the report's, when the correction arrived (None: none yet)
+    source: str = FEED_SOURCE  # where the listing came from: the feed, or the API key that pushed it
 
     @property
     def return_id(self) -> str:
@@ -536,6 +544,7 @@ class FeedPage:
     has_more: bool
     first_checks: tuple[tuple[str, float], ...] = ()  # (shipment, when) for boxes not seen before
     epoch: int | None = None  # the feed lease it was read under (PostgreSQL): stored only while it holds
+    source: str = FEED_SOURCE  # or the name of the API key that pushed these returns
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -754,10 +763,10 @@ class LeaseLost(Exception):
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
-SCHEMA_VERSION = 7  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
+SCHEMA_VERSION = 8  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
 #                    4: corrections, and the report revisions they bump; 5: box status histories;
 #                    6: report attempts, boxes' requested_at (overdue pickups); 7: the shop's API (keys,
-#                    audit, boxes' check_requested_at)
+#                    audit, boxes' check_requested_at); 8: returns' second names, corrections' sources
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -769,10 +778,19 @@ CREATE TABLE IF NOT EXISTS returns (
     order_item_number TEXT NOT NULL,
     shipment_number   TEXT NOT NULL,
     requested_at      TEXT,
-    seen_at           REAL NOT NULL
+    seen_at           REAL NOT NULL,
+    source            TEXT NOT NULL DEFAULT 'feed'
 );
 CREATE INDEX IF NOT EXISTS returns_by_shipment ON returns (shipment_number);
 CREATE INDEX IF NOT EXISTS returns_by_order ON returns (order_number);
+-- A return's other names: one pushed without an id is named by its order item
+-- (order:<order_number>:<order_item_number>); the feed's id for the same order item, listed later,
+-- is a second name that finds the same return (or the other way round).
+CREATE TABLE IF NOT EXISTS return_names (
+    name      TEXT PRIMARY KEY,
+    return_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS return_names_by_return ON return_names (return_id);
 CREATE TABLE IF NOT EXISTS boxes (
     shipment_number TEXT PRIMARY KEY,
     state           TEXT NOT NULL,
@@ -864,7 +882,8 @@ CREATE TABLE IF NOT EXISTS report_attempts (
 CREATE INDEX IF NOT EXISTS report_attempts_by_return ON report_attempts (return_id, id);
 -- One row per applied correction: a relisted return whose fields differ from the stored ones.
 -- `fields` names the changed fields (comma-separated), `before` and `after` are their two versions
--- (JSON objects), `report_state` is the report's state when the correction arrived (NULL: none yet).
+-- (JSON objects), `report_state` is the report's state when the correction arrived (NULL: none yet),
+-- `source` where the listing came from: 'feed', or the name of the API key that pushed it.
 CREATE TABLE IF NOT EXISTS corrections (
     id           INTEGER PRIMARY KEY,
     return_id    TEXT NOT NULL,
@@ -872,7 +891,8 @@ CREATE TABLE IF NOT EXISTS corrections (
     before       TEXT NOT NULL,
     after        TEXT NOT NULL,
     report_state TEXT,
-    corrected_at REAL NOT NULL
+    corrected_at REAL NOT NULL,
+    source       TEXT NOT NULL DEFAULT 'feed'
 );
 CREATE INDEX IF NOT EXISTS corrections_by_return ON corrections (return_id);
 CREATE TABLE IF NOT EXISTS unknown_statuses (
@@ -966,6 +986,12 @@ QUEUE_REPORT_UPSERT = (
 PAGE_SQL = {
     "stored_returns":  # what the page's ids hold now: a relisting that differs is a correction
         "SELECT id, order_number, order_item_number, shipment_number, requested_at FROM returns WHERE id IN LIST(?)",
+    "named_returns":  # the returns the page's other ids are second names of
+        "SELECT n.name, r.id, r.order_number, r.order_item_number, r.shipment_number, r.requested_at"
+        " FROM return_names n JOIN returns r ON r.id = n.return_id WHERE n.name IN LIST(?)",
+    "returns_of_orders":  # for returns pushed without an id: one stored for the same order item
+        "SELECT id, order_number, order_item_number, shipment_number, requested_at FROM returns"
+        " WHERE order_number IN LIST(?)",
     "report_states": "SELECT return_id, state FROM reports WHERE return_id IN LIST(?)",
     "reports_for_delivered_boxes":  # an item joining a box already delivered is reportable at once
         "INSERT INTO reports (return_id, order_number, order_item_number, shipment_number, collected_at,"
@@ -997,7 +1023,7 @@ SQLITE_ONLY_SQL = {
 WRITE_SQL = {
     "put_meta": "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     "insert_return": "INSERT INTO returns (id, order_number, order_item_number, shipment_number, requested_at,"
-                     " seen_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                     " seen_at, source) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
     "insert_box": "INSERT INTO boxes (shipment_number, state, next_check_at, first_seen_at, requested_at)"
                   " VALUES (?, ?, ?, ?, (SELECT MIN(EPOCH_OF(requested_at)) FROM returns WHERE shipment_number = ?))"
                   " ON CONFLICT (shipment_number) DO NOTHING",
@@ -1005,8 +1031,9 @@ WRITE_SQL = {
                          " VALUES (?, ?, ?, ?, ?) ON CONFLICT (fingerprint) DO NOTHING",
     "correct_return": "UPDATE returns SET order_number = ?, order_item_number = ?, shipment_number = ?,"
                       " requested_at = ? WHERE id = ?",
-    "insert_correction": "INSERT INTO corrections (return_id, fields, before, after, report_state, corrected_at)"
-                         " VALUES (?, ?, ?, ?, ?, ?)",
+    "insert_correction": "INSERT INTO corrections (return_id, fields, before, after, report_state, corrected_at,"
+                         " source) VALUES (?, ?, ?, ?, ?, ?, ?)",
+    "insert_name": "INSERT INTO return_names (name, return_id) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
     # A correction to a report not yet accepted: the next attempt carries the corrected fields. A
     # move to another waybill withdraws it until that box is delivered (QUEUE_REPORT_UPSERT queues
     # it again, at once if it already is); a dead one is sent again, since the correction may be
@@ -1107,8 +1134,10 @@ OPERATOR_SQL = {
 # `show`: one return's whole story, found by its id, order number or shipment number. Each reads by
 # an index (the OR by three); the lists by one list parameter of ids.
 SHOW_SQL = {
-    "returns": "SELECT id, order_number, order_item_number, shipment_number, requested_at, seen_at FROM returns"
-               " WHERE id = :key OR order_number = :key OR shipment_number = :key ORDER BY seen_at, id",
+    "returns": "SELECT id, order_number, order_item_number, shipment_number, requested_at, seen_at, source"
+               " FROM returns WHERE id = :key OR order_number = :key OR shipment_number = :key"
+               " OR id = (SELECT return_id FROM return_names WHERE name = :key) ORDER BY seen_at, id",
+    "names": "SELECT name, return_id FROM return_names WHERE return_id IN LIST(:ids) ORDER BY name",
     "quarantine": "SELECT return_id, reason, raw, seen_at, resolved_at FROM quarantine"
                   " WHERE return_id IN LIST(:ids) ORDER BY seen_at",
     "boxes": "SELECT shipment_number, state, last_status, checks, not_found, first_seen_at, next_check_at, closed_at,"
@@ -1120,7 +1149,7 @@ SHOW_SQL = {
                " WHERE return_id IN LIST(:ids)",
     "attempts": "SELECT return_id, attempt, attempted_at, outcome, http_status, latency_s, error FROM report_attempts"
                 " WHERE return_id IN LIST(:ids) ORDER BY return_id, id",
-    "corrections": "SELECT return_id, fields, before, after, report_state, corrected_at FROM corrections"
+    "corrections": "SELECT return_id, fields, before, after, report_state, corrected_at, source FROM corrections"
                    " WHERE return_id IN LIST(:ids) ORDER BY id",
 }
 # Retention: boxes closed before :cutoff whose every return is finished too (reported before it,
@@ -1143,6 +1172,8 @@ RETENTION_SQL = {
                          " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
     "delete_reports": "DELETE FROM reports WHERE return_id IN"
                       " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
+    "delete_names": "DELETE FROM return_names WHERE return_id IN"
+                    " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
     "delete_returns": "DELETE FROM returns WHERE shipment_number IN LIST(:boxes)",
     "delete_history": "DELETE FROM box_history WHERE shipment_number IN LIST(:boxes)",
     "delete_boxes": "DELETE FROM boxes WHERE shipment_number IN LIST(:boxes)",
@@ -1266,6 +1297,8 @@ ADDED_COLUMNS = (
     ("boxes", "status_since REAL"),  # 5
     ("boxes", "requested_at REAL"),  # 6
     ("boxes", "check_requested_at REAL"),  # 7: when the API last asked for a check now
+    ("corrections", "source TEXT NOT NULL DEFAULT 'feed'"),  # 8
+    ("returns", "source TEXT NOT NULL DEFAULT 'feed'"),  # 8: the feed, or the API key that pushed it first
 )
 SCHEMA_AFTER_MIGRATION = (
     "CREATE INDEX IF NOT EXISTS reports_outdated ON reports (done_at) WHERE accepted_revision < revision",
@@ -1285,7 +1318,8 @@ HEARTBEAT_KEY = "heartbeat"
 # the target's triggers count the rows as they arrive.
 COPIED_TABLES = {
     "meta": ("key", "value"),
-    "returns": ("id", "order_number", "order_item_number", "shipment_number", "requested_at", "seen_at"),
+    "returns": ("id", "order_number", "order_item_number", "shipment_number", "requested_at", "seen_at", "source"),
+    "return_names": ("name", "return_id"),
     "boxes": ("shipment_number", "state", "next_check_at", "first_seen_at", "checks", "not_found", "errors",
               "registered_at", "last_status", "delivered_at", "closed_at", "last_error", "status_since",
               "requested_at"),
@@ -1295,8 +1329,11 @@ COPIED_TABLES = {
     "quarantine": ("fingerprint", "return_id", "reason", "raw", "seen_at", "resolved_at"),
     "box_history": ("shipment_number", "changed_at", "status", "seen_at"),
     "report_attempts": ("return_id", "attempt", "attempted_at", "outcome", "http_status", "latency_s", "error"),
-    "corrections": ("return_id", "fields", "before", "after", "report_state", "corrected_at"),
+    "corrections": ("return_id", "fields", "before", "after", "report_state", "corrected_at", "source"),
     "unknown_statuses": ("status", "first_seen_at", "last_seen_at", "seen"),
+    "api_keys": ("name", "prefix", "hash", "scopes", "allow", "rate_per_s", "created_at", "expires_at", "revoked_at"),
+    "audit": ("at", "key_name", "source_ip", "action", "target", "result", "request_id"),
+    "idempotency": ("key_name", "idem_key", "body_hash", "status", "body", "created_at"),
 }
 
 
@@ -1310,8 +1347,8 @@ async def _rollback(connection: aiosqlite.Connection) -> None:
 # identity columns, triggers in PL/pgSQL, seconds as double precision), and the fleet's own: claims
 # on rows, the feed's lease, the alerts sent.
 
-PG_SCHEMA_VERSION = 3  # PostgreSQL's own numbering: 1 holds what SQLite's version 6 holds; 2: no instances
-#                       table; 3: the shop's API (SQLite's 7)
+PG_SCHEMA_VERSION = 4  # PostgreSQL's own numbering: 1 holds what SQLite's version 6 holds; 2: no instances
+#                       table; 3: the shop's API (SQLite's 7); 4: names, corrections' sources (SQLite's 8)
 PG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -1326,6 +1363,7 @@ CREATE TABLE IF NOT EXISTS returns (
     requested_at      TEXT,
     seen_at           DOUBLE PRECISION NOT NULL
 );
+ALTER TABLE returns ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT 'feed';
 CREATE INDEX IF NOT EXISTS returns_by_shipment ON returns (shipment_number);
 CREATE INDEX IF NOT EXISTS returns_by_order ON returns (order_number);
 CREATE TABLE IF NOT EXISTS boxes (
@@ -1446,6 +1484,12 @@ CREATE TABLE IF NOT EXISTS corrections (
     corrected_at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS corrections_by_return ON corrections (return_id);
+ALTER TABLE corrections ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT 'feed';
+CREATE TABLE IF NOT EXISTS return_names (
+    name      TEXT PRIMARY KEY,
+    return_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS return_names_by_return ON return_names (return_id);
 CREATE TABLE IF NOT EXISTS unknown_statuses (
     status        TEXT PRIMARY KEY,
     first_seen_at DOUBLE PRECISION NOT NULL,
@@ -2373,40 +2417,77 @@ class Store:
 
     async def _write_page(self, tx: Transaction, page: FeedPage, now: float) -> CommitResult:
         listed = {i.id for i in page.items} | {q.return_id for q in page.quarantined if q.return_id}
-        stored = {row["id"]: ReturnItem(**row) for row in await tx.fetch_dicts("stored_returns", (sorted(listed),))}
-        new, corrections = reconcile_listings(page.items, stored)
+        stored, names = await self._stored_under_names(tx, page.items, listed)
+        items = [dataclasses.replace(i, id=names[i.id]) if i.id in names else i for i in page.items]
+        new, corrections = reconcile_listings(items, stored)
         added = await tx.execute_many("insert_return", [
-            (i.id, i.order_number, i.order_item_number, i.shipment_number, i.requested_at, now) for i in new])
+            (i.id, i.order_number, i.order_item_number, i.shipment_number, i.requested_at, now, page.source)
+            for i in new])
         if corrections:
-            corrections = await self._write_corrections(tx, corrections, now)
+            corrections = await self._write_corrections(tx, corrections, now, page.source)
         await tx.execute_many("insert_box", [(s, BoxState.TRACKING.value, t, now, s) for s, t in page.first_checks])
         await tx.execute("revive_emptied_boxes", (now, now, [s for s, _ in page.first_checks]))
-        ids = sorted({i.id for i in page.items})
+        ids = sorted({i.id for i in items})
         queued = await tx.execute("reports_for_delivered_boxes", (now, now, ids))
-        await tx.execute("resolve_quarantine", (now, ids))
+        await tx.execute("resolve_quarantine", (now, sorted({*ids, *listed})))
         quarantined = await tx.execute_many("insert_quarantine", [
             (q.fingerprint, q.return_id, q.reason, q.raw, now) for q in page.quarantined])
         if page.next_cursor is not None:
             await tx.execute("put_meta", (FEED_CURSOR_KEY, page.next_cursor))
-        broken = frozenset(q.return_id for q in page.quarantined if q.return_id and q.return_id in stored)
+        broken = frozenset(q.return_id for q in page.quarantined
+                           if q.return_id and (q.return_id in stored or q.return_id in names))
         return CommitResult(returns_added=added, quarantined_added=quarantined, reports_queued=queued,
                             corrections=tuple(corrections), broken_corrections=broken)
 
+    async def _stored_under_names(self, tx: Transaction, items: Sequence[ReturnItem], listed: set[str]
+                                  ) -> tuple[dict[str, ReturnItem], dict[str, str]]:
+        """What the listed returns hold now, by the id each is stored under, and the listed ids that
+        are other names of a stored return (listed id → stored id). A return pushed without an id
+        (named by its order item) and a listing of the same order item under the partner's id are
+        one return, whichever came first: the later name becomes a second name of the first."""
+        by_order_item = {order_item_name(i): i for i in items}
+        rows = await tx.fetch_dicts("stored_returns", (sorted(listed | by_order_item.keys()),))
+        stored = {row["id"]: ReturnItem(**row) for row in rows}
+        unknown = sorted(listed - stored.keys())
+        if not unknown:
+            return stored, {}
+        names: dict[str, str] = {}
+        for row in await tx.fetch_dicts("named_returns", (unknown,)):
+            names[row.pop("name")] = row["id"]
+            stored[row["id"]] = ReturnItem(**row)
+        added: dict[str, str] = {}
+        unnamed = [i for i in items if i.id not in stored and i.id not in names]
+        for item in unnamed:  # a listing under the partner's id of a return pushed without one
+            if item.id != order_item_name(item) and order_item_name(item) in stored:
+                added[item.id] = order_item_name(item)
+        pushed_without_id = [i for i in unnamed if i.id == order_item_name(i)]
+        if pushed_without_id:  # …or the other way round: the feed's came first
+            rows = await tx.fetch_dicts("returns_of_orders", (sorted({i.order_number for i in pushed_without_id}),))
+            listed_under_id = {order_item_name(ReturnItem(**row)): ReturnItem(**row) for row in rows
+                               if row["id"] != order_item_name(ReturnItem(**row))}
+            for item in pushed_without_id:
+                if (same := listed_under_id.get(item.id)) is not None:
+                    added[item.id] = same.id
+                    stored[same.id] = same
+        await tx.execute_many("insert_name", list(added.items()))
+        return stored, names | added
+
     async def _write_corrections(self, tx: Transaction, corrections: Sequence[Correction],
-                                 now: float) -> list[Correction]:
+                                 now: float, source: str) -> list[Correction]:
         """Apply corrections: the return takes its latest fields, its report follows them (see
         WRITE_SQL's correct_report), a box left without items stops being polled, and each is
         recorded."""
         reports = {row[0]: ReportState(row[1])
                    for row in await tx.fetch("report_states", ([c.return_id for c in corrections],))}
-        corrections = [dataclasses.replace(c, report_state=reports.get(c.return_id)) for c in corrections]
+        corrections = [dataclasses.replace(c, report_state=reports.get(c.return_id), source=source)
+                       for c in corrections]
         await tx.execute_many("correct_return", [
             (c.after.order_number, c.after.order_item_number, c.after.shipment_number, c.after.requested_at,
              c.return_id) for c in corrections])
         await tx.execute_many("insert_correction", [
             (c.return_id, ",".join(c.fields), json.dumps({f: getattr(c.before, f) for f in c.fields}),
              json.dumps({f: getattr(c.after, f) for f in c.fields}),
-             c.report_state.value if c.report_state else None, now) for c in corrections])
+             c.report_state.value if c.report_state else None, now, c.source) for c in corrections])
         await tx.execute_many("correct_report", [
             {"order_number": c.after.order_number, "order_item_number": c.after.order_item_number,
              "shipment_number": c.after.shipment_number, "moved": c.moved, "now": now, "return_id": c.return_id}
@@ -2599,8 +2680,8 @@ class Store:
         ids = {"ids": sorted({r["id"] for r in returns} | {key})}
         shipments = {"ids": sorted({r["shipment_number"] for r in returns} | {key})}
         story: dict[str, Any] = {"returns": returns}
-        for part, params in (("quarantine", ids), ("boxes", shipments), ("history", shipments), ("reports", ids),
-                             ("attempts", ids), ("corrections", ids)):
+        for part, params in (("names", ids), ("quarantine", ids), ("boxes", shipments), ("history", shipments),
+                             ("reports", ids), ("attempts", ids), ("corrections", ids)):
             try:
                 story[part] = await self.db.fetch_dicts(part, params)
             except NotYetInSchema:  # an older file opened read-only: it has none of these yet
@@ -4926,10 +5007,17 @@ class Problem(Exception):
                                  content_type="application/problem+json")
 
 
+def return_named(name: str, story: Mapping[str, Any]) -> str | None:
+    """The id of the return the story tells that `name` is the id or a second name of."""
+    if any(r["id"] == name for r in story["returns"]):
+        return name
+    return next((n["return_id"] for n in story["names"] if n["name"] == name), None)
+
+
 def api_return(return_id: str, story: Mapping[str, Any]) -> dict[str, Any]:
-    """A return as the API tells it (openapi.json's Return): its fields, where it stands, its box
-    and status history, its corrections, its report and the attempts at it. Never a raw partner
-    payload: only what the tracker made of the answers."""
+    """A return as the API tells it (openapi.json's Return): its fields, its other names, where it
+    stands, its box and status history, its corrections, its report and the attempts at it. Never a
+    raw partner payload: only what the tracker made of the answers."""
     ret = next(r for r in story["returns"] if r["id"] == return_id)
     box = next((b for b in story["boxes"] if b["shipment_number"] == ret["shipment_number"]), None)
     report = next((p for p in story["reports"] if p["return_id"] == return_id), None)
@@ -4939,12 +5027,15 @@ def api_return(return_id: str, story: Mapping[str, Any]) -> dict[str, Any]:
         "order_item_number": ret["order_item_number"],
         "shipment_number": ret["shipment_number"],
         "requested_at": ret["requested_at"],
+        "also_known_as": [n["name"] for n in story["names"] if n["return_id"] == return_id],
         "received_at": _iso(ret["seen_at"]),
+        "source": ret["source"],
         "state": report["state"] if report is not None else (box["state"] if box is not None else "received"),
         "summary": where_it_stands(return_id, story),
         "box": None if box is None else api_box(box, story),
         "corrections": [{"fields": c["fields"].split(","), "before": json.loads(c["before"]),
-                         "after": json.loads(c["after"]), "corrected_at": _iso(c["corrected_at"])}
+                         "after": json.loads(c["after"]), "corrected_at": _iso(c["corrected_at"]),
+                         "source": c["source"]}
                         for c in story["corrections"] if c["return_id"] == return_id],
         "report": None if report is None else {
             "state": report["state"], "collected_at": report["collected_at"], "attempts": report["attempts"],
@@ -5199,11 +5290,12 @@ class ShopApi:
         if isinstance(item, QuarantinedItem):
             await self._audit(request, key, "returns.push", "1 rejected", "invalid-return")
             raise Problem(422, "invalid-return", "Unprocessable Content", item.reason)
-        result = await self._commit_pushed([item])
+        result = await self._commit_pushed([item], key)
         await self._audit(request, key, "returns.push", item.id, "ok")
         story = await self._store.story(item.id)
-        return web.json_response(api_return(item.id, story), status=201 if result.returns_added else 200,
-                                 headers={"Location": f"/v1/returns/{urllib.parse.quote(item.id, safe=':')}"})
+        return_id = return_named(item.id, story) or item.id
+        return web.json_response(api_return(return_id, story), status=201 if result.returns_added else 200,
+                                 headers={"Location": f"/v1/returns/{urllib.parse.quote(return_id, safe=':')}"})
 
     async def push_batch(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
         body = await self._json(request)
@@ -5214,7 +5306,7 @@ class ShopApi:
             raise Problem(422, "batch-too-large", "Unprocessable Content", f"at most {API_BATCH_MAX} returns a batch")
         checked = [pushed_return(r) for r in raw]
         accepted = [item for item in checked if isinstance(item, ReturnItem)]
-        result = await self._commit_pushed(accepted) if accepted else CommitResult()
+        result = await self._commit_pushed(accepted, key) if accepted else CommitResult()
         added = result.returns_added
         results = [{"index": i, "id": item.id, "status": "accepted"} if isinstance(item, ReturnItem)
                    else {"index": i, "id": item.return_id, "status": "rejected", "reason": item.reason}
@@ -5224,18 +5316,20 @@ class ShopApi:
                                                               f"{rejected} rejected", "ok")
         return web.json_response({"accepted": len(accepted), "new": added, "rejected": rejected, "results": results})
 
-    async def _commit_pushed(self, items: Sequence[ReturnItem]) -> CommitResult:
+    async def _commit_pushed(self, items: Sequence[ReturnItem], key: ApiKey | None) -> CommitResult:
         page = FeedPage(items=tuple(items), quarantined=(), next_cursor=None, has_more=False,
-                        first_checks=first_checks(items, time.time(), self._stages.schedule.first_check_in()))
+                        first_checks=first_checks(items, time.time(), self._stages.schedule.first_check_in()),
+                        source=key.name if key is not None else "api")
         result = await self._submit(page)
         self._stages.pushed(page, result)
         return result
 
     async def get_return(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
-        return_id = request.match_info["id"]
-        story = await self._store.story(return_id)
-        if not any(r["id"] == return_id for r in story["returns"]):
-            raise Problem(404, "not-found", "Not Found", f"no return {return_id!r}")
+        name = request.match_info["id"]
+        story = await self._store.story(name)
+        return_id = return_named(name, story)
+        if return_id is None:
+            raise Problem(404, "not-found", "Not Found", f"no return {name!r}")
         return web.json_response(api_return(return_id, story))
 
     async def list_returns(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
@@ -6668,11 +6762,15 @@ def story_lines(key: str, story: Mapping[str, Any]) -> list[str]:
         rid = ret["id"]
         lines += ["", f"return {rid} — order {ret['order_number']} item {ret['order_item_number']}, "
                       f"box {ret['shipment_number']}",
-                  f"  {_stamp(ret['seen_at'])}  collected from the feed (requested {ret['requested_at'] or '-'})"]
+                  f"  {_stamp(ret['seen_at'])}  {_received_from(ret['source'])}"
+                  f" (requested {ret['requested_at'] or '-'})"]
+        names = [n["name"] for n in story["names"] if n["return_id"] == rid]
+        if names:
+            lines.append(f"  also known as {', '.join(names)}")
         events: list[tuple[float, str]] = []
         for c in story["corrections"]:
             if c["return_id"] == rid:
-                events.append((c["corrected_at"], f"corrected: {_changes(c['before'], c['after'])}"))
+                events.append((c["corrected_at"], f"corrected by {c['source']}: {_changes(c['before'], c['after'])}"))
         for q in story["quarantine"]:
             if q["return_id"] == rid:
                 resolved = f" (resolved {_stamp(q['resolved_at'])})" if q["resolved_at"] else ""
@@ -6697,6 +6795,10 @@ def story_lines(key: str, story: Mapping[str, Any]) -> list[str]:
                           f"{box['checks']} check(s)"]
             lines += _history_lines(story, box["shipment_number"])
     return lines
+
+
+def _received_from(source: str) -> str:
+    return "collected from the feed" if source == FEED_SOURCE else f"pushed through the API by {source}"
 
 
 def _history_lines(story: Mapping[str, Any], shipment_number: str) -> list[str]:

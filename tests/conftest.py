@@ -53,6 +53,23 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     return True
 
 
+LOG_LINES_ON_FAILURE = 40
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    DaemonProcess.started.clear()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "call" and report.failed:
+        for daemon in DaemonProcess.started:
+            tail = daemon.log().splitlines()[-LOG_LINES_ON_FAILURE:]
+            report.sections.append((f"last lines of {daemon.log_path.name} (pid {daemon.pid})", "\n".join(tail)))
+
+
 # ── scenarios and configs ───────────────────────────────────────────────────────────────────
 
 
@@ -241,7 +258,10 @@ async def counts_in(db: Path | str) -> dict[str, int]:
 
 
 class DaemonProcess:
-    """`python tracker.py run` as a child process with its log in a file."""
+    """`python tracker.py run` as a child process with its log in a file. A failing test's report
+    ends with the last lines of each log it started (in CI nothing else of them survives)."""
+
+    started: list["DaemonProcess"] = []  # by the test running now
 
     def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
@@ -255,7 +275,12 @@ class DaemonProcess:
                 [sys.executable, str(ROOT / "tracker.py"), command, "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.config_path.parent,
             )
+        DaemonProcess.started.append(self)
         return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

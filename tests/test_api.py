@@ -66,6 +66,14 @@ async def quiet_api(start_partner, db_path: Path, key_name: str = "order-system"
         yield Client(http, daemon.api_address, key), items_of(partner)
 
 
+def api_on(backend: str, partner_url: str, tmp_path: Path) -> tracker.Config:
+    """The API on, its state in `backend`: a SQLite file's path or a PostgreSQL database's URL."""
+    config = with_api(make_config(tmp_path / "unused.db", partner_url))
+    if backend.startswith("postgresql://"):
+        return dataclasses.replace(config, storage=dataclasses.replace(config.storage, url=backend, lease_s=3.0))
+    return dataclasses.replace(config, storage=dataclasses.replace(config.storage, path=backend))
+
+
 def items_of(partner: standin.ThreadedStandIn) -> list[dict[str, Any]]:
     """Every return the partner knows, as its feed would list it."""
     return partner.call(lambda: [dict(item) for box in partner.standin.boxes for item in box.items])
@@ -92,14 +100,9 @@ def assert_problem(status: int, body: Any, headers: Any, expected: int, slug: st
 async def test_returns_pushed_while_the_feed_is_down_are_tracked_and_each_reported_once(
         start_partner, backend: str, tmp_path: Path) -> None:
     partner = start_partner(scenario(returns=200, faults=standin.Faults(feed_down=True)))
-    config = with_api(make_config(tmp_path / "unused.db", partner.url))
-    if backend.startswith("postgresql://"):
-        config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, url=backend, lease_s=3.0))
-    else:
-        config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, path=backend))
     key = await api_key_in(backend, "order-system")
     items = items_of(partner)
-    async with api_daemon(config) as (daemon, http):
+    async with api_daemon(api_on(backend, partner.url, tmp_path)) as (daemon, http):
         client = Client(http, daemon.api_address, key)
         for start in range(0, len(items), 80):
             status, body, _ = await client.call("POST", "/v1/returns/batch", {"returns": items[start:start + 80]})
@@ -126,6 +129,53 @@ async def test_a_return_the_feed_lists_after_it_was_pushed_is_one_return(start_p
     ledger = await ledger_of(partner)
     assert ledger["recorded"] == ledger["expected"] and ledger["duplicates"] == 0
     assert (await counts_in(db_path))["returns"] == 60  # the feed's listings were the same returns
+
+
+def without_id(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in item.items() if k != "id"}
+
+
+def order_name(item: dict[str, Any]) -> str:
+    return f"order:{item['order_number']}:{item['order_item_number']}"
+
+
+async def test_returns_pushed_without_id_then_listed_by_the_feed_are_one_return_each_reported_once(
+        start_partner, backend: str, tmp_path: Path) -> None:
+    partner = start_partner(scenario(returns=60, arrive_over_s=1.5))
+    partner.call(partner.standin.hold_clock)  # the feed lists nothing until the pushes are in
+    items = items_of(partner)
+    changed = {**without_id(items[0]), "requested_at": "2026-11-20T08:00:00Z"}  # the feed's will differ
+    key = await api_key_in(backend, "order-system")
+    async with api_daemon(api_on(backend, partner.url, tmp_path)) as (daemon, http):
+        client = Client(http, daemon.api_address, key)
+        status, body, _ = await client.call("POST", "/v1/returns/batch",
+                                            {"returns": [changed, *map(without_id, items[1:])]})
+        assert status == 200 and body["new"] == 60
+        partner.call(partner.standin.restart_clock)
+        await wait_until(reported_all(partner, backend), 40, what="every return reported")
+        status, found, _ = await client.call("GET", f"/v1/returns/{items[0]['id']}")  # the feed's id finds it
+    ledger = await ledger_of(partner)
+    assert ledger["recorded"] == ledger["expected"] > 0 and ledger["duplicates"] == ledger["unknown"] == 0
+    assert (await counts_in(backend))["returns"] == 60  # the feed's listings were the same returns
+    assert status == 200 and found["id"] == order_name(items[0]) and found["also_known_as"] == [items[0]["id"]]
+    assert found["source"] == "order-system" and found["report"]["state"] == "done"
+    assert [(c["fields"], c["source"]) for c in found["corrections"]] == [(["requested_at"], "feed")]
+
+
+async def test_a_return_the_feed_listed_first_is_found_under_the_name_a_push_without_id_gives_it(
+        start_partner, db_path: Path) -> None:
+    partner = start_partner(scenario(returns=5))
+    items = items_of(partner)
+    key = await api_key_in(db_path, "order-system")
+    async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
+        client = Client(http, daemon.api_address, key)
+        await wait_until(reported_all(partner, db_path), 30, what="every return reported")
+        status, body, headers = await client.call("POST", "/v1/returns", without_id(items[0]))
+        _, by_name, _ = await client.call("GET", f"/v1/returns/{order_name(items[0])}")
+    assert status == 200 and body["id"] == items[0]["id"] and headers["Location"] == f"/v1/returns/{items[0]['id']}"
+    assert by_name["id"] == items[0]["id"] and by_name["also_known_as"] == [order_name(items[0])]
+    assert body["source"] == "feed" and body["corrections"] == []
+    assert (await counts_in(db_path))["returns"] == 5 and (await ledger_of(partner))["duplicates"] == 0
 
 
 async def test_one_pushed_return_answers_201_with_its_story_then_200(start_partner, db_path: Path) -> None:
@@ -157,6 +207,7 @@ async def test_a_pushed_return_that_changes_fields_is_a_correction(start_partner
         assert status == 200 and body["order_item_number"] == "99"
         assert body["corrections"][0]["fields"] == ["order_item_number"]
         assert body["corrections"][0]["before"] == {"order_item_number": item["order_item_number"]}
+        assert body["corrections"][0]["source"] == "order-system"  # the key's name
 
 
 async def test_invalid_returns_are_refused_in_the_answer_and_nothing_is_quarantined(start_partner,

@@ -398,7 +398,7 @@ async def test_a_database_restart_mid_burst_draws_no_burst_of_429s(
         postgres.stop("immediate")
         restarted_tenth = math.floor(await asyncio.to_thread(partner.call, lambda: partner.standin.now() * 10))
         postgres.start()
-        await wait_until(everything_reported(partner, pg_url), 120, what="every report after the restart")
+        await wait_until(everything_reported(partner, pg_url), 60, what="every report after the restart")
         counts = [[c["instances"] for c in fleet_changes(daemon)] for daemon in fleet]  # before the kills below
     finally:
         for daemon in fleet:

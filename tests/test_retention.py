@@ -49,6 +49,11 @@ async def history_of_every_kind(store: tracker.StateStore) -> None:
                                                                    ),
                                          quarantined=(), next_cursor="c", has_more=False, first_checks=())],
                                          OLD)  # a correction
+    await store.commit([tracker.FeedPage(items=(tracker.ReturnItem(id="order:O:2", order_number="O",
+                                                                   order_item_number="2",
+                                                                   shipment_number="GONE_REPORTED", requested_at=None),
+                                                ), quarantined=(), next_cursor=None, has_more=False, source="shop")],
+                       OLD)  # pushed without an id: a second name of R_GONE_REPORTED
     await store.commit([delivered(n) for n in ("GONE_REPORTED", "KEPT_PENDING", "KEPT_REPORTED_LATELY")] + [
         tracker.BoxUpdate(shipment_number="GONE_CANCELLED", state=tracker.BoxState.CANCELLED, next_check_at=None,
                           not_found=0, errors=0, registered=True, last_status="cancelled"),
@@ -89,7 +94,8 @@ async def test_retention_deletes_exactly_the_finished_rows_past_keep_days(backen
         assert sorted(await column(store, "SELECT id FROM returns")) == [
             "R_KEPT_CLOSED_LATELY", "R_KEPT_PENDING", "R_KEPT_REPORTED_LATELY", "R_KEPT_STALE", "R_KEPT_TRACKING"]
         for table, key in (("reports", "return_id"), ("report_attempts", "return_id"), ("corrections", "return_id"),
-                           ("box_history", "shipment_number"), ("quarantine", "return_id")):
+                           ("box_history", "shipment_number"), ("quarantine", "return_id"),
+                           ("return_names", "return_id")):
             assert not [r for r in await column(store, f"SELECT {key} FROM {table}") if r and "GONE" in r], table
         assert await column(store, "SELECT return_id FROM quarantine") == []  # both resolved long ago
     finally:
