@@ -951,6 +951,7 @@ CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
 #   ROW_ORDER(alias)   the order rows were inserted in (SQLite's rowid, PostgreSQL's seq)
 #   RELEASE_CLAIM      clears the row's claim (PostgreSQL's fleet; SQLite has no claims)
 #   INDEXED BY name    SQLite's plan pin; PostgreSQL's planner needs none
+#   JSON_ROWS(JSON_ROW('name', value, …))  the rows as one JSON array of objects
 # Booleans are passed as Python bools (SQLite stores 1 and 0).
 #
 # The hot path: what the stages and the metrics ask many times a minute while the tables grow for
@@ -1131,27 +1132,45 @@ OPERATOR_SQL = {
                            " not_found = 0, errors = 0, closed_at = NULL, last_error = NULL WHERE state = 'stale'"
                            " AND (:all OR shipment_number IN LIST(:ids)) RETURNING shipment_number",
 }
-# `show`: one return's whole story, found by its id, order number or shipment number. Each reads by
-# an index (the OR by three); the lists by one list parameter of ids.
-SHOW_SQL = {
-    "returns": "SELECT id, order_number, order_item_number, shipment_number, requested_at, seen_at, source"
-               " FROM returns WHERE id = :key OR order_number = :key OR shipment_number = :key"
-               " OR id = (SELECT return_id FROM return_names WHERE name = :key) ORDER BY seen_at, id",
-    "names": "SELECT name, return_id FROM return_names WHERE return_id IN LIST(:ids) ORDER BY name",
-    "quarantine": "SELECT return_id, reason, raw, seen_at, resolved_at FROM quarantine"
-                  " WHERE return_id IN LIST(:ids) ORDER BY seen_at",
-    "boxes": "SELECT shipment_number, state, last_status, checks, not_found, first_seen_at, next_check_at, closed_at,"
-             " last_error FROM boxes WHERE shipment_number IN LIST(:ids)",
-    "history": "SELECT shipment_number, changed_at, status, seen_at FROM box_history"
-               " WHERE shipment_number IN LIST(:ids) ORDER BY shipment_number, changed_at",
-    "reports": "SELECT return_id, state, order_number, order_item_number, shipment_number, collected_at, attempts,"
-               " next_attempt_at, queued_at, done_at, outcome, last_error, revision, accepted_revision FROM reports"
-               " WHERE return_id IN LIST(:ids)",
-    "attempts": "SELECT return_id, attempt, attempted_at, outcome, http_status, latency_s, error FROM report_attempts"
-                " WHERE return_id IN LIST(:ids) ORDER BY return_id, id",
-    "corrections": "SELECT return_id, fields, before, after, report_state, corrected_at, source FROM corrections"
-                   " WHERE return_id IN LIST(:ids) ORDER BY id",
+# `show` and the API: one return's whole story, found by its id, a second name, its order number or
+# its shipment number — in one statement, each part a JSON array of its rows (JSON_ROWS of
+# JSON_ROW(name, value, …)): a lookup is one hop to the database, however busy the event loop. The
+# rows are put in order in Python (STORY_ORDER); each part reads by an index.
+STORY_PARTS = {  # part: (table, columns, which rows)
+    "returns": ("returns", "id, order_number, order_item_number, shipment_number, requested_at, seen_at, source",
+                "id IN (SELECT id FROM named)"),
+    "names": ("return_names", "name, return_id", "return_id IN (SELECT id FROM ids)"),
+    "quarantine": ("quarantine", "return_id, reason, raw, seen_at, resolved_at", "return_id IN (SELECT id FROM ids)"),
+    "boxes": ("boxes", "shipment_number, state, last_status, checks, not_found, first_seen_at, next_check_at,"
+                       " closed_at, last_error", "shipment_number IN (SELECT shipment_number FROM shipments)"),
+    "history": ("box_history", "shipment_number, changed_at, status, seen_at",
+                "shipment_number IN (SELECT shipment_number FROM shipments)"),
+    "reports": ("reports", "return_id, state, order_number, order_item_number, shipment_number, collected_at,"
+                           " attempts, next_attempt_at, queued_at, done_at, outcome, last_error, revision,"
+                           " accepted_revision", "return_id IN (SELECT id FROM ids)"),
+    "attempts": ("report_attempts", "id, return_id, attempt, attempted_at, outcome, http_status, latency_s, error",
+                 "return_id IN (SELECT id FROM ids)"),
+    "corrections": ("corrections", "id, return_id, fields, before, after, report_state, corrected_at, source",
+                    "return_id IN (SELECT id FROM ids)"),
 }
+STORY_ORDER = {"returns": ("seen_at", "id"), "names": ("name",), "quarantine": ("seen_at",), "boxes": (),
+               "history": ("shipment_number", "changed_at"), "reports": (), "attempts": ("return_id", "id"),
+               "corrections": ("id",)}
+
+
+def _story_sql() -> str:
+    def rows(table: str, columns: str, where: str) -> str:
+        pairs = ", ".join(f"'{c}', {c}" for c in (c.strip() for c in columns.split(",")))
+        return f"(SELECT COALESCE(JSON_ROWS(JSON_ROW({pairs})), '[]') FROM {table} WHERE {where})"
+    return ("WITH named AS (SELECT id FROM returns WHERE id = :key OR order_number = :key OR shipment_number = :key"
+            " UNION SELECT return_id FROM return_names WHERE name = :key),"
+            " ids AS (SELECT id FROM named UNION SELECT CAST(:key AS TEXT)),"
+            " shipments AS (SELECT shipment_number FROM returns WHERE id IN (SELECT id FROM named)"
+            " UNION SELECT CAST(:key AS TEXT)) SELECT "
+            + ", ".join(f"{rows(*parts)} AS {part}" for part, parts in STORY_PARTS.items()))
+
+
+SHOW_SQL = {"story": _story_sql()}
 # Retention: boxes closed before :cutoff whose every return is finished too (reported before it,
 # or in a cancelled box) go with all their rows, a batch at a time, oldest first (the deletes in
 # this order); then resolved quarantine entries. A stale box needs a person: never finished. Each
@@ -1599,6 +1618,7 @@ PG_FLEET_SQL = {
     "take_feed": "UPDATE leases SET holder = %(me)s, epoch = epoch + 1, until = tracker_now() + %(lease)s"
                  " WHERE name = 'feed' AND (until < tracker_now() OR holder IS NULL) RETURNING epoch",
     "give_up_feed": "UPDATE leases SET until = 0 WHERE name = 'feed' AND holder = %(me)s",
+    "number_returns_in_commit_order": "SELECT pg_advisory_xact_lock(hashtext('tracker returns'))",
     # Membership: each live instance holds a session advisory lock (MEMBER_LOCK_CLASS, its own key)
     # on a connection of its own. PostgreSQL drops the lock with the session, so a process that
     # dies leaves the count at once, and a host that dies within its TCP keepalives.
@@ -1642,6 +1662,8 @@ DIALECT_RULES: dict[Dialect, tuple[tuple[str, str], ...]] = {
         (r"\bRANDOM_FRACTION\b", "((abs(random()) % 1000000) / 1000000.0)"),
         (r"\bROW_ORDER\((\w+)\)", r"\1.rowid"),
         (r" RELEASE_CLAIM\b", ""),
+        (r"\bJSON_ROWS\(", "json_group_array("),
+        (r"\bJSON_ROW\(", "json_object("),
     ),
     Dialect.POSTGRESQL: (
         (r"%", "%%"),
@@ -1653,6 +1675,8 @@ DIALECT_RULES: dict[Dialect, tuple[tuple[str, str], ...]] = {
         (r"\bROW_ORDER\((\w+)\)", r"\1.seq"),
         (r" RELEASE_CLAIM\b", ", claimed_by = NULL, claim_until = NULL, claim = NULL"),
         (r" INDEXED BY \w+", ""),
+        (r"\bJSON_ROWS\(", "json_agg("),
+        (r"\bJSON_ROW\(", "json_build_object("),
     ),
 }
 
@@ -2105,7 +2129,8 @@ class Fleet(typing.Protocol):
         """Whether this instance's claim on the item lasts `seconds` more."""
 
     async def fence_page(self, tx: Transaction, page: FeedPage) -> None:
-        """Inside the page's commit: raises LeaseLost if another instance pages the feed now."""
+        """Inside the page's commit: raises LeaseLost if another instance pages the feed now; and
+        the page's returns are numbered in commit order across the instances."""
 
     async def still_claimed(self, tx: Transaction, kind: str, updates: Sequence[U]) -> tuple[list[U], list[str]]:
         """Inside the commit: the answers whose rows still carry their claim, and the keys of those
@@ -2210,6 +2235,11 @@ class PgFleet:
         return since is not None and time.monotonic() + seconds < since + self._lease_s
 
     async def fence_page(self, tx: Transaction, page: FeedPage) -> None:
+        """Stored only under the feed lease it was read under; and one transaction at a time adds
+        returns, so their seq (the API's list cursor) is in commit order: a reader paging by seq
+        never passes a number a transaction still running holds."""
+        if page.items:
+            await tx.execute("number_returns_in_commit_order")
         if page.epoch is not None and await tx.execute("keep_feed", self._params(epoch=page.epoch)) != 1:
             raise LeaseLost(f"the feed lease of epoch {page.epoch} passed to another instance")
 
@@ -2676,16 +2706,11 @@ class Store:
     async def story(self, key: str) -> dict[str, Any]:
         """Everything known about the returns `key` names (an id, order number or shipment number),
         their boxes and reports, as plain data; empty lists when it names nothing."""
-        returns = await self.db.fetch_dicts("returns", {"key": key})
-        ids = {"ids": sorted({r["id"] for r in returns} | {key})}
-        shipments = {"ids": sorted({r["shipment_number"] for r in returns} | {key})}
-        story: dict[str, Any] = {"returns": returns}
-        for part, params in (("names", ids), ("quarantine", ids), ("boxes", shipments), ("history", shipments),
-                             ("reports", ids), ("attempts", ids), ("corrections", ids)):
-            try:
-                story[part] = await self.db.fetch_dicts(part, params)
-            except NotYetInSchema:  # an older file opened read-only: it has none of these yet
-                story[part] = []
+        (row,) = await self.db.fetch_dicts("story", {"key": key})
+        story: dict[str, Any] = {}
+        for part, order in STORY_ORDER.items():
+            rows = json.loads(row[part]) if isinstance(row[part], str) else row[part]  # SQLite's text, psycopg's
+            story[part] = sorted(rows, key=lambda r: tuple(r[c] for c in order)) if order else rows
         return story
 
     def export(self, kind: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
@@ -6636,7 +6661,12 @@ async def show(config: Config, keys: Sequence[str], *, as_json: bool, out: typin
     unknown = []
     try:
         for key in keys:
-            story = await store.story(key)
+            try:
+                story = await store.story(key)
+            except NotYetInSchema:
+                print(f"tracker: {config.storage.where} was written by an older version; start the daemon "
+                      "(or `tracker.py once`) once to upgrade it", file=sys.stderr)
+                return EXIT_FAILURE
             if not (story["returns"] or story["boxes"] or story["quarantine"]):
                 unknown.append(key)
                 print(f"tracker: no return, order or shipment is known as {key!r}", file=sys.stderr)

@@ -289,6 +289,52 @@ async def test_a_feed_page_read_under_a_lease_since_taken_over_is_not_stored(pg_
         assert await a.feed_cursor() == "from-b"
 
 
+def returns_page(*ids: str) -> tracker.FeedPage:
+    return tracker.FeedPage(items=tuple(tracker.ReturnItem(id=i, order_number=f"O-{i}", order_item_number="1",
+                                                           shipment_number=f"S-{i}", requested_at=None) for i in ids),
+                            quarantined=(), next_cursor=None, has_more=False)
+
+
+def a_lock_is_awaited(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted)").fetchone()[0]
+
+
+async def test_a_list_cursor_never_passes_a_return_that_a_running_transaction_adds(pg_url: str) -> None:
+    """Two instances adding returns at once, a shop paging by cursor between their commits: the
+    one that began later commits later, so every return is listed once — none numbered below a
+    cursor already handed out."""
+    async with instances(pg_url, n=3) as (a, b, reader):
+        a_added, a_may_go_on, b_added, b_may_commit = (asyncio.Event() for _ in range(4))
+
+        def adding(store: tracker.Store, first: str, added: asyncio.Event, go_on: asyncio.Event, then: str | None):
+            async def work(tx: tracker.Transaction) -> None:
+                for return_id in (first, then) if then else (first,):
+                    if return_id == then:
+                        await go_on.wait()
+                    await store.fleet.fence_page(tx, returns_page(return_id))
+                    await tx.execute("insert_return", (return_id, f"O-{return_id}", "1", f"S-{return_id}", None,
+                                                       1.0, "feed"))
+                    added.set()
+                if then is None:
+                    await go_on.wait()
+            return store.db.in_transaction(work)
+
+        slow = asyncio.create_task(adding(a, "RA1", a_added, a_may_go_on, "RA2"))
+        await a_added.wait()
+        late = asyncio.create_task(adding(b, "RB", b_added, b_may_commit, None))
+        await wait_until(lambda: asyncio.to_thread(lambda: b_added.is_set() or a_lock_is_awaited(pg_url)),
+                         10, what="b's return added or waiting its turn")
+        a_may_go_on.set()
+        await slow
+        await asyncio.wait_for(b_added.wait(), 10)
+        first = await reader.list_returns(after=0, since=0.0, state=None, limit=100)  # a shop pages meanwhile
+        b_may_commit.set()
+        await late
+        then = await reader.list_returns(after=first[-1][1], since=0.0, state=None, limit=100)
+    assert sorted(return_id for return_id, _ in first + then) == ["RA1", "RA2", "RB"]  # each listed, once
+
+
 async def test_an_alert_is_sent_by_one_instance_of_the_fleet_per_window(pg_url: str) -> None:
     async with instances(pg_url) as (a, b):
         assert await a.fleet.alert_once("stale", 60.0)
