@@ -59,8 +59,9 @@ class Faults:
     bucket_depth_s: float = 0.1
     limit_shared: bool = False  # one limit for every endpoint together
     limit_schedule: tuple[tuple[float, float], ...] = ()  # (from scenario second, calls/s): the limit changes
-    outage_at_s: float | None = None  # every call answers 503 + Retry-After during the window
+    outage_at_s: float | None = None  # every call answers 503 during the window…
     outage_s: float = 0.0
+    outage_says_when: bool = True  # …with Retry-After: the time left (maintenance), or none (a crash)
     storm_at_s: float | None = None  # the rate limit drops to storm_limit_per_s during the window
     storm_s: float = 0.0
     storm_limit_per_s: float = 10.0
@@ -445,6 +446,8 @@ class StandIn:
         f, rng, now = self.faults, self._rng, self.now()
         if f.outage_at_s is not None and f.outage_at_s <= now < f.outage_at_s + f.outage_s:
             self.ledger.count(endpoint, "503-outage")
+            if not f.outage_says_when:
+                return _error(503, "unavailable")
             return _error(503, "maintenance", retry_after=str(max(1, round(f.outage_at_s + f.outage_s - now))))
         admitted = self.limiter.admit(endpoint, now)
         self.ledger.count_limited(endpoint, now, refused=not admitted)
