@@ -1326,7 +1326,8 @@ SCHEMA_AFTER_MIGRATION = (
 )
 HISTORY_PER_BOX = 32  # status history entries kept a box (a failed pickup attempt adds two)
 IDEMPOTENCY_KEEP_S = 24 * 3600.0  # an API Idempotency-Key's first answer is replayed this long
-IDEMPOTENCY_ABANDONED_S = 120.0  # a key held this long without an answer (its instance died) is free again
+IDEMPOTENCY_ABANDONED_S = 30.0  # a key held this long without an answer is free again: its instance died (a
+#                                 request takes a commit or two; a failing store refuses it at once)
 ATTEMPTS_PER_REPORT = 20  # report attempts kept a report, the latest
 RETENTION_BATCH = 200  # finished boxes deleted a transaction (about 500 returns' rows: milliseconds)
 VACUUM_PAGES_PER_BATCH = 2000  # free pages handed back to the file system after each batch

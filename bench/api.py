@@ -99,11 +99,15 @@ async def shop_returns(http: aiohttp.ClientSession, root: str) -> list[dict[str,
 
 async def push(http: aiohttp.ClientSession, api: str, key: str, batch: list[dict[str, Any]], number: int) -> int:
     headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": f"bench-{number}"}
-    async with http.post(f"http://{api}/v1/returns/batch", json={"returns": batch}, headers=headers) as resp:
-        answer = await resp.json()
-        if resp.status != 200:
-            raise SystemExit(f"batch {number}: {resp.status} {answer}")
-        return int(answer["accepted"])
+    while True:
+        async with http.post(f"http://{api}/v1/returns/batch", json={"returns": batch}, headers=headers) as resp:
+            answer = await resp.json()
+            if resp.status == 409:  # sent again after a crash: its first request's key is freed within 30 s
+                await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
+                continue
+            if resp.status != 200:
+                raise SystemExit(f"batch {number}: {resp.status} {answer}")
+            return int(answer["accepted"])
 
 
 async def stored_returns(db: Path) -> int:
