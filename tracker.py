@@ -471,6 +471,10 @@ CORRECTABLE_FIELDS = (*REPORTED_FIELDS, "requested_at")
 FEED_SOURCE = "feed"
 
 
+def _same_order_item(a: ReturnItem, b: ReturnItem) -> bool:
+    return (a.order_number, a.order_item_number) == (b.order_number, b.order_item_number)
+
+
 def order_item_name(item: ReturnItem) -> str:
     """The name of a return pushed without an id, and the name a feed listing of the same order
     item is matched by: the partner holds each order item once."""
@@ -990,6 +994,8 @@ PAGE_SQL = {
     "named_returns":  # the returns the page's other ids are second names of
         "SELECT n.name, r.id, r.order_number, r.order_item_number, r.shipment_number, r.requested_at"
         " FROM return_names n JOIN returns r ON r.id = n.return_id WHERE n.name IN LIST(?)",
+    "names_of":  # which of these returns have a second name already
+        "SELECT DISTINCT return_id FROM return_names WHERE return_id IN LIST(?)",
     "returns_of_orders":  # for returns pushed without an id: one stored for the same order item
         "SELECT id, order_number, order_item_number, shipment_number, requested_at FROM returns"
         " WHERE order_number IN LIST(?)",
@@ -1035,6 +1041,7 @@ WRITE_SQL = {
     "insert_correction": "INSERT INTO corrections (return_id, fields, before, after, report_state, corrected_at,"
                          " source) VALUES (?, ?, ?, ?, ?, ?, ?)",
     "insert_name": "INSERT INTO return_names (name, return_id) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+    "drop_name": "DELETE FROM return_names WHERE return_id = ? AND name = ?",
     # A correction to a report not yet accepted: the next attempt carries the corrected fields. A
     # move to another waybill withdraws it until that box is delivered (QUEUE_REPORT_UPSERT queues
     # it again, at once if it already is); a dead one is sent again, since the correction may be
@@ -1164,7 +1171,8 @@ def _story_sql() -> str:
         return f"(SELECT COALESCE(JSON_ROWS(JSON_ROW({pairs})), '[]') FROM {table} WHERE {where})"
     return ("WITH named AS (SELECT id FROM returns WHERE id = :key OR order_number = :key OR shipment_number = :key"
             " UNION SELECT return_id FROM return_names WHERE name = :key),"
-            " ids AS (SELECT id FROM named UNION SELECT CAST(:key AS TEXT)),"
+            " ids AS (SELECT id FROM named UNION SELECT name FROM return_names"
+            " WHERE return_id IN (SELECT id FROM named) UNION SELECT CAST(:key AS TEXT)),"
             " shipments AS (SELECT shipment_number FROM returns WHERE id IN (SELECT id FROM named)"
             " UNION SELECT CAST(:key AS TEXT)) SELECT "
             + ", ".join(f"{rows(*parts)} AS {part}" for part, parts in STORY_PARTS.items()))
@@ -1188,7 +1196,9 @@ RETENTION_SQL = {
     "delete_corrections": "DELETE FROM corrections WHERE return_id IN"
                           " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
     "delete_quarantine": "DELETE FROM quarantine WHERE resolved_at IS NOT NULL AND return_id IN"
-                         " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
+                         " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes) UNION SELECT name"
+                         " FROM return_names WHERE return_id IN (SELECT id FROM returns"
+                         " WHERE shipment_number IN LIST(:boxes)))",
     "delete_reports": "DELETE FROM reports WHERE return_id IN"
                       " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
     "delete_names": "DELETE FROM return_names WHERE return_id IN"
@@ -1383,7 +1393,6 @@ CREATE TABLE IF NOT EXISTS returns (
     requested_at      TEXT,
     seen_at           DOUBLE PRECISION NOT NULL
 );
-ALTER TABLE returns ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT 'feed';
 CREATE INDEX IF NOT EXISTS returns_by_shipment ON returns (shipment_number);
 CREATE INDEX IF NOT EXISTS returns_by_order ON returns (order_number);
 CREATE TABLE IF NOT EXISTS boxes (
@@ -1504,7 +1513,6 @@ CREATE TABLE IF NOT EXISTS corrections (
     corrected_at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS corrections_by_return ON corrections (return_id);
-ALTER TABLE corrections ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT 'feed';
 CREATE TABLE IF NOT EXISTS return_names (
     name      TEXT PRIMARY KEY,
     return_id TEXT NOT NULL
@@ -1548,7 +1556,10 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (key_name, idem_key)
 );
 CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
+-- Columns a database of an earlier version lacks, last: each ALTER locks its table until the commit.
 ALTER TABLE boxes ADD COLUMN IF NOT EXISTS check_requested_at DOUBLE PRECISION;
+ALTER TABLE returns ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT 'feed';
+ALTER TABLE corrections ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT 'feed';
 CREATE OR REPLACE FUNCTION tracker_count_state() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
@@ -2239,8 +2250,7 @@ class PgFleet:
         """Stored only under the feed lease it was read under; and one transaction at a time adds
         returns, so their seq (the API's list cursor) is in commit order: a reader paging by seq
         never passes a number a transaction still running holds."""
-        if page.items:
-            await tx.execute("number_returns_in_commit_order")
+        await tx.execute("number_returns_in_commit_order")  # first: before any row lock of the commit
         if page.epoch is not None and await tx.execute("keep_feed", self._params(epoch=page.epoch)) != 1:
             raise LeaseLost(f"the feed lease of epoch {page.epoch} passed to another instance")
 
@@ -2460,7 +2470,7 @@ class Store:
         await tx.execute("revive_emptied_boxes", (now, now, [s for s, _ in page.first_checks]))
         ids = sorted({i.id for i in items})
         queued = await tx.execute("reports_for_delivered_boxes", (now, now, ids))
-        await tx.execute("resolve_quarantine", (now, sorted({*ids, *listed})))
+        await tx.execute("resolve_quarantine", (now, sorted({*ids, *(i.id for i in page.items)})))
         quarantined = await tx.execute_many("insert_quarantine", [
             (q.fingerprint, q.return_id, q.reason, q.raw, now) for q in page.quarantined])
         if page.next_cursor is not None:
@@ -2475,7 +2485,9 @@ class Store:
         """What the listed returns hold now, by the id each is stored under, and the listed ids that
         are other names of a stored return (listed id → stored id). A return pushed without an id
         (named by its order item) and a listing of the same order item under the partner's id are
-        one return, whichever came first: the later name becomes a second name of the first."""
+        one return, whichever came first: the later name becomes a second name of the first — when
+        that is unambiguous: the first still holds that order item, it is the only one that does,
+        and it has no partner's id yet. Otherwise the listing is a return of its own."""
         by_order_item = {order_item_name(i): i for i in items}
         rows = await tx.fetch_dicts("stored_returns", (sorted(listed | by_order_item.keys()),))
         stored = {row["id"]: ReturnItem(**row) for row in rows}
@@ -2486,20 +2498,29 @@ class Store:
         for row in await tx.fetch_dicts("named_returns", (unknown,)):
             names[row.pop("name")] = row["id"]
             stored[row["id"]] = ReturnItem(**row)
-        added: dict[str, str] = {}
         unnamed = [i for i in items if i.id not in stored and i.id not in names]
-        for item in unnamed:  # a listing under the partner's id of a return pushed without one
-            if item.id != order_item_name(item) and order_item_name(item) in stored:
-                added[item.id] = order_item_name(item)
-        pushed_without_id = [i for i in unnamed if i.id == order_item_name(i)]
-        if pushed_without_id:  # …or the other way round: the feed's came first
-            rows = await tx.fetch_dicts("returns_of_orders", (sorted({i.order_number for i in pushed_without_id}),))
-            listed_under_id = {order_item_name(ReturnItem(**row)): ReturnItem(**row) for row in rows
-                               if row["id"] != order_item_name(ReturnItem(**row))}
-            for item in pushed_without_id:
-                if (same := listed_under_id.get(item.id)) is not None:
-                    added[item.id] = same.id
-                    stored[same.id] = same
+        under_partner_id = [i for i in unnamed if i.id != order_item_name(i)]
+        without_id = [i for i in unnamed if i.id == order_item_name(i)]
+        added: dict[str, str] = {}
+        pushed = {order_item_name(i) for i in under_partner_id} & stored.keys()
+        if pushed:  # a listing under the partner's id of a return pushed without one
+            named_already = {row[0] for row in await tx.fetch("names_of", (sorted(pushed),))}
+            for item in under_partner_id:
+                first = order_item_name(item)
+                if first in pushed - named_already and _same_order_item(stored[first], item):
+                    added[item.id] = first
+                    named_already.add(first)
+        if without_id:  # …or the other way round: the partner's id came first (stored, or in this page)
+            rows = await tx.fetch_dicts("returns_of_orders", (sorted({i.order_number for i in without_id}),))
+            on_file = {row["id"]: ReturnItem(**row) for row in rows if row["id"] != order_item_name(ReturnItem(**row))}
+            in_page = {i.id: i for i in under_partner_id if i.id not in added}
+            for item in without_id:
+                same = {r.id for r in (*on_file.values(), *in_page.values()) if _same_order_item(r, item)}
+                if len(same) == 1:
+                    (first,) = same
+                    added[item.id] = first
+                    if first in on_file:
+                        stored[first] = on_file[first]
         await tx.execute_many("insert_name", list(added.items()))
         return stored, names | added
 
@@ -2523,6 +2544,9 @@ class Store:
             {"order_number": c.after.order_number, "order_item_number": c.after.order_item_number,
              "shipment_number": c.after.shipment_number, "moved": c.moved, "now": now, "return_id": c.return_id}
             for c in corrections if c.report_state is not None and c.changes_report])
+        await tx.execute_many("drop_name", [  # the order item it was matched by is no longer its own
+            (c.return_id, order_item_name(c.before)) for c in corrections
+            if not _same_order_item(c.before, c.after) and c.return_id != order_item_name(c.before)])
         await tx.execute("empty_boxes", (now, sorted({c.before.shipment_number for c in corrections if c.moved})))
         return corrections
 

@@ -347,3 +347,74 @@ async def test_status_lists_corrections_and_reports_the_partner_holds_under_olde
     assert "R1  order_item_number '9' → '1'  report done" in text
     assert "Reports the partner recorded before a correction of their fields (not resent: decide with the partner):\n" \
            "  R1  order_item_number '9' → '1'  recorded" in text
+
+
+# ── one return under two names: pushed without an id, listed under the partner's ──────────
+
+
+def pushed(*items: tracker.ReturnItem) -> tracker.FeedPage:
+    """What the API commits for pushed returns: a page without a cursor, from a key."""
+    shipments = dict.fromkeys(i.shipment_number for i in items)
+    return tracker.FeedPage(items=items, quarantined=(), next_cursor=None, has_more=False,
+                            first_checks=tuple((s, 100.0) for s in shipments), source="order-system")
+
+
+def without_id(order: str = "O1", line: str = "1", shipment: str = "S1") -> tracker.ReturnItem:
+    return item(rid=f"order:{order}:{line}", order=order, line=line, shipment=shipment)
+
+
+async def names(store: tracker.StateStore) -> list[tuple[str, str]]:
+    return sorted(await store.db.query("SELECT name, return_id FROM return_names", ()))
+
+
+async def test_a_feed_listing_of_a_pushed_order_item_is_a_second_name_of_it(backend: str) -> None:
+    async with opened(backend) as store:
+        await store.commit([pushed(without_id())], 1.0)
+        result = await store.commit([page(item(rid="R1"))], 2.0)
+        assert result.returns_added == 0 and await names(store) == [("R1", "order:O1:1")]
+        assert [r["id"] for r in (await store.story("R1"))["returns"]] == ["order:O1:1"]
+
+
+async def test_two_partner_returns_of_one_order_item_take_the_pushed_one_once(backend: str) -> None:
+    async with opened(backend) as store:
+        await store.commit([pushed(without_id())], 1.0)
+        await store.commit([page(item(rid="R1"))], 2.0)
+        result = await store.commit([page(item(rid="R2", shipment="S2"))], 3.0)
+        assert result.returns_added == 1 and result.corrections == ()  # R2 is a return of its own
+        assert await names(store) == [("R1", "order:O1:1")]
+
+
+async def test_a_push_without_id_matching_two_partner_returns_is_a_return_of_its_own(backend: str) -> None:
+    async with opened(backend) as store:
+        await store.commit([page(item(rid="R1"), item(rid="R2", shipment="S2"))], 1.0)
+        result = await store.commit([pushed(without_id())], 2.0)
+        assert result.returns_added == 1 and await names(store) == []  # which one it is cannot be told
+
+
+async def test_both_names_of_one_order_item_in_one_push_are_one_return(backend: str) -> None:
+    async with opened(backend) as store:
+        result = await store.commit([pushed(without_id(), item(rid="R1"))], 1.0)
+        assert result.returns_added == 1 and await names(store) == [("order:O1:1", "R1")]
+        assert (await store.counts())["returns"] == 1
+
+
+async def test_a_corrected_order_item_loses_the_name_it_was_matched_by(backend: str) -> None:
+    async with opened(backend) as store:
+        await store.commit([page(item(rid="R1"))], 1.0)
+        await store.commit([pushed(without_id())], 2.0)  # a second name of R1
+        await store.commit([page(item(rid="R1", line="2"))], 3.0)  # the partner corrects R1's order item
+        assert await names(store) == []
+        result = await store.commit([pushed(without_id())], 4.0)  # order item 1 again: not R1 any more
+        assert result.returns_added == 1 and result.corrections == ()
+
+
+async def test_a_broken_relisting_under_a_second_name_stays_in_quarantine(backend: str) -> None:
+    broken = tracker.QuarantinedItem(return_id="R1", reason="order_number is null", raw='{"id": "R1"}')
+    async with opened(backend) as store:
+        await store.commit([pushed(without_id())], 1.0)
+        await store.commit([page(item(rid="R1"))], 2.0)
+        for at in (3.0, 4.0):  # listed broken twice
+            await store.commit([page(quarantined=(broken,))], at)
+        assert (await store.counts())["quarantine.open"] == 1
+        story = await store.story("order:O1:1")
+        assert [q["reason"] for q in story["quarantine"]] == ["order_number is null"]

@@ -86,6 +86,7 @@ async def test_retention_deletes_exactly_the_finished_rows_past_keep_days(backen
     store = await open_backend(backend)
     try:
         await history_of_every_kind(store)
+        assert await column(store, "SELECT return_id FROM return_names") == ["R_GONE_REPORTED"]
         result = await store.commit([tracker.Prune(cutoff=CUTOFF, limit=100)], NOW)
         counts = await store.counts()
         assert result.pruned == 2
