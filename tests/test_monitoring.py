@@ -173,8 +173,8 @@ async def test_readyz_is_200_when_the_database_and_the_partner_are_usable(start_
 
 async def test_readyz_is_503_while_a_circuit_is_open(start_partner, db_path: Path) -> None:
     partner = start_partner(scenario(returns=300, arrive_over_s=0.5,
-                                     faults=standin.Faults(outage_at_s=0.8, outage_s=30.0)))
-    async with running_daemon(make_config(db_path, partner.url)) as daemon:
+                                     faults=standin.Faults(outage_at_s=0.8, outage_s=30.0, outage_says_when=False)))
+    async with running_daemon(make_config(db_path, partner.url)) as daemon:  # (a crash: no Retry-After to wait out)
         async def not_ready() -> Any:
             status, body = await readyz(daemon) if daemon.http_address else (0, {})
             return status == 503 and any("circuit" in p for p in body["problems"]) and body
