@@ -12,6 +12,10 @@ work over once its leases run out (lease_s 5 here).
 With --feed-down the partner's returns feed answers 503 throughout, and the returns reach the
 tracker as the shop's order system would hand them over: pushed through the shop's API
 (POST /v1/returns/batch, 500 at a time, each batch with an Idempotency-Key) as they are created.
+
+The shop's refund service is played by a webhook receiver in this process, on loopback: it
+verifies every delivery with the `standardwebhooks` library, as a receiver should, and counts the
+distinct event ids; the summary compares them with the reports the partner recorded.
 """
 
 import asyncio
@@ -28,12 +32,54 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import standardwebhooks
+from aiohttp import web
 
 import standin
 import tracker
 
 HERE = Path(__file__).resolve().parent
 POLL_S = 0.5
+WEBHOOK_WAIT_S = 60.0  # after the last report, for the last deliveries
+
+
+class Receiver:
+    """The shop's refund service: each delivery verified with the library, kept by webhook-id."""
+
+    def __init__(self) -> None:
+        self.secret = tracker.new_webhook_secret()
+        self._verifier = standardwebhooks.Webhook(self.secret)
+        self.subjects: dict[str, set[str]] = {}  # event type → return ids (or shipments) announced
+        self.ids: set[str] = set()
+        self.deliveries = self.bad_signatures = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hooks", self._receive)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}/hooks"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            event = self._verifier.verify(body, dict(request.headers))
+        except standardwebhooks.webhooks.WebhookVerificationError:
+            self.bad_signatures += 1
+            return web.Response(status=400)
+        self.deliveries += 1
+        self.ids.add(request.headers["webhook-id"])
+        subject = event["data"].get("id") or event["data"].get("shipment_number")
+        self.subjects.setdefault(event["type"], set()).add(subject)
+        return web.Response(status=204)
 
 
 def as_typed(path: str | Path) -> str:
@@ -64,6 +110,7 @@ class Demo:
         self.killed: str | None = None
         self.feed_down = False
         self.pushed = self.batches = self.rejected = 0
+        self.receiver = Receiver()
 
     @property
     def storage(self) -> tracker.StorageConfig:
@@ -78,6 +125,7 @@ class Demo:
               f"(a sales event, time compressed), mild partner faults, {where}. Work dir: {self.workdir}")
         standin = await self._start_standin()
         daemons: list[asyncio.subprocess.Process] = []
+        await self.receiver.start()
         try:
             info = json.loads((await standin.stdout.readline()).decode())  # type: ignore[union-attr]
             config_path = self._write_config(info)
@@ -86,7 +134,9 @@ class Demo:
                 with open(self._log(k), "wb") as log:  # the child keeps its own handle
                     daemons.append(await asyncio.create_subprocess_exec(
                         sys.executable, str(HERE / "tracker.py"), "run", "--config", str(config_path),
-                        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, tracker.ENV_TOKEN: info["token"]},
+                        stdout=log, stderr=subprocess.STDOUT, env={
+                            **os.environ, tracker.ENV_TOKEN: info["token"],
+                            tracker.ENV_WEBHOOK_SECRET + "REFUNDS": self.receiver.secret},
                     ))
             async with aiohttp.ClientSession() as http:
                 self.metrics_url = await self._metrics_url()
@@ -98,6 +148,8 @@ class Demo:
                         pusher.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await pusher
+                reported = counts.get("reports.done", 0)
+                await self._wait_for_webhooks(reported)
                 metrics_text = await self._scrape(http)
                 (self.workdir / "metrics.txt").write_text(metrics_text)
                 running = [d for d in daemons if d.returncode is None]
@@ -120,6 +172,13 @@ class Demo:
                     await daemon.wait()
             standin.terminate()
             await standin.wait()
+            await self.receiver.stop()
+
+    async def _wait_for_webhooks(self, reported: int) -> None:
+        """Until the refund service has heard of every reported return, within WEBHOOK_WAIT_S."""
+        deadline = time.monotonic() + WEBHOOK_WAIT_S
+        while len(self.receiver.subjects.get("return.collected", ())) < reported and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)
 
     async def _start_standin(self) -> asyncio.subprocess.Process:
         with open(self.workdir / "standin.log", "wb") as log:
@@ -142,6 +201,8 @@ class Demo:
                          "retry_base_s": 0.5, "retry_max_s": 5.0, "shutdown_grace_s": 3.0},
             "limits": {"concurrency": 64, "rate_per_s": 1500},
             **({"api": {"listen": "127.0.0.1:0"}} if self.feed_down else {}),
+            "webhook": [{"name": "refunds", "url": self.receiver.url,
+                         "retry_schedule_s": [0, 1, 2, 5, 10, 20, 30]}],  # its secret: TRACKER_WEBHOOK_SECRET_REFUNDS
         }, comment=f"written by `tracker.py demo`; the token comes from {tracker.ENV_TOKEN}"))
         return path
 
@@ -265,8 +326,11 @@ class Demo:
             for answer, n in answers.items():
                 by_answer[answer] = by_answer.get(answer, 0) + n
         total_calls = sum(by_answer.values())
+        collected = len(self.receiver.subjects.get("return.collected", ()))
+        unheard = max(0, c.get("reports.done", 0) - collected)
         passed = (ok and ledger["missing"] == 0 and ledger["premature"] == 0 and ledger["unknown"] == 0
-                  and ledger["changed_duplicates"] == 0 and code == 0)
+                  and ledger["changed_duplicates"] == 0 and code == 0 and unheard == 0
+                  and self.receiver.bad_signatures == 0)
         w = self.workdir
 
         def calls_to(endpoint: str) -> int:
@@ -292,6 +356,11 @@ class Demo:
             ("reports", f"{ledger['recorded']:,} recorded of {ledger['expected']:,} expected · duplicates "
                         f"{ledger['duplicates']:,} (409s settling resent reports) · premature {ledger['premature']} "
                         f"· missing {ledger['missing']}"),
+            ("webhooks", f"{collected:,} return.collected · {unheard:,} missing · "
+                         f"{self.receiver.bad_signatures:,} bad signatures · " + " · ".join(
+                             f"{len(subjects):,} {kind}" for kind, subjects in sorted(self.receiver.subjects.items())
+                             if kind != "return.collected") + f" · {self.receiver.deliveries:,} deliveries, "
+                         f"{len(self.receiver.ids):,} distinct ids (verified with standardwebhooks)"),
             ("partner calls", f"{total_calls:,} = returns {calls_to('returns'):,} · tracking "
                               f"{calls_to('tracking'):,} · results {calls_to('results'):,}"),
             ("by answer", answers),

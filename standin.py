@@ -675,12 +675,15 @@ def _decode_cursor(cursor: str | None) -> int:
     return int(text[4:])
 
 
-def daemon_config_toml(sections: dict[str, dict[str, Any]], comment: str = "") -> str:
-    """A tracker config file from {section: {key: value}}: what tests, the demo and the benchmarks
-    run the daemon with against this stand-in. (JSON scalars are valid TOML values.)"""
+def daemon_config_toml(sections: dict[str, Any], comment: str = "") -> str:
+    """A tracker config file from {section: {key: value}} (or, for an array of tables such as
+    [[webhook]], {section: [{key: value}, …]}): what tests, the demo and the benchmarks run the
+    daemon with against this stand-in. (JSON scalars and lists of them are valid TOML values.)"""
     lines = [f"# {comment}"] if comment else []
     for section, values in sections.items():
-        lines += ["", f"[{section}]"] + [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        for table, header in ([(t, f"[[{section}]]") for t in values] if isinstance(values, (list, tuple))
+                              else [(values, f"[{section}]")]):
+            lines += ["", header] + [f"{key} = {json.dumps(value)}" for key, value in table.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,9 @@ is committed before it is acted on, so kill -9 at any instant loses nothing.
     python tracker.py requeue {dead|stale|quarantined} [ids…]   back into the pipeline
     python tracker.py replay TIMELINES.jsonl   the tracking schedule's what-if
     python tracker.py migrate --to URL         a SQLite state into an empty PostgreSQL database
+    python tracker.py check SHP…               check these waybills now
+    python tracker.py api-key create|list|revoke   the shop's API keys; `audit`, its write requests
+    python tracker.py webhooks list|deliveries|replay|enable|test|secret   the shop's receivers
     python tracker.py demo                     the whole pipeline against the partner stand-in
 
 Contents, in the order data flows (each section opens with a banner of its name):
@@ -23,8 +26,9 @@ Contents, in the order data flows (each section opens with a banner of its name)
     Configuration        Config and its sections; load_config: config.toml, then the environment
                          and systemd credentials; every wrong value a ConfigError naming its key
     Records and states   BoxState, ReportState; ReturnItem, Correction, QuarantinedItem,
-                         FeedPage, DueBox, DueReport, StatusChange; the transitions (BoxUpdate,
-                         ReportUpdate, WakeBoxes, Prune, Heartbeat) and CommitResult
+                         FeedPage, DueBox, DueReport, StatusChange, DueDelivery; the transitions
+                         (BoxUpdate, ReportUpdate, WakeBoxes, Prune, Heartbeat, CheckNow, Audit,
+                         Idempotent, DeliveryUpdate, WebhookEndpoints, EnableEndpoint), CommitResult
     Storage              SQLite's tables; SQL, every statement written once; PostgreSQL's tables
                          and the fleet's statements; the dialects (DIALECT_RULES, STATEMENTS);
                          the adapters (Database: SqliteDatabase, PostgresDatabase); the fleet
@@ -37,6 +41,9 @@ Contents, in the order data flows (each section opens with a banner of its name)
     Stages               decide_box_update, decide_report_update; StopSignal; Committer, the only
                          writer; Dispatcher; Stages: collect, track (check_box), report (send_report)
     Alerts               what each alert says (*_alert → Alert); Alerter, the Slack sender
+    Webhooks             webhook_body, decide_delivery, signed_headers; WebhookSender, one an
+                         endpoint (its Dispatcher and breaker), delivering from the outbox
+    The shop's API       keys (new_api_key, KeyRing), Problem (RFC 9457), api_return; ShopApi
     Observability, HTTP  Redactor, configure_logging, Metrics, start_http_server
     Daemon               SystemdNotifier; OverdueWatch, Housekeeping; Daemon: start, the stages'
                          task group, the one way to stop and the order of shutdown
@@ -45,6 +52,8 @@ Contents, in the order data flows (each section opens with a banner of its name)
 
 import argparse
 import asyncio
+import base64
+import binascii
 import bisect
 import collections
 import contextlib
@@ -90,6 +99,7 @@ import psycopg
 import psycopg.conninfo
 import psycopg.errors
 import psycopg.rows
+import standardwebhooks
 import structlog
 from aiohttp import web
 
@@ -116,7 +126,10 @@ ENV_WEBHOOK = "TRACKER_SLACK_WEBHOOK_URL"
 ENV_DATABASE_URL = "TRACKER_DATABASE_URL"
 CREDENTIAL_TOKEN_FILE = "partner_token"
 CREDENTIAL_DATABASE_PASSWORD_FILE = "database_password"
-SECRET_KEYS = frozenset({"partner.token", "slack.webhook_url", "storage.url"})
+ENV_WEBHOOK_SECRET = "TRACKER_WEBHOOK_SECRET_"  # + the endpoint's name in capitals, - as _
+CREDENTIAL_WEBHOOK_SECRET = "webhook_"  # + the endpoint's name; + ".previous" during a rotation
+SECRET_KEYS = frozenset({"partner.token", "slack.webhook_url", "storage.url", "webhook.secret",
+                         "webhook.previous_secret"})
 
 
 class ConfigError(Exception):
@@ -204,6 +217,31 @@ class ApiConfig(Listening):
     max_body_bytes: int = 1_048_576  # a batch of 500 returns is about 100 KB
 
 
+WEBHOOK_EVENTS = ("return.collected", "return.cancelled", "return.corrected", "shipment.stale", "pickup.overdue",
+                  "report.refused")
+WEBHOOK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+WEBHOOK_SECRET_PREFIX = "whsec_"  # Standard Webhooks: whsec_ + base64 of 24 to 64 random bytes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WebhookConfig:
+    """One of the shop's receivers ([[webhook]]): the events it is sent, signed as Standard
+    Webhooks say; each delivery retried on `retry_schedule_s` (Svix's default)."""
+
+    name: str
+    url: str
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    timeout_s: float = 10.0
+    retry_schedule_s: tuple[float, ...] = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+    disable_after_s: float = 5 * 86400.0  # failing this long without a success: disabled, and said on Slack
+    secret: str = dataclasses.field(default="", repr=False)  # whsec_…: systemd credential webhook_<name>
+    previous_secret: str = dataclasses.field(default="", repr=False)  # during a rotation both sign
+
+    @property
+    def environment_name(self) -> str:
+        return ENV_WEBHOOK_SECRET + self.name.upper().replace("-", "_")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     partner: PartnerConfig
@@ -214,17 +252,19 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     log: LogConfig = LogConfig()
     api: ApiConfig = ApiConfig()
+    webhook: tuple[WebhookConfig, ...] = ()  # [[webhook]], one table each
 
     @property
     def secrets(self) -> tuple[str, ...]:
         database = (self.storage.url, _database_password(self.storage.url)) if self.storage.url else ()
-        return tuple(s for s in (self.partner.token, self.slack.webhook_url, *database) if s)
+        webhooks = [secret for w in self.webhook for secret in (w.secret, w.previous_secret)]
+        return tuple(s for s in (self.partner.token, self.slack.webhook_url, *database, *webhooks) if s)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+def load_config(path: Path, env: Mapping[str, str] | None = None, *, secrets_needed: bool = True) -> Config:
     """Read, type-check, override from the environment and validate. Raises ConfigError."""
     env = os.environ if env is None else env
     try:
@@ -237,7 +277,7 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("config", f"not valid TOML: {exc}") from None
     config = _typed_config(raw)
     config = _apply_overrides(config, env)
-    _validate(config)
+    _validate(config, secrets_needed)
     storage = Path(config.storage.path)
     if not storage.is_absolute():  # relative to the config file, not to wherever we were started
         storage = path.resolve().parent / storage
@@ -251,12 +291,21 @@ def _typed_config(raw: dict[str, Any]) -> Config:
         if name not in known:
             raise ConfigError(name, "unknown section")
     for name in known:
+        if name == "webhook":
+            sections[name] = _typed_webhooks(raw.get(name, []))
+            continue
         table = raw.get(name, {})
         if not isinstance(table, dict):
             raise ConfigError(name, "must be a table ([" + name + "])")
         section_cls = typing.get_type_hints(Config)[name]
         sections[name] = _typed_section(name, section_cls, table)
     return Config(**sections)
+
+
+def _typed_webhooks(tables: Any) -> tuple[WebhookConfig, ...]:
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("webhook", "must be an array of tables ([[webhook]], one per receiver)")
+    return tuple(_typed_section("webhook", WebhookConfig, table) for table in tables)
 
 
 def _typed_section(section: str, cls: type, table: dict[str, Any]) -> Any:
@@ -293,6 +342,10 @@ def _typed_value(key: str, kind: type, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
             raise ConfigError(key, f"expected a list of strings, got {_describe(value, key)}")
         return tuple(value)
+    if kind == tuple[float, ...]:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list of numbers, got {_describe(value, key)}")
+        return tuple(_typed_value(key, float, item) for item in value)
     raise TypeError(f"unsupported config type {kind!r}")  # a programming error, not user input
 
 
@@ -317,6 +370,7 @@ def _apply_overrides(config: Config, env: Mapping[str, str]) -> Config:
             raise ConfigError("partner.token", f"cannot read credential {token_file}: {exc}") from None
     if env.get(ENV_WEBHOOK):
         slack = dataclasses.replace(slack, webhook_url=env[ENV_WEBHOOK].strip())
+    webhooks = tuple(_webhook_secrets(w, env, credentials) for w in config.webhook)
     storage = config.storage
     if env.get(ENV_DATABASE_URL):
         storage = dataclasses.replace(storage, url=env[ENV_DATABASE_URL].strip())
@@ -330,7 +384,27 @@ def _apply_overrides(config: Config, env: Mapping[str, str]) -> Config:
             raise ConfigError("storage.url", f"cannot read credential {password_file}: {exc}") from None
         if password:
             storage = dataclasses.replace(storage, url=_with_password(storage.url, password))
-    return dataclasses.replace(config, partner=partner, slack=slack, storage=storage)
+    return dataclasses.replace(config, partner=partner, slack=slack, storage=storage, webhook=webhooks)
+
+
+def _webhook_secrets(webhook: WebhookConfig, env: Mapping[str, str], credentials: str | None) -> WebhookConfig:
+    """The receiver's secret and, during a rotation, the previous one: a systemd credential
+    (webhook_<name>, webhook_<name>.previous) over the environment (TRACKER_WEBHOOK_SECRET_<NAME>,
+    …_PREVIOUS) over the config file."""
+    found = {"secret": webhook.secret, "previous_secret": webhook.previous_secret}
+    for field, suffix in (("secret", ""), ("previous_secret", "_PREVIOUS")):
+        if env.get(webhook.environment_name + suffix):
+            found[field] = env[webhook.environment_name + suffix].strip()
+    if credentials:
+        for field, suffix in (("secret", ""), ("previous_secret", ".previous")):
+            path = Path(credentials) / f"{CREDENTIAL_WEBHOOK_SECRET}{webhook.name}{suffix}"
+            try:
+                found[field] = path.read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                pass
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"webhook.{webhook.name}.secret", f"cannot read credential {path}: {exc}") from None
+    return dataclasses.replace(webhook, secret=found["secret"], previous_secret=found["previous_secret"])
 
 
 def _with_password(url: str, password: str) -> str:
@@ -349,7 +423,7 @@ def _database_password(url: str) -> str:
         return ""
 
 
-def _validate(config: Config) -> None:
+def _validate(config: Config, secrets_needed: bool = True) -> None:
     _require_http_url("partner.base_url", config.partner.base_url)
     if not config.partner.token:
         raise ConfigError(
@@ -390,6 +464,52 @@ def _validate(config: Config) -> None:
     if config.log.level not in LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
     _validate_api(config.api, config.http)
+    _validate_webhooks(config.webhook, secrets_needed)
+
+
+def _validate_webhooks(webhooks: Sequence[WebhookConfig], secrets_needed: bool) -> None:
+    names = [w.name for w in webhooks]
+    for webhook in webhooks:
+        if not WEBHOOK_NAME.fullmatch(webhook.name):
+            raise ConfigError("webhook.name", f"1 to 40 of a-z, 0-9, - and _, starting with a letter or digit: "
+                                              f"{webhook.name[:40]!r}")
+        key = f"webhook.{webhook.name}"
+        if names.count(webhook.name) > 1:
+            raise ConfigError(f"{key}.name", "two [[webhook]] tables have this name")
+        _require_http_url(f"{key}.url", webhook.url)
+        unknown = sorted(set(webhook.events) - set(WEBHOOK_EVENTS))
+        if unknown or not webhook.events:
+            raise ConfigError(f"{key}.events", f"a list of {', '.join(WEBHOOK_EVENTS)}"
+                                               + (f"; not {', '.join(unknown)}" if unknown else ""))
+        _require_range(f"{key}.timeout_s", webhook.timeout_s, 0.1, 120)
+        if not 1 <= len(webhook.retry_schedule_s) <= 50:
+            raise ConfigError(f"{key}.retry_schedule_s", "1 to 50 delays in seconds, the first usually 0")
+        for delay in webhook.retry_schedule_s:
+            _require_range(f"{key}.retry_schedule_s", delay, 0, 7 * 86400)
+        _require_range(f"{key}.disable_after_s", webhook.disable_after_s, 1, 365 * 86400)
+        for field, credential in (("secret", webhook.name), ("previous_secret", webhook.name + ".previous")):
+            secret = getattr(webhook, field)
+            if field == "secret" and not secret and secrets_needed:
+                raise ConfigError(f"{key}.secret", f"missing required value (set the systemd credential "
+                                                   f"'{CREDENTIAL_WEBHOOK_SECRET}{credential}', "
+                                                   f"{webhook.environment_name}, or secret)")
+            if secret and not webhook_secret_well_formed(secret):
+                raise ConfigError(f"{key}.{field}", f"not a Standard Webhooks secret: {WEBHOOK_SECRET_PREFIX} and "
+                                                    "the base64 of 24 to 64 random bytes (tracker.py webhooks secret)")
+
+
+def webhook_secret_well_formed(secret: str) -> bool:
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        return False
+    try:
+        key = base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX):], validate=True)
+    except (ValueError, binascii.Error):
+        return False
+    return 24 <= len(key) <= 64
+
+
+def new_webhook_secret() -> str:
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def _require_range(key: str, value: float, low: float, high: float) -> None:
@@ -683,7 +803,53 @@ class Idempotent:
     asker: str = dataclasses.field(default_factory=lambda: secrets.token_hex(8))  # this request, in a batch
 
 
-Transition = FeedPage | BoxUpdate | ReportUpdate | WakeBoxes | Prune | Heartbeat | CheckNow | Audit | Idempotent
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"  # due at next_attempt_at (kept while its endpoint is disabled)
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # its retry schedule ran out: `tracker.py webhooks replay` sends it again
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DueDelivery:
+    id: str  # "<endpoint> <event id>"
+    event_id: str  # "<type>:<subject>": one per cause
+    type: str
+    subject: str  # the return id, or the shipment number
+    occurred_at: str | None  # the partner's time of what happened, when known
+    attempts: int
+    replays: int  # an answer counts only for the replay it was sent under
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeliveryUpdate:
+    """One attempt to deliver an event to an endpoint, and what it means for the endpoint."""
+
+    id: str
+    endpoint: str
+    state: DeliveryState
+    next_attempt_at: float | None
+    replays: int = 0
+    http_status: int | None = None
+    error: str | None = None
+    gone: bool = False  # 410: the receiver wants nothing more; the endpoint is disabled at once
+    disable_after_s: float = math.inf  # the endpoint failing this long is disabled
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WebhookEndpoints:
+    """The configured receivers and their events, stored at start: every instance and command
+    sees them, and an event is queued for each one that takes it, in the event's transaction."""
+
+    endpoints: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EnableEndpoint:
+    name: str
+
+
+Transition = (FeedPage | BoxUpdate | ReportUpdate | WakeBoxes | Prune | Heartbeat | CheckNow | Audit | Idempotent
+              | DeliveryUpdate | WebhookEndpoints | EnableEndpoint)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -700,6 +866,8 @@ class CommitResult:
     # per Idempotent taken (by its asker): None when that request holds the key now, else what
     # holds it (body hash, status or None while the first request runs, body)
     idempotency: tuple[tuple[str, tuple[str, int | None, str | None] | None], ...] = ()
+    disabled_endpoints: frozenset[str] = frozenset()  # webhook endpoints this commit disabled
+    enabled_endpoints: frozenset[str] = frozenset()
 
     def __add__(self, other: "CommitResult") -> "CommitResult":
         return CommitResult(
@@ -709,7 +877,9 @@ class CommitResult:
             broken_corrections=self.broken_corrections | other.broken_corrections,
             superseded=self.superseded | other.superseded,
             pruned=self.pruned + other.pruned, lost_claims=self.lost_claims | other.lost_claims,
-            checks_queued=self.checks_queued | other.checks_queued, idempotency=self.idempotency + other.idempotency)
+            checks_queued=self.checks_queued | other.checks_queued, idempotency=self.idempotency + other.idempotency,
+            disabled_endpoints=self.disabled_endpoints | other.disabled_endpoints,
+            enabled_endpoints=self.enabled_endpoints | other.enabled_endpoints)
 
 
 API_SCOPES = ("returns:read", "returns:write", "shipments:check")
@@ -767,10 +937,11 @@ class LeaseLost(Exception):
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
-SCHEMA_VERSION = 8  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
+SCHEMA_VERSION = 9  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
 #                    4: corrections, and the report revisions they bump; 5: box status histories;
 #                    6: report attempts, boxes' requested_at (overdue pickups); 7: the shop's API (keys,
-#                    audit, boxes' check_requested_at); 8: returns' second names, corrections' sources
+#                    audit, boxes' check_requested_at); 8: returns' second names, corrections' sources;
+#                    9: webhooks (endpoints, the outbox of events, deliveries)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -943,6 +1114,44 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
 """
+WEBHOOK_TABLES = """
+-- Webhooks: the configured endpoints (stored at start), one event per cause (its id
+-- "<type>:<subject>"), written in the transaction of the transition that caused it (an outbox), and
+-- one delivery per event and endpoint that takes it.
+CREATE TABLE IF NOT EXISTS webhook_endpoints (
+    name          TEXT PRIMARY KEY,
+    events        TEXT NOT NULL,
+    disabled_at   REAL,
+    disabled_why  TEXT,
+    failing_since REAL
+);
+CREATE TABLE IF NOT EXISTS webhook_events (
+    id          TEXT PRIMARY KEY,
+    type        TEXT NOT NULL,
+    subject     TEXT NOT NULL,
+    occurred_at TEXT,
+    created_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_events_by_time ON webhook_events (created_at);
+CREATE INDEX IF NOT EXISTS webhook_events_by_subject ON webhook_events (subject);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id              TEXT PRIMARY KEY,
+    endpoint        TEXT NOT NULL,
+    event_id        TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    replays         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    created_at      REAL NOT NULL,
+    delivered_at    REAL,
+    last_status     INTEGER,
+    last_error      TEXT
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (endpoint, next_attempt_at)
+    WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS webhook_deliveries_by_event ON webhook_deliveries (event_id);
+"""  # in SQLite's words; PostgreSQL's are made from them (pg_words)
+SCHEMA += WEBHOOK_TABLES
 
 # ── SQL, written once ───────────────────────────────────────────────────────────────────────
 # Every statement the store runs, by name, in SQLite's words with `?` or `:name` parameters, and
@@ -1201,6 +1410,10 @@ RETENTION_SQL = {
                          " WHERE shipment_number IN LIST(:boxes)))",
     "delete_reports": "DELETE FROM reports WHERE return_id IN"
                       " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
+    "delete_deliveries": "DELETE FROM webhook_deliveries WHERE event_id IN (SELECT id FROM webhook_events"
+                         " WHERE subject IN (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes)))",
+    "delete_events": "DELETE FROM webhook_events WHERE subject IN"
+                     " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
     "delete_names": "DELETE FROM return_names WHERE return_id IN"
                     " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
     "delete_returns": "DELETE FROM returns WHERE shipment_number IN LIST(:boxes)",
@@ -1289,8 +1502,76 @@ API_SQL = {
                     " AND (CAST(:state AS TEXT) IS NULL OR p.state = :state OR b.state = :state)"
                     " ORDER BY ROW_ORDER(r) LIMIT :limit",
 }
+# Webhooks. An event is announced in the transaction of what caused it (an outbox), once per cause
+# (its id "<type>:<subject>"), and queued at once for every endpoint that takes its type; the
+# senders deliver what is due per endpoint, in due order.
+WEBHOOK_SQL = {
+    "put_endpoint": "INSERT INTO webhook_endpoints (name, events) VALUES (?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET events = excluded.events",
+    "announce_box_returns": "INSERT INTO webhook_events (id, type, subject, occurred_at, created_at)"
+                            " SELECT :type || ':' || id, :type, id, :at, :now FROM returns"
+                            " WHERE shipment_number = :shipment ON CONFLICT (id) DO NOTHING",
+    "announce_collected_joining":  # returns listed into a box already collected
+        "INSERT INTO webhook_events (id, type, subject, occurred_at, created_at)"
+        " SELECT 'return.collected:' || r.id, 'return.collected', r.id, b.delivered_at, :now"
+        " FROM returns r JOIN boxes b ON b.shipment_number = r.shipment_number"
+        " WHERE r.id IN LIST(:ids) AND b.state = 'delivered' ON CONFLICT (id) DO NOTHING",
+    "announce_corrected": "INSERT INTO webhook_events (id, type, subject, occurred_at, created_at)"
+                          " SELECT 'return.corrected:' || return_id || ':' || id, 'return.corrected', return_id,"
+                          " :at, :now FROM corrections WHERE return_id IN LIST(:ids) AND corrected_at = :now"
+                          " ON CONFLICT (id) DO NOTHING",
+    # stale, or refused, again after a requeue: another cause, another id
+    "announce_stale": "INSERT INTO webhook_events (id, type, subject, occurred_at, created_at)"
+                      " SELECT 'shipment.stale:' || shipment_number || ':' || checks, 'shipment.stale',"
+                      " shipment_number,"
+                      " :at, :now FROM boxes WHERE shipment_number IN LIST(:boxes) AND state = 'stale'"
+                      " ON CONFLICT (id) DO NOTHING",
+    "announce_refused": "INSERT INTO webhook_events (id, type, subject, occurred_at, created_at)"
+                        " SELECT 'report.refused:' || return_id || ':' || attempts, 'report.refused', return_id,"
+                        " :at, :now FROM reports WHERE return_id IN LIST(:ids) AND state = 'dead'"
+                        " ON CONFLICT (id) DO NOTHING",
+    "queue_deliveries": "INSERT INTO webhook_deliveries (id, endpoint, event_id, state, next_attempt_at, created_at)"
+                        " SELECT e.name || ' ' || v.id, e.name, v.id, 'pending', :now, :now FROM webhook_events v"
+                        " JOIN webhook_endpoints e ON (',' || e.events || ',') LIKE ('%,' || v.type || ',%')"
+                        " WHERE v.created_at = :now ON CONFLICT (id) DO NOTHING",
+    "due_deliveries": "SELECT d.id, d.event_id, v.type, v.subject, v.occurred_at, d.attempts, d.replays"
+                      " FROM webhook_deliveries d INDEXED BY webhook_deliveries_due"
+                      " JOIN webhook_events v ON v.id = d.event_id"
+                      " WHERE d.endpoint = :endpoint AND d.state = 'pending' AND d.next_attempt_at <= :now"
+                      " AND NOT EXISTS (SELECT 1 FROM webhook_endpoints e WHERE e.name = :endpoint"
+                      " AND e.disabled_at IS NOT NULL) ORDER BY d.next_attempt_at LIMIT :limit",
+    "next_delivery_due_at": "SELECT MIN(next_attempt_at) FROM webhook_deliveries INDEXED BY webhook_deliveries_due"
+                            " WHERE endpoint = ? AND state = 'pending'",
+    "delivery_answer": "UPDATE webhook_deliveries SET state = :state, attempts = attempts + 1,"
+                       " next_attempt_at = :next_attempt_at, last_status = :status, last_error = :error,"
+                       " delivered_at = CASE WHEN :state = 'delivered' THEN :now ELSE delivered_at END"
+                       " WHERE id = :id AND state = 'pending' AND replays = :replays",
+    "endpoint_answered": "UPDATE webhook_endpoints SET failing_since = NULL WHERE name = ?",
+    "endpoint_failed": "UPDATE webhook_endpoints SET failing_since = COALESCE(failing_since, ?) WHERE name = ?",
+    "disable_endpoint": "UPDATE webhook_endpoints SET disabled_at = :now, disabled_why = :why"
+                        " WHERE name = :name AND disabled_at IS NULL"
+                        " AND (:gone OR failing_since < :now - :after) RETURNING name",
+    "enable_endpoint": "UPDATE webhook_endpoints SET disabled_at = NULL, disabled_why = NULL, failing_since = NULL"
+                       " WHERE name = :name RETURNING name",
+    "wake_deliveries": "UPDATE webhook_deliveries SET next_attempt_at = :now WHERE endpoint = :name"
+                       " AND state = 'pending'",
+    "webhook_endpoints": "SELECT e.name, e.events, e.disabled_at, e.disabled_why, e.failing_since,"
+                         " (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.endpoint = e.name"
+                         " AND d.state = 'pending') AS pending,"
+                         " (SELECT MIN(d.created_at) FROM webhook_deliveries d WHERE d.endpoint = e.name"
+                         " AND d.state = 'pending') AS oldest_pending_at FROM webhook_endpoints e ORDER BY e.name",
+    "deliveries": "SELECT d.endpoint, d.event_id, v.type, v.subject, d.state, d.attempts, d.last_status,"
+                  " d.last_error, d.created_at, d.delivered_at, d.next_attempt_at FROM webhook_deliveries d"
+                  " JOIN webhook_events v ON v.id = d.event_id"
+                  " WHERE (CAST(:event AS TEXT) IS NULL OR d.event_id = :event)"
+                  " AND (NOT :failed OR (d.state <> 'delivered' AND d.attempts > 0))"
+                  " ORDER BY d.created_at DESC, d.id LIMIT :limit",
+    "replay_event": "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = :now, attempts = 0,"
+                    " replays = replays + 1"
+                    " WHERE event_id = :event RETURNING endpoint",
+}
 SQL = {**HOT_PATH_SQL, **PAGE_SQL, **WRITE_SQL, **OPERATOR_SQL, **SHOW_SQL, **RETENTION_SQL, **EXPORT_SQL, **READ_SQL,
-       **API_SQL}
+       **API_SQL, **WEBHOOK_SQL}
 
 STATE_COUNT_TRIGGERS = """
 CREATE TRIGGER IF NOT EXISTS {table}_uncounted AFTER DELETE ON {table} BEGIN
@@ -1364,6 +1645,10 @@ COPIED_TABLES = {
     "api_keys": ("name", "prefix", "hash", "scopes", "allow", "rate_per_s", "created_at", "expires_at", "revoked_at"),
     "audit": ("at", "key_name", "source_ip", "action", "target", "result", "request_id"),
     "idempotency": ("key_name", "idem_key", "body_hash", "status", "body", "created_at"),
+    "webhook_endpoints": ("name", "events", "disabled_at", "disabled_why", "failing_since"),
+    "webhook_events": ("id", "type", "subject", "occurred_at", "created_at"),
+    "webhook_deliveries": ("id", "endpoint", "event_id", "state", "attempts", "replays", "next_attempt_at",
+                           "created_at", "delivered_at", "last_status", "last_error"),
 }
 
 
@@ -1377,8 +1662,9 @@ async def _rollback(connection: aiosqlite.Connection) -> None:
 # identity columns, triggers in PL/pgSQL, seconds as double precision), and the fleet's own: claims
 # on rows, the feed's lease, the alerts sent.
 
-PG_SCHEMA_VERSION = 4  # PostgreSQL's own numbering: 1 holds what SQLite's version 6 holds; 2: no instances
-#                       table; 3: the shop's API (SQLite's 7); 4: names, corrections' sources (SQLite's 8)
+PG_SCHEMA_VERSION = 5  # PostgreSQL's own numbering: 1 holds what SQLite's version 6 holds; 2: no instances
+#                       table; 3: the shop's API (SQLite's 7); 4: names, corrections' sources (SQLite's 8);
+#                       5: webhooks (SQLite's 9)
 PG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -1556,6 +1842,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (key_name, idem_key)
 );
 CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
+{webhook_tables}
 -- Columns a database of an earlier version lacks, last: each ALTER locks its table until the commit.
 ALTER TABLE boxes ADD COLUMN IF NOT EXISTS check_requested_at DOUBLE PRECISION;
 ALTER TABLE returns ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT 'feed';
@@ -1578,6 +1865,14 @@ BEGIN
     RETURN NULL;
 END $$;
 """
+
+
+def pg_words(ddl: str) -> str:
+    """SQLite's DDL of a table new in both, in PostgreSQL's types."""
+    return re.sub(r"\bINTEGER\b", "BIGINT", re.sub(r"\bREAL\b", "DOUBLE PRECISION", ddl))
+
+
+PG_SCHEMA = PG_SCHEMA.replace("{webhook_tables}", pg_words(WEBHOOK_TABLES))
 PG_STATE_COUNT_TRIGGERS = """
 CREATE OR REPLACE TRIGGER {table}_counted AFTER INSERT OR DELETE ON {table}
     FOR EACH ROW EXECUTE FUNCTION tracker_count_state();
@@ -2355,6 +2650,7 @@ class StateStore(typing.Protocol):
 
     fleet: Fleet
     where: str
+    announces: bool  # webhooks are configured: what happens is written to the outbox too
 
     async def commit(self, transitions: Sequence[Transition], now: float) -> CommitResult: ...
     async def feed_cursor(self) -> str | None: ...
@@ -2389,6 +2685,11 @@ class StateStore(typing.Protocol):
     async def box_check_state(self, shipment_number: str) -> tuple[str, float | None] | None: ...
     async def list_returns(self, *, after: int, since: float, state: str | None,
                            limit: int) -> list[tuple[str, int]]: ...
+    async def due_deliveries(self, endpoint: str, now: float, limit: int) -> list[DueDelivery]: ...
+    async def next_delivery_due_at(self, endpoint: str) -> float | None: ...
+    async def webhook_endpoints(self) -> list[dict[str, Any]]: ...
+    async def deliveries(self, *, event: str | None, failed: bool, limit: int) -> list[dict[str, Any]]: ...
+    async def replay_events(self, events: Sequence[str], now: float) -> list[tuple[str, str]]: ...
     async def close(self) -> None: ...
 
 
@@ -2401,6 +2702,7 @@ class Store:
         self.db = db
         self.fleet = fleet
         self.where = db.where
+        self.announces = False
 
     @classmethod
     async def open(cls, where: str, *, readonly: bool = False, lease_s: float = 30.0) -> "Store":
@@ -2450,6 +2752,15 @@ class Store:
                 result += CommitResult(checks_queued=frozenset({check.shipment_number}))
         for key in (t for t in transitions if isinstance(t, Idempotent)):
             result += CommitResult(idempotency=((key.asker, await self._idempotent(tx, key, now)),))
+        for endpoints in (t for t in transitions if isinstance(t, WebhookEndpoints)):
+            await tx.execute_many("put_endpoint", [(name, ",".join(events)) for name, events in endpoints.endpoints])
+        deliveries = [t for t in transitions if isinstance(t, DeliveryUpdate)]
+        if deliveries:
+            result += CommitResult(disabled_endpoints=await self._write_deliveries(tx, deliveries, now))
+        for enable in (t for t in transitions if isinstance(t, EnableEndpoint)):
+            if await tx.fetch("enable_endpoint", {"name": enable.name}):
+                await tx.execute("wake_deliveries", {"name": enable.name, "now": now})
+                result += CommitResult(enabled_endpoints=frozenset({enable.name}))
         audited = [e for t in transitions if isinstance(t, Audit) for e in t.entries]
         if audited:
             await tx.execute_many("insert_audit", [
@@ -2470,6 +2781,9 @@ class Store:
         await tx.execute("revive_emptied_boxes", (now, now, [s for s, _ in page.first_checks]))
         ids = sorted({i.id for i in items})
         queued = await tx.execute("reports_for_delivered_boxes", (now, now, ids))
+        if self.announces and queued:
+            await tx.execute("announce_collected_joining", {"ids": ids, "now": now})
+            await tx.execute("queue_deliveries", {"now": now})
         await tx.execute("resolve_quarantine", (now, sorted({*ids, *(i.id for i in page.items)})))
         quarantined = await tx.execute_many("insert_quarantine", [
             (q.fingerprint, q.return_id, q.reason, q.raw, now) for q in page.quarantined])
@@ -2544,6 +2858,10 @@ class Store:
             {"order_number": c.after.order_number, "order_item_number": c.after.order_item_number,
              "shipment_number": c.after.shipment_number, "moved": c.moved, "now": now, "return_id": c.return_id}
             for c in corrections if c.report_state is not None and c.changes_report])
+        if self.announces:
+            await tx.execute("announce_corrected", {"ids": sorted({c.return_id for c in corrections}), "at": _iso(now),
+                                                    "now": now})
+            await tx.execute("queue_deliveries", {"now": now})
         await tx.execute_many("drop_name", [  # the order item it was matched by is no longer its own
             (c.return_id, order_item_name(c.before)) for c in corrections
             if not _same_order_item(c.before, c.after) and c.return_id != order_item_name(c.before)])
@@ -2568,8 +2886,46 @@ class Store:
         queued = await tx.execute_many("queue_reports", [
             (u.delivered_at, ReportState.PENDING.value, now, now, u.shipment_number)
             for u in updates if u.state is BoxState.DELIVERED])
+        if self.announces:
+            await self._announce_box_returns(tx, updates, now)
         await tx.execute_many("unknown_status", [(u.unknown_status, now, now) for u in updates if u.unknown_status])
         return queued
+
+    async def _announce_box_returns(self, tx: Transaction, updates: Sequence[BoxUpdate], now: float) -> None:
+        """return.collected for each return in a box collected now (the refund trigger),
+        return.cancelled for each in a box the customer withdrew, shipment.stale for a waybill the
+        carrier never registered."""
+        announced = [{"type": "return.collected" if u.state is BoxState.DELIVERED else "return.cancelled",
+                      "at": u.delivered_at if u.state is BoxState.DELIVERED else (
+                          _iso(u.history[-1].at) if u.history else None),
+                      "now": now, "shipment": u.shipment_number}
+                     for u in updates if u.state in (BoxState.DELIVERED, BoxState.CANCELLED)]
+        if announced:
+            await tx.execute_many("announce_box_returns", announced)
+        stale = sorted(u.shipment_number for u in updates if u.state is BoxState.STALE)
+        if stale:
+            await tx.execute("announce_stale", {"boxes": stale, "at": _iso(now), "now": now})
+        if announced or stale:
+            await tx.execute("queue_deliveries", {"now": now})
+
+    async def _write_deliveries(self, tx: Transaction, updates: Sequence[DeliveryUpdate],
+                                now: float) -> frozenset[str]:
+        """Each attempt's outcome; an endpoint that answered is failing no longer; one that failed
+        since more than its disable_after_s (or answered 410) is disabled. Returns those disabled."""
+        await tx.execute_many("delivery_answer", [
+            {"state": u.state.value, "next_attempt_at": u.next_attempt_at, "status": u.http_status,
+             "error": u.error, "now": now, "id": u.id, "replays": u.replays} for u in updates])
+        failing = {u.endpoint: u for u in updates if u.state is not DeliveryState.DELIVERED}
+        answered = {u.endpoint for u in updates if u.state is DeliveryState.DELIVERED} - failing.keys()
+        await tx.execute_many("endpoint_answered", [(name,) for name in sorted(answered)])
+        await tx.execute_many("endpoint_failed", [(now, name) for name in sorted(failing)])
+        disabled: set[str] = set()
+        for name, u in sorted(failing.items()):
+            why = "answered 410 Gone" if u.gone else f"failing for over {_human_duration(u.disable_after_s)}"
+            params = {"now": now, "why": why, "name": name, "gone": u.gone, "after": min(u.disable_after_s, 1e12)}
+            if await tx.fetch("disable_endpoint", params):
+                disabled.add(name)
+        return frozenset(disabled)
 
     async def _write_report_updates(self, tx: Transaction, updates: Sequence[ReportUpdate],
                                     now: float) -> frozenset[str]:
@@ -2585,6 +2941,10 @@ class Store:
             for u in called])
         await tx.execute_many("bound_attempts", [
             (u.return_id, u.return_id, ATTEMPTS_PER_REPORT) for u in called if u.attempt > ATTEMPTS_PER_REPORT])
+        refused = sorted(u.return_id for u in updates if u.state is ReportState.DEAD)
+        if refused and self.announces:
+            await tx.execute("announce_refused", {"ids": refused, "at": _iso(now), "now": now})
+            await tx.execute("queue_deliveries", {"now": now})
         settling = {u.return_id: u.revision for u in updates if u.state is not ReportState.PENDING}
         if not settling:
             return frozenset()
@@ -2631,6 +2991,30 @@ class Store:
 
     async def open_quarantine_for(self, ids: Sequence[str] | None) -> list[tuple[Any, ...]]:
         return await self.db.fetch("open_quarantine_for", self._which(ids))
+
+    async def due_deliveries(self, endpoint: str, now: float, limit: int) -> list[DueDelivery]:
+        """With several instances, the one paging the feed delivers: one instance at a time."""
+        if not self.fleet.leads_feed:
+            return []
+        rows = await self.db.fetch_dicts("due_deliveries", {"endpoint": endpoint, "now": now, "limit": limit})
+        return [DueDelivery(**row) for row in rows]
+
+    async def next_delivery_due_at(self, endpoint: str) -> float | None:
+        rows = await self.db.fetch("next_delivery_due_at", (endpoint,))
+        return rows[0][0] if rows else None
+
+    async def webhook_endpoints(self) -> list[dict[str, Any]]:
+        return await self.db.fetch_dicts("webhook_endpoints")
+
+    async def deliveries(self, *, event: str | None, failed: bool, limit: int) -> list[dict[str, Any]]:
+        return await self.db.fetch_dicts("deliveries", {"event": event, "failed": failed, "limit": limit})
+
+    async def replay_events(self, events: Sequence[str], now: float) -> list[tuple[str, str]]:
+        """Each event due again, at once, to every endpoint it was queued for: (event, endpoint)."""
+        async def replay(tx: Transaction) -> list[tuple[str, str]]:
+            return [(event, row[0]) for event in events
+                    for row in await tx.fetch("replay_event", {"event": event, "now": now})]
+        return await self.db.in_transaction(replay)
 
     @staticmethod
     def _which(ids: Sequence[str] | None) -> dict[str, Any]:
@@ -2846,7 +3230,7 @@ MAX_RETRY_AFTER_S = 3600.0
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Reply:
-    endpoint: Endpoint
+    endpoint: "Endpoint | str"  # a partner's endpoint, or a webhook endpoint's name
     outcome: Outcome
     status: int | None  # None when no HTTP answer arrived
     body: Any  # parsed JSON for 200 (None otherwise unless the error body parsed)
@@ -3232,7 +3616,7 @@ class CircuitBreaker:
     OPEN_MAX_S = 10.0
     PROBES_TO_CLOSE = 3
 
-    def __init__(self, endpoint: "Endpoint",
+    def __init__(self, endpoint: "Endpoint | str",
                  on_change: Callable[["CircuitBreaker", CircuitState, str], None]) -> None:
         self.endpoint = endpoint
         self.state = CircuitState.CLOSED
@@ -3486,7 +3870,7 @@ class PartnerClient:
         self.budgets = {e: RetryBudget() for e in Endpoint}
 
         def changed(breaker: CircuitBreaker, previous: CircuitState, why: str) -> None:
-            metrics.set_circuit(breaker.endpoint.value, breaker.state)
+            metrics.set_circuit(str(breaker.endpoint), breaker.state)
             on_circuit_change(breaker, previous, why)
 
         self.breakers = {e: CircuitBreaker(e, changed) for e in Endpoint}
@@ -4830,6 +5214,12 @@ def overdue_alert(count: int, sample: Sequence[str], overdue_after_s: float, old
                             "`tracker.py show SHIPMENT` tells one's story.")
 
 
+def webhook_disabled_alert(name: str, update: DeliveryUpdate) -> Alert:
+    why = "it answered 410 Gone" if update.gone else f"it has failed for over {_human_duration(update.disable_after_s)}"
+    return Alert(f"webhook:{name}", f"Webhook endpoint {name} is disabled: {why} (last: {update.error}). Its events "
+                                    f"are kept; once it is fixed: tracker.py webhooks enable {name}")
+
+
 def overdue_cleared_alert() -> Alert:
     return Alert("overdue_cleared", "No pickup is overdue any more.")
 
@@ -4987,6 +5377,140 @@ class Alerter:
             entry.count += again.count
         self._pending[key] = entry
         self._pending.move_to_end(key, last=False)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════
+# Webhooks — the shop's receivers told what happened, as Standard Webhooks say: every attempt
+# signed (webhook-id, webhook-timestamp, webhook-signature: v1,<HMAC-SHA256>), the id the same on
+# every retry and replay, so a receiver that keeps the ids it has seen handles each event once.
+# Each endpoint has senders of its own (WEBHOOK_CONCURRENCY) and a breaker of its own: a slow or
+# dead one delays no other, nor the pipeline. With several instances the one paging the feed sends.
+# ════════════════════════════════════════════════════════════════════════════════════════════
+
+WEBHOOK_CONCURRENCY = 32  # deliveries in flight to one endpoint (each also waits for its commit)
+
+
+def webhook_id(event_id: str) -> str:
+    """The event's id as receivers see it: its cause ("<type>:<subject>"), fit for a header."""
+    return "evt_" + urllib.parse.quote(event_id, safe=":._-")
+
+
+def webhook_event_id(given: str) -> str:
+    """What `webhooks replay` and `deliveries --event` accept: the id a receiver saw, or the cause."""
+    return urllib.parse.unquote(given[len("evt_"):]) if given.startswith("evt_") else given
+
+
+def webhook_body(delivery: DueDelivery, story: Mapping[str, Any]) -> str:
+    """The event and the story as it stands now, in the API's schema: the return's, or the
+    shipment's with its returns; only the id of one retention has deleted since."""
+    data: dict[str, Any] = {"id": delivery.subject}
+    box = next((b for b in story["boxes"] if b["shipment_number"] == delivery.subject), None)
+    if delivery.type.startswith("shipment.") and box is not None:
+        data = {**api_box(box, story), "returns": [api_return(r["id"], story) for r in story["returns"]
+                                                   if r["shipment_number"] == delivery.subject]}
+    elif (return_id := return_named(delivery.subject, story)) is not None:
+        data = api_return(return_id, story)
+    return json.dumps({"type": delivery.type, "timestamp": delivery.occurred_at, "data": data},
+                      separators=(",", ":"))
+
+
+def decide_delivery(delivery: DueDelivery, webhook: WebhookConfig, status: int | None, error: str | None,
+                    retry_after: float | None, now: float) -> DeliveryUpdate:
+    """2xx: delivered. 410: the receiver wants nothing more: the endpoint is disabled, the event
+    kept. Anything else: again after the schedule's next delay (never sooner than Retry-After), or
+    failed once the schedule has run out."""
+    delivered = DeliveryUpdate(id=delivery.id, endpoint=webhook.name, state=DeliveryState.DELIVERED,
+                               next_attempt_at=None, replays=delivery.replays, http_status=status,
+                               disable_after_s=webhook.disable_after_s)
+    if status is not None and 200 <= status < 300:
+        return delivered
+    failed = dataclasses.replace(delivered, error=error or f"HTTP {status}")
+    if status == 410:
+        return dataclasses.replace(failed, state=DeliveryState.PENDING, next_attempt_at=now, gone=True)
+    made = delivery.attempts + 1
+    if made >= len(webhook.retry_schedule_s):
+        return dataclasses.replace(failed, state=DeliveryState.FAILED)
+    delay = max(webhook.retry_schedule_s[made], retry_after or 0.0)
+    return dataclasses.replace(failed, state=DeliveryState.PENDING, next_attempt_at=now + delay)
+
+
+def webhook_signers(webhook: WebhookConfig) -> list[standardwebhooks.Webhook]:
+    return [standardwebhooks.Webhook(secret) for secret in (webhook.secret, webhook.previous_secret) if secret]
+
+
+def signed_headers(signers: Sequence[standardwebhooks.Webhook], msg_id: str, body: str,
+                   at: dt.datetime) -> dict[str, str]:
+    """Signed by every secret in use: during a rotation a receiver holding either verifies."""
+    return {"webhook-id": msg_id, "webhook-timestamp": str(int(at.timestamp())),
+            "webhook-signature": " ".join(signer.sign(msg_id, at, body) for signer in signers),
+            "Content-Type": "application/json", "User-Agent": "tracker-webhooks"}
+
+
+class WebhookSender:
+    """One endpoint's deliveries, due first first, WEBHOOK_CONCURRENCY at a time."""
+
+    def __init__(self, webhook: WebhookConfig, store: StateStore, committer: "Committer",
+                 session: aiohttp.ClientSession, metrics: "Metrics", log: Logger, stop: StopSignal,
+                 alerts: "Alerter", on_breaker: Callable[[CircuitBreaker, CircuitState, str], None]) -> None:
+        self.webhook = webhook
+        self._alerts = alerts
+        self._store = store
+        self._committer = committer
+        self._session = session
+        self._metrics = metrics
+        self._log = log
+        self._signers = webhook_signers(webhook)
+        self.breaker = CircuitBreaker(webhook.name, on_breaker)
+        self._disabled = False  # since this instance saw it disabled; the database says when it is enabled
+        self.dispatcher: Dispatcher[DueDelivery] = Dispatcher(
+            f"webhook:{webhook.name}", self._due,
+            lambda: store.next_delivery_due_at(webhook.name), lambda d: d.id, self.deliver, WEBHOOK_CONCURRENCY,
+            log, stop=stop)
+
+    async def _due(self, now: float, limit: int) -> list[DueDelivery]:
+        due = await self._store.due_deliveries(self.webhook.name, now, limit)  # none while it is disabled
+        if due:
+            self._disabled = False
+        return due
+
+    async def deliver(self, delivery: DueDelivery) -> None:
+        if self._disabled:
+            return  # fetched before it was disabled: kept, pending, for when it is enabled
+        probe = await self.breaker.admit()
+        story = await self._store.story(delivery.subject)
+        body = webhook_body(delivery, story)
+        headers = signed_headers(self._signers, webhook_id(delivery.event_id), body, dt.datetime.now(dt.UTC))
+        status, error, retry_after = None, None, None
+        started = time.monotonic()
+        try:
+            async with self._session.post(self.webhook.url, data=body.encode(), headers=headers, allow_redirects=False,
+                                          timeout=aiohttp.ClientTimeout(total=self.webhook.timeout_s)) as resp:
+                status = resp.status  # the answer's body is never read: a huge or endless one costs nothing
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {str(exc)[:200]}" if str(exc) else type(exc).__name__
+        except asyncio.CancelledError:
+            if probe:
+                self.breaker.abandon_probe()
+            raise
+        latency = time.monotonic() - started
+        outcome = (Outcome.OK if status is not None and 200 <= status < 300 else Outcome.TIMEOUT if error and
+                   "Timeout" in error else Outcome.CONNECTION if error else
+                   Outcome.SERVER_ERROR if status is not None and status >= 500 else Outcome.CLIENT_ERROR)
+        self.breaker.record(Reply(endpoint=self.webhook.name, outcome=outcome, status=status, body=None,
+                                  retry_after=retry_after, latency_s=latency, detail=error or f"HTTP {status}"), probe)
+        update = decide_delivery(delivery, self.webhook, status, error, retry_after, time.time())
+        self._metrics.webhook_deliveries.labels(self.webhook.name, update.state.value).inc()
+        self._metrics.webhook_latency.labels(self.webhook.name).observe(latency)
+        self._log.info("webhook.sent", endpoint=self.webhook.name, event_id=delivery.event_id,
+                       attempt=delivery.attempts + 1, status=status, error=error, state=update.state.value,
+                       latency_s=round(latency, 4))
+        result = await self._committer.submit(update)
+        if self.webhook.name in result.disabled_endpoints:
+            self._disabled = True
+            self.dispatcher.forget(self.dispatcher.held())
+            self._log.warning("webhook.disabled", endpoint=self.webhook.name, error=update.error)
+            self._alerts.alert(*webhook_disabled_alert(self.webhook.name, update))
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -5576,6 +6100,21 @@ class Metrics:
         self.api_refusals = prometheus_client.Counter(
             "tracker_api_refusals_total", "Requests to the shop's API refused: no or a bad key, a missing scope, "
             "an address not allowed, a rate exceeded.", ["reason"], registry=r)
+        self.webhook_deliveries = prometheus_client.Counter(
+            "tracker_webhook_deliveries_total", "Webhook delivery attempts by endpoint and what became of the "
+            "delivery (delivered; pending: to be tried again; failed: its retry schedule ran out).",
+            ["endpoint", "state"], registry=r)
+        self.webhook_latency = prometheus_client.Histogram(
+            "tracker_webhook_delivery_duration_seconds", "Time for a webhook receiver to answer, by endpoint.",
+            ["endpoint"], registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.webhook_pending = prometheus_client.Gauge(
+            "tracker_webhook_pending", "Webhook deliveries not made yet, by endpoint.", ["endpoint"], registry=r)
+        self.webhook_oldest_pending_age = prometheus_client.Gauge(
+            "tracker_webhook_oldest_pending_age_seconds", "Age of the oldest delivery not made yet, by endpoint.",
+            ["endpoint"], registry=r)
+        self.webhook_disabled = prometheus_client.Gauge(
+            "tracker_webhook_endpoint_disabled", "1 while an endpoint is disabled (410, or failing too long).",
+            ["endpoint"], registry=r)
         self.claims_lost = prometheus_client.Counter(
             "tracker_claims_lost_total", "Answers not stored because their claim ran out and another instance "
             "took the item (PostgreSQL, several instances), by stage.", ["stage"], registry=r)
@@ -5670,6 +6209,12 @@ class Metrics:
         self.outbox_pending.set(counts.get(f"reports.{ReportState.PENDING.value}", 0))
         oldest = await store.oldest_pending_report_queued_at()
         self.outbox_oldest_age.set(0 if oldest is None else max(0.0, time.time() - oldest))
+        if store.announces:
+            for endpoint in await store.webhook_endpoints():
+                self.webhook_pending.labels(endpoint["name"]).set(endpoint["pending"])
+                age = 0.0 if endpoint["oldest_pending_at"] is None else time.time() - endpoint["oldest_pending_at"]
+                self.webhook_oldest_pending_age.labels(endpoint["name"]).set(max(0.0, age))
+                self.webhook_disabled.labels(endpoint["name"]).set(0 if endpoint["disabled_at"] is None else 1)
         return counts
 
     def set_circuit(self, endpoint: str, state: CircuitState) -> None:
@@ -5896,6 +6441,7 @@ class Daemon:
         self.store: StateStore | None = None  # once run() has opened it
         self._stages: Stages | None = None
         self._housekeeping: Housekeeping | None = None
+        self._senders: list[WebhookSender] = []
         self.notifier = SystemdNotifier()
         self.started = asyncio.Event()
         self.failure: str | None = None  # what stopped it, when a stage failed
@@ -5945,6 +6491,8 @@ class Daemon:
         async with (
             aiohttp.ClientSession(connector=connector, timeout=timeouts) as partner_session,
             aiohttp.ClientSession() as slack_session,  # no partner headers ever reach Slack
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(  # nor to the shop's receivers
+                limit=WEBHOOK_CONCURRENCY * max(1, len(config.webhook)))) as webhook_session,
         ):
             alerts = Alerter(config.slack.webhook_url, slack_session, self.metrics, self.log, REDACT.text,
                              store.fleet.alert_once)
@@ -5958,6 +6506,7 @@ class Daemon:
             stages.schedule.restore(histories)  # what was learned before a restart is in the histories
             self.log.info("schedule.restored", boxes=len(histories))
             self._stages = stages
+            self._senders = await self._webhook_senders(store, committer, webhook_session, alerts)
             housekeeping = Housekeeping(config, store, stages, self.metrics, self.log, self._config_path)
             self._housekeeping = housekeeping
             runner = None
@@ -6001,9 +6550,28 @@ class Daemon:
                 stage_tasks.create_task(self._stage("once", stages.one_pass(grace)), name="once")
                 return
             collect = stage_tasks.create_task(self._stage("collect", stages.collect()), name="collect")
+            for sender in self._senders:
+                stage_tasks.create_task(self._stage(f"webhook:{sender.webhook.name}",
+                                                    sender.dispatcher.run(grace_s=grace)),
+                                        name=f"webhook:{sender.webhook.name}")
             stage_tasks.create_task(self._stage("track", stages.tracker.run(grace_s=grace)), name="track")
             stage_tasks.create_task(self._stage("report", stages.reporter.run(grace_s=grace)), name="report")
             stage_tasks.create_task(self._cancel_after_grace(collect, grace), name="shutdown-guard")
+
+    async def _webhook_senders(self, store: StateStore, committer: Committer, session: aiohttp.ClientSession,
+                               alerts: "Alerter") -> list[WebhookSender]:
+        """The configured endpoints stored (before the committer runs: this is the only writer
+        now), the outbox switched on, a sender each."""
+        if not self.config.webhook:
+            return []
+        endpoints = tuple((w.name, w.events) for w in self.config.webhook)
+        await store.commit([WebhookEndpoints(endpoints=endpoints)], time.time())
+        store.announces = True
+        def changed(breaker: CircuitBreaker, previous: CircuitState, why: str) -> None:
+            self.log.warning("webhook.circuit_changed", endpoint=breaker.endpoint, state=breaker.state.value,
+                             previous=previous.value, why=why)
+        return [WebhookSender(w, store, committer, session, self.metrics, self.log, self._stop, alerts, changed)
+                for w in self.config.webhook]
 
     async def _stage(self, name: str, work: Awaitable[None]) -> None:
         try:
@@ -6049,7 +6617,7 @@ class Daemon:
             await reads.close()
 
     def _circuit_changed(self, alerts: "Alerter", breaker: CircuitBreaker, previous: CircuitState, why: str) -> None:
-        endpoint = breaker.endpoint.value
+        endpoint = str(breaker.endpoint)
         self.log.warning("partner.circuit_changed", endpoint=endpoint, state=breaker.state.value,
                          previous=previous.value, why=why)
         if previous is CircuitState.CLOSED and breaker.state is CircuitState.OPEN:
@@ -6203,6 +6771,28 @@ def build_parser() -> argparse.ArgumentParser:
                                             "source address, action, target, result, request id.")
     audit.add_argument("--since", type=parse_date, default=0.0, metavar="DATE", help="from this date on")
     add_config_argument(audit)
+    webhooks = commands.add_parser(
+        "webhooks", help="the shop's webhook endpoints: list, deliveries, replay, enable, test, secret",
+        description="Endpoints are [[webhook]] tables in the config file, the same on every host; their secrets "
+                    "come from the systemd credential webhook_<name> or TRACKER_WEBHOOK_SECRET_<NAME>.")
+    hook_commands = webhooks.add_subparsers(dest="hook_command", required=True, metavar="ACTION")
+    add_config_argument(hook_commands.add_parser("list", help="each endpoint: events, state, deliveries pending"))
+    deliveries = hook_commands.add_parser("deliveries", help="the latest deliveries, newest first")
+    deliveries.add_argument("--failed", action="store_true", help="only those not delivered after an attempt")
+    deliveries.add_argument("--event", default=None, metavar="ID", help="only this event's (its webhook-id)")
+    deliveries.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    add_config_argument(deliveries)
+    replay = hook_commands.add_parser("replay", help="send these events again, under the same webhook-id")
+    replay.add_argument("events", nargs="+", metavar="EVENT_ID")
+    add_config_argument(replay)
+    enable = hook_commands.add_parser("enable", help="an endpoint disabled (410, or failing too long) works "
+                                                     "again; what it missed is delivered")
+    enable.add_argument("name")
+    add_config_argument(enable)
+    test = hook_commands.add_parser("test", help="send the endpoint a signed test event now and say what it answered")
+    test.add_argument("name")
+    add_config_argument(test)
+    hook_commands.add_parser("secret", help="print a new secret (whsec_…) for an endpoint's credential")
     demo = commands.add_parser("demo", help="run the whole pipeline against the partner stand-in",
                                description="Start the partner stand-in on loopback with a burst of returns, "
                                            "run the daemon against it, and print a summary.")
@@ -6231,8 +6821,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                          feed_down=args.feed_down)
     if args.command == "replay":
         return replay_command(args.timelines, args.config, args.seed)
+    if args.command == "webhooks" and args.hook_command == "secret":
+        print(new_webhook_secret())
+        return EXIT_OK
     try:
-        loader = load_config if args.command in ("run", "once", "check-config") else load_status_config
+        sends = args.command in ("run", "once", "check-config") or getattr(args, "hook_command", "") == "test"
+        loader = load_config if sends else load_status_config
         config = loader(args.config)
     except ConfigError as exc:
         print(f"tracker: config error: {exc}", file=sys.stderr)
@@ -6241,7 +6835,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tracker: warning: {warning}", file=sys.stderr)
     if args.command == "check-config":
         print(f"tracker: {args.config}: ok (partner {config.partner.base_url}, database {config.storage.where}, "
-              f"listening on {config.http.listen}, Slack {'on' if config.slack.webhook_url else 'off'})")
+              f"listening on {config.http.listen}, Slack {'on' if config.slack.webhook_url else 'off'}, "
+              f"webhooks {', '.join(w.name for w in config.webhook) or 'none'})")
         return EXIT_OK
     if args.command == "status":
         return asyncio.run(print_status(config))
@@ -6260,6 +6855,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(check_now(config, args.shipments))
     if args.command == "audit":
         return asyncio.run(print_audit(config, args.since))
+    if args.command == "webhooks":
+        return asyncio.run(webhooks_command(config, args))
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # one journald record per line, as it happens
     configure_logging(config.log.level)
@@ -6286,17 +6883,22 @@ def config_file_warnings(path: Path) -> list[str]:
     except OSError:
         return []
     raw = tomllib.loads(text)
-    holds = sorted(key for key in SECRET_KEYS if raw.get(key.split(".")[0], {}).get(key.split(".")[1]))
+    tables = [(section, table) for section, value in raw.items()
+              for table in (value if isinstance(value, list) else [value]) if isinstance(table, dict)]
+    holds = sorted({key for key in SECRET_KEYS for section, table in tables
+                    if key.split(".")[0] == section and table.get(key.split(".")[1])})
     if holds and mode & 0o077:
         return [f"{path} holds {' and '.join(holds)} and can be read by other users "
                 f"(mode {mode & 0o777:o}); run: chmod 600 {path} — or move the token to {ENV_TOKEN} "
-                f"or the systemd credential '{CREDENTIAL_TOKEN_FILE}'"]
+                f"or the systemd credential '{CREDENTIAL_TOKEN_FILE}', a webhook's secret to "
+                f"'{CREDENTIAL_WEBHOOK_SECRET}<name>'"]
     return []
 
 
 def load_status_config(path: Path) -> Config:
     """`status` and `requeue` touch only the database: they must work without the partner token."""
-    return load_config(path, {**os.environ, ENV_TOKEN: os.environ.get(ENV_TOKEN) or "not-needed-for-status"})
+    return load_config(path, {**os.environ, ENV_TOKEN: os.environ.get(ENV_TOKEN) or "not-needed-for-status"},
+                       secrets_needed=False)
 
 
 GC_YOUNG_THRESHOLD = 20_000
@@ -6501,6 +7103,73 @@ async def print_audit(config: Config, since: float, out: typing.TextIO | None = 
     finally:
         await store.close()
     return EXIT_OK
+
+
+async def webhooks_command(config: Config, args: argparse.Namespace, out: typing.TextIO | None = None) -> int:
+    out = out or sys.stdout
+    if args.hook_command == "test":
+        return await send_test_webhook(config, args.name, out)
+    if args.hook_command == "enable" and args.name not in {w.name for w in config.webhook}:
+        print(f"tracker: no [[webhook]] named {args.name!r} in {args.config}", file=sys.stderr)
+        return EXIT_USAGE
+    store = await open_for_reading(config) if args.hook_command in ("list", "deliveries") else \
+        await open_store(config.storage)
+    if store is None:
+        return EXIT_FAILURE
+    try:
+        if args.hook_command == "list":
+            stored = {row["name"]: row for row in await store.webhook_endpoints()}
+            for webhook in config.webhook:
+                row = stored.get(webhook.name, {})
+                state = (f"disabled {_stamp(row['disabled_at'])}: {row['disabled_why']}" if row.get("disabled_at")
+                         else f"failing since {_stamp(row['failing_since'])}" if row.get("failing_since") else "active")
+                oldest = f", oldest {_ago(row['oldest_pending_at'])}" if row.get("oldest_pending_at") else ""
+                print(f"{webhook.name:<16} {webhook.url}  {','.join(webhook.events)}  {state}  "
+                      f"{row.get('pending', 0)} pending{oldest}", file=out)
+        elif args.hook_command == "deliveries":
+            event = webhook_event_id(args.event) if args.event else None
+            for row in await store.deliveries(event=event, failed=args.failed, limit=args.limit):
+                when = _stamp(row["delivered_at"]) if row["delivered_at"] else (
+                    f"next {_stamp(row['next_attempt_at'])}" if row["next_attempt_at"] else "-")
+                answer = row["last_error"] or (f"HTTP {row['last_status']}" if row["last_status"] else "not tried")
+                print(f"{_stamp(row['created_at'])}  {row['endpoint']:<16} {webhook_id(row['event_id'])}  "
+                      f"{row['state']:<9} {row['attempts']} attempt(s), {answer}, {when}", file=out)
+        elif args.hook_command == "replay":
+            replayed = await store.replay_events([webhook_event_id(e) for e in args.events], time.time())
+            for event, endpoint in replayed:
+                print(f"{webhook_id(event)} → {endpoint}: due again now", file=out)
+            missing = set(map(webhook_event_id, args.events)) - {event for event, _ in replayed}
+            for event in sorted(missing):
+                print(f"tracker: no delivery of {webhook_id(event)} is stored", file=sys.stderr)
+            return EXIT_FAILURE if missing else EXIT_OK
+        elif args.hook_command == "enable":
+            result = await store.commit([EnableEndpoint(name=args.name)], time.time())
+            print(f"{args.name}: {'enabled' if result.enabled_endpoints else 'not stored yet: start the daemon'}",
+                  file=out)
+    finally:
+        await store.close()
+    return EXIT_OK
+
+
+async def send_test_webhook(config: Config, name: str, out: typing.TextIO) -> int:
+    """A signed `tracker.test` event, sent now, as a delivery would be; nothing is stored."""
+    webhook = next((w for w in config.webhook if w.name == name), None)
+    if webhook is None:
+        print(f"tracker: no [[webhook]] named {name!r}", file=sys.stderr)
+        return EXIT_USAGE
+    at = dt.datetime.now(dt.UTC)
+    msg_id = f"evt_tracker.test:{secrets.token_hex(8)}"
+    body = json.dumps({"type": "tracker.test", "timestamp": at.isoformat(), "data": {}}, separators=(",", ":"))
+    headers = signed_headers(webhook_signers(webhook), msg_id, body, at)
+    try:
+        async with aiohttp.ClientSession() as session, session.post(
+                webhook.url, data=body.encode(), headers=headers, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=webhook.timeout_s)) as resp:
+            print(f"{name}: {webhook.url} answered {resp.status} ({msg_id})", file=out)
+            return EXIT_OK if 200 <= resp.status < 300 else EXIT_FAILURE
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        print(f"{name}: {webhook.url} did not answer: {type(exc).__name__} {exc}", file=out)
+        return EXIT_FAILURE
 
 
 async def requeue_quarantined(store: StateStore, ids: list[str] | None,

@@ -1,0 +1,265 @@
+"""Webhooks: the shop's receivers told when a pickup is collected or cancelled, as Standard Webhooks
+say — verified here as a receiver does, with the maintained `standardwebhooks` library, never our
+own code. Each cause is announced under one webhook-id (the receiver counts distinct ids), on
+every retry and replay; a receiver that fails is retried on its schedule; one that answers 410 is
+disabled until an operator enables it again."""
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import standardwebhooks
+from aiohttp import web
+
+import standin
+import tracker
+from conftest import ROOT, config_toml, everything_reported, make_config, running_daemon, scenario, wait_until
+
+SECRET = "whsec_" + "c2VjcmV0LW9mLXRoZS1yZWZ1bmRzLXJlY2VpdmVyLTMyYg=="  # 32 bytes
+OLD_SECRET = "whsec_" + "b2xkLXNlY3JldC1vZi10aGUtcmVmdW5kcy1yZWNlaXZlcg=="
+
+
+class Receiver:
+    """A shop's receiver on loopback: verifies every delivery with the library, keeps each event
+    by its webhook-id, and answers as `answer(n)` says for its n-th call (200 by default)."""
+
+    def __init__(self, secret: str, answer: Callable[[int], int] = lambda n: 200) -> None:
+        self.verifier = standardwebhooks.Webhook(secret)
+        self.answer = answer
+        self.events: dict[str, dict[str, Any]] = {}  # webhook-id → payload, from 2xx answers
+        self.accepted = 0  # 2xx answers given: more than len(events) if an event came twice
+        self.calls = 0
+        self.bad_signatures = 0
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        body = await request.read()
+        try:
+            payload = self.verifier.verify(body, dict(request.headers))
+        except standardwebhooks.webhooks.WebhookVerificationError:
+            self.bad_signatures += 1
+            return web.Response(status=400)
+        status = self.answer(self.calls)
+        if 200 <= status < 300:
+            self.accepted += 1
+            self.events.setdefault(request.headers["webhook-id"], payload)
+        return web.Response(status=status)
+
+    def of_type(self, kind: str) -> dict[str, str]:
+        """subject (the return id) → webhook-id, of the events of this type received."""
+        return {payload["data"]["id"]: msg_id for msg_id, payload in self.events.items() if payload["type"] == kind}
+
+
+@contextlib.asynccontextmanager
+async def receiving(receiver: Receiver) -> AsyncIterator[Receiver]:
+    app = web.Application()
+    app.router.add_post("/hooks", receiver.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    receiver.url = f"http://{host}:{port}/hooks"
+    try:
+        yield receiver
+    finally:
+        await runner.cleanup()
+
+
+def with_webhook(config: tracker.Config, url: str, **options: Any) -> tracker.Config:
+    webhook = tracker.WebhookConfig(name="refunds", url=url, events=("return.collected", "return.cancelled"),
+                                    secret=SECRET, retry_schedule_s=(0.0, 0.1, 0.2, 0.4, 0.8), timeout_s=2.0)
+    return dataclasses.replace(config, webhook=(dataclasses.replace(webhook, **options),))
+
+
+def in_backend(config: tracker.Config, backend: str) -> tracker.Config:
+    if backend.startswith("postgresql://"):
+        return dataclasses.replace(config, storage=dataclasses.replace(config.storage, url=backend, lease_s=3.0))
+    return dataclasses.replace(config, storage=dataclasses.replace(config.storage, path=backend))
+
+
+async def ids_in(where: str, sql: str) -> set[str]:
+    store = await tracker.Store.open(where)
+    try:
+        return {row[0] for row in await store.db.query(sql, ())}
+    finally:
+        await store.close()
+
+
+def announced(receiver: Receiver, kind: str, expected: set[str]):
+    async def check() -> bool:
+        return set(receiver.of_type(kind)) >= expected
+    return check
+
+
+async def test_every_collected_and_cancelled_return_is_announced_once_signed(start_partner, backend: str,
+                                                                             tmp_path: Path) -> None:
+    partner = start_partner(scenario(returns=80, cancel_share=0.2))
+    async with receiving(Receiver(SECRET)) as receiver:
+        config = in_backend(with_webhook(make_config(tmp_path / "unused.db", partner.url), receiver.url), backend)
+        async with running_daemon(config):
+            await wait_until(everything_reported(partner, backend), 40, what="every report")
+            reported = await ids_in(backend, "SELECT return_id FROM reports WHERE state = 'done'")
+            cancelled = await ids_in(backend, "SELECT r.id FROM returns r JOIN boxes b"
+                                              " ON b.shipment_number = r.shipment_number WHERE b.state = 'cancelled'")
+            await wait_until(announced(receiver, "return.collected", reported), 20, what="every collection announced")
+            await wait_until(announced(receiver, "return.cancelled", cancelled), 20, what="every cancel announced")
+    assert reported and cancelled
+    assert set(receiver.of_type("return.collected")) == reported  # each collected return, and only those
+    assert set(receiver.of_type("return.cancelled")) == cancelled
+    assert receiver.bad_signatures == 0 and receiver.accepted == len(receiver.events)  # none came twice
+    collected = next(p for p in receiver.events.values() if p["type"] == "return.collected")
+    assert collected["timestamp"] == collected["data"]["report"]["collected_at"]  # when the courier collected it
+
+
+async def test_a_receiver_failing_at_first_gets_every_event_under_its_one_id(start_partner, db_path: Path) -> None:
+    partner = start_partner(scenario(returns=40, cancel_share=0.0))
+    async with receiving(Receiver(SECRET, answer=lambda n: 500 if n <= 8 else 200)) as receiver:
+        config = with_webhook(make_config(db_path, partner.url), receiver.url, retry_schedule_s=(0.0,) + (0.2,) * 9)
+        async with running_daemon(config):  # the first calls fail, and the breaker opens
+            await wait_until(everything_reported(partner, db_path), 40, what="every report")
+            reported = await ids_in(str(db_path), "SELECT return_id FROM reports WHERE state = 'done'")
+            await wait_until(announced(receiver, "return.collected", reported), 20, what="every collection announced")
+    assert receiver.calls > len(receiver.events)  # retried
+    assert receiver.accepted == len(receiver.events) == len(reported)  # each once
+
+
+async def test_rotation_signs_with_both_secrets_so_a_receiver_holding_the_old_one_verifies(
+        start_partner, db_path: Path) -> None:
+    partner = start_partner(scenario(returns=10, cancel_share=0.0))
+    async with receiving(Receiver(OLD_SECRET)) as receiver:
+        config = with_webhook(make_config(db_path, partner.url), receiver.url, previous_secret=OLD_SECRET)
+        async with running_daemon(config):
+            await wait_until(everything_reported(partner, db_path), 40, what="every report")
+            reported = await ids_in(str(db_path), "SELECT return_id FROM reports WHERE state = 'done'")
+            await wait_until(announced(receiver, "return.collected", reported), 20, what="every collection announced")
+    assert receiver.bad_signatures == 0
+
+
+async def test_a_receiver_that_answers_410_is_disabled_and_enabling_it_delivers_what_it_missed(
+        start_partner, tmp_path: Path) -> None:
+    db_path = tmp_path / "tracker.db"
+    partner = start_partner(scenario(returns=20, cancel_share=0.0))
+    gone = True
+    async with receiving(Receiver(SECRET, answer=lambda n: 410 if gone else 200)) as receiver:
+        config = with_webhook(make_config(db_path, partner.url, slack=tracker.SlackConfig(
+            webhook_url=partner.root + "/_slack")), receiver.url)
+        sections = json.loads(json.dumps(dataclasses.asdict(config)))
+        for webhook in sections["webhook"]:
+            del webhook["secret"], webhook["previous_secret"]  # an operator's shell has no secrets
+        (tmp_path / "config.toml").write_text(standin.daemon_config_toml(sections))
+        async with running_daemon(config):
+            await wait_until(everything_reported(partner, db_path), 40, what="every report")
+
+            async def disabled() -> bool:
+                return any("Webhook endpoint refunds is disabled" in m["text"]
+                           for m in partner.call(lambda: list(partner.standin.slack_messages)))
+            await wait_until(disabled, 20, what="the endpoint disabled and said on Slack")
+            calls_when_disabled = receiver.calls
+            listed = await asyncio.to_thread(subprocess.run, [
+                sys.executable, str(ROOT / "tracker.py"), "webhooks", "list",
+                "--config", str(tmp_path / "config.toml")],
+                capture_output=True, text=True, check=True)
+            await asyncio.sleep(2 * tracker.Dispatcher.IDLE_POLL_S)  # a window of the senders' polls, to see nothing
+            calls_while_disabled = receiver.calls - calls_when_disabled
+            gone = False
+            enabled = subprocess.run([sys.executable, str(ROOT / "tracker.py"), "webhooks", "enable", "refunds",
+                                      "--config", str(tmp_path / "config.toml")], capture_output=True, text=True)
+            reported = await ids_in(str(db_path), "SELECT return_id FROM reports WHERE state = 'done'")
+            await wait_until(announced(receiver, "return.collected", reported), 20, what="what it missed delivered")
+    assert calls_when_disabled <= tracker.WEBHOOK_CONCURRENCY  # the first 410 and those already on their way
+    assert calls_while_disabled == 0
+    assert "disabled" in listed.stdout and "answered 410 Gone" in listed.stdout, listed.stdout
+    assert enabled.returncode == 0 and "refunds: enabled" in enabled.stdout, enabled.stderr
+    assert receiver.accepted == len(receiver.events) == len(reported)
+
+
+async def test_a_replayed_event_comes_again_under_the_same_id(start_partner, tmp_path: Path) -> None:
+    db_path = tmp_path / "tracker.db"
+    partner = start_partner(scenario(returns=5, cancel_share=0.0))
+    async with receiving(Receiver(SECRET)) as receiver:
+        config = with_webhook(make_config(db_path, partner.url), receiver.url)
+        (tmp_path / "config.toml").write_text(config_toml(partner.url, db_path) + "\n[[webhook]]\nname = \"refunds\"\n"
+                                              f"url = \"{receiver.url}\"\n")
+        async with running_daemon(config):
+            await wait_until(everything_reported(partner, db_path), 40, what="every report")
+            reported = await ids_in(str(db_path), "SELECT return_id FROM reports WHERE state = 'done'")
+            await wait_until(announced(receiver, "return.collected", reported), 20, what="every collection announced")
+            msg_id = sorted(receiver.events)[0]
+            before = receiver.accepted
+            replayed = subprocess.run([sys.executable, str(ROOT / "tracker.py"), "webhooks", "replay", msg_id,
+                                       "--config", str(tmp_path / "config.toml")], capture_output=True, text=True)
+            assert replayed.returncode == 0, replayed.stderr
+
+            async def came_again() -> bool:
+                return receiver.accepted > before
+            await wait_until(came_again, 20, what="the replayed event")
+    assert replayed.returncode == 0 and f"{msg_id} → refunds" in replayed.stdout, replayed.stderr
+    assert len(receiver.events) == len(reported) and receiver.accepted == before + 1  # the same id again
+
+
+@pytest.mark.parametrize("table, problem", [
+    ('name = "Refunds!"\nurl = "http://x.example/h"', "webhook.name"),
+    ('name = "refunds"\nurl = "ftp://x.example/h"', "webhook.refunds.url"),
+    ('name = "refunds"\nurl = "http://x.example/h"\nevents = ["return.lost"]', "webhook.refunds.events"),
+    ('name = "refunds"\nurl = "http://x.example/h"\nretry_schedule_s = []', "webhook.refunds.retry_schedule_s"),
+    ('name = "refunds"\nurl = "http://x.example/h"\nsecret = "hunter2"', "webhook.refunds.secret"),
+    ('name = "refunds"\nurl = "http://x.example/h"', "webhook.refunds.secret: missing"),
+])
+def test_a_wrong_webhook_table_stops_the_start_with_its_key(tmp_path: Path, table: str, problem: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(config_toml("http://127.0.0.1:1/api", tmp_path / "t.db") + "\n[[webhook]]\n" + table + "\n")
+    result = subprocess.run([sys.executable, str(ROOT / "tracker.py"), "check-config", "--config", str(config)],
+                            capture_output=True, text=True, env={"TRACKER_PARTNER_TOKEN": "t", "PATH": "/usr/bin"})
+    assert result.returncode == 2 and f"config error: {problem}" in result.stderr, result.stderr
+    assert "hunter2" not in result.stderr
+
+
+def test_a_webhook_secret_comes_from_its_credential_and_never_shows(tmp_path: Path) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "webhook_refunds").write_text(SECRET + "\n")
+    config = tmp_path / "config.toml"
+    config.write_text(config_toml("http://127.0.0.1:1/api", tmp_path / "t.db")
+                      + '\n[[webhook]]\nname = "refunds"\nurl = "http://x.example/h"\n')
+    loaded = tracker.load_config(config, {"TRACKER_PARTNER_TOKEN": "t", "CREDENTIALS_DIRECTORY": str(credentials)})
+    assert loaded.webhook[0].secret == SECRET and SECRET in loaded.secrets  # redacted wherever it would appear
+    assert SECRET not in repr(loaded)
+    result = subprocess.run([sys.executable, str(ROOT / "tracker.py"), "check-config", "--config", str(config)],
+                            capture_output=True, text=True,
+                            env={"TRACKER_PARTNER_TOKEN": "t", "CREDENTIALS_DIRECTORY": str(credentials),
+                                 "PATH": "/usr/bin"})
+    assert result.returncode == 0 and "webhooks refunds" in result.stdout and SECRET not in result.stdout
+
+
+async def test_stale_waybills_and_corrections_are_announced_each_once(start_partner, db_path: Path) -> None:
+    partner = start_partner(scenario(returns=60, cancel_share=0.0, never_registered_share=0.1, reissue_share=0.1,
+                                     fix_share=0.05))
+    async with receiving(Receiver(SECRET)) as receiver:
+        config = with_webhook(make_config(db_path, partner.url), receiver.url,
+                              events=("return.corrected", "shipment.stale"))
+        async with running_daemon(config):
+            await wait_until(everything_reported(partner, db_path), 40, what="every report")
+            stale = await wait_until(lambda: ids_in(str(db_path), "SELECT shipment_number FROM boxes"
+                                                                   " WHERE state = 'stale'"), 20,
+                                     what="the never-registered waybills stale")  # stale_after_s: 3 s
+
+            async def all_stale() -> bool:
+                return {p["data"]["shipment_number"] for p in receiver.events.values()
+                        if p["type"] == "shipment.stale"} >= stale
+            await wait_until(all_stale, 20, what="every stale waybill announced")
+            corrected = await ids_in(str(db_path), "SELECT return_id FROM corrections")
+            await wait_until(announced(receiver, "return.corrected", corrected), 20, what="every correction announced")
+    assert stale and corrected
+    assert {p["type"] for p in receiver.events.values()} == {"shipment.stale", "return.corrected"}  # as subscribed
+    stale_event = next(p for p in receiver.events.values() if p["type"] == "shipment.stale")
+    assert stale_event["data"]["state"] == "stale" and stale_event["data"]["returns"]
+    assert receiver.accepted == len(receiver.events) and receiver.bad_signatures == 0
