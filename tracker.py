@@ -958,14 +958,6 @@ CREATE TABLE IF NOT EXISTS returns (
 );
 CREATE INDEX IF NOT EXISTS returns_by_shipment ON returns (shipment_number);
 CREATE INDEX IF NOT EXISTS returns_by_order ON returns (order_number);
--- A return's other names: one pushed without an id is named by its order item
--- (order:<order_number>:<order_item_number>); the feed's id for the same order item, listed later,
--- is a second name that finds the same return (or the other way round).
-CREATE TABLE IF NOT EXISTS return_names (
-    name      TEXT PRIMARY KEY,
-    return_id TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS return_names_by_return ON return_names (return_id);
 CREATE TABLE IF NOT EXISTS boxes (
     shipment_number TEXT PRIMARY KEY,
     state           TEXT NOT NULL,
@@ -1076,6 +1068,16 @@ CREATE TABLE IF NOT EXISTS unknown_statuses (
     last_seen_at  REAL NOT NULL,
     seen          INTEGER NOT NULL
 );
+"""
+TABLES_IN_BOTH = """
+-- A return's other names: one pushed without an id is named by its order item
+-- (order:<order_number>:<order_item_number>); the feed's id for the same order item, listed later,
+-- is a second name that finds the same return (or the other way round).
+CREATE TABLE IF NOT EXISTS return_names (
+    name      TEXT PRIMARY KEY,
+    return_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS return_names_by_return ON return_names (return_id);
 -- The shop's API keys: only a hash of each (SHA-256: a key is 190 random bits, so a fast hash
 -- suffices), found by its lookup prefix. scopes and allow are comma-separated.
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -1113,8 +1115,6 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (key_name, idem_key)
 );
 CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
-"""
-WEBHOOK_TABLES = """
 -- Webhooks: the configured endpoints (stored at start), one event per cause (its id
 -- "<type>:<subject>"), written in the transaction of the transition that caused it (an outbox), and
 -- one delivery per event and endpoint that takes it.
@@ -1150,8 +1150,8 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (endpoint, next_attempt_at)
     WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS webhook_deliveries_by_event ON webhook_deliveries (event_id);
-"""  # in SQLite's words; PostgreSQL's are made from them (pg_words)
-SCHEMA += WEBHOOK_TABLES
+"""  # the tables added since there are two backends, in SQLite's words (pg_words: PostgreSQL's)
+SCHEMA += TABLES_IN_BOTH
 
 # ── SQL, written once ───────────────────────────────────────────────────────────────────────
 # Every statement the store runs, by name, in SQLite's words with `?` or `:name` parameters, and
@@ -1658,9 +1658,10 @@ async def _rollback(connection: aiosqlite.Connection) -> None:
 
 
 # ── PostgreSQL's tables ─────────────────────────────────────────────────────────────────────
-# The same tables in PostgreSQL, for `storage.url` (the DDL is the one thing written per backend:
-# identity columns, triggers in PL/pgSQL, seconds as double precision), and the fleet's own: claims
-# on rows, the feed's lease, the alerts sent.
+# The same tables in PostgreSQL, for `storage.url` (the tables both backends began with are written
+# per backend: identity columns, triggers in PL/pgSQL, seconds as double precision; those added
+# since are TABLES_IN_BOTH, made PostgreSQL's by pg_words), and the fleet's own: claims on rows,
+# the feed's lease, the alerts sent.
 
 PG_SCHEMA_VERSION = 5  # PostgreSQL's own numbering: 1 holds what SQLite's version 6 holds; 2: no instances
 #                       table; 3: the shop's API (SQLite's 7); 4: names, corrections' sources (SQLite's 8);
@@ -1799,50 +1800,13 @@ CREATE TABLE IF NOT EXISTS corrections (
     corrected_at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS corrections_by_return ON corrections (return_id);
-CREATE TABLE IF NOT EXISTS return_names (
-    name      TEXT PRIMARY KEY,
-    return_id TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS return_names_by_return ON return_names (return_id);
 CREATE TABLE IF NOT EXISTS unknown_statuses (
     status        TEXT PRIMARY KEY,
     first_seen_at DOUBLE PRECISION NOT NULL,
     last_seen_at  DOUBLE PRECISION NOT NULL,
     seen          BIGINT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS api_keys (
-    name       TEXT PRIMARY KEY,
-    prefix     TEXT NOT NULL UNIQUE,
-    hash       TEXT NOT NULL,
-    scopes     TEXT NOT NULL,
-    allow      TEXT NOT NULL,
-    rate_per_s DOUBLE PRECISION NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    expires_at DOUBLE PRECISION,
-    revoked_at DOUBLE PRECISION
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    at         DOUBLE PRECISION NOT NULL,
-    key_name   TEXT,
-    source_ip  TEXT NOT NULL,
-    action     TEXT NOT NULL,
-    target     TEXT NOT NULL,
-    result     TEXT NOT NULL,
-    request_id TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
-CREATE TABLE IF NOT EXISTS idempotency (
-    key_name   TEXT NOT NULL,
-    idem_key   TEXT NOT NULL,
-    body_hash  TEXT NOT NULL,
-    status     INTEGER,
-    body       TEXT,
-    created_at DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (key_name, idem_key)
-);
-CREATE INDEX IF NOT EXISTS idempotency_by_age ON idempotency (created_at);
-{webhook_tables}
+{tables_in_both}
 -- Columns a database of an earlier version lacks, last: each ALTER locks its table until the commit.
 ALTER TABLE boxes ADD COLUMN IF NOT EXISTS check_requested_at DOUBLE PRECISION;
 ALTER TABLE returns ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT 'feed';
@@ -1868,11 +1832,12 @@ END $$;
 
 
 def pg_words(ddl: str) -> str:
-    """SQLite's DDL of a table new in both, in PostgreSQL's types."""
+    """SQLite's DDL of a table new in both, in PostgreSQL's types: a rowid key an identity."""
+    ddl = ddl.replace("INTEGER PRIMARY KEY", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
     return re.sub(r"\bINTEGER\b", "BIGINT", re.sub(r"\bREAL\b", "DOUBLE PRECISION", ddl))
 
 
-PG_SCHEMA = PG_SCHEMA.replace("{webhook_tables}", pg_words(WEBHOOK_TABLES))
+PG_SCHEMA = PG_SCHEMA.replace("{tables_in_both}", pg_words(TABLES_IN_BOTH))
 PG_STATE_COUNT_TRIGGERS = """
 CREATE OR REPLACE TRIGGER {table}_counted AFTER INSERT OR DELETE ON {table}
     FOR EACH ROW EXECUTE FUNCTION tracker_count_state();
@@ -2693,6 +2658,9 @@ class StateStore(typing.Protocol):
     async def close(self) -> None: ...
 
 
+ANNOUNCING = (FeedPage, BoxUpdate, ReportUpdate)  # the transitions that may write webhook events
+
+
 class Store:
     """The state's rules: callers hand transitions to `commit`, each batch one transaction; reads
     are single statements. Written once over a Database (which backend) and a Fleet (who else
@@ -2761,6 +2729,8 @@ class Store:
             if await tx.fetch("enable_endpoint", {"name": enable.name}):
                 await tx.execute("wake_deliveries", {"name": enable.name, "now": now})
                 result += CommitResult(enabled_endpoints=frozenset({enable.name}))
+        if self.announces and any(isinstance(t, ANNOUNCING) for t in transitions):
+            await tx.execute("queue_deliveries", {"now": now})  # what they announced, to every endpoint taking it
         audited = [e for t in transitions if isinstance(t, Audit) for e in t.entries]
         if audited:
             await tx.execute_many("insert_audit", [
@@ -2783,7 +2753,6 @@ class Store:
         queued = await tx.execute("reports_for_delivered_boxes", (now, now, ids))
         if self.announces and queued:
             await tx.execute("announce_collected_joining", {"ids": ids, "now": now})
-            await tx.execute("queue_deliveries", {"now": now})
         await tx.execute("resolve_quarantine", (now, sorted({*ids, *(i.id for i in page.items)})))
         quarantined = await tx.execute_many("insert_quarantine", [
             (q.fingerprint, q.return_id, q.reason, q.raw, now) for q in page.quarantined])
@@ -2861,7 +2830,6 @@ class Store:
         if self.announces:
             await tx.execute("announce_corrected", {"ids": sorted({c.return_id for c in corrections}), "at": _iso(now),
                                                     "now": now})
-            await tx.execute("queue_deliveries", {"now": now})
         await tx.execute_many("drop_name", [  # the order item it was matched by is no longer its own
             (c.return_id, order_item_name(c.before)) for c in corrections
             if not _same_order_item(c.before, c.after) and c.return_id != order_item_name(c.before)])
@@ -2905,8 +2873,6 @@ class Store:
         stale = sorted(u.shipment_number for u in updates if u.state is BoxState.STALE)
         if stale:
             await tx.execute("announce_stale", {"boxes": stale, "at": _iso(now), "now": now})
-        if announced or stale:
-            await tx.execute("queue_deliveries", {"now": now})
 
     async def _write_deliveries(self, tx: Transaction, updates: Sequence[DeliveryUpdate],
                                 now: float) -> frozenset[str]:
@@ -2944,7 +2910,6 @@ class Store:
         refused = sorted(u.return_id for u in updates if u.state is ReportState.DEAD)
         if refused and self.announces:
             await tx.execute("announce_refused", {"ids": refused, "at": _iso(now), "now": now})
-            await tx.execute("queue_deliveries", {"now": now})
         settling = {u.return_id: u.revision for u in updates if u.state is not ReportState.PENDING}
         if not settling:
             return frozenset()
@@ -5487,16 +5452,15 @@ class WebhookSender:
                                           timeout=aiohttp.ClientTimeout(total=self.webhook.timeout_s)) as resp:
                 status = resp.status  # the answer's body is never read: a huge or endless one costs nothing
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                outcome = Outcome.OK if 200 <= status < 300 else _outcome_for_status(status)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             error = f"{type(exc).__name__}: {str(exc)[:200]}" if str(exc) else type(exc).__name__
+            outcome = Outcome.TIMEOUT if isinstance(exc, TimeoutError) else Outcome.CONNECTION
         except asyncio.CancelledError:
             if probe:
                 self.breaker.abandon_probe()
             raise
         latency = time.monotonic() - started
-        outcome = (Outcome.OK if status is not None and 200 <= status < 300 else Outcome.TIMEOUT if error and
-                   "Timeout" in error else Outcome.CONNECTION if error else
-                   Outcome.SERVER_ERROR if status is not None and status >= 500 else Outcome.CLIENT_ERROR)
         self.breaker.record(Reply(endpoint=self.webhook.name, outcome=outcome, status=status, body=None,
                                   retry_after=retry_after, latency_s=latency, detail=error or f"HTTP {status}"), probe)
         update = decide_delivery(delivery, self.webhook, status, error, retry_after, time.time())
