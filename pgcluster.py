@@ -28,11 +28,12 @@ class PostgresCluster:
     stopped after them (Debian's `postgresql` package: ./install puts it there). PostgreSQL
     refuses to run as root: as root, the cluster belongs to the `postgres` user (or `nobody`)."""
 
-    def __init__(self, directory: Path, *, durable: bool = False) -> None:
+    def __init__(self, directory: Path, *, durable: bool = False, loses_last_commits: bool = False) -> None:
         self.directory = directory
         self.data = directory / "data"
         self.port = free_port()
         self.durable = durable  # commits wait for the disk (and a synchronous standby): for failover tests
+        self.loses_last_commits = loses_last_commits
         self.bin = self._bindir()
         self.log = directory / "postgres.log"
         self._databases = 0
@@ -62,8 +63,15 @@ class PostgresCluster:
                                           "--auth=trust", "-E", "UTF8", "--no-sync"),
                            check=True, capture_output=True)
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c max_connections=200"
-        if not self.durable:  # a test's cluster loses nothing it needs to a crash of the machine
-            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        if not self.durable:
+            # A crash of the machine could lose commits; a crash of the server (stop("immediate"),
+            # which the restart tests do) loses none: a commit is in the kernel before it is answered.
+            options += " -c fsync=off -c full_page_writes=off"
+        if self.loses_last_commits:
+            # Commits are answered before their WAL is written, and it is written every 10 s: a
+            # crash loses the last seconds of acknowledged commits, as a failover to an
+            # asynchronous standby does.
+            options += " -c synchronous_commit=off -c wal_writer_delay=10000 -c wal_writer_flush_after=1GB"
         subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options,
                                       "-l", str(self.log), "-w", "start"), check=True, capture_output=True)
 
@@ -121,13 +129,13 @@ def _user_exists(name: str) -> bool:
 
 
 @contextmanager
-def throwaway_cluster(*, durable: bool = False, standby_of: PostgresCluster | None = None
-                      ) -> Iterator[PostgresCluster]:
+def throwaway_cluster(*, durable: bool = False, loses_last_commits: bool = False,
+                      standby_of: PostgresCluster | None = None) -> Iterator[PostgresCluster]:
     """A started cluster in its own directory under /tmp (pytest's temporary directories are
     private to the user running the tests; the cluster's owner must reach its own) — or, given
     `standby_of`, a synchronous streaming replica of that one."""
     directory = Path(tempfile.mkdtemp(prefix="tracker-postgres-"))
-    cluster = PostgresCluster(directory, durable=durable)
+    cluster = PostgresCluster(directory, durable=durable, loses_last_commits=loses_last_commits)
     try:
         if standby_of is not None:
             cluster.start_standby_of(standby_of)

@@ -659,6 +659,13 @@ class QuarantinedItem:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SentCursor:
+    """The cursor a feed page was asked with (None: the feed's beginning)."""
+
+    cursor: str | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FeedPage:
     """One page of the feed, committed with the cursor that follows it — all or nothing."""
 
@@ -669,6 +676,10 @@ class FeedPage:
     first_checks: tuple[tuple[str, float], ...] = ()  # (shipment, when) for boxes not seen before
     epoch: int | None = None  # the feed lease it was read under (PostgreSQL): stored only while it holds
     source: str = FEED_SOURCE  # or the name of the API key that pushed these returns
+    # A page read from the feed, asked with this cursor: stored only while the database still
+    # holds that cursor (it may have lost its latest commits: a crash under synchronous_commit =
+    # off, a failover to an asynchronous standby; or an answer was lost after the commit).
+    read_from: SentCursor | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -868,6 +879,7 @@ class CommitResult:
     idempotency: tuple[tuple[str, tuple[str, int | None, str | None] | None], ...] = ()
     disabled_endpoints: frozenset[str] = frozenset()  # webhook endpoints this commit disabled
     enabled_endpoints: frozenset[str] = frozenset()
+    cursor_moved: str | None = None  # a page not stored: the stored cursor (or "") is not the one it was read from
 
     def __add__(self, other: "CommitResult") -> "CommitResult":
         return CommitResult(
@@ -879,7 +891,8 @@ class CommitResult:
             pruned=self.pruned + other.pruned, lost_claims=self.lost_claims | other.lost_claims,
             checks_queued=self.checks_queued | other.checks_queued, idempotency=self.idempotency + other.idempotency,
             disabled_endpoints=self.disabled_endpoints | other.disabled_endpoints,
-            enabled_endpoints=self.enabled_endpoints | other.enabled_endpoints)
+            enabled_endpoints=self.enabled_endpoints | other.enabled_endpoints,
+            cursor_moved=self.cursor_moved if self.cursor_moved is not None else other.cursor_moved)
 
 
 API_SCOPES = ("returns:read", "returns:write", "shipments:check")
@@ -2697,6 +2710,9 @@ class Store:
         result = CommitResult()
         for page in (t for t in transitions if isinstance(t, FeedPage)):
             await self.fleet.fence_page(tx, page)
+            if page.read_from is not None and (stored := await self._cursor_in(tx)) != page.read_from.cursor:
+                result += CommitResult(cursor_moved=stored or "")
+                continue
             result += await self._write_page(tx, page, now)
         boxes, lost_boxes = await self.fleet.still_claimed(
             tx, "boxes", [t for t in transitions if isinstance(t, BoxUpdate)])
@@ -2736,6 +2752,11 @@ class Store:
             await tx.execute_many("insert_audit", [
                 (e.at, e.key_name, e.source_ip, e.action, e.target, e.result, e.request_id) for e in audited])
         return result
+
+    @staticmethod
+    async def _cursor_in(tx: Transaction) -> str | None:
+        rows = await tx.fetch("feed_cursor", (FEED_CURSOR_KEY,))
+        return rows[0][0] if rows else None
 
     async def _write_page(self, tx: Transaction, page: FeedPage, now: float) -> CommitResult:
         listed = {i.id for i in page.items} | {q.return_id for q in page.quarantined if q.return_id}
@@ -4096,7 +4117,7 @@ def parse_returns_page(body: Any, sent_cursor: str | None, now: float, first_che
         else:
             quarantined.append(checked)
     return FeedPage(items=tuple(items), quarantined=tuple(quarantined), next_cursor=next_cursor, has_more=has_more,
-                    first_checks=first_checks(items, now, first_check_in_s))
+                    first_checks=first_checks(items, now, first_check_in_s), read_from=SentCursor(cursor=sent_cursor))
 
 
 def first_checks(items: Iterable[ReturnItem], now: float, first_check_in_s: float) -> tuple[tuple[str, float], ...]:
@@ -4934,6 +4955,10 @@ class Stages:
             except StorageUnavailable:
                 await self._pause(schedule.retry_base_s)
                 continue
+            if result.cursor_moved is not None:
+                self._cursor_moved(cursor, result.cursor_moved)
+                epoch = None  # read the stored cursor again, and the feed from there
+                continue
             self._page_committed(page, reply, result)
             if page.first_checks:
                 self.tracker.wake()  # its idle wait knew nothing of these boxes' first checks
@@ -4977,6 +5002,13 @@ class Stages:
                 await self._pause(retry_delay(failures, self.config.schedule.retry_base_s,
                                               self.config.schedule.retry_max_s, None))
         return False, None
+
+    def _cursor_moved(self, read_from: str | None, stored: str) -> None:
+        """The database no longer holds the cursor this loop paged from: it lost its latest commits
+        (returns with them), or a commit this loop saw fail was made. The feed is read again from
+        the stored cursor; what was already stored is merged as any relisting is."""
+        self.metrics.feed_rewound.inc()
+        self.log.warning("collect.cursor_moved", read_from=read_from, stored=stored or None)
 
     def _page_committed(self, page: FeedPage, reply: Reply, result: CommitResult) -> None:
         self.metrics.feed_last_success.set(time.time())
@@ -6094,6 +6126,9 @@ class Metrics:
             ["outcome"], registry=r)
         self.feed_last_success = prometheus_client.Gauge(
             "tracker_feed_last_success_timestamp_seconds", "When a feed page was last stored.", registry=r)
+        self.feed_rewound = prometheus_client.Counter(
+            "tracker_feed_rewound", "Feed pages not stored because the database no longer held the cursor they "
+            "were read from (it lost its latest commits): the feed was read again from the stored one.", registry=r)
         self.partner_rate = prometheus_client.Gauge(
             "tracker_partner_rate_limit_per_second", "The adaptive call rate in force, by endpoint.",
             ["endpoint"], registry=r)

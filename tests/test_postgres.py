@@ -7,6 +7,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ import standin
 import tracker
 from conftest import (ROOT, TOKEN, DaemonProcess, PostgresCluster, assert_nothing_lost_nothing_early, config_toml,
                       counts_in, everything_reported, ledger_of, make_config, run_daemon_until, running_daemon,
-                      running_daemons, scenario, wait_until)
+                      running_daemons, scenario, throwaway_cluster, wait_until)
 
 
 def on_postgres(config: tracker.Config, url: str) -> tracker.Config:
@@ -111,6 +113,49 @@ async def test_cut_connections_and_a_database_restart_lose_nothing_and_report_no
         await wait_until(everything_reported(partner, pg_url), 60, what="every report after the restart")
     ledger = await ledger_of(partner)
     assert_nothing_lost_nothing_early(ledger)  # each once; a report resent after a cut got a 409
+
+
+def returns_in(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM returns").fetchone()[0]
+
+
+def wal_writer_of(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'").fetchone()[0]
+
+
+def unflushed_wal(url: str) -> int:
+    """Bytes of WAL the server holds only in its memory: the commits a crash now takes back."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT pg_current_wal_insert_lsn() - pg_current_wal_flush_lsn()").fetchone()[0]
+
+
+async def test_a_crash_that_takes_back_acknowledged_commits_loses_no_return(start_partner, db_path: Path) -> None:
+    """Under synchronous_commit = off (or after a failover to an asynchronous standby) a crash takes
+    back the last commits the database had answered — feed pages among them — while the daemon,
+    which lived through it, has paged on. It reads the feed again from the cursor the database
+    still holds: every return is tracked and reported, once. The WAL writer is held still while
+    the feed is paged, so the crash certainly takes pages back."""
+    with throwaway_cluster(loses_last_commits=True) as lossy:
+        url = lossy.new_database()
+        partner = start_partner(scenario(returns=300, arrive_over_s=6.0, step_s=(0.3, 0.8)))
+        config = on_postgres(make_config(db_path, partner.url), url)
+        async with running_daemon(config):
+            await wait_until(lambda: asyncio.to_thread(lambda: returns_in(url) >= 20), 30, what="the first returns")
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("CHECKPOINT")  # the schema, the feed's lease and the first pages: on disk
+            writer = wal_writer_of(url)
+            os.kill(writer, signal.SIGSTOP)
+            try:
+                stored = returns_in(url)
+                await wait_until(lambda: asyncio.to_thread(lambda: returns_in(url) >= stored + 100), 30,
+                                 what="100 more returns, stored only in the server's memory")
+                assert unflushed_wal(url) > 0
+            finally:
+                os.kill(writer, signal.SIGKILL)  # the server restarts itself, recovering what reached the disk
+            await wait_until(everything_reported(partner, url), 90, what="every report after the crash")
+    assert_nothing_lost_nothing_early(await ledger_of(partner))
 
 
 # ── the commands, and the password ──────────────────────────────────────────────────────────

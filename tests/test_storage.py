@@ -196,6 +196,29 @@ async def test_a_feed_page_is_committed_without_waiting_for_the_gather_window(ba
         assert await store.feed_cursor() == "c1"
 
 
+def feed_page(read_from: str | None, next_cursor: str, return_id: str) -> tracker.FeedPage:
+    item = tracker.ReturnItem(id=return_id, order_number=f"O-{return_id}", order_item_number="1",
+                              shipment_number=f"S-{return_id}", requested_at="2026-12-01T10:00:00Z")
+    return tracker.FeedPage(items=(item,), quarantined=(), next_cursor=next_cursor, has_more=True,
+                            first_checks=((item.shipment_number, 0.0),), read_from=tracker.SentCursor(cursor=read_from))
+
+
+async def test_a_feed_page_read_from_a_cursor_the_database_no_longer_holds_is_not_stored(backend: str) -> None:
+    """A database that lost its latest commits (a crash under synchronous_commit = off, a failover
+    to an asynchronous standby) holds an older cursor than the one the feed loop paged on from: a
+    page read past the lost ones would skip their returns for good. It is refused, and says what
+    the database holds, so the loop reads the feed again from there."""
+    async with running_committer(backend) as (store, committer):
+        first = await committer.submit(feed_page(None, "c1", "R1"))
+        refused = await committer.submit(feed_page("c2", "c3", "R3"))  # as if the page to c2 were lost
+        again = await committer.submit(feed_page("c1", "c2", "R2"))
+        stored = (await store.counts())["returns"], await store.feed_cursor()
+    assert first.cursor_moved is None and first.returns_added == 1
+    assert refused.cursor_moved == "c1" and refused.returns_added == 0
+    assert again.cursor_moved is None and again.returns_added == 1
+    assert stored == (2, "c2")
+
+
 async def test_database_file_is_readable_by_its_owner_only(db_path: Path) -> None:
     store = await tracker.Store.open(str(db_path))
     await store.close()
