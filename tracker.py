@@ -61,6 +61,7 @@ import csv
 import dataclasses
 import datetime as dt
 import enum
+import errno
 import fcntl
 import functools
 import gc
@@ -76,10 +77,12 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
 import tomllib
 import typing
@@ -215,6 +218,9 @@ class ApiConfig(Listening):
     listen: str = ""  # "host:port" of the shop's API, a listener of its own; empty: no API
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed; nobody else's is
     max_body_bytes: int = 1_048_576  # a batch of 500 returns is about 100 KB
+    # Served by a process of its own, on the other core: a lookup's HTTP, key check and reads
+    # never take time from the pipeline's event loop (its writes are handed to the daemon).
+    own_process: bool = True
 
 
 WEBHOOK_EVENTS = ("return.collected", "return.cancelled", "return.corrected", "shipment.stale", "pickup.overdue",
@@ -324,6 +330,10 @@ def _typed_section(section: str, cls: type, table: dict[str, Any]) -> Any:
 
 
 def _typed_value(key: str, kind: type, value: Any) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {_describe(value)}")
+        return value
     if kind is float:  # seconds accept fractions and whole numbers alike
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {_describe(value)}")
@@ -5573,8 +5583,24 @@ class Problem(Exception):
     def response(self, instance: str) -> web.Response:
         body = {"type": f"/v1/problems/{self.slug}", "title": self.title, "status": self.status,
                 "detail": self.detail or self.title, "instance": instance, **self.extra}
-        return web.json_response(body, status=self.status, headers=self.headers,
-                                 content_type="application/problem+json")
+        response = web.json_response(body, status=self.status, headers=self.headers,
+                                     content_type="application/problem+json")
+        response[PROBLEM_SLUG] = self.slug
+        return response
+
+
+PROBLEM_SLUG = web.ResponseKey("problem", str)  # which problem an answer is, for the refusals' metric
+
+
+def problem_slug_of(status: int, body: bytes) -> str | None:
+    """The slug of a problem answer that came from elsewhere (the daemon's process)."""
+    if status < 400:
+        return None
+    try:
+        kind = json.loads(body).get("type", "")
+    except (ValueError, AttributeError):
+        return None
+    return kind.rpartition("/")[2] if isinstance(kind, str) else None
 
 
 def return_named(name: str, story: Mapping[str, Any]) -> str | None:
@@ -5699,13 +5725,22 @@ API_ROUTES = (
 )
 
 
-class ShopApi:
-    """The /v1 handlers over the store, the committer and the tracking stage."""
+FORWARDED_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id")
+NOT_HANDED_BACK = frozenset(("content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"))
+CLIENT_HEADER = "X-Tracker-Client"  # the client's address, as the API's process found it
 
-    def __init__(self, config: Config, store: StateStore, stages: Stages, metrics: "Metrics", log: Logger) -> None:
+
+class ShopApi:
+    """The /v1 handlers over the store, the committer and the tracking stage — in the daemon's
+    process. In the API's own process (`daemon` given) the reads are answered there and every
+    write, once its key passed, is handed on to the daemon's: the only writer."""
+
+    def __init__(self, config: Config, store: StateStore, metrics: "ApiMetrics | None", log: Logger, *,
+                 stages: Stages | None = None, daemon: aiohttp.ClientSession | None = None) -> None:
         self._config = config
         self._store = store
         self._stages = stages
+        self._daemon = daemon
         self._metrics = metrics
         self._log = log
         self._keys = KeyRing(store)
@@ -5730,13 +5765,13 @@ class ShopApi:
         request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
         context = request[REQUEST_CONTEXT] = {"request_id": request_id, "route": "unknown"}  # shared with clones
         try:
-            if self._forwarded is not None and self._peer_is_trusted(request):
+            if self._metrics is None:  # behind the API's own process: its client's address is in the header
+                response = await handler(request.clone(remote=request.headers.get(CLIENT_HEADER, "")))
+            elif self._forwarded is not None and self._peer_is_trusted(request):
                 response = await self._forwarded.middleware(request, handler)
             else:
                 response = await handler(request)  # X-Forwarded-For from anyone else is not believed
         except Problem as problem:
-            if problem.status in (401, 403, 429):
-                self._metrics.api_refusals.labels(problem.slug).inc()
             response = problem.response(request.path)
         except web.HTTPException as exc:  # aiohttp's own: no such route or method, a body too large
             slug = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}.get(exc.status, "bad-request")
@@ -5747,8 +5782,12 @@ class ShopApi:
             response = Problem(500, "internal-error", "Internal Server Error",
                                f"see the tracker's log for request {request_id}").response(request.path)
         response.headers["X-Request-Id"] = request_id
-        self._metrics.api_requests.labels(context["route"], str(response.status)).inc()
-        self._metrics.api_latency.labels(context["route"]).observe(time.monotonic() - started)
+        if self._metrics is not None:
+            self._metrics.requests.labels(context["route"], str(response.status)).inc()
+            self._metrics.latency.labels(context["route"]).observe(time.monotonic() - started)
+            refused = response.get(PROBLEM_SLUG) if response.status in (401, 403, 429) else None
+            if refused:
+                self._metrics.refusals.labels(refused).inc()
         return response
 
     def _peer_is_trusted(self, request: web.Request) -> bool:
@@ -5766,6 +5805,8 @@ class ShopApi:
                        request: web.Request) -> web.StreamResponse:
         request[REQUEST_CONTEXT]["route"] = route.name
         key = await self._authorize(request, route.scope) if route.scope else None
+        if self._daemon is not None and route.method == "POST":
+            return await self._hand_on(request)
         idem_key = request.headers.get("Idempotency-Key")
         if key is None or request.method != "POST" or idem_key is None:
             return await handler(request, key)
@@ -5802,9 +5843,33 @@ class ShopApi:
         await self._submit(dataclasses.replace(taken, answer=(response.status, body)))
         return response
 
+    async def _hand_on(self, request: web.Request) -> web.StreamResponse:
+        """A write whose key passed here, to the daemon's process (which checks it again, keeps
+        the Idempotency-Key and writes the audit row), and its answer back as it came."""
+        assert self._daemon is not None
+        headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
+        headers |= {CLIENT_HEADER: request.remote or "", "X-Request-Id": request[REQUEST_CONTEXT]["request_id"]}
+        try:
+            async with self._daemon.request(request.method, f"http://tracker{request.path_qs}", headers=headers,
+                                            data=await request.read()) as answer:
+                body = await answer.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._log.warning("api.daemon_unreachable", error=str(exc) or type(exc).__name__)
+            raise Problem(503, "daemon-unavailable", "Service Unavailable",
+                          "the tracker's daemon cannot take writes now", headers={"Retry-After": "5"}) from None
+        headers = {name: value for name, value in answer.headers.items() if name.lower() not in NOT_HANDED_BACK}
+        response = web.Response(status=answer.status, body=body, headers=headers)
+        if (slug := problem_slug_of(answer.status, body)) is not None:
+            response[PROBLEM_SLUG] = slug
+        return response
+
+    def _pipeline(self) -> Stages:
+        assert self._stages is not None, "a write reached the API's own process"
+        return self._stages
+
     async def _submit(self, transition: Transition) -> CommitResult:
         try:
-            return await self._stages.committer.submit(transition)
+            return await self._pipeline().committer.submit(transition)
         except StorageUnavailable as exc:
             raise Problem(503, "storage-unavailable", "Service Unavailable", str(exc),
                           headers={"Retry-After": "5"}) from None
@@ -5846,7 +5911,7 @@ class ShopApi:
                            action=action, target=target[:500], result=result,
                            request_id=request[REQUEST_CONTEXT]["request_id"])
         try:
-            await self._stages.committer.submit(Audit(entries=(entry,)))
+            await self._pipeline().committer.submit(Audit(entries=(entry,)))
         except StorageUnavailable as exc:  # the write itself was committed: an audit row lost is logged
             self._log.error("api.audit_failed", action=action, target=target, error=str(exc))
 
@@ -5888,10 +5953,10 @@ class ShopApi:
 
     async def _commit_pushed(self, items: Sequence[ReturnItem], key: ApiKey | None) -> CommitResult:
         page = FeedPage(items=tuple(items), quarantined=(), next_cursor=None, has_more=False,
-                        first_checks=first_checks(items, time.time(), self._stages.schedule.first_check_in()),
+                        first_checks=first_checks(items, time.time(), self._pipeline().schedule.first_check_in()),
                         source=key.name if key is not None else "api")
         result = await self._submit(page)
-        self._stages.pushed(page, result)
+        self._pipeline().pushed(page, result)
         return result
 
     async def get_return(self, request: web.Request, key: ApiKey | None) -> web.StreamResponse:
@@ -5948,7 +6013,7 @@ class ShopApi:
         shipment = request.match_info["shipment_number"]
         result = await self._submit(CheckNow(shipment_number=shipment, cooldown_s=CHECK_COOLDOWN_S))
         if shipment in result.checks_queued:
-            self._stages.tracker.wake()
+            self._pipeline().tracker.wake()
             await self._audit(request, key, "shipments.check", shipment, "ok")
             return web.json_response({"shipment_number": shipment, "check": "queued"}, status=202)
         found = await self._store.box_check_state(shipment)
@@ -5988,9 +6053,196 @@ async def start_api_server(api: ShopApi, host: str, port: int) -> tuple[web.AppR
     # a request still running at shutdown gets a second: the committer closes right after
     runner = web.AppRunner(api.application(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
     bound_host, bound_port = runner.addresses[0][:2]
     return runner, f"{bound_host}:{bound_port}"
+
+
+# ── the API's own process ───────────────────────────────────────────────────────────────────
+# A lookup costs about a millisecond of CPU (HTTP, the key, the story's read and its JSON): at
+# 200 a second a fifth of the core the pipeline runs on. With [api] own_process the daemon
+# starts `tracker.py api-process`, which listens on [api] listen, answers every read from a
+# read-only connection of its own and hands each write — once its key passed — to the daemon
+# over a socket in a private directory. Its setup (the config, the socket's path) comes on its
+# stdin, never in its arguments or environment; it leaves when its stdin closes (the daemon
+# ended, however it ended) or on SIGTERM. The daemon's /metrics carries its metrics too.
+
+API_PROCESS_COMMAND = "api-process"
+API_PROCESS_START_S = 30.0
+API_PROCESS_RESTART_S = (1.0, 30.0)  # backoff after it died, from…to
+# Below the daemon in the kernel's scheduling: where the two want one core at once, the
+# pipeline gets it first (about 10:1), and a lookup waits a fraction of a millisecond.
+API_PROCESS_NICE = 10
+
+
+class ApiProcess:
+    """The daemon's side: the writes' socket, the process started and kept running (started
+    again, with backoff, if it dies), its metrics fetched for /metrics, its end at shutdown."""
+
+    def __init__(self, config: Config, writes: ShopApi, log: Logger) -> None:
+        self._config = config
+        self._writes = writes
+        self._log = log
+        self._directory = Path(tempfile.mkdtemp(prefix="tracker-api-"))  # 0700: only this user connects
+        self._daemon_socket = str(self._directory / "daemon.sock")  # the writes come in here
+        self._metrics_socket = str(self._directory / "metrics.sock")  # its metrics are read here
+        self._runner: web.AppRunner | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._metrics_session: aiohttp.ClientSession | None = None
+        self.address: str | None = None
+        self.running = False
+
+    async def start(self) -> str:
+        """The writes' socket listening and the process answering; where it listens."""
+        self._runner = web.AppRunner(self._writes.application(), access_log=None, handle_signals=False,
+                                     shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.UnixSite(self._runner, self._daemon_socket).start()
+        self._metrics_session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=self._metrics_socket),
+            timeout=aiohttp.ClientTimeout(total=5))
+        return await self._spawn()
+
+    async def _spawn(self) -> str:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).resolve()), API_PROCESS_COMMAND,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert process.stdin is not None and process.stdout is not None
+        setup = {"config": dataclasses.asdict(self._config), "daemon_socket": self._daemon_socket,
+                 "metrics_socket": self._metrics_socket}
+        process.stdin.write(json.dumps(setup).encode() + b"\n")
+        await process.stdin.drain()
+        try:
+            async with asyncio.timeout(API_PROCESS_START_S):
+                line = await process.stdout.readline()
+        except TimeoutError:
+            line = b""
+        try:
+            address = json.loads(line)["listening"]
+        except (ValueError, KeyError, TypeError):
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            code = await process.wait()
+            raise OSError(f"the API's process did not start (exit {code}); its error is logged above") from None
+        self._process, self.address, self.running = process, address, True
+        self._log.info("api.listening", address=address, pid=process.pid)
+        return address
+
+    async def keep_running(self, stop: StopSignal) -> None:
+        """Started again whenever it dies, until the daemon stops."""
+        delay = API_PROCESS_RESTART_S[0]
+        while not stop.is_set():
+            assert self._process is not None
+            code = await self._process.wait()
+            self.running = False
+            if stop.is_set():
+                return
+            self._log.error("api.process_exited", code=code, restart_in_s=delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+            if stop.is_set():
+                return
+            try:
+                await self._spawn()
+                delay = API_PROCESS_RESTART_S[0]
+            except OSError as exc:
+                self._log.error("api.process_failed", error=str(exc))
+                delay = min(delay * 2, API_PROCESS_RESTART_S[1])
+
+    async def exposition(self) -> bytes:
+        """Its metrics, or none while it does not answer (a scrape never fails for it)."""
+        if self._metrics_session is None or not self.running:
+            return b""
+        try:
+            async with self._metrics_session.get("http://tracker/metrics") as answer:
+                return await answer.read() if answer.status == 200 else b""
+        except (aiohttp.ClientError, TimeoutError):
+            return b""
+
+    async def close(self) -> None:
+        """Its stdin closed (it stops listening and leaves), waited for, killed after a while."""
+        process, self._process, self.running = self._process, None, False
+        if process is not None and process.returncode is None:
+            assert process.stdin is not None
+            process.stdin.close()
+            try:
+                async with asyncio.timeout(5):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        session, self._metrics_session = self._metrics_session, None
+        if session is not None:
+            await session.close()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        shutil.rmtree(self._directory, ignore_errors=True)
+
+
+async def listening_soon(api: ShopApi, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """The port may still be held for a moment by the process before this one, finishing its last
+    requests after its daemon died and a new daemon started this one."""
+    deadline = time.monotonic() + API_PROCESS_START_S / 2
+    while True:
+        try:
+            return await start_api_server(api, host, port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def serve_api_process(stdin: asyncio.StreamReader) -> None:
+    """`tracker.py api-process`: the API's own process, as ApiProcess starts it."""
+    os.nice(API_PROCESS_NICE)
+    setup = json.loads(await stdin.readline())  # from the daemon, our parent
+    config = _typed_config(setup["config"])
+    REDACT.set_secrets(config.secrets)
+    configure_logging(config.log.level, sys.stderr)
+    log: Logger = structlog.get_logger("tracker.api")
+    registry = prometheus_client.CollectorRegistry()
+    store = await open_store(config.storage, readonly=True)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=setup["daemon_socket"]),
+                                         timeout=aiohttp.ClientTimeout(total=60)) as daemon:
+            api = ShopApi(config, store, ApiMetrics(registry), log, daemon=daemon)
+            runner, address = await listening_soon(api, config.api.host, config.api.port)
+            async def metrics_page(_request: web.Request) -> web.Response:
+                return web.Response(body=prometheus_client.generate_latest(registry),
+                                    headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+            metrics_app = web.Application()
+            metrics_app.router.add_get("/metrics", metrics_page)
+            metrics_runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
+            await metrics_runner.setup()
+            await web.UnixSite(metrics_runner, setup["metrics_socket"]).start()
+            print(json.dumps({"listening": address}), flush=True)
+            stopped = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+            async with asyncio.TaskGroup() as tasks:
+                until_eof = tasks.create_task(stdin.read())  # the daemon closed it, or died
+                until_signal = tasks.create_task(stopped.wait())
+                await asyncio.wait({until_eof, until_signal}, return_when=asyncio.FIRST_COMPLETED)
+                until_eof.cancel()
+                until_signal.cancel()
+            await runner.cleanup()
+            await metrics_runner.cleanup()
+    finally:
+        await store.close()
+
+
+async def run_api_process() -> None:
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # a Ctrl-C stops the daemon, which closes our stdin
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin.buffer)
+    await serve_api_process(stdin)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -6061,7 +6313,7 @@ def configure_logging(level: str, stream: typing.TextIO | None = None) -> None:
 class Metrics:
     """Every metric the daemon exports, in a registry of its own (tests run several daemons)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, api_here: bool = True) -> None:
         r = self.registry = prometheus_client.CollectorRegistry()
         self.partner_calls = prometheus_client.Counter(
             "tracker_partner_calls_total", "Partner API calls by endpoint and outcome.",
@@ -6087,15 +6339,10 @@ class Metrics:
             ["outcome"], registry=r)
         self.boxes_closed = prometheus_client.Counter(
             "tracker_boxes_closed_total", "Boxes that left tracking, by final state.", ["state"], registry=r)
-        self.api_requests = prometheus_client.Counter(
-            "tracker_api_requests_total", "Requests to the shop's API, by route and HTTP status.",
-            ["route", "status"], registry=r)
-        self.api_latency = prometheus_client.Histogram(
-            "tracker_api_request_duration_seconds", "The shop's API: time to answer, by route.", ["route"],
-            registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
-        self.api_refusals = prometheus_client.Counter(
-            "tracker_api_refusals_total", "Requests to the shop's API refused: no or a bad key, a missing scope, "
-            "an address not allowed, a rate exceeded.", ["reason"], registry=r)
+        # The API's own metrics are kept where it is served: here, or in its own process, whose
+        # exposition `elsewhere` fetches for /metrics.
+        self.api = ApiMetrics(r) if api_here else None
+        self.elsewhere: Callable[[], Awaitable[bytes]] | None = None
         self.webhook_deliveries = prometheus_client.Counter(
             "tracker_webhook_deliveries_total", "Webhook delivery attempts by endpoint and what became of the "
             "delivery (delivered; pending: to be tried again; failed: its retry schedule ran out).",
@@ -6220,8 +6467,25 @@ class Metrics:
         for each in CircuitState:
             self.circuit_state.labels(endpoint, each.value).set(1 if each is state else 0)
 
-    def exposition(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
+    async def exposition(self) -> bytes:
+        ours = prometheus_client.generate_latest(self.registry)
+        return ours + await self.elsewhere() if self.elsewhere is not None else ours
+
+
+class ApiMetrics:
+    """The shop's API's metrics, in the registry of the process that serves it."""
+
+    def __init__(self, registry: prometheus_client.CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = prometheus_client.Counter(
+            "tracker_api_requests_total", "Requests to the shop's API, by route and HTTP status.",
+            ["route", "status"], registry=registry)
+        self.latency = prometheus_client.Histogram(
+            "tracker_api_request_duration_seconds", "The shop's API: time to answer, by route.", ["route"],
+            registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.refusals = prometheus_client.Counter(
+            "tracker_api_refusals_total", "Requests to the shop's API refused: no or a bad key, a missing scope, "
+            "an address not allowed, a rate exceeded.", ["reason"], registry=registry)
 
 
 async def start_http_server(listen_host: str, listen_port: int, metrics: Metrics,
@@ -6237,7 +6501,7 @@ async def start_http_server(listen_host: str, listen_port: int, metrics: Metrics
         return web.json_response({"ready": not problems, "problems": problems}, status=503 if problems else 200)
 
     async def metrics_page(_request: web.Request) -> web.Response:
-        return web.Response(body=metrics.exposition(),
+        return web.Response(body=await metrics.exposition(),
                             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
     app = web.Application()
@@ -6431,10 +6695,11 @@ class Daemon:
         self.config = config
         self._config_path = config_path
         self.log: Logger = log or structlog.get_logger("tracker")
-        self.metrics = Metrics()
+        self.metrics = Metrics(api_here=not (config.api.listen and config.api.own_process))
         self.http_address: str | None = None
-        self.api_address: str | None = None  # where the shop's API listens, once started ([api] listen)
+        self._api_address: str | None = None
         self._api_runner: web.AppRunner | None = None
+        self._api_process: ApiProcess | None = None
         self._api_reads: StateStore | None = None
         self._stop = StopSignal()
         self.store: StateStore | None = None  # once run() has opened it
@@ -6445,6 +6710,11 @@ class Daemon:
         self.started = asyncio.Event()
         self.failure: str | None = None  # what stopped it, when a stage failed
         REDACT.set_secrets(config.secrets)
+
+    @property
+    def api_address(self) -> str | None:
+        """Where the shop's API listens, once started ([api] listen)."""
+        return self._api_process.address if self._api_process is not None else self._api_address
 
     @property
     def tracking_schedule(self) -> TrackingSchedule | None:
@@ -6517,10 +6787,16 @@ class Daemon:
                     # the API reads on a connection of its own: a lookup never queues behind the
                     # stages' due-work fetches (its writes go through the committer)
                     self._api_reads = await open_store(config.storage, readonly=True)
-                    api = ShopApi(config, self._api_reads, stages, self.metrics, self.log)
-                    self._api_runner, self.api_address = await start_api_server(api, config.api.host,
-                                                                                config.api.port)
-                    self.log.info("api.listening", address=self.api_address)
+                    if config.api.own_process:
+                        writes = ShopApi(config, self._api_reads, None, self.log, stages=stages)
+                        self._api_process = ApiProcess(config, writes, self.log)
+                        await self._api_process.start()
+                        self.metrics.elsewhere = self._api_process.exposition
+                    else:
+                        api = ShopApi(config, self._api_reads, self.metrics.api, self.log, stages=stages)
+                        self._api_runner, self._api_address = await start_api_server(api, config.api.host,
+                                                                                     config.api.port)
+                        self.log.info("api.listening", address=self._api_address)
             self.log.info("daemon.started", mode="once" if once else "run", storage=config.storage.where,
                           partner=config.partner.base_url, concurrency=config.limits.concurrency,
                           rate_per_s=config.limits.rate_per_s)
@@ -6533,6 +6809,8 @@ class Daemon:
                     chores = [tasks.create_task(self.notifier.keep_watchdog_fed(), name="watchdog"),
                               tasks.create_task(housekeeping.keep_house(), name="housekeeping"),
                               tasks.create_task(housekeeping.keep_fleet(), name="fleet")]
+                    if self._api_process is not None:
+                        chores.append(tasks.create_task(self._api_process.keep_running(self._stop), name="api"))
                     await self._run_stages(stages, once)
                     await self._shut_down(chores, committer, commit_task, alerts, alert_task)
             finally:
@@ -6608,6 +6886,8 @@ class Daemon:
             task.cancel()
 
     async def _close_api(self) -> None:
+        if self._api_process is not None:
+            await self._api_process.close()
         if self._api_runner is not None:
             runner, self._api_runner = self._api_runner, None
             await runner.cleanup()
@@ -6663,6 +6943,8 @@ class Daemon:
             for endpoint, gate in self._stages.client.gates.items():
                 if gate.refused:
                     problems.append(f"the partner refuses the token on /{endpoint.value}")
+        if self._api_process is not None and not self._api_process.running and not self._stop.is_set():
+            problems.append("the API's process is not running")
         return problems
 
 
@@ -6810,6 +7092,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [API_PROCESS_COMMAND]:  # the daemon's own helper (ApiProcess), not a command for people
+        asyncio.run(run_api_process())
+        return EXIT_OK
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         sys.path.insert(0, str(Path(__file__).resolve().parent))

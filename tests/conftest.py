@@ -223,6 +223,13 @@ async def run_daemon_until(config: tracker.Config, until: Callable[[], Awaitable
     return daemon
 
 
+async def scraped(daemon: tracker.Daemon, sample: str) -> float:
+    """A sample's value as the daemon's /metrics shows it (`name{labels}` as written there), 0 if absent."""
+    async with aiohttp.ClientSession() as http, http.get(f"http://{daemon.http_address}/metrics") as answer:
+        text = await answer.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.rsplit(" ", 1)[0] == sample)
+
+
 async def api_key_in(where: str | Path, name: str,
                      scopes: tuple[str, ...] = ("returns:read", "returns:write", "shipments:check"),
                      **options: Any) -> str:

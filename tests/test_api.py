@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from openapi_spec_validator import validate as validate_openapi
 import standin
 import tracker
 from conftest import (ROOT, TOKEN, api_key_in, config_toml, counts_in, free_port, ledger_of, make_config,
-                      running_daemon, scenario, wait_until)
+                      running_daemon, scenario, scraped, wait_until, wait_until_sync)
 
 ALL_SCOPES = ("returns:read", "returns:write", "shipments:check")
 
@@ -92,6 +93,85 @@ def assert_problem(status: int, body: Any, headers: Any, expected: int, slug: st
     assert headers["Content-Type"].startswith("application/problem+json")
     assert body["type"] == f"/v1/problems/{slug}" and body["status"] == expected and body["title"]
     assert body["detail"] and body["instance"].startswith("/")
+
+
+# ── where it is served: a process of its own, or the daemon's loop ─────────────────────────
+
+
+def api_process_of(parent: int) -> int | None:
+    """The pid of the `tracker.py api-process` the process `parent` started, while one runs."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or b"api-process" not in (entry / "cmdline").read_bytes():
+                continue
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # it ended meanwhile
+            continue
+        if int(ppid) == parent and state != "Z":
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.parametrize("own_process", [True, False], ids=["own process", "daemon's loop"])
+async def test_the_api_answers_and_is_counted_on_the_daemons_metrics_wherever_it_is_served(
+        start_partner, db_path: Path, own_process: bool) -> None:
+    partner = start_partner(scenario(returns=5))
+    partner.call(partner.standin.hold_clock)
+    key = await api_key_in(db_path, "order-system")
+    async with api_daemon(with_api(make_config(db_path, partner.url), own_process=own_process)) as (daemon, http):
+        assert (api_process_of(os.getpid()) is not None) == own_process
+        item = items_of(partner)[0]
+        client = Client(http, daemon.api_address, key)
+        assert (await client.call("POST", "/v1/returns", item))[0] == 201
+        assert (await client.call("GET", f"/v1/returns/{item['id']}"))[0] == 200
+        assert (await Client(http, daemon.api_address, None).call("GET", f"/v1/returns/{item['id']}"))[0] == 401
+        counted = [await scraped(daemon, sample) for sample in (
+            'tracker_api_requests_total{route="push_one",status="201"}',
+            'tracker_api_requests_total{route="get_return",status="200"}',
+            'tracker_api_requests_total{route="get_return",status="401"}',
+            'tracker_api_refusals_total{reason="unauthorized"}')]
+    assert counted == [1, 1, 1, 1]
+
+
+async def test_an_api_process_that_dies_is_started_again_and_readyz_says_so_meanwhile(start_partner,
+                                                                                     db_path: Path) -> None:
+    partner = start_partner(scenario(returns=5))
+    key = await api_key_in(db_path, "order-system")
+    async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
+        first = api_process_of(os.getpid())
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+
+        async def not_ready() -> bool:
+            async with http.get(f"http://{daemon.http_address}/readyz") as answer:
+                return answer.status == 503 and "the API's process is not running" in (await answer.json())["problems"]
+
+        async def answering_again() -> bool:
+            second = api_process_of(os.getpid())
+            with contextlib.suppress(aiohttp.ClientError):
+                return second not in (None, first) and (await Client(http, daemon.api_address, key).call(
+                    "GET", "/v1/returns?limit=1"))[0] == 200
+            return False
+
+        await wait_until(not_ready, 10, interval_s=0.02, what="/readyz to say the API's process is not running")
+        await wait_until(answering_again, 30, what="a new API process answering")
+
+
+def running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_daemon_killed_with_sigkill_takes_its_api_process_with_it(start_partner, daemon_process,
+                                                                    tmp_path: Path) -> None:
+    partner = start_partner(scenario(returns=5))
+    daemon = daemon_process(config_toml(partner.url, tmp_path / "tracker.db").replace(
+        '[api]\nlisten = ""', f'[api]\nlisten = "127.0.0.1:{free_port()}"')).start()
+    helper = wait_until_sync(lambda: api_process_of(daemon.pid), 30, what="the daemon's API process")
+    daemon.kill9()
+    wait_until_sync(lambda: not running(helper), 10, what="the API process to leave with its daemon (its stdin closed)")
 
 
 # ── pushed returns: the same pipeline as the feed's ────────────────────────────────────────
@@ -271,7 +351,7 @@ async def test_a_return_is_found_by_id_order_and_shipment_and_listed_by_cursor(s
 
 async def test_a_check_now_is_made_at_once_then_cools_down_and_a_closed_box_is_409(start_partner,
                                                                                 db_path: Path) -> None:
-    partner = start_partner(scenario(returns=20, cancel_share=0.5))
+    partner = start_partner(scenario(returns=20, step_s=(30.0, 60.0)))  # the box stays open through the test
     slow = dataclasses.replace(make_config(db_path, partner.url).schedule, track_every_s=3600.0, detect_within_s=3600.0)
     config = with_api(make_config(db_path, partner.url, schedule=slow))
     key = await api_key_in(db_path, "customer-service", ("returns:read", "shipments:check"))
@@ -339,13 +419,14 @@ async def test_a_request_without_a_usable_key_is_refused(start_partner, db_path:
         assert_problem(status, body, answer, expected, slug)
         if expected == 401:
             assert answer["WWW-Authenticate"].startswith("Bearer")
-        refusals = daemon.metrics.registry.get_sample_value("tracker_api_refusals_total", {"reason": slug})
+        refusals = await scraped(daemon, f'tracker_api_refusals_total{{reason="{slug}"}}')
     assert refusals == 1
     assert (await counts_in(db_path))["returns"] == 0  # nothing pushed
 
 
 async def test_a_trusted_proxys_x_forwarded_for_is_believed(start_partner, db_path: Path) -> None:
     partner = start_partner(scenario(returns=5))
+    partner.call(partner.standin.hold_clock)  # the feed lists nothing: the push is the return's first listing
     key = await api_key_in(db_path, "refunds", allow=("10.1.2.3/32",))
     config = with_api(make_config(db_path, partner.url), trusted_proxies=("127.0.0.0/8",))
     async with api_daemon(config) as (daemon, http):
@@ -576,7 +657,8 @@ async def test_pushed_returns_survive_kill_9_and_a_batch_sent_again_is_not_pushe
     key = await api_key_in(db, "order-system", rate_per_s=10_000)
     items = items_of(partner)
     batches = [items[i:i + 50] for i in range(0, len(items), 50)]
-    async with aiohttp.ClientSession() as http:
+    # a connection per request: one kept alive to the killed daemon's API process would be dead
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
         client = Client(http, api, key)
 
         async def listening() -> bool:

@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 from structlog.testing import capture_logs
 
 import standin
@@ -76,7 +77,7 @@ async def test_a_fix_listed_after_the_partner_recorded_the_report_is_left_to_a_p
 async def test_corrections_are_counted_by_field_in_the_metrics(start_partner, db_path: Path) -> None:
     partner = start_partner(scenario(returns=300, reissue_share=0.3, fix_share=0.2, correction_delay_s=(0.05, 0.5)))
     daemon = await run_daemon_until(make_config(db_path, partner.url), everything_reported(partner, db_path))
-    text = daemon.metrics.exposition().decode()
+    text = prometheus_client.generate_latest(daemon.metrics.registry).decode()
     by_field = {f: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 for f in tracker.CORRECTABLE_FIELDS
                 if line.startswith(f'tracker_returns_corrected_total{{field="{f}"}}')}

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import psycopg
+import prometheus_client
 import pytest
 
 import standin
@@ -65,7 +66,7 @@ async def test_two_instances_share_the_work_and_each_item_is_reported_once(start
     assert_nothing_lost_nothing_early(ledger)
     for daemon in daemons:  # both did a share of the tracking and the reporting
         calls = {line.split("{")[1].split("}")[0]: float(line.split()[-1])
-                 for line in daemon.metrics.exposition().decode().splitlines()
+                 for line in prometheus_client.generate_latest(daemon.metrics.registry).decode().splitlines()
                  if line.startswith("tracker_partner_calls_total{") and 'outcome="ok"' in line}
         assert calls.get('endpoint="tracking",outcome="ok"', 0) > 0
         assert calls.get('endpoint="results",outcome="ok"', 0) > 0
@@ -438,7 +439,7 @@ async def test_a_killed_instances_share_returns_to_the_survivors_within_five_sec
 
 
 def fleet_gauge(daemon: tracker.Daemon) -> float:
-    line = next(line for line in daemon.metrics.exposition().decode().splitlines()
+    line = next(line for line in prometheus_client.generate_latest(daemon.metrics.registry).decode().splitlines()
                 if line.startswith("tracker_fleet_instances "))
     return float(line.split()[-1])
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import zoneinfo
 from pathlib import Path
 
+import prometheus_client
 import pytest
 
 import tracker
@@ -232,7 +233,7 @@ async def test_every_status_a_box_passes_through_is_recorded_with_the_partners_t
     assert [(status, changed) for status, changed, _ in rows] == expected
     assert all(seen >= changed for _, changed, seen in rows)  # seen no earlier than it happened
     assert since == rows[-1][1]
-    exposition = daemon.metrics.exposition().decode()
+    exposition = prometheus_client.generate_latest(daemon.metrics.registry).decode()
     assert "tracker_delivery_detect_delay_seconds_count" in exposition
     count = next(float(line.split()[-1]) for line in exposition.splitlines()
                  if line.startswith("tracker_delivery_detect_delay_seconds_count"))
