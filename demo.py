@@ -202,7 +202,8 @@ class Demo:
             "limits": {"concurrency": 64, "rate_per_s": 1500},
             **({"api": {"listen": "127.0.0.1:0"}} if self.feed_down else {}),
             "webhook": [{"name": "refunds", "url": self.receiver.url,
-                         "retry_schedule_s": [0, 1, 2, 5, 10, 20, 30]}],  # its secret: TRACKER_WEBHOOK_SECRET_REFUNDS
+                         "retry_schedule_s": [0, 1, 2, 5, 10, 20, 30],  # its secret: TRACKER_WEBHOOK_SECRET_REFUNDS
+                         "cancel_hold_s": 20}],  # the stand-in's reissues are corrected within 20 s
         }, comment=f"written by `tracker.py demo`; the token comes from {tracker.ENV_TOKEN}"))
         return path
 

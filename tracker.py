@@ -240,6 +240,10 @@ class WebhookConfig:
     timeout_s: float = 10.0
     retry_schedule_s: tuple[float, ...] = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
     disable_after_s: float = 5 * 86400.0  # failing this long without a success: disabled, and said on Slack
+    # A return.cancelled is sent this long after the cancel was seen: the carrier ends a waybill it
+    # reissues `cancelled` too, and the feed's correction moving the return to the new waybill,
+    # seen meanwhile, takes it back (return.corrected says what happened instead).
+    cancel_hold_s: float = 900.0
     secret: str = dataclasses.field(default="", repr=False)  # whsec_…: systemd credential webhook_<name>
     previous_secret: str = dataclasses.field(default="", repr=False)  # during a rotation both sign
 
@@ -497,6 +501,7 @@ def _validate_webhooks(webhooks: Sequence[WebhookConfig], secrets_needed: bool) 
         for delay in webhook.retry_schedule_s:
             _require_range(f"{key}.retry_schedule_s", delay, 0, 7 * 86400)
         _require_range(f"{key}.disable_after_s", webhook.disable_after_s, 1, 365 * 86400)
+        _require_range(f"{key}.cancel_hold_s", webhook.cancel_hold_s, 0, 86400)
         for field, credential in (("secret", webhook.name), ("previous_secret", webhook.name + ".previous")):
             secret = getattr(webhook, field)
             if field == "secret" and not secret and secrets_needed:
@@ -861,7 +866,7 @@ class WebhookEndpoints:
     """The configured receivers and their events, stored at start: every instance and command
     sees them, and an event is queued for each one that takes it, in the event's transaction."""
 
-    endpoints: tuple[tuple[str, tuple[str, ...]], ...]
+    endpoints: tuple[tuple[str, tuple[str, ...], float], ...]  # name, events, cancel_hold_s
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -960,11 +965,11 @@ class LeaseLost(Exception):
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
 
-SCHEMA_VERSION = 9  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
+SCHEMA_VERSION = 10  # 2: state_counts, kept by triggers; 3: partial indexes instead of full ones on state;
 #                    4: corrections, and the report revisions they bump; 5: box status histories;
 #                    6: report attempts, boxes' requested_at (overdue pickups); 7: the shop's API (keys,
 #                    audit, boxes' check_requested_at); 8: returns' second names, corrections' sources;
-#                    9: webhooks (endpoints, the outbox of events, deliveries)
+#                    9: webhooks (endpoints, the outbox of events, deliveries); 10: endpoints' cancel_hold_s
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -1146,7 +1151,8 @@ CREATE TABLE IF NOT EXISTS webhook_endpoints (
     events        TEXT NOT NULL,
     disabled_at   REAL,
     disabled_why  TEXT,
-    failing_since REAL
+    failing_since REAL,
+    cancel_hold_s REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS webhook_events (
     id          TEXT PRIMARY KEY,
@@ -1529,8 +1535,9 @@ API_SQL = {
 # (its id "<type>:<subject>"), and queued at once for every endpoint that takes its type; the
 # senders deliver what is due per endpoint, in due order.
 WEBHOOK_SQL = {
-    "put_endpoint": "INSERT INTO webhook_endpoints (name, events) VALUES (?, ?)"
-                    " ON CONFLICT (name) DO UPDATE SET events = excluded.events",
+    "put_endpoint": "INSERT INTO webhook_endpoints (name, events, cancel_hold_s) VALUES (?, ?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET events = excluded.events,"
+                    " cancel_hold_s = excluded.cancel_hold_s",
     "announce_box_returns": "INSERT INTO webhook_events (id, type, subject, occurred_at, created_at)"
                             " SELECT :type || ':' || id, :type, id, :at, :now FROM returns"
                             " WHERE shipment_number = :shipment ON CONFLICT (id) DO NOTHING",
@@ -1539,6 +1546,9 @@ WEBHOOK_SQL = {
         " SELECT 'return.collected:' || r.id, 'return.collected', r.id, b.delivered_at, :now"
         " FROM returns r JOIN boxes b ON b.shipment_number = r.shipment_number"
         " WHERE r.id IN LIST(:ids) AND b.state = 'delivered' ON CONFLICT (id) DO NOTHING",
+    "cancelled_boxes_of": "SELECT DISTINCT b.shipment_number, b.status_since FROM returns r JOIN boxes b"
+                          " ON b.shipment_number = r.shipment_number"
+                          " WHERE r.id IN LIST(:ids) AND b.state = 'cancelled'",
     "announce_corrected": "INSERT INTO webhook_events (id, type, subject, occurred_at, created_at)"
                           " SELECT 'return.corrected:' || return_id || ':' || id, 'return.corrected', return_id,"
                           " :at, :now FROM corrections WHERE return_id IN LIST(:ids) AND corrected_at = :now"
@@ -1554,7 +1564,9 @@ WEBHOOK_SQL = {
                         " :at, :now FROM reports WHERE return_id IN LIST(:ids) AND state = 'dead'"
                         " ON CONFLICT (id) DO NOTHING",
     "queue_deliveries": "INSERT INTO webhook_deliveries (id, endpoint, event_id, state, next_attempt_at, created_at)"
-                        " SELECT e.name || ' ' || v.id, e.name, v.id, 'pending', :now, :now FROM webhook_events v"
+                        " SELECT e.name || ' ' || v.id, e.name, v.id, 'pending',"
+                        " CASE WHEN v.type = 'return.cancelled' THEN :now + e.cancel_hold_s ELSE :now END, :now"
+                        " FROM webhook_events v"
                         " JOIN webhook_endpoints e ON (',' || e.events || ',') LIKE ('%,' || v.type || ',%')"
                         " WHERE v.created_at = :now ON CONFLICT (id) DO NOTHING",
     "due_deliveries": "SELECT d.id, d.event_id, v.type, v.subject, v.occurred_at, d.attempts, d.replays"
@@ -1589,6 +1601,11 @@ WEBHOOK_SQL = {
                   " WHERE (CAST(:event AS TEXT) IS NULL OR d.event_id = :event)"
                   " AND (NOT :failed OR (d.state <> 'delivered' AND d.attempts > 0))"
                   " ORDER BY d.created_at DESC, d.id LIMIT :limit",
+    # a cancel not yet sent anywhere, taken back: its return moved to the waybill that replaced it
+    "withdraw_cancel_deliveries": "DELETE FROM webhook_deliveries WHERE event_id IN LIST(:events)"
+                                  " AND state = 'pending' AND attempts = 0 AND replays = 0",
+    "withdraw_cancels": "DELETE FROM webhook_events WHERE id IN LIST(:events) AND NOT EXISTS"
+                        " (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = webhook_events.id)",
     "replay_event": "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = :now, attempts = 0,"
                     " replays = replays + 1"
                     " WHERE event_id = :event RETURNING endpoint",
@@ -1632,6 +1649,7 @@ ADDED_COLUMNS = (
     ("boxes", "check_requested_at REAL"),  # 7: when the API last asked for a check now
     ("corrections", "source TEXT NOT NULL DEFAULT 'feed'"),  # 8
     ("returns", "source TEXT NOT NULL DEFAULT 'feed'"),  # 8: the feed, or the API key that pushed it first
+    ("webhook_endpoints", "cancel_hold_s REAL NOT NULL DEFAULT 0"),  # 10
 )
 SCHEMA_AFTER_MIGRATION = (
     "CREATE INDEX IF NOT EXISTS reports_outdated ON reports (done_at) WHERE accepted_revision < revision",
@@ -1668,7 +1686,7 @@ COPIED_TABLES = {
     "api_keys": ("name", "prefix", "hash", "scopes", "allow", "rate_per_s", "created_at", "expires_at", "revoked_at"),
     "audit": ("at", "key_name", "source_ip", "action", "target", "result", "request_id"),
     "idempotency": ("key_name", "idem_key", "body_hash", "status", "body", "created_at"),
-    "webhook_endpoints": ("name", "events", "disabled_at", "disabled_why", "failing_since"),
+    "webhook_endpoints": ("name", "events", "disabled_at", "disabled_why", "failing_since", "cancel_hold_s"),
     "webhook_events": ("id", "type", "subject", "occurred_at", "created_at"),
     "webhook_deliveries": ("id", "endpoint", "event_id", "state", "attempts", "replays", "next_attempt_at",
                            "created_at", "delivered_at", "last_status", "last_error"),
@@ -1686,9 +1704,9 @@ async def _rollback(connection: aiosqlite.Connection) -> None:
 # since are TABLES_IN_BOTH, made PostgreSQL's by pg_words), and the fleet's own: claims on rows,
 # the feed's lease, the alerts sent.
 
-PG_SCHEMA_VERSION = 5  # PostgreSQL's own numbering: 1 holds what SQLite's version 6 holds; 2: no instances
+PG_SCHEMA_VERSION = 6  # PostgreSQL's own numbering: 1 holds what SQLite's version 6 holds; 2: no instances
 #                       table; 3: the shop's API (SQLite's 7); 4: names, corrections' sources (SQLite's 8);
-#                       5: webhooks (SQLite's 9)
+#                       5: webhooks (SQLite's 9); 6: endpoints' cancel_hold_s (SQLite's 10)
 PG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -1834,6 +1852,7 @@ CREATE TABLE IF NOT EXISTS unknown_statuses (
 ALTER TABLE boxes ADD COLUMN IF NOT EXISTS check_requested_at DOUBLE PRECISION;
 ALTER TABLE returns ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT 'feed';
 ALTER TABLE corrections ADD COLUMN IF NOT EXISTS source TEXT NOT NULL DEFAULT 'feed';
+ALTER TABLE webhook_endpoints ADD COLUMN IF NOT EXISTS cancel_hold_s DOUBLE PRECISION NOT NULL DEFAULT 0;
 CREATE OR REPLACE FUNCTION tracker_count_state() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
@@ -2747,7 +2766,8 @@ class Store:
         for key in (t for t in transitions if isinstance(t, Idempotent)):
             result += CommitResult(idempotency=((key.asker, await self._idempotent(tx, key, now)),))
         for endpoints in (t for t in transitions if isinstance(t, WebhookEndpoints)):
-            await tx.execute_many("put_endpoint", [(name, ",".join(events)) for name, events in endpoints.endpoints])
+            await tx.execute_many("put_endpoint", [(name, ",".join(events), hold)
+                                                   for name, events, hold in endpoints.endpoints])
         deliveries = [t for t in transitions if isinstance(t, DeliveryUpdate)]
         if deliveries:
             result += CommitResult(disabled_endpoints=await self._write_deliveries(tx, deliveries, now))
@@ -2784,6 +2804,10 @@ class Store:
         queued = await tx.execute("reports_for_delivered_boxes", (now, now, ids))
         if self.announces and queued:
             await tx.execute("announce_collected_joining", {"ids": ids, "now": now})
+        if self.announces and ids:  # listed into a box already withdrawn (a reissue's later items, say)
+            await tx.execute_many("announce_box_returns", [
+                {"type": "return.cancelled", "at": _iso(since) if since is not None else None, "now": now,
+                 "shipment": shipment} for shipment, since in await tx.fetch("cancelled_boxes_of", {"ids": ids})])
         await tx.execute("resolve_quarantine", (now, sorted({*ids, *(i.id for i in page.items)})))
         quarantined = await tx.execute_many("insert_quarantine", [
             (q.fingerprint, q.return_id, q.reason, q.raw, now) for q in page.quarantined])
@@ -2861,6 +2885,10 @@ class Store:
         if self.announces:
             await tx.execute("announce_corrected", {"ids": sorted({c.return_id for c in corrections}), "at": _iso(now),
                                                     "now": now})
+            withdrawn = {"events": sorted(f"return.cancelled:{c.return_id}" for c in corrections if c.moved)}
+            if withdrawn["events"]:
+                await tx.execute("withdraw_cancel_deliveries", withdrawn)
+                await tx.execute("withdraw_cancels", withdrawn)
         await tx.execute_many("drop_name", [  # the order item it was matched by is no longer its own
             (c.return_id, order_item_name(c.before)) for c in corrections
             if not _same_order_item(c.before, c.after) and c.return_id != order_item_name(c.before)])
@@ -6841,7 +6869,7 @@ class Daemon:
         now), the outbox switched on, a sender each."""
         if not self.config.webhook:
             return []
-        endpoints = tuple((w.name, w.events) for w in self.config.webhook)
+        endpoints = tuple((w.name, w.events, w.cancel_hold_s) for w in self.config.webhook)
         await store.commit([WebhookEndpoints(endpoints=endpoints)], time.time())
         store.announces = True
         def changed(breaker: CircuitBreaker, previous: CircuitState, why: str) -> None:

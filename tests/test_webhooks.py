@@ -76,7 +76,8 @@ async def receiving(receiver: Receiver) -> AsyncIterator[Receiver]:
 
 def with_webhook(config: tracker.Config, url: str, **options: Any) -> tracker.Config:
     webhook = tracker.WebhookConfig(name="refunds", url=url, events=("return.collected", "return.cancelled"),
-                                    secret=SECRET, retry_schedule_s=(0.0, 0.1, 0.2, 0.4, 0.8), timeout_s=2.0)
+                                    secret=SECRET, retry_schedule_s=(0.0, 0.1, 0.2, 0.4, 0.8), timeout_s=2.0,
+                                    cancel_hold_s=0.0)  # no reissues in these scenarios but where a test says
     return dataclasses.replace(config, webhook=(dataclasses.replace(webhook, **options),))
 
 
@@ -118,6 +119,28 @@ async def test_every_collected_and_cancelled_return_is_announced_once_signed(sta
     assert receiver.bad_signatures == 0 and receiver.accepted == len(receiver.events)  # none came twice
     collected = next(p for p in receiver.events.values() if p["type"] == "return.collected")
     assert collected["timestamp"] == collected["data"]["report"]["collected_at"]  # when the courier collected it
+
+
+async def test_a_waybill_the_carrier_reissued_is_no_cancel_when_its_correction_comes_within_the_hold(
+        start_partner, db_path: Path) -> None:
+    """The carrier ends a waybill it reissues `cancelled`, as it ends one the customer withdrew; the
+    feed's correction moving the returns to the new waybill may come after the tracker saw that.
+    A return.cancelled waits cancel_hold_s, and such a correction within it takes it back: the
+    refund service never hears "withdrawn" for a return that goes on under another waybill."""
+    partner = start_partner(scenario(returns=60, reissue_share=0.5, cancel_share=0.15, correction_delay_s=(0.6, 1.2)))
+    async with receiving(Receiver(SECRET)) as receiver:
+        config = with_webhook(make_config(db_path, partner.url), receiver.url, cancel_hold_s=2.0)
+        async with running_daemon(config):
+            await wait_until(everything_reported(partner, db_path), 40, what="every report")
+            withdrawn = await ids_in(str(db_path), "SELECT r.id FROM returns r JOIN boxes b ON b.shipment_number"
+                                                   " = r.shipment_number WHERE b.state = 'cancelled'")
+            await wait_until(announced(receiver, "return.cancelled", withdrawn), 20, what="every withdrawal announced")
+            reissued_after_the_cancel = await ids_in(str(db_path), (
+                "SELECT c.return_id FROM corrections c JOIN boxes b"
+                " ON b.shipment_number = json_extract(c.before, '$.shipment_number')"
+                " WHERE b.state = 'cancelled' AND b.closed_at < c.corrected_at"))
+    assert withdrawn and reissued_after_the_cancel  # both cases happened
+    assert set(receiver.of_type("return.cancelled")) == withdrawn
 
 
 async def test_a_receiver_failing_at_first_gets_every_event_under_its_one_id(start_partner, db_path: Path) -> None:
