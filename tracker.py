@@ -874,8 +874,16 @@ class EnableEndpoint:
     name: str
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AnnounceOverdue:
+    """pickup.overdue for each box still tracked whose return was requested before `before`, once
+    a box: no transition causes it, the overdue watch notices it."""
+
+    before: float
+
+
 Transition = (FeedPage | BoxUpdate | ReportUpdate | WakeBoxes | Prune | Heartbeat | CheckNow | Audit | Idempotent
-              | DeliveryUpdate | WebhookEndpoints | EnableEndpoint)
+              | DeliveryUpdate | WebhookEndpoints | EnableEndpoint | AnnounceOverdue)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -1440,9 +1448,10 @@ RETENTION_SQL = {
     "delete_reports": "DELETE FROM reports WHERE return_id IN"
                       " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
     "delete_deliveries": "DELETE FROM webhook_deliveries WHERE event_id IN (SELECT id FROM webhook_events"
-                         " WHERE subject IN (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes)))",
+                         " WHERE subject IN (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))"
+                         " OR subject IN LIST(:boxes))",
     "delete_events": "DELETE FROM webhook_events WHERE subject IN"
-                     " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
+                     " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes)) OR subject IN LIST(:boxes)",
     "delete_names": "DELETE FROM return_names WHERE return_id IN"
                     " (SELECT id FROM returns WHERE shipment_number IN LIST(:boxes))",
     "delete_returns": "DELETE FROM returns WHERE shipment_number IN LIST(:boxes)",
@@ -1559,6 +1568,10 @@ WEBHOOK_SQL = {
                       " shipment_number,"
                       " :at, :now FROM boxes WHERE shipment_number IN LIST(:boxes) AND state = 'stale'"
                       " ON CONFLICT (id) DO NOTHING",
+    "announce_overdue": "INSERT INTO webhook_events (id, type, subject, occurred_at, created_at)"
+                        " SELECT 'pickup.overdue:' || shipment_number, 'pickup.overdue', shipment_number, :at, :now"
+                        " FROM boxes WHERE state = 'tracking' AND COALESCE(requested_at, first_seen_at) < :before"
+                        " ON CONFLICT (id) DO NOTHING",
     "announce_refused": "INSERT INTO webhook_events (id, type, subject, occurred_at, created_at)"
                         " SELECT 'report.refused:' || return_id || ':' || attempts, 'report.refused', return_id,"
                         " :at, :now FROM reports WHERE return_id IN LIST(:ids) AND state = 'dead'"
@@ -1576,7 +1589,8 @@ WEBHOOK_SQL = {
                       " AND NOT EXISTS (SELECT 1 FROM webhook_endpoints e WHERE e.name = :endpoint"
                       " AND e.disabled_at IS NOT NULL) ORDER BY d.next_attempt_at LIMIT :limit",
     "next_delivery_due_at": "SELECT MIN(next_attempt_at) FROM webhook_deliveries INDEXED BY webhook_deliveries_due"
-                            " WHERE endpoint = ? AND state = 'pending'",
+                            " WHERE endpoint = :endpoint AND state = 'pending' AND NOT EXISTS (SELECT 1"
+                            " FROM webhook_endpoints e WHERE e.name = :endpoint AND e.disabled_at IS NOT NULL)",
     "delivery_answer": "UPDATE webhook_deliveries SET state = :state, attempts = attempts + 1,"
                        " next_attempt_at = :next_attempt_at, last_status = :status, last_error = :error,"
                        " delivered_at = CASE WHEN :state = 'delivered' THEN :now ELSE delivered_at END"
@@ -2700,7 +2714,7 @@ class StateStore(typing.Protocol):
     async def close(self) -> None: ...
 
 
-ANNOUNCING = (FeedPage, BoxUpdate, ReportUpdate)  # the transitions that may write webhook events
+ANNOUNCING = (FeedPage, BoxUpdate, ReportUpdate, AnnounceOverdue)  # the transitions that may write webhook events
 
 
 class Store:
@@ -2775,6 +2789,9 @@ class Store:
             if await tx.fetch("enable_endpoint", {"name": enable.name}):
                 await tx.execute("wake_deliveries", {"name": enable.name, "now": now})
                 result += CommitResult(enabled_endpoints=frozenset({enable.name}))
+        for overdue in (t for t in transitions if isinstance(t, AnnounceOverdue)):
+            if self.announces:
+                await tx.execute("announce_overdue", {"before": overdue.before, "at": _iso(now), "now": now})
         if self.announces and any(isinstance(t, ANNOUNCING) for t in transitions):
             await tx.execute("queue_deliveries", {"now": now})  # what they announced, to every endpoint taking it
         audited = [e for t in transitions if isinstance(t, Audit) for e in t.entries]
@@ -3024,7 +3041,7 @@ class Store:
         return [DueDelivery(**row) for row in rows]
 
     async def next_delivery_due_at(self, endpoint: str) -> float | None:
-        rows = await self.db.fetch("next_delivery_due_at", (endpoint,))
+        rows = await self.db.fetch("next_delivery_due_at", {"endpoint": endpoint})
         return rows[0][0] if rows else None
 
     async def webhook_endpoints(self) -> list[dict[str, Any]]:
@@ -5435,12 +5452,15 @@ def webhook_event_id(given: str) -> str:
     return urllib.parse.unquote(given[len("evt_"):]) if given.startswith("evt_") else given
 
 
+SHIPMENT_EVENTS = ("shipment.stale", "pickup.overdue")  # about a box: the rest are about a return
+
+
 def webhook_body(delivery: DueDelivery, story: Mapping[str, Any]) -> str:
     """The event and the story as it stands now, in the API's schema: the return's, or the
     shipment's with its returns; only the id of one retention has deleted since."""
     data: dict[str, Any] = {"id": delivery.subject}
     box = next((b for b in story["boxes"] if b["shipment_number"] == delivery.subject), None)
-    if delivery.type.startswith("shipment.") and box is not None:
+    if delivery.type in SHIPMENT_EVENTS and box is not None:
         data = {**api_box(box, story), "returns": [api_return(r["id"], story) for r in story["returns"]
                                                    if r["shipment_number"] == delivery.subject]}
     elif (return_id := return_named(delivery.subject, story)) is not None:
@@ -6588,25 +6608,35 @@ class SystemdNotifier:
 ALERT_FLUSH_S = 2.0  # at shutdown, pending alerts get this long to reach Slack
 OVERDUE_ALERT_EVERY_S = 3600.0  # while pickups are overdue, Slack hears of them this often at most
 OVERDUE_ALERT_NAMES = 5  # the oldest overdue shipments an alert names
+OVERDUE_ANNOUNCE_EVERY_S = 60.0  # pickup.overdue for boxes that became overdue meanwhile, at the latest
 HOUSEKEEPING_EVERY_S = 5.0
 RETENTION_BACKLOG_EVERY_S = 0.5  # between retention batches while finished rows past keep_days remain
 
 
 class OverdueWatch:
-    """Pickups not collected overdue_after_s after their return was requested: the gauge, and one
-    Slack message an hour at most while any are, and one when none are any more."""
+    """Pickups not collected overdue_after_s after their return was requested: the gauge, one
+    Slack message an hour at most while any are, and one when none are any more; with webhooks,
+    pickup.overdue once a box (written when the count of them changes, and every minute)."""
 
-    def __init__(self, config: Config, store: StateStore, alerts: "Alerter", metrics: "Metrics", log: Logger) -> None:
+    def __init__(self, config: Config, store: StateStore, committer: Committer, alerts: "Alerter",
+                 metrics: "Metrics", log: Logger) -> None:
         self._overdue_after_s = config.schedule.overdue_after_s
         self._store = store
+        self._committer = committer
         self._alerts = alerts
         self._metrics = metrics
         self._log = log
         self._alerted_at = -math.inf
+        self._announced: tuple[int, float] = (0, -math.inf)  # the count then, and when
 
     async def check(self, now: float) -> None:
         count, oldest = await self._store.overdue(now - self._overdue_after_s)
         self._metrics.boxes_overdue.set(count)
+        if count and self._store.announces and (count != self._announced[0]
+                                                or now - self._announced[1] >= OVERDUE_ANNOUNCE_EVERY_S):
+            with contextlib.suppress(StorageUnavailable):  # the next check writes them
+                await self._committer.submit(AnnounceOverdue(before=now - self._overdue_after_s))
+                self._announced = (count, now)
         if count and now - self._alerted_at >= OVERDUE_ALERT_EVERY_S:
             sample = [row[0] for row in await self._store.overdue_boxes(now - self._overdue_after_s,
                                                                          OVERDUE_ALERT_NAMES)]
@@ -6632,7 +6662,7 @@ class Housekeeping:
         self._metrics = metrics
         self._log = log
         self._config_path = config_path
-        self._overdue = OverdueWatch(config, store, stages.alerts, metrics, log)
+        self._overdue = OverdueWatch(config, store, stages.committer, stages.alerts, metrics, log)
 
     async def keep_house(self) -> None:
         """Every few seconds — retention faster while a backlog of finished rows remains."""

@@ -671,7 +671,11 @@ async def test_pushed_returns_survive_kill_9_and_a_batch_sent_again_is_not_pushe
             status, _, _ = await client.call("POST", "/v1/returns/batch", {"returns": batch},
                                              headers={"Idempotency-Key": f"b{number}"})
             assert status == 200
+        helper = api_process_of(daemon.pid)
         daemon.kill9()  # after three answered batches
+        # its API process leaves when its stdin closes: until then it may still answer a request
+        await wait_until(lambda: asyncio.to_thread(lambda: helper is None or not running(helper)), 10,
+                         what="the killed daemon's API process gone")
         daemon.start()
         await wait_until(listening, 30, what="the API after the restart")
         for number, batch in enumerate(batches):  # every batch sent (again) with its key

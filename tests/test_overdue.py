@@ -70,7 +70,8 @@ async def test_overdue_pickups_are_alerted_at_most_hourly_and_the_all_clear_once
     metrics = tracker.Metrics()
     alerts = tracker.Alerter("", None, metrics, structlog.get_logger(), str)  # no Slack: logged only
     store = await tracker.Store.open(str(db_path))
-    watch = tracker.OverdueWatch(config, store, alerts, metrics, structlog.get_logger())
+    committer = tracker.Committer(store, lambda result: None, lambda exc: None, structlog.get_logger())  # unused:
+    watch = tracker.OverdueWatch(config, store, committer, alerts, metrics, structlog.get_logger())  # no webhooks
     try:
         await boxes_requested(store, now, SHP_A=100, SHP_B=75, SHP_C=1)
         with capture_logs() as logs:

@@ -8,9 +8,11 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import socket
+import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,8 @@ from aiohttp import web
 
 import standin
 import tracker
-from conftest import ROOT, config_toml, everything_reported, make_config, running_daemon, scenario, wait_until
+from conftest import (ROOT, config_toml, everything_reported, free_port, make_config, running_daemon, scenario,
+                      wait_until)
 
 SECRET = "whsec_" + "c2VjcmV0LW9mLXRoZS1yZWZ1bmRzLXJlY2VpdmVyLTMyYg=="  # 32 bytes
 OLD_SECRET = "whsec_" + "b2xkLXNlY3JldC1vZi10aGUtcmVmdW5kcy1yZWNlaXZlcg=="
@@ -59,12 +62,12 @@ class Receiver:
 
 
 @contextlib.asynccontextmanager
-async def receiving(receiver: Receiver) -> AsyncIterator[Receiver]:
+async def receiving(receiver: Receiver, port: int = 0) -> AsyncIterator[Receiver]:
     app = web.Application()
     app.router.add_post("/hooks", receiver.handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     host, port = runner.addresses[0][:2]
     receiver.url = f"http://{host}:{port}/hooks"
@@ -194,14 +197,17 @@ async def test_a_receiver_that_answers_410_is_disabled_and_enabling_it_delivers_
             await asyncio.sleep(2 * tracker.Dispatcher.IDLE_POLL_S)  # a window of the senders' polls, to see nothing
             calls_while_disabled = receiver.calls - calls_when_disabled
             gone = False
-            enabled = subprocess.run([sys.executable, str(ROOT / "tracker.py"), "webhooks", "enable", "refunds",
-                                      "--config", str(tmp_path / "config.toml")], capture_output=True, text=True)
+            # in a thread: the daemon runs in this loop, and a transaction of its held open while the
+            # loop waited for the command would hold the command's write off until it gave up
+            enabled = await asyncio.to_thread(subprocess.run, [
+                sys.executable, str(ROOT / "tracker.py"), "webhooks", "enable", "refunds",
+                "--config", str(tmp_path / "config.toml")], capture_output=True, text=True)
+            assert enabled.returncode == 0 and "refunds: enabled" in enabled.stdout, enabled.stderr
             reported = await ids_in(str(db_path), "SELECT return_id FROM reports WHERE state = 'done'")
             await wait_until(announced(receiver, "return.collected", reported), 20, what="what it missed delivered")
     assert calls_when_disabled <= tracker.WEBHOOK_CONCURRENCY  # the first 410 and those already on their way
     assert calls_while_disabled == 0
     assert "disabled" in listed.stdout and "answered 410 Gone" in listed.stdout, listed.stdout
-    assert enabled.returncode == 0 and "refunds: enabled" in enabled.stdout, enabled.stderr
     assert receiver.accepted == len(receiver.events) == len(reported)
 
 
@@ -218,8 +224,9 @@ async def test_a_replayed_event_comes_again_under_the_same_id(start_partner, tmp
             await wait_until(announced(receiver, "return.collected", reported), 20, what="every collection announced")
             msg_id = sorted(receiver.events)[0]
             before = receiver.accepted
-            replayed = subprocess.run([sys.executable, str(ROOT / "tracker.py"), "webhooks", "replay", msg_id,
-                                       "--config", str(tmp_path / "config.toml")], capture_output=True, text=True)
+            replayed = await asyncio.to_thread(subprocess.run, [  # in a thread: see the 410 test
+                sys.executable, str(ROOT / "tracker.py"), "webhooks", "replay", msg_id,
+                "--config", str(tmp_path / "config.toml")], capture_output=True, text=True)
             assert replayed.returncode == 0, replayed.stderr
 
             async def came_again() -> bool:
@@ -286,3 +293,137 @@ async def test_stale_waybills_and_corrections_are_announced_each_once(start_part
     stale_event = next(p for p in receiver.events.values() if p["type"] == "shipment.stale")
     assert stale_event["data"]["state"] == "stale" and stale_event["data"]["returns"]
     assert receiver.accepted == len(receiver.events) and receiver.bad_signatures == 0
+
+
+async def test_a_pickup_overdue_is_announced_once_a_box_with_the_shipments_story(start_partner,
+                                                                                 db_path: Path) -> None:
+    partner = start_partner(scenario(returns=20, step_s=(30.0, 60.0)))  # no box is collected in the test
+    overdue_soon = dataclasses.replace(make_config(db_path, partner.url).schedule, overdue_after_s=0.5)
+    async with receiving(Receiver(SECRET)) as receiver:
+        config = with_webhook(make_config(db_path, partner.url, schedule=overdue_soon), receiver.url,
+                              events=("pickup.overdue",))
+        async with running_daemon(config):
+            tracked = await wait_until(lambda: ids_in(str(db_path), "SELECT shipment_number FROM boxes"
+                                                                   " WHERE state = 'tracking'"), 20, what="boxes")
+
+            async def all_overdue() -> bool:
+                return {p["data"]["shipment_number"] for p in receiver.events.values()} >= tracked
+            await wait_until(all_overdue, 30, what="every open box announced overdue")
+    assert {p["type"] for p in receiver.events.values()} == {"pickup.overdue"}
+    assert receiver.accepted == len(receiver.events) and receiver.bad_signatures == 0  # once a box
+    overdue = next(iter(receiver.events.values()))
+    assert overdue["data"]["state"] == "tracking" and overdue["data"]["returns"]
+
+
+# ── receivers that fail: down, hostile, and the tracker killed mid-delivery ────────────────
+
+
+def two_receivers(config: tracker.Config, good: str, bad: str, **bad_options: Any) -> tracker.Config:
+    """`refunds` at `good`, and `hostile` at `bad`: both take every collected return."""
+    refunds = with_webhook(config, good).webhook[0]
+    hostile = dataclasses.replace(refunds, name="hostile", url=bad, **bad_options)
+    return dataclasses.replace(config, webhook=(refunds, hostile))
+
+
+@contextlib.asynccontextmanager
+async def misbehaving(behaviour: str) -> AsyncIterator[str]:
+    """A receiver on loopback that reads a delivery's headers and then: never answers, answers 200
+    with an endless body, answers a megabyte of headers, or resets the connection. Its URL."""
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            if behaviour == "no answer":
+                await asyncio.Event().wait()  # until the test ends
+            elif behaviour == "endless body":
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                while True:
+                    writer.write(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+                    await writer.drain()
+            elif behaviour == "huge headers":
+                writer.write(b"HTTP/1.1 200 OK\r\nX-Junk: " + b"y" * 1_000_000 + b"\r\n\r\n")
+                await writer.drain()
+            elif behaviour == "reset":
+                writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                           struct.pack("ii", 1, 0))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the tracker gave up on it
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks"
+    finally:
+        server.close()
+        for handler in handlers:
+            handler.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+
+@pytest.mark.parametrize("behaviour", ["no answer", "endless body", "huge headers", "reset"])
+async def test_a_hostile_receiver_never_holds_up_another_or_the_pipeline(start_partner, db_path: Path,
+                                                                         behaviour: str) -> None:
+    partner = start_partner(scenario(returns=60, cancel_share=0.0))
+    async with receiving(Receiver(SECRET)) as receiver, misbehaving(behaviour) as bad_url:
+        config = two_receivers(make_config(db_path, partner.url), receiver.url, bad_url, timeout_s=0.5,
+                               retry_schedule_s=(0.0, 0.5, 1.0, 60.0))
+        async with running_daemon(config):
+            await wait_until(everything_reported(partner, db_path), 40, what="every report")
+            reported = await ids_in(str(db_path), "SELECT return_id FROM reports WHERE state = 'done'")
+            await wait_until(announced(receiver, "return.collected", reported), 20, what="the good receiver told")
+
+            async def hostile_states() -> set[str]:
+                return await ids_in(str(db_path), "SELECT state FROM webhook_deliveries WHERE endpoint = 'hostile'")
+            if behaviour == "endless body":  # a 200 is an answer: the tracker reads no receiver's body
+                await wait_until(lambda: states_are(hostile_states, {"delivered"}), 20, what="all delivered")
+            hostile = await hostile_states()
+    assert receiver.accepted == len(receiver.events) == len(reported) and receiver.bad_signatures == 0
+    assert hostile and ("delivered" not in hostile) == (behaviour != "endless body")
+
+
+async def states_are(states: Callable[[], Awaitable[set[str]]], expected: set[str]) -> bool:
+    return await states() == expected
+
+
+async def test_a_receiver_down_for_a_while_gets_every_event_under_its_one_id_when_it_is_back(
+        start_partner, db_path: Path) -> None:
+    partner = start_partner(scenario(returns=60, cancel_share=0.0))
+    port = free_port()
+    receiver = Receiver(SECRET)
+    config = with_webhook(make_config(db_path, partner.url), f"http://127.0.0.1:{port}/hooks",
+                          retry_schedule_s=(0.0,) + (0.5,) * 40)
+    async with running_daemon(config):
+        await wait_until(everything_reported(partner, db_path), 40, what="every report, the receiver down")
+        failed = await ids_in(str(db_path), "SELECT event_id FROM webhook_deliveries WHERE attempts > 0")
+        async with receiving(receiver, port):
+            reported = await ids_in(str(db_path), "SELECT return_id FROM reports WHERE state = 'done'")
+            await wait_until(announced(receiver, "return.collected", reported), 30, what="every event, once back")
+    assert failed  # it was tried while down
+    assert set(receiver.of_type("return.collected")) == reported
+    assert receiver.accepted == len(receiver.events) == len(reported)
+
+
+async def test_kill_9_mid_delivery_announces_each_cause_under_one_id(start_partner, daemon_process,
+                                                                     tmp_path: Path) -> None:
+    """A delivery answered but not yet stored when the tracker dies is sent again after the restart
+    — under the same webhook-id, so the receiver's count of distinct ids is one a return."""
+    partner = start_partner(scenario(returns=600, arrive_over_s=3.0, cancel_share=0.0))
+    db = tmp_path / "tracker.db"
+    async with receiving(Receiver(SECRET)) as receiver:
+        daemon = daemon_process(config_toml(partner.url, db) + (
+            f'\n[[webhook]]\nname = "refunds"\nurl = "{receiver.url}"\nevents = ["return.collected"]\n'
+            f'secret = "{SECRET}"\nretry_schedule_s = [0, 0.2, 0.4, 0.8, 1.6]\n')).start()
+
+        async def under_way() -> bool:
+            return len(receiver.events) >= 50
+        await wait_until(under_way, 60, what="deliveries under way")
+        daemon.kill9()
+        daemon.start()
+        await wait_until(everything_reported(partner, db), 90, what="every report")
+        reported = await ids_in(str(db), "SELECT return_id FROM reports WHERE state = 'done'")
+        await wait_until(announced(receiver, "return.collected", reported), 30, what="every collection told")
+    assert set(receiver.of_type("return.collected")) == reported
+    assert len(receiver.events) == len(reported)  # one id a return, however many times it came
