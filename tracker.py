@@ -26,9 +26,10 @@ Contents, in the order data flows (each section opens with a banner of its name)
     Configuration        Config and its sections; load_config: config.toml, then the environment
                          and systemd credentials; every wrong value a ConfigError naming its key
     Records and states   BoxState, ReportState; ReturnItem, Correction, QuarantinedItem,
-                         FeedPage, DueBox, DueReport, StatusChange, DueDelivery; the transitions
-                         (BoxUpdate, ReportUpdate, WakeBoxes, Prune, Heartbeat, CheckNow, Audit,
-                         Idempotent, DeliveryUpdate, WebhookEndpoints, EnableEndpoint), CommitResult
+                         FeedPage (read from a SentCursor), DueBox, DueReport, StatusChange,
+                         DueDelivery; the transitions (BoxUpdate, ReportUpdate, WakeBoxes, Prune,
+                         Heartbeat, CheckNow, Audit, Idempotent, DeliveryUpdate, WebhookEndpoints,
+                         EnableEndpoint, AnnounceOverdue), CommitResult
     Storage              SQLite's tables; SQL, every statement written once; PostgreSQL's tables
                          and the fleet's statements; the dialects (DIALECT_RULES, STATEMENTS);
                          the adapters (Database: SqliteDatabase, PostgresDatabase); the fleet
@@ -43,8 +44,9 @@ Contents, in the order data flows (each section opens with a banner of its name)
     Alerts               what each alert says (*_alert → Alert); Alerter, the Slack sender
     Webhooks             webhook_body, decide_delivery, signed_headers; WebhookSender, one an
                          endpoint (its Dispatcher and breaker), delivering from the outbox
-    The shop's API       keys (new_api_key, KeyRing), Problem (RFC 9457), api_return; ShopApi
-    Observability, HTTP  Redactor, configure_logging, Metrics, start_http_server
+    The shop's API       keys (new_api_key, KeyRing), Problem (RFC 9457), api_return; ShopApi;
+                         the API's own process (ApiProcess in the daemon, serve_api_process in it)
+    Observability, HTTP  Redactor, configure_logging, Metrics and ApiMetrics, start_http_server
     Daemon               SystemdNotifier; OverdueWatch, Housekeeping; Daemon: start, the stages'
                          task group, the one way to stop and the order of shutdown
     CLI                  build_parser, main; migrate, requeue, replay, show, export, status
