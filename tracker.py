@@ -1949,6 +1949,10 @@ PG_FLEET_SQL = {
                  " WHERE name = 'feed' AND (until < tracker_now() OR holder IS NULL) RETURNING epoch",
     "give_up_feed": "UPDATE leases SET until = 0 WHERE name = 'feed' AND holder = %(me)s",
     "number_returns_in_commit_order": "SELECT pg_advisory_xact_lock(hashtext('tracker returns'))",
+    # a box's answer (which may queue its returns' reports) and a page (which may correct those
+    # returns) never commit side by side: each would miss the other's rows (a report queued with
+    # the fields a correction was replacing, the correction finding no report to correct)
+    "beside_no_page": "SELECT pg_advisory_xact_lock_shared(hashtext('tracker returns'))",
     # Membership: each live instance holds a session advisory lock (MEMBER_LOCK_CLASS, its own key)
     # on a connection of its own. PostgreSQL drops the lock with the session, so a process that
     # dies leaves the count at once, and a host that dies within its TCP keepalives.
@@ -2576,6 +2580,8 @@ class PgFleet:
         """Those that lost it: their lease ran out and another instance claimed the row — its
         answer, not this stale one, is the one to store."""
         key, statement = CLAIMS[kind]
+        if kind == "boxes" and updates:
+            await tx.execute("beside_no_page")  # before the rows' locks, as a page takes its lock
         claimed = [u for u in updates if u.claim is not None]
         if not claimed:
             return list(updates), []
