@@ -2722,6 +2722,12 @@ class StateStore(typing.Protocol):
     async def close(self) -> None: ...
 
 
+async def _feed_cursor_in(reader: Transaction | Database) -> str | None:
+    """The stored cursor, read by a transaction (inside a commit) or by the database."""
+    rows = await reader.fetch("feed_cursor", (FEED_CURSOR_KEY,))
+    return rows[0][0] if rows else None
+
+
 ANNOUNCING = (FeedPage, BoxUpdate, ReportUpdate, AnnounceOverdue)  # the transitions that may write webhook events
 
 
@@ -2761,7 +2767,7 @@ class Store:
         result = CommitResult()
         for page in (t for t in transitions if isinstance(t, FeedPage)):
             await self.fleet.fence_page(tx, page)
-            if page.read_from is not None and (stored := await self._cursor_in(tx)) != page.read_from.cursor:
+            if page.read_from is not None and (stored := await _feed_cursor_in(tx)) != page.read_from.cursor:
                 result += CommitResult(cursor_moved=stored or "")
                 continue
             result += await self._write_page(tx, page, now)
@@ -2808,11 +2814,6 @@ class Store:
                 (e.at, e.key_name, e.source_ip, e.action, e.target, e.result, e.request_id) for e in audited])
         return result
 
-    @staticmethod
-    async def _cursor_in(tx: Transaction) -> str | None:
-        rows = await tx.fetch("feed_cursor", (FEED_CURSOR_KEY,))
-        return rows[0][0] if rows else None
-
     async def _write_page(self, tx: Transaction, page: FeedPage, now: float) -> CommitResult:
         listed = {i.id for i in page.items} | {q.return_id for q in page.quarantined if q.return_id}
         stored, names = await self._stored_under_names(tx, page.items, listed)
@@ -2829,10 +2830,11 @@ class Store:
         queued = await tx.execute("reports_for_delivered_boxes", (now, now, ids))
         if self.announces and queued:
             await tx.execute("announce_collected_joining", {"ids": ids, "now": now})
-        if self.announces and ids:  # listed into a box already withdrawn (a reissue's later items, say)
+        joined = sorted({i.id for i in new} | {c.return_id for c in corrections if c.moved})  # a box new to them
+        if self.announces and joined:  # into a box already withdrawn (a reissue's later items, say)
             await tx.execute_many("announce_box_returns", [
                 {"type": "return.cancelled", "at": _iso(since) if since is not None else None, "now": now,
-                 "shipment": shipment} for shipment, since in await tx.fetch("cancelled_boxes_of", {"ids": ids})])
+                 "shipment": shipment} for shipment, since in await tx.fetch("cancelled_boxes_of", {"ids": joined})])
         await tx.execute("resolve_quarantine", (now, sorted({*ids, *(i.id for i in page.items)})))
         quarantined = await tx.execute_many("insert_quarantine", [
             (q.fingerprint, q.return_id, q.reason, q.raw, now) for q in page.quarantined])
@@ -3082,8 +3084,7 @@ class Store:
         return [tuple(history) for history in histories.values()]
 
     async def feed_cursor(self) -> str | None:
-        rows = await self.db.fetch("feed_cursor", (FEED_CURSOR_KEY,))
-        return rows[0][0] if rows else None
+        return await _feed_cursor_in(self.db)
 
     async def due_boxes(self, now: float, limit: int) -> list[DueBox]:
         """On PostgreSQL: claims them."""
@@ -5781,7 +5782,7 @@ API_ROUTES = (
 )
 
 
-FORWARDED_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "X-Request-Id")
+FORWARDED_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key")  # and the request's id, as set here
 NOT_HANDED_BACK = frozenset(("content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"))
 CLIENT_HEADER = "X-Tracker-Client"  # the client's address, as the API's process found it
 
