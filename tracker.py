@@ -1407,13 +1407,20 @@ STORY_PARTS = {  # part: (table, columns, which rows)
                  "return_id IN (SELECT id FROM ids)"),
     "corrections": ("corrections", "id, return_id, fields, before, after, report_state, corrected_at, source",
                     "return_id IN (SELECT id FROM ids)"),
+    "events": ("webhook_events", "id, type, subject, occurred_at, created_at", "subject IN (SELECT id FROM ids)"
+               " OR subject IN (SELECT shipment_number FROM shipments)"),
+    "deliveries": ("webhook_deliveries", "event_id, endpoint, state, attempts, replays, last_status, last_error,"
+                                         " created_at, delivered_at, next_attempt_at",
+                   "event_id IN (SELECT id FROM webhook_events WHERE subject IN (SELECT id FROM ids)"
+                   " OR subject IN (SELECT shipment_number FROM shipments))"),
 }
 STORY_ORDER = {"returns": ("seen_at", "id"), "names": ("name",), "quarantine": ("seen_at",), "boxes": (),
                "history": ("shipment_number", "changed_at"), "reports": (), "attempts": ("return_id", "id"),
-               "corrections": ("id",)}
+               "corrections": ("id",), "events": ("created_at", "id"), "deliveries": ("created_at", "endpoint")}
+WEBHOOK_PARTS = ("events", "deliveries")  # not in a webhook's own body: it would tell of its own delivery
 
 
-def _story_sql() -> str:
+def _story_sql(parts: Iterable[str]) -> str:
     def rows(table: str, columns: str, where: str) -> str:
         pairs = ", ".join(f"'{c}', {c}" for c in (c.strip() for c in columns.split(",")))
         return f"(SELECT COALESCE(JSON_ROWS(JSON_ROW({pairs})), '[]') FROM {table} WHERE {where})"
@@ -1423,10 +1430,11 @@ def _story_sql() -> str:
             " WHERE return_id IN (SELECT id FROM named) UNION SELECT CAST(:key AS TEXT)),"
             " shipments AS (SELECT shipment_number FROM returns WHERE id IN (SELECT id FROM named)"
             " UNION SELECT CAST(:key AS TEXT)) SELECT "
-            + ", ".join(f"{rows(*parts)} AS {part}" for part, parts in STORY_PARTS.items()))
+            + ", ".join(f"{rows(*STORY_PARTS[part])} AS {part}" for part in parts))
 
 
-SHOW_SQL = {"story": _story_sql()}
+SHOW_SQL = {"story": _story_sql(STORY_PARTS),
+            "story_for_webhook": _story_sql(p for p in STORY_PARTS if p not in WEBHOOK_PARTS)}
 # Retention: boxes closed before :cutoff whose every return is finished too (reported before it,
 # or in a cancelled box) go with all their rows, a batch at a time, oldest first (the deletes in
 # this order); then resolved quarantine entries. A stale box needs a person: never finished. Each
@@ -2700,7 +2708,7 @@ class StateStore(typing.Protocol):
     async def latest_corrections(self, limit: int) -> list[tuple[Any, ...]]: ...
     async def outdated_reports(self, limit: int) -> list[tuple[Any, ...]]: ...
     async def unknown_statuses(self) -> list[tuple[Any, ...]]: ...
-    async def story(self, key: str) -> dict[str, Any]: ...
+    async def story(self, key: str, *, webhooks: bool = True) -> dict[str, Any]: ...
     def export(self, kind: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]: ...
     async def requeue_dead_reports(self, ids: Sequence[str] | None, now: float) -> list[str]: ...
     async def requeue_stale_boxes(self, ids: Sequence[str] | None, now: float) -> list[str]: ...
@@ -3162,12 +3170,15 @@ class Store:
         counts["unknown_statuses"] = await self._value("unknown_status_count")
         return counts
 
-    async def story(self, key: str) -> dict[str, Any]:
+    async def story(self, key: str, *, webhooks: bool = True) -> dict[str, Any]:
         """Everything known about the returns `key` names (an id, order number or shipment number),
-        their boxes and reports, as plain data; empty lists when it names nothing."""
-        (row,) = await self.db.fetch_dicts("story", {"key": key})
+        their boxes, reports and (unless `webhooks` is false) the events announced of them and
+        their deliveries, as plain data; empty lists when it names nothing."""
+        (row,) = await self.db.fetch_dicts("story" if webhooks else "story_for_webhook", {"key": key})
         story: dict[str, Any] = {}
         for part, order in STORY_ORDER.items():
+            if part not in row:
+                continue
             rows = json.loads(row[part]) if isinstance(row[part], str) else row[part]  # SQLite's text, psycopg's
             story[part] = sorted(rows, key=lambda r: tuple(r[c] for c in order)) if order else rows
         return story
@@ -5541,7 +5552,7 @@ class WebhookSender:
         if self._disabled:
             return  # fetched before it was disabled: kept, pending, for when it is enabled
         probe = await self.breaker.admit()
-        story = await self._store.story(delivery.subject)
+        story = await self._store.story(delivery.subject, webhooks=False)
         body = webhook_body(delivery, story)
         headers = signed_headers(self._signers, webhook_id(delivery.event_id), body, dt.datetime.now(dt.UTC))
         status, error, retry_after = None, None, None
@@ -5697,7 +5708,28 @@ def api_return(return_id: str, story: Mapping[str, Any]) -> dict[str, Any]:
         "attempts": [{"attempt": a["attempt"], "at": _iso(a["attempted_at"]), "outcome": a["outcome"],
                       "http_status": a["http_status"], "latency_s": a["latency_s"]}
                      for a in story["attempts"] if a["return_id"] == return_id],
+        **({"webhooks": api_webhooks(webhook_events_of(return_id, story), story)} if "events" in story else {}),
     }
+
+
+def webhook_events_of(return_id: str, story: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The events announced of a return: under its id or another name of it, or of its box."""
+    ret = next(r for r in story["returns"] if r["id"] == return_id)
+    subjects = {return_id, ret["shipment_number"], *(n["name"] for n in story["names"] if n["return_id"] == return_id)}
+    return [e for e in story["events"] if e["subject"] in subjects]
+
+
+def api_webhooks(events: Iterable[Mapping[str, Any]], story: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each event (its webhook-id, type, when it happened and was announced) with its deliveries:
+    to which endpoint, how far, the last answer."""
+    return [{"id": webhook_id(e["id"]), "type": e["type"], "occurred_at": e["occurred_at"],
+             "announced_at": _iso(e["created_at"]),
+             "deliveries": [{"endpoint": d["endpoint"], "state": d["state"], "attempts": d["attempts"],
+                             "replays": d["replays"], "last_status": d["last_status"], "last_error": d["last_error"],
+                             "delivered_at": _iso(d["delivered_at"]),
+                             "next_attempt_at": _iso(d["next_attempt_at"]) if d["state"] == "pending" else None}
+                            for d in story["deliveries"] if d["event_id"] == e["id"]]}
+            for e in events]
 
 
 def api_box(box: Mapping[str, Any], story: Mapping[str, Any]) -> dict[str, Any]:
@@ -7864,6 +7896,7 @@ def story_lines(key: str, story: Mapping[str, Any]) -> list[str]:
             lines.append(f"  report: {report['state']}, {report['attempts']} attempt(s), queued "
                          f"{_stamp(report['queued_at'])}, collected_at {report['collected_at']}")
             lines += [_attempt_line(a) for a in story["attempts"] if a["return_id"] == rid]
+        lines += _webhook_lines(webhook_events_of(rid, story), story)
         lines.append(f"  now: {story['now'][rid]}")
     if not story["returns"] and story["boxes"]:
         for box in story["boxes"]:
@@ -7881,6 +7914,22 @@ def _history_lines(story: Mapping[str, Any], shipment_number: str) -> list[str]:
     """A box's statuses: the partner's time, and when a check first saw each."""
     return [f"    {_stamp(h['changed_at'])}  {h['status']:<14} (seen {_stamp(h['seen_at'])})"
             for h in story["history"] if h["shipment_number"] == shipment_number]
+
+
+def _webhook_lines(events: Iterable[Mapping[str, Any]], story: Mapping[str, Any]) -> list[str]:
+    """Each event announced, and how each endpoint's delivery of it stands."""
+    lines = []
+    for event in events:
+        lines.append(f"  {_stamp(event['created_at'])}  webhook {event['type']} {webhook_id(event['id'])}")
+        deliveries = [d for d in story["deliveries"] if d["event_id"] == event["id"]]
+        for d in deliveries:
+            answer = f"HTTP {d['last_status']}" if d["last_status"] else (d["last_error"] or "none yet")
+            when = {"delivered": f" {_stamp(d['delivered_at'])}",
+                    "pending": f", next {_stamp(d['next_attempt_at'])}"}.get(d["state"], "")
+            lines.append(f"    → {d['endpoint']}: {d['state']}{when}, {d['attempts']} attempt(s), last answer {answer}")
+        if not deliveries:
+            lines.append("    → no endpoint takes it")
+    return lines
 
 
 def _attempt_line(attempt: Mapping[str, Any]) -> str:

@@ -4,6 +4,7 @@ over a real datagram socket, and systemd-analyze on the unit."""
 
 import asyncio
 import contextlib
+import http.server
 import json
 import re
 import shutil
@@ -11,9 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +106,29 @@ class Prometheus:
         self.log.close()
 
 
+@contextlib.contextmanager
+def accepting_receiver() -> Iterator[str]:
+    """A webhook receiver on loopback that accepts everything (this test counts, it does not verify):
+    its URL."""
+    class Accept(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 -- http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Accept)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hooks"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     dashboard = json.loads((ROOT / "grafana" / "dashboards" / "tracker.json").read_text())
     return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
@@ -110,14 +136,18 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 def test_real_prometheus_scrapes_the_daemon_and_every_dashboard_query_and_alert_rule_evaluates(
         start_partner, daemon_process, tmp_path: Path) -> None:
+    stack = contextlib.ExitStack()
     faults = standin.Faults(latency_ms=(1, 5), error_share=0.03, rate_limit_per_s=400)
     partner = start_partner(scenario(returns=600, arrive_over_s=2.0, broken_share=0.01, never_registered_share=0.02,
                                      unknown_status_share=0.05, faults=faults))
     # As in production, Prometheus is scraping before the daemon starts, so it sees every counter from 0.
     address, api = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     prometheus = Prometheus(tmp_path, address)
+    receiver = stack.enter_context(accepting_receiver())
     daemon = daemon_process(config_toml(partner.url, tmp_path / "tracker.db").replace(
-        'listen = "127.0.0.1:0"', f'listen = "{address}"').replace('[api]\nlisten = ""', f'[api]\nlisten = "{api}"'))
+        'listen = "127.0.0.1:0"', f'listen = "{address}"').replace('[api]\nlisten = ""', f'[api]\nlisten = "{api}"')
+        + f'\n[[webhook]]\nname = "refunds"\nurl = "{receiver}"\n',
+        env={tracker.ENV_WEBHOOK_SECRET + "REFUNDS": tracker.new_webhook_secret()})
     key = asyncio.run(api_key_in(tmp_path / "tracker.db", "customer-service", ("returns:read",)))
     partner.call(partner.standin.hold_clock)
     try:
@@ -140,7 +170,7 @@ def test_real_prometheus_scrapes_the_daemon_and_every_dashboard_query_and_alert_
         assert not empty, f"dashboard queries without data: {empty}"
         groups = prometheus.api("/api/v1/rules")["data"]["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
-        assert len(rules) == 12
+        assert len(rules) == 16
         for rule in rules:
             prometheus.query(rule["query"])  # evaluates without error
         wait_until_sync(lambda: all(r["health"] == "ok" for g in prometheus.api("/api/v1/rules")["data"]["groups"]
@@ -155,6 +185,7 @@ def test_real_prometheus_scrapes_the_daemon_and_every_dashboard_query_and_alert_
         prometheus.stop()
         daemon.signal(signal.SIGTERM)
         daemon.wait(15)
+        stack.close()
 
 
 # ── /readyz ─────────────────────────────────────────────────────────────────────────────────

@@ -16,14 +16,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import standardwebhooks
 from aiohttp import web
 
 import standin
 import tracker
-from conftest import (ROOT, config_toml, everything_reported, free_port, make_config, running_daemon, scenario,
-                      wait_until)
+from conftest import (ROOT, api_key_in, config_toml, everything_reported, free_port, make_config, running_daemon,
+                      scenario, scraped, wait_until)
 
 SECRET = "whsec_" + "c2VjcmV0LW9mLXRoZS1yZWZ1bmRzLXJlY2VpdmVyLTMyYg=="  # 32 bytes
 OLD_SECRET = "whsec_" + "b2xkLXNlY3JldC1vZi10aGUtcmVmdW5kcy1yZWNlaXZlcg=="
@@ -104,24 +105,58 @@ def announced(receiver: Receiver, kind: str, expected: set[str]):
     return check
 
 
+async def all_announced(partner: standin.ThreadedStandIn, receiver: Receiver, where: str) -> tuple[set[str], set[str]]:
+    """Once every report is made and every collected and cancelled return announced: their ids."""
+    await wait_until(everything_reported(partner, where), 60, what="every report")
+    reported = await ids_in(where, "SELECT return_id FROM reports WHERE state = 'done'")
+    cancelled = await ids_in(where, "SELECT r.id FROM returns r JOIN boxes b"
+                                    " ON b.shipment_number = r.shipment_number WHERE b.state = 'cancelled'")
+    await wait_until(announced(receiver, "return.collected", reported), 30, what="every collection announced")
+    await wait_until(announced(receiver, "return.cancelled", cancelled), 30, what="every cancel announced")
+    return reported, cancelled
+
+
 async def test_every_collected_and_cancelled_return_is_announced_once_signed(start_partner, backend: str,
                                                                              tmp_path: Path) -> None:
     partner = start_partner(scenario(returns=80, cancel_share=0.2))
     async with receiving(Receiver(SECRET)) as receiver:
         config = in_backend(with_webhook(make_config(tmp_path / "unused.db", partner.url), receiver.url), backend)
         async with running_daemon(config):
-            await wait_until(everything_reported(partner, backend), 40, what="every report")
-            reported = await ids_in(backend, "SELECT return_id FROM reports WHERE state = 'done'")
-            cancelled = await ids_in(backend, "SELECT r.id FROM returns r JOIN boxes b"
-                                              " ON b.shipment_number = r.shipment_number WHERE b.state = 'cancelled'")
-            await wait_until(announced(receiver, "return.collected", reported), 20, what="every collection announced")
-            await wait_until(announced(receiver, "return.cancelled", cancelled), 20, what="every cancel announced")
+            reported, cancelled = await all_announced(partner, receiver, backend)
     assert reported and cancelled
     assert set(receiver.of_type("return.collected")) == reported  # each collected return, and only those
     assert set(receiver.of_type("return.cancelled")) == cancelled
     assert receiver.bad_signatures == 0 and receiver.accepted == len(receiver.events)  # none came twice
     collected = next(p for p in receiver.events.values() if p["type"] == "return.collected")
     assert collected["timestamp"] == collected["data"]["report"]["collected_at"]  # when the courier collected it
+
+
+async def test_three_instances_on_postgresql_announce_each_cause_once_though_the_deliverer_stops(
+        start_partner, pg_url: str, tmp_path: Path) -> None:
+    """With several instances one delivers at a time (the feed's leader); stopped mid-burst, its
+    deliveries go on from another instance, under the same webhook-ids."""
+    partner = start_partner(scenario(returns=150, cancel_share=0.2, arrive_over_s=3.0, step_s=(0.3, 0.8)))
+    async with receiving(Receiver(SECRET)) as receiver:
+        config = in_backend(with_webhook(make_config(tmp_path / "unused.db", partner.url), receiver.url), pg_url)
+        async with contextlib.AsyncExitStack() as fleet:
+            stacks = [await fleet.enter_async_context(contextlib.AsyncExitStack()) for _ in range(3)]
+            daemons = [await stack.enter_async_context(running_daemon(config)) for stack in stacks]
+
+            async def under_way() -> bool:
+                return len(receiver.events) >= 20
+            await wait_until(under_way, 40, what="the first deliveries")
+            leaders = [n for n, daemon in enumerate(daemons) if await scraped(daemon, "tracker_feed_leader") == 1]
+            assert len(leaders) == 1, leaders
+            await stacks[leaders[0]].aclose()  # the deliverer stops; another takes over
+            others = [daemon for n, daemon in enumerate(daemons) if n != leaders[0]]
+            reported, cancelled = await all_announced(partner, receiver, pg_url)
+            delivered_by_others = sum([await scraped(daemon, 'tracker_webhook_deliveries_total{endpoint="refunds",'
+                                                             'state="delivered"}') for daemon in others])
+    assert reported and cancelled and delivered_by_others > 0
+    assert set(receiver.of_type("return.collected")) == reported
+    assert set(receiver.of_type("return.cancelled")) == cancelled
+    assert len(receiver.events) == len(reported) + len(cancelled)  # each cause under one webhook-id
+    assert receiver.bad_signatures == 0
 
 
 async def test_a_waybill_the_carrier_reissued_is_no_cancel_when_its_correction_comes_within_the_hold(
@@ -234,6 +269,44 @@ async def test_a_replayed_event_comes_again_under_the_same_id(start_partner, tmp
             await wait_until(came_again, 20, what="the replayed event")
     assert replayed.returncode == 0 and f"{msg_id} → refunds" in replayed.stdout, replayed.stderr
     assert len(receiver.events) == len(reported) and receiver.accepted == before + 1  # the same id again
+
+
+async def test_a_returns_story_in_show_and_the_api_tells_each_event_and_its_delivery(start_partner,
+                                                                                      tmp_path: Path) -> None:
+    db_path = tmp_path / "tracker.db"
+    partner = start_partner(scenario(returns=5, cancel_share=0.0))
+    key = await api_key_in(db_path, "refund-service", scopes=("returns:read",))
+    async with receiving(Receiver(SECRET)) as receiver:
+        config = with_webhook(make_config(db_path, partner.url), receiver.url)
+        config = dataclasses.replace(config, api=tracker.ApiConfig(listen="127.0.0.1:0"))
+        (tmp_path / "config.toml").write_text(config_toml(partner.url, db_path))
+        async with running_daemon(config) as daemon:
+            await wait_until(everything_reported(partner, db_path), 40, what="every report")
+            reported = await ids_in(str(db_path), "SELECT return_id FROM reports WHERE state = 'done'")
+            await wait_until(announced(receiver, "return.collected", reported), 20, what="every collection announced")
+            return_id = sorted(reported)[0]
+            msg_id = receiver.of_type("return.collected")[return_id]
+
+            async def delivery_recorded() -> dict[str, Any] | None:  # the receiver answers before the commit
+                async with aiohttp.ClientSession() as http, http.get(
+                        f"http://{daemon.api_address}/v1/returns/{return_id}",
+                        headers={"Authorization": f"Bearer {key}"}) as answer:
+                    story = await answer.json()
+                states = [d["state"] for e in story["webhooks"] for d in e["deliveries"]]
+                return story if states and "pending" not in states else None
+            story = await wait_until(delivery_recorded, 10, what="the delivery's answer committed")
+            shown = await asyncio.to_thread(subprocess.run, [  # in a thread: see the 410 test
+                sys.executable, str(ROOT / "tracker.py"), "show", return_id, "--config", str(tmp_path / "config.toml")],
+                capture_output=True, text=True)
+    (event,) = [e for e in story["webhooks"] if e["type"] == "return.collected"]
+    assert event["id"] == msg_id and event["announced_at"]
+    (delivery,) = event["deliveries"]
+    assert delivery["endpoint"] == "refunds" and delivery["state"] == "delivered" and delivery["last_status"] == 200
+    assert delivery["attempts"] == 1 and delivery["delivered_at"] and delivery["next_attempt_at"] is None
+    assert "webhooks" not in receiver.events[msg_id]["data"]  # a body never tells of its own delivery
+    assert shown.returncode == 0, shown.stderr
+    assert f"webhook return.collected {msg_id}" in shown.stdout
+    assert "→ refunds: delivered" in shown.stdout and "1 attempt(s), last answer HTTP 200" in shown.stdout
 
 
 @pytest.mark.parametrize("table, problem", [
