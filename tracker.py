@@ -1197,6 +1197,7 @@ SCHEMA += TABLES_IN_BOTH
 # a few words of our own that each dialect spells its way (DIALECT_RULES, below):
 #   x IN LIST(p)       p is one parameter holding a list of ids (a JSON array on SQLite, text[] on
 #                      PostgreSQL); callers pass a Python list
+#   FROM LIST_ROWS(p)  that list as rows of one column, `value`
 #   GREATEST / LEAST   the larger / smaller of two values (SQLite: MAX and MIN of two arguments)
 #   EPOCH_OF(column)   an ISO 8601 text column as Unix seconds
 #   RANDOM_FRACTION    a random number in [0, 1)
@@ -1387,54 +1388,64 @@ OPERATOR_SQL = {
                            " not_found = 0, errors = 0, closed_at = NULL, last_error = NULL WHERE state = 'stale'"
                            " AND (:all OR shipment_number IN LIST(:ids)) RETURNING shipment_number",
 }
-# `show` and the API: one return's whole story, found by its id, a second name, its order number or
-# its shipment number — in one statement, each part a JSON array of its rows (JSON_ROWS of
-# JSON_ROW(name, value, …)): a lookup is one hop to the database, however busy the event loop. The
-# rows are put in order in Python (STORY_ORDER); each part reads by an index.
+# `show`, the API and webhooks: the whole story of the returns each key names (its id, a second
+# name, its order number or its shipment number) — several keys in one statement, each key's
+# story one row, each part a JSON array of its rows (JSON_ROWS of JSON_ROW(name, value, …)): a
+# lookup is one hop to the database, however busy the event loop, and a webhook sender's many
+# share their hops (STORY_BATCH keys a statement). Each part reads by an index; its rows are put
+# in order in Python (STORY_ORDER). The CTEs hold, by key: `named`, the returns it names; `ids`,
+# their ids, other names and the key itself; `shipments`, their boxes and the key itself.
 STORY_PARTS = {  # part: (table, columns, which rows)
     "returns": ("returns", "id, order_number, order_item_number, shipment_number, requested_at, seen_at, source",
-                "id IN (SELECT id FROM named)"),
-    "names": ("return_names", "name, return_id", "return_id IN (SELECT id FROM ids)"),
-    "quarantine": ("quarantine", "return_id, reason, raw, seen_at, resolved_at", "return_id IN (SELECT id FROM ids)"),
+                "id IN (NAMED)"),
+    "names": ("return_names", "name, return_id", "return_id IN (IDS)"),
+    "quarantine": ("quarantine", "return_id, reason, raw, seen_at, resolved_at", "return_id IN (IDS)"),
     "boxes": ("boxes", "shipment_number, state, last_status, checks, not_found, first_seen_at, next_check_at,"
-                       " closed_at, last_error", "shipment_number IN (SELECT shipment_number FROM shipments)"),
-    "history": ("box_history", "shipment_number, changed_at, status, seen_at",
-                "shipment_number IN (SELECT shipment_number FROM shipments)"),
+                       " closed_at, last_error", "shipment_number IN (SHIPMENTS)"),
+    "history": ("box_history", "shipment_number, changed_at, status, seen_at", "shipment_number IN (SHIPMENTS)"),
     "reports": ("reports", "return_id, state, order_number, order_item_number, shipment_number, collected_at,"
                            " attempts, next_attempt_at, queued_at, done_at, outcome, last_error, revision,"
-                           " accepted_revision", "return_id IN (SELECT id FROM ids)"),
+                           " accepted_revision", "return_id IN (IDS)"),
     "attempts": ("report_attempts", "id, return_id, attempt, attempted_at, outcome, http_status, latency_s, error",
-                 "return_id IN (SELECT id FROM ids)"),
+                 "return_id IN (IDS)"),
     "corrections": ("corrections", "id, return_id, fields, before, after, report_state, corrected_at, source",
-                    "return_id IN (SELECT id FROM ids)"),
-    "events": ("webhook_events", "id, type, subject, occurred_at, created_at", "subject IN (SELECT id FROM ids)"
-               " OR subject IN (SELECT shipment_number FROM shipments)"),
+                    "return_id IN (IDS)"),
+    "events": ("webhook_events", "id, type, subject, occurred_at, created_at",
+               "subject IN (IDS) OR subject IN (SHIPMENTS)"),
     "deliveries": ("webhook_deliveries", "event_id, endpoint, state, attempts, replays, last_status, last_error,"
                                          " created_at, delivered_at, next_attempt_at",
-                   "event_id IN (SELECT id FROM webhook_events WHERE subject IN (SELECT id FROM ids)"
-                   " OR subject IN (SELECT shipment_number FROM shipments))"),
+                   "event_id IN (SELECT id FROM webhook_events WHERE subject IN (IDS) OR subject IN (SHIPMENTS))"),
 }
 STORY_ORDER = {"returns": ("seen_at", "id"), "names": ("name",), "quarantine": ("seen_at",), "boxes": (),
                "history": ("shipment_number", "changed_at"), "reports": (), "attempts": ("return_id", "id"),
                "corrections": ("id",), "events": ("created_at", "id"), "deliveries": ("created_at", "endpoint")}
 WEBHOOK_PARTS = ("events", "deliveries")  # not in a webhook's own body: it would tell of its own delivery
+STORY_BATCH = 16  # keys a statement: each part's lookup in the CTEs grows with the square of it
 
 
 def _story_sql(parts: Iterable[str]) -> str:
+    by_key = {"NAMED": "SELECT id FROM named WHERE named.key = k.key",
+              "IDS": "SELECT id FROM ids WHERE ids.key = k.key",
+              "SHIPMENTS": "SELECT shipment_number FROM shipments WHERE shipments.key = k.key"}
+
     def rows(table: str, columns: str, where: str) -> str:
         pairs = ", ".join(f"'{c}', {c}" for c in (c.strip() for c in columns.split(",")))
-        return f"(SELECT COALESCE(JSON_ROWS(JSON_ROW({pairs})), '[]') FROM {table} WHERE {where})"
-    return ("WITH named AS (SELECT id FROM returns WHERE id = :key OR order_number = :key OR shipment_number = :key"
-            " UNION SELECT return_id FROM return_names WHERE name = :key),"
-            " ids AS (SELECT id FROM named UNION SELECT name FROM return_names"
-            " WHERE return_id IN (SELECT id FROM named) UNION SELECT CAST(:key AS TEXT)),"
-            " shipments AS (SELECT shipment_number FROM returns WHERE id IN (SELECT id FROM named)"
-            " UNION SELECT CAST(:key AS TEXT)) SELECT "
-            + ", ".join(f"{rows(*STORY_PARTS[part])} AS {part}" for part in parts))
+        keyed = re.sub(r"\b(NAMED|IDS|SHIPMENTS)\b", lambda m: by_key[m.group(1)], where)
+        return f"(SELECT COALESCE(JSON_ROWS(JSON_ROW({pairs})), '[]') FROM {table} WHERE {keyed})"
+    return ("WITH keys AS (SELECT DISTINCT CAST(value AS TEXT) AS key FROM LIST_ROWS(:keys)),"
+            " named AS (SELECT k.key, r.id FROM keys k JOIN returns r"
+            " ON r.id = k.key OR r.order_number = k.key OR r.shipment_number = k.key"
+            " UNION SELECT k.key, n.return_id FROM keys k JOIN return_names n ON n.name = k.key),"
+            " ids AS (SELECT key, id FROM named UNION SELECT m.key, n.name FROM named m"
+            " JOIN return_names n ON n.return_id = m.id UNION SELECT key, key FROM keys),"
+            " shipments AS (SELECT m.key, r.shipment_number FROM named m JOIN returns r ON r.id = m.id"
+            " UNION SELECT key, key FROM keys)"
+            " SELECT k.key AS key, " + ", ".join(f"{rows(*STORY_PARTS[part])} AS {part}" for part in parts)
+            + " FROM keys k")
 
 
-SHOW_SQL = {"story": _story_sql(STORY_PARTS),
-            "story_for_webhook": _story_sql(p for p in STORY_PARTS if p not in WEBHOOK_PARTS)}
+SHOW_SQL = {"stories": _story_sql(STORY_PARTS),
+            "stories_for_webhooks": _story_sql(p for p in STORY_PARTS if p not in WEBHOOK_PARTS)}
 # Retention: boxes closed before :cutoff whose every return is finished too (reported before it,
 # or in a cancelled box) go with all their rows, a batch at a time, oldest first (the deletes in
 # this order); then resolved quarantine entries. A stale box needs a person: never finished. Each
@@ -1998,6 +2009,7 @@ class Dialect(enum.StrEnum):
 DIALECT_RULES: dict[Dialect, tuple[tuple[str, str], ...]] = {
     Dialect.SQLITE: (
         (r"\bIN LIST\(([^)]+)\)", r"IN (SELECT value FROM json_each(\1))"),
+        (r"\bLIST_ROWS\(([^)]+)\)", r"json_each(\1)"),
         (r"\bGREATEST\(", "MAX("),
         (r"\bLEAST\(", "MIN("),
         (r"\bEPOCH_OF\((\w+)\)", r"((julianday(\1) - 2440587.5) * 86400.0)"),
@@ -2010,6 +2022,7 @@ DIALECT_RULES: dict[Dialect, tuple[tuple[str, str], ...]] = {
     Dialect.POSTGRESQL: (
         (r"%", "%%"),
         (r"\bIN LIST\(([^)]+)\)", r"= ANY(CAST(\1 AS text[]))"),
+        (r"\bLIST_ROWS\(([^)]+)\)", r"unnest(CAST(\1 AS text[])) AS value"),
         (r"\?", "%s"),
         (r"(?<![:\w]):([A-Za-z_]\w*)", r"%(\1)s"),
         (r"\bEPOCH_OF\((\w+)\)", r"EXTRACT(EPOCH FROM \1::timestamptz)::float8"),
@@ -2709,6 +2722,8 @@ class StateStore(typing.Protocol):
     async def outdated_reports(self, limit: int) -> list[tuple[Any, ...]]: ...
     async def unknown_statuses(self) -> list[tuple[Any, ...]]: ...
     async def story(self, key: str, *, webhooks: bool = True) -> dict[str, Any]: ...
+
+    async def stories(self, keys: Sequence[str], *, webhooks: bool = True) -> dict[str, dict[str, Any]]: ...
     def export(self, kind: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]: ...
     async def requeue_dead_reports(self, ids: Sequence[str] | None, now: float) -> list[str]: ...
     async def requeue_stale_boxes(self, ids: Sequence[str] | None, now: float) -> list[str]: ...
@@ -3174,14 +3189,22 @@ class Store:
         """Everything known about the returns `key` names (an id, order number or shipment number),
         their boxes, reports and (unless `webhooks` is false) the events announced of them and
         their deliveries, as plain data; empty lists when it names nothing."""
-        (row,) = await self.db.fetch_dicts("story" if webhooks else "story_for_webhook", {"key": key})
-        story: dict[str, Any] = {}
-        for part, order in STORY_ORDER.items():
-            if part not in row:
-                continue
-            rows = json.loads(row[part]) if isinstance(row[part], str) else row[part]  # SQLite's text, psycopg's
-            story[part] = sorted(rows, key=lambda r: tuple(r[c] for c in order)) if order else rows
-        return story
+        return (await self.stories([key], webhooks=webhooks))[key]
+
+    async def stories(self, keys: Sequence[str], *, webhooks: bool = True) -> dict[str, dict[str, Any]]:
+        """The story of each key, as `story` tells it: one statement for up to STORY_BATCH keys."""
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(keys), STORY_BATCH):
+            for row in await self.db.fetch_dicts("stories" if webhooks else "stories_for_webhooks",
+                                                 {"keys": list(keys[start:start + STORY_BATCH])}):
+                story: dict[str, Any] = {}
+                for part, order in STORY_ORDER.items():
+                    if part not in row:
+                        continue
+                    rows = json.loads(row[part]) if isinstance(row[part], str) else row[part]  # SQLite's, psycopg's
+                    story[part] = sorted(rows, key=lambda r: tuple(r[c] for c in order)) if order else rows
+                found[row["key"]] = story
+        return found
 
     def export(self, kind: str, params: Mapping[str, Any]) -> typing.AsyncGenerator[dict[str, Any], None]:
         """Every return ("returns") or closed box's history ("timelines") as dicts, streamed within
@@ -5459,7 +5482,11 @@ class Alerter:
 # dead one delays no other, nor the pipeline. With several instances the one paging the feed sends.
 # ════════════════════════════════════════════════════════════════════════════════════════════
 
-WEBHOOK_CONCURRENCY = 32  # deliveries in flight to one endpoint (each also waits for its commit)
+WEBHOOK_CONCURRENCY = 32  # requests in flight to one endpoint
+# Deliveries under way for one endpoint: reading its story, waiting for a request slot, or for
+# the commit of its answer (tens of milliseconds under a burst) — which must not hold a slot.
+WEBHOOK_UNDER_WAY = 8 * WEBHOOK_CONCURRENCY
+WEBHOOK_STORY_FRESH_S = 1.0  # a body read longer ago than this before its request is read again
 
 
 def webhook_id(event_id: str) -> str:
@@ -5521,8 +5548,43 @@ def signed_headers(signers: Sequence[standardwebhooks.Webhook], msg_id: str, bod
             "Content-Type": "application/json", "User-Agent": "tracker-webhooks"}
 
 
+class StoryReader:
+    """Stories for webhook bodies, read together: the keys asked for within one turn of the event
+    loop share their statements (STORY_BATCH keys each). Under a burst a sender starts hundreds of
+    deliveries at once; a statement a delivery would cost a thread hop each."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+        self._asked: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
+
+    async def story(self, key: str) -> dict[str, Any]:
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._asked.append((key, answer))
+        if len(self._asked) == 1:  # the first to ask reads for all who ask before the loop's next turn
+            asked: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
+            try:
+                await asyncio.sleep(0)
+                asked, self._asked = self._asked, []
+                stories = await self._store.stories([k for k, _ in asked], webhooks=False)
+            except BaseException as exc:  # those waiting on this read learn what became of it
+                if not asked:
+                    asked, self._asked = self._asked, []
+                for _, waiting in asked:
+                    if waiting is answer or waiting.done():
+                        continue
+                    if isinstance(exc, asyncio.CancelledError):
+                        waiting.cancel()
+                    else:
+                        waiting.set_exception(exc)
+                raise
+            for k, waiting in asked:
+                waiting.set_result(stories[k])
+        return await answer
+
+
 class WebhookSender:
-    """One endpoint's deliveries, due first first, WEBHOOK_CONCURRENCY at a time."""
+    """One endpoint's deliveries, due first first: WEBHOOK_UNDER_WAY under way, of which
+    WEBHOOK_CONCURRENCY requests at a time."""
 
     def __init__(self, webhook: WebhookConfig, store: StateStore, committer: "Committer",
                  session: aiohttp.ClientSession, metrics: "Metrics", log: Logger, stop: StopSignal,
@@ -5539,8 +5601,10 @@ class WebhookSender:
         self._disabled = False  # since this instance saw it disabled; the database says when it is enabled
         self.dispatcher: Dispatcher[DueDelivery] = Dispatcher(
             f"webhook:{webhook.name}", self._due,
-            lambda: store.next_delivery_due_at(webhook.name), lambda d: d.id, self.deliver, WEBHOOK_CONCURRENCY,
+            lambda: store.next_delivery_due_at(webhook.name), lambda d: d.id, self.deliver, WEBHOOK_UNDER_WAY,
             log, stop=stop)
+        self._requests = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
+        self._stories = StoryReader(store)
 
     async def _due(self, now: float, limit: int) -> list[DueDelivery]:
         due = await self._store.due_deliveries(self.webhook.name, now, limit)  # none while it is disabled
@@ -5551,9 +5615,29 @@ class WebhookSender:
     async def deliver(self, delivery: DueDelivery) -> None:
         if self._disabled:
             return  # fetched before it was disabled: kept, pending, for when it is enabled
-        probe = await self.breaker.admit()
-        story = await self._store.story(delivery.subject, webhooks=False)
-        body = webhook_body(delivery, story)
+        read_at = time.monotonic()
+        body = webhook_body(delivery, await self._stories.story(delivery.subject))
+        async with self._requests:
+            probe = await self.breaker.admit()
+            try:
+                if self._disabled:
+                    return
+                if time.monotonic() - read_at > WEBHOOK_STORY_FRESH_S:  # it waited out a breaker: as it is now
+                    body = webhook_body(delivery, await self._stories.story(delivery.subject))
+            except BaseException:
+                if probe:
+                    self.breaker.abandon_probe()
+                raise
+            update = await self._request(delivery, body, probe)
+        result = await self._committer.submit(update)
+        if self.webhook.name in result.disabled_endpoints:
+            self._disabled = True
+            self.dispatcher.forget(self.dispatcher.held())
+            self._log.warning("webhook.disabled", endpoint=self.webhook.name, error=update.error)
+            self._alerts.alert(*webhook_disabled_alert(self.webhook.name, update))
+
+    async def _request(self, delivery: DueDelivery, body: str, probe: bool) -> DeliveryUpdate:
+        """One signed attempt, the breaker's probe or not; what became of it."""
         headers = signed_headers(self._signers, webhook_id(delivery.event_id), body, dt.datetime.now(dt.UTC))
         status, error, retry_after = None, None, None
         started = time.monotonic()
@@ -5576,15 +5660,12 @@ class WebhookSender:
         update = decide_delivery(delivery, self.webhook, status, error, retry_after, time.time())
         self._metrics.webhook_deliveries.labels(self.webhook.name, update.state.value).inc()
         self._metrics.webhook_latency.labels(self.webhook.name).observe(latency)
-        self._log.info("webhook.sent", endpoint=self.webhook.name, event_id=delivery.event_id,
-                       attempt=delivery.attempts + 1, status=status, error=error, state=update.state.value,
-                       latency_s=round(latency, 4))
-        result = await self._committer.submit(update)
-        if self.webhook.name in result.disabled_endpoints:
-            self._disabled = True
-            self.dispatcher.forget(self.dispatcher.held())
-            self._log.warning("webhook.disabled", endpoint=self.webhook.name, error=update.error)
-            self._alerts.alert(*webhook_disabled_alert(self.webhook.name, update))
+        # each delivery's outcome is kept with it (`webhooks deliveries`, `show`): a burst's tens of
+        # thousands of accepted ones are not worth a line each, a failure is
+        logged = self._log.debug if update.state is DeliveryState.DELIVERED else self._log.info
+        logged("webhook.sent", endpoint=self.webhook.name, event_id=delivery.event_id, attempt=delivery.attempts + 1,
+               status=status, error=error, state=update.state.value, latency_s=round(latency, 4))
+        return update
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════

@@ -52,7 +52,7 @@ def test_alert_rules_pass_their_promtool_unit_tests() -> None:
 def test_the_scrape_config_and_rules_are_valid() -> None:
     result = run(tool("promtool"), "check", "config", str(ROOT / "prometheus" / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 12 rules found" in result.stdout
+    assert "SUCCESS: 16 rules found" in result.stdout
 
 
 async def test_metrics_pass_promtool_check_metrics(start_partner, db_path: Path) -> None:
