@@ -94,18 +94,16 @@ import zoneinfo
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import aiohttp_remotes
 import aiosqlite
 import prometheus_client
-import psycopg
-import psycopg.conninfo
-import psycopg.errors
-import psycopg.rows
 import standardwebhooks
 import structlog
+
+if TYPE_CHECKING:
+    import psycopg
 from aiohttp import web
 
 VERSION = "0.1.0"
@@ -434,8 +432,8 @@ def _with_password(url: str, password: str) -> str:
 
 def _database_password(url: str) -> str:
     try:
-        return str(psycopg.conninfo.conninfo_to_dict(url).get("password") or "")
-    except psycopg.ProgrammingError:
+        return str(pg().conninfo.conninfo_to_dict(url).get("password") or "")
+    except pg().ProgrammingError:
         return ""
 
 
@@ -538,8 +536,8 @@ def _require_database_url(value: str) -> None:
     if not value.startswith(("postgresql://", "postgres://")):
         raise ConfigError("storage.url", "must be a postgresql:// URL (or empty: the SQLite file at storage.path)")
     try:
-        psycopg.conninfo.conninfo_to_dict(value)
-    except psycopg.ProgrammingError:
+        pg().conninfo.conninfo_to_dict(value)
+    except pg().ProgrammingError:
         raise ConfigError("storage.url", "not a valid PostgreSQL connection URL") from None
 
 
@@ -2348,7 +2346,7 @@ class PostgresDatabase:
         keepalives for a server that vanished, the server's own (set for this session) for a
         client host that did — it then ends the session and drops what the session held."""
         idle, interval = max(1, int(self.lease_s / 3)), max(1, int(self.lease_s / 9))
-        conn = await psycopg.AsyncConnection.connect(
+        conn = await pg().AsyncConnection.connect(
             self.url, autocommit=True, connect_timeout=10, application_name=f"tracker-{role}",
             keepalives=1, keepalives_idle=idle, keepalives_interval=interval, keepalives_count=3)
         await conn.execute(f"SET tcp_keepalives_idle = {idle}; SET tcp_keepalives_interval = {interval};"
@@ -2393,7 +2391,7 @@ class PostgresDatabase:
             try:
                 async with conn.transaction():
                     return await work(PostgresTransaction(conn.cursor()))
-            except psycopg.errors.OperationalError as exc:
+            except pg().errors.OperationalError as exc:
                 if exc.sqlstate not in PG_RETRY_SQLSTATES or attempt == PG_COMMIT_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
@@ -2410,7 +2408,7 @@ class PostgresDatabase:
 
     async def fetch_dicts(self, name: str, params: Params = ()) -> list[dict[str, Any]]:
         conn = await self._connection("reader")
-        async with conn.cursor(row_factory=psycopg.rows.dict_row) as cursor:
+        async with conn.cursor(row_factory=pg().rows.dict_row) as cursor:
             await cursor.execute(self._sql[name], params)
             return await cursor.fetchall()
 
@@ -2418,7 +2416,7 @@ class PostgresDatabase:
         """From a server-side cursor in one read-only transaction: constant memory."""
         conn = await self._connection("reader")
         async with conn.transaction():
-            async with conn.cursor(name="tracker_export", row_factory=psycopg.rows.dict_row) as cursor:
+            async with conn.cursor(name="tracker_export", row_factory=pg().rows.dict_row) as cursor:
                 await cursor.execute(self._sql[name], params)
                 async for row in cursor:
                     yield row
@@ -2451,8 +2449,8 @@ class PostgresDatabase:
 def redact_database_url(url: str) -> str:
     """A connection URL without its password, for logs and `status`."""
     try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
+        info = pg().conninfo.conninfo_to_dict(url)
+    except pg().ProgrammingError:
         return "postgresql://(unparsable URL)"
     hosts = str(info.get("host") or "localhost").split(",")
     ports = str(info.get("port") or "5432").split(",")
@@ -3250,7 +3248,25 @@ class Store:
             "list_returns", {"after": after, "since": since, "state": state, "limit": limit})]
 
 
-STORAGE_ERRORS = (sqlite3.Error, psycopg.Error, LeaseLost)  # a failed read or write, on either backend
+STORAGE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, LeaseLost)  # a failed read or write
+
+
+def storage_errors_and(*others: type[Exception]) -> tuple[type[Exception], ...]:
+    return (*others, *STORAGE_ERRORS)
+
+
+@functools.cache
+def pg() -> Any:
+    """psycopg, imported when PostgreSQL is first named: the driver and libpq cost a daemon on
+    SQLite 11 MB and its start-up time for nothing. Its errors become storage errors from then on
+    (none can be raised before)."""
+    global STORAGE_ERRORS
+    import psycopg
+    import psycopg.conninfo
+    import psycopg.errors
+    import psycopg.rows
+    STORAGE_ERRORS = (*STORAGE_ERRORS, psycopg.Error)
+    return psycopg
 
 
 async def open_store(config: "StorageConfig", *, readonly: bool = False) -> Store:
@@ -5915,7 +5931,10 @@ class ShopApi:
         self._log = log
         self._keys = KeyRing(store)
         self._trusted = [ipaddress.ip_network(cidr, strict=False) for cidr in config.api.trusted_proxies]
-        self._forwarded = aiohttp_remotes.XForwardedFiltered(set(self._trusted)) if self._trusted else None
+        self._forwarded = None
+        if self._trusted:
+            import aiohttp_remotes  # only with trusted proxies: 3 MB a daemon without them never needs
+            self._forwarded = aiohttp_remotes.XForwardedFiltered(set(self._trusted))
         self._openapi = OPENAPI_PATH.read_bytes()
 
     def application(self) -> web.Application:
@@ -7334,7 +7353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:  # e.g. another instance holds the lock
         print(f"tracker: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except (OSError, *STORAGE_ERRORS) as exc:
+    except storage_errors_and(OSError) as exc:
         print(f"tracker: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
@@ -7410,7 +7429,7 @@ async def migrate(config: Config, target: str, out: typing.TextIO | None = None)
         source = await SqliteDatabase.open(config.storage.path)  # brought to the current schema first
         try:
             destination = await PostgresDatabase.open(target)
-        except psycopg.Error as exc:
+        except pg().Error as exc:
             await source.close()
             print(f"tracker: cannot open {where}: {exc}", file=sys.stderr)
             return EXIT_FAILURE
@@ -8032,7 +8051,7 @@ async def open_for_reading(config: Config) -> StateStore | None:
     """The state database, read-only (`status`, `show`); None, said on stderr, when there is none."""
     try:
         return await open_store(config.storage, readonly=True)
-    except (FileNotFoundError, *STORAGE_ERRORS) as exc:
+    except storage_errors_and(FileNotFoundError) as exc:
         print(f"tracker: no state database at {config.storage.where} ({exc})", file=sys.stderr)
         return None
 
