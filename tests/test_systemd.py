@@ -115,7 +115,8 @@ class Service:
     def journal(self, since: float) -> list[dict[str, Any]]:
         """The unit's journal entries since then: the daemon's lines and systemd's about it."""
         out = self.host.run("journalctl", "-u", UNIT, f"--since=@{int(since)}", "-o", "json", "--no-pager").stdout
-        entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+        entries = [e for e in map(json.loads, out.splitlines())  # --since has whole seconds; the entries have µs
+                   if int(e["__REALTIME_TIMESTAMP"]) >= since * 1e6]
         for entry in entries:
             if isinstance(entry.get("MESSAGE"), list):  # journald's form for a message that is not text
                 entry["MESSAGE"] = bytes(entry["MESSAGE"]).decode(errors="replace")
@@ -400,7 +401,8 @@ def test_the_service_is_active_only_after_the_daemon_says_ready(service: Service
 
 def test_a_hung_daemon_is_killed_by_the_watchdog_and_restarted_losing_nothing(service: Service, start_partner) -> None:
     partner = start_partner(scenario(**BURST))
-    with service.dropin("watchdog", "[Service]\nWatchdogSec=3\n"):
+    # RestartSec= shortened too: the kill -9 test waits out the unit's own.
+    with service.dropin("watchdog", "[Service]\nWatchdogSec=3\nRestartSec=1\n"):
         since = time.time()
         service.start_fresh(partner)
         wait_mid_burst(partner)
