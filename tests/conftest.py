@@ -357,3 +357,32 @@ async def open_backend(where: str | Path) -> tracker.StateStore:
 def in_dialect(store: tracker.StateStore, sql: str) -> str:
     """A test's own query, written with SQLite's `?`, for the store at hand."""
     return sql.replace("?", "%s") if store.db.dialect is tracker.Dialect.POSTGRESQL else sql
+
+
+# ── a systemd booted for the tests ──────────────────────────────────────────────────────────
+
+import sysboot  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The systemd tests go first: one worker runs them, mostly waiting on systemd's timers, while
+    the others take the rest. Work stealing takes tests from the end of a worker's queue, so the
+    module's tests stay together on one worker and its booted systemd serves them all."""
+    items.sort(key=lambda item: item.path.name != "test_systemd.py")  # a stable sort: the rest keep their order
+
+
+@pytest.fixture(scope="module")
+def booted_systemd() -> Iterator[sysboot.BootedSystemd]:
+    """One systemd booted for a module's tests (sysboot.py: namespaces of its own, the machine's
+    files untouched), shut down after them; nothing of it may be left on the machine."""
+    with sysboot.booted_systemd(ROOT) as booted:
+        yield booted
+    assert booted.leftovers() == []
+
+
+@pytest.fixture
+def fresh_systemd() -> Iterator[sysboot.BootedSystemd]:
+    """A systemd of its own for one test (booting takes about a second)."""
+    with sysboot.booted_systemd(ROOT) as booted:
+        yield booted
+    assert booted.leftovers() == []
