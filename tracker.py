@@ -6978,30 +6978,30 @@ class Daemon:
             housekeeping = Housekeeping(config, store, stages, self.metrics, self.log, self._config_path)
             self._housekeeping = housekeeping
             runner = None
-            if not once:
-                runner, self.http_address = await start_http_server(
-                    config.http.host, config.http.port, self.metrics, self._health, self.readiness)
-                self.log.info("http.listening", address=self.http_address)
-                if config.api.listen:
-                    # the API reads on a connection of its own: a lookup never queues behind the
-                    # stages' due-work fetches (its writes go through the committer)
-                    self._api_reads = await open_store(config.storage, readonly=True)
-                    if config.api.own_process:
-                        writes = ShopApi(config, self._api_reads, None, self.log, stages=stages)
-                        self._api_process = ApiProcess(config, writes, self.log)
-                        await self._api_process.start()
-                        self.metrics.elsewhere = self._api_process.exposition
-                    else:
-                        api = ShopApi(config, self._api_reads, self.metrics.api, self.log, stages=stages)
-                        self._api_runner, self._api_address = await start_api_server(api, config.api.host,
-                                                                                     config.api.port)
-                        self.log.info("api.listening", address=self._api_address)
-            self.log.info("daemon.started", mode="once" if once else "run", storage=config.storage.where,
-                          partner=config.partner.base_url, concurrency=config.limits.concurrency,
-                          rate_per_s=config.limits.rate_per_s)
-            self.started.set()
-            self.notifier.notify("READY=1")
-            try:
+            try:  # what started is closed however the start ends: an open connection's thread holds the exit
+                if not once:
+                    runner, self.http_address = await start_http_server(
+                        config.http.host, config.http.port, self.metrics, self._health, self.readiness)
+                    self.log.info("http.listening", address=self.http_address)
+                    if config.api.listen:
+                        # the API reads on a connection of its own: a lookup never queues behind the
+                        # stages' due-work fetches (its writes go through the committer)
+                        self._api_reads = await open_store(config.storage, readonly=True)
+                        if config.api.own_process:
+                            writes = ShopApi(config, self._api_reads, None, self.log, stages=stages)
+                            self._api_process = ApiProcess(config, writes, self.log)
+                            await self._api_process.start()
+                            self.metrics.elsewhere = self._api_process.exposition
+                        else:
+                            api = ShopApi(config, self._api_reads, self.metrics.api, self.log, stages=stages)
+                            self._api_runner, self._api_address = await start_api_server(api, config.api.host,
+                                                                                         config.api.port)
+                            self.log.info("api.listening", address=self._api_address)
+                self.log.info("daemon.started", mode="once" if once else "run", storage=config.storage.where,
+                              partner=config.partner.base_url, concurrency=config.limits.concurrency,
+                              rate_per_s=config.limits.rate_per_s)
+                self.started.set()
+                self.notifier.notify("READY=1")
                 async with asyncio.TaskGroup() as tasks:
                     commit_task = tasks.create_task(committer.run(), name="committer")
                     alert_task = tasks.create_task(alerts.run(), name="alerts")

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -172,6 +173,23 @@ def test_a_daemon_killed_with_sigkill_takes_its_api_process_with_it(start_partne
     helper = wait_until_sync(lambda: api_process_of(daemon.pid), 30, what="the daemon's API process")
     daemon.kill9()
     wait_until_sync(lambda: not running(helper), 10, what="the API process to leave with its daemon (its stdin closed)")
+
+
+@pytest.mark.parametrize("own_process", [True, False], ids=["own process", "daemon's loop"])
+def test_a_daemon_whose_api_cannot_listen_says_why_and_exits(start_partner, daemon_process, tmp_path: Path,
+                                                             own_process: bool) -> None:
+    """Under systemd a start that hangs sits in `activating` for TimeoutStartSec, then loops."""
+    partner = start_partner(scenario(returns=5))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        daemon = daemon_process(config_toml(partner.url, tmp_path / "tracker.db").replace(
+            '[api]\nlisten = ""', f'[api]\nlisten = "127.0.0.1:{taken.getsockname()[1]}"').replace(
+            "own_process = true", f"own_process = {str(own_process).lower()}")).start()
+        code = daemon.wait(30)
+    assert code == tracker.EXIT_FAILURE
+    assert "tracker: cannot start:" in daemon.log()
+    assert "address already in use" in daemon.log()
 
 
 # ── pushed returns: the same pipeline as the feed's ────────────────────────────────────────
