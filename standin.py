@@ -55,8 +55,9 @@ class Faults:
     hang_s: float = 30.0
     reset_share: float = 0.0  # /results only: records, then drops the connection before answering
     rate_limit_per_s: float = 0.0  # per endpoint (or shared: limit_shared); 0 = unlimited
-    limiter: str = "bucket"  # "bucket": refills continuously, holds bucket_depth_s of calls; "window": N per second
+    limiter: str = "bucket"  # "bucket": refills continuously, holds bucket_depth_s of calls; "window": N per window
     bucket_depth_s: float = 0.1
+    window_s: float = 1.0  # a fixed window's length: rate_limit_per_s × window_s calls in each, counted from its start
     limit_shared: bool = False  # one limit for every endpoint together
     limit_schedule: tuple[tuple[float, float], ...] = ()  # (from scenario second, calls/s): the limit changes
     outage_at_s: float | None = None  # every call answers 503 during the window…
@@ -262,14 +263,14 @@ def broken_item(rng: random.Random, i: int) -> dict[str, Any]:
 class RateLimiter:
     """The partner's unpublished rate limit, kept as real partners keep theirs: a token bucket of a
     given depth (calls refill continuously at the limit; a full bucket lets depth × limit through at
-    once) or a fixed window (N calls per clock second, counted from the second's start); per
+    once) or a fixed window (limit × window_s calls per window of the clock, counted from its start); per
     endpoint or one limit shared by all; the limit constant, changing on a schedule, or dropping
     during a storm."""
 
     def __init__(self, faults: Faults) -> None:
         self.faults = faults
         self._buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, when)
-        self._windows: dict[str, tuple[int, int]] = {}  # key → (second, calls let through in it)
+        self._windows: dict[str, tuple[int, int]] = {}  # key → (window, calls let through in it)
 
     def limit_at(self, now: float) -> float:
         f = self.faults
@@ -290,14 +291,14 @@ class RateLimiter:
         key = "all" if self.faults.limit_shared else endpoint
         now = time.monotonic() if clock is None else clock
         if self.faults.limiter == "window":
-            second = math.floor(now)
-            start, used = self._windows.get(key, (second, 0))
-            if start != second:
+            window = math.floor(now / self.faults.window_s)
+            start, used = self._windows.get(key, (window, 0))
+            if start != window:
                 used = 0
-            if used >= limit:
-                self._windows[key] = (second, used)
+            if used >= limit * self.faults.window_s:
+                self._windows[key] = (window, used)
                 return False
-            self._windows[key] = (second, used + 1)
+            self._windows[key] = (window, used + 1)
             return True
         depth = max(1.0, limit * self.faults.bucket_depth_s)
         tokens, last = self._buckets.get(key, (depth, now))

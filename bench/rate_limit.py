@@ -20,6 +20,7 @@ and burst, from the stand-in's count of calls per tenth of a second (standin.lim
     .venv/bin/python bench/rate_limit.py                       every shape, 5,000 and 30,000 returns (~14 min)
     .venv/bin/python bench/rate_limit.py --sizes 5000          the short bursts only (~2 min)
     .venv/bin/python bench/rate_limit.py --shapes window,shared --repeat 3
+    .venv/bin/python bench/rate_limit.py --grid 27 --repeat 3   issue 27's partners (~5 min a repeat)
 
 Targets (issue 17): every short burst ≤ 1.1× its floor, every long one ≤ 1.05×; ≤ 2% 429s; 90% of
 the limit within 5 s of the first call; ≥ 95% of it held; a changing limit followed within 5 s each
@@ -64,15 +65,54 @@ def shapes(returns: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def scenario(returns: int, limiter: dict[str, Any]) -> dict[str, Any]:
-    return {"returns": returns, "arrive_over_s": 2.0, "step_s": [0.01, 0.02], "unregistered_share": 0.0,
-            "never_registered_share": 0.0, "relist_share": 0.0, "broken_share": 0.0, "unknown_status_share": 0.0,
-            "reissue_share": 0.0, "fix_share": 0.0, "broken_correction_share": 0.0,
-            "faults": {"latency_ms": [20, 80], "error_share": 0.0, "garbled_share": 0.0, "slow_share": 0.0,
-                       "hang_share": 0.0, "reset_share": 0.0, "rate_limit_per_s": LIMIT, **limiter}}
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run's partner: its limiter, limit, latency and burst; `target` its time against the floor."""
+    name: str
+    returns: int
+    limiter: dict[str, Any]
+    limit: float = LIMIT
+    latency_ms: tuple[int, int] = (20, 80)
+    unregistered_share: float = 0.0
+    target: float = 1.1
+    strict: bool = True  # issue 17's checks too: the share held, 90% within 5 s, a change followed
 
 
-def daemon_config(partner_url: str) -> dict[str, dict[str, Any]]:
+def issue_17_cells(names: list[str], sizes: list[int]) -> list[Cell]:
+    return [Cell(name=name, returns=returns, limiter=shapes(returns)[name], target=1.1 if returns <= SHORT else 1.05)
+            for returns in sizes for name in names]
+
+
+def issue_27_cells() -> list[Cell]:
+    """Issue 27's grid: partners we did not tune on. Latency 5–20 ms, 5% of waybills never
+    registered; ≤ 1.1× the floor and ≤ 2% 429s each."""
+    def cell(name: str, limit: float, limiter: dict[str, Any], returns: int = SHORT) -> Cell:
+        return Cell(name=name, returns=returns, limiter=limiter, limit=limit, latency_ms=(5, 20),
+                    unregistered_share=0.05, strict=False)
+    floor = SHORT / LIMIT
+    cells = [cell(f"bucket {depth:g} s {limit:g}/s", limit, {"limiter": "bucket", "bucket_depth_s": depth})
+             for limit in (50.0, 300.0, 1000.0) for depth in (0.2, 1.0, 5.0)]
+    cells += [cell(f"window {length:g} s 300/s", LIMIT, {"limiter": "window", "window_s": length})
+              for length in (1.0, 10.0)]
+    steps = [[round(floor / 3), 150.0], [round(floor * 7 / 12), 300.0]]
+    cells += [cell("300→150→300", LIMIT, {"limiter": "bucket", "bucket_depth_s": 1.0, "limit_schedule": steps}),
+              cell("300→600", LIMIT, {"limiter": "bucket", "bucket_depth_s": 1.0,
+                                      "limit_schedule": [[round(floor / 3), 600.0]]})]
+    cells += [cell(f"30,000 at {limit:g}/s", limit, {"limiter": "bucket", "bucket_depth_s": 1.0}, LONG)
+              for limit in (300.0, 1000.0)]
+    return cells
+
+
+def scenario(cell: Cell) -> dict[str, Any]:
+    return {"returns": cell.returns, "arrive_over_s": 2.0, "step_s": [0.01, 0.02], "unregistered_share": 0.0,
+            "never_registered_share": cell.unregistered_share, "relist_share": 0.0, "broken_share": 0.0,
+            "unknown_status_share": 0.0, "reissue_share": 0.0, "fix_share": 0.0, "broken_correction_share": 0.0,
+            "faults": {"latency_ms": list(cell.latency_ms), "error_share": 0.0, "garbled_share": 0.0,
+                       "slow_share": 0.0, "hang_share": 0.0, "reset_share": 0.0, "rate_limit_per_s": cell.limit,
+                       **cell.limiter}}
+
+
+def daemon_config(partner_url: str, limit: float = LIMIT) -> dict[str, dict[str, Any]]:
     return {
         "partner": {"base_url": partner_url, "timeout_s": 5.0, "page_size": PAGE_SIZE},
         "storage": {"path": "tracker.db"},
@@ -81,13 +121,14 @@ def daemon_config(partner_url: str) -> dict[str, dict[str, Any]]:
         # all queued from the start, and the rate alone sets the pace.
         "schedule": {"returns_every_s": 0.5, "track_every_s": 0.2, "detect_within_s": 0.2, "stale_after_s": 600,
                      "retry_base_s": 0.5, "retry_max_s": 5.0},
-        "limits": {"concurrency": 256, "rate_per_s": LIMIT * 4},
+        "limits": {"concurrency": 256, "rate_per_s": limit * 4},
         "log": {"level": "warning"},
     }
 
 
-def run(name: str, returns: int, workdir: Path) -> standin.LimitUse:
-    overrides = scenario(returns, shapes(returns)[name])
+def run(cell: Cell, workdir: Path) -> standin.LimitUse:
+    name, returns = cell.name, cell.returns
+    overrides = scenario(cell)
     faults = standin.Faults(**standin._tuples(overrides["faults"]))
     partner = subprocess.Popen(
         [sys.executable, str(ROOT / "standin.py"), "--returns", str(returns), "--scenario", json.dumps(overrides)],
@@ -98,12 +139,14 @@ def run(name: str, returns: int, workdir: Path) -> standin.LimitUse:
         info = json.loads(partner.stdout.readline())
         workdir.mkdir(parents=True)
         config = workdir / "config.toml"
-        config.write_text(standin.daemon_config_toml(daemon_config(info["url"]), "written by bench/rate_limit.py"))
+        config.write_text(standin.daemon_config_toml(daemon_config(info["url"], cell.limit),
+                                                     "written by bench/rate_limit.py"))
         with open(workdir / "tracker.log", "wb") as log:
             daemon = subprocess.Popen([sys.executable, str(ROOT / "tracker.py"), "run", "--config", str(config)],
                                       cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
                                       env={**os.environ, "TRACKER_PARTNER_TOKEN": info["token"]})
-        deadline = time.monotonic() + 60 + 3 * returns / LIMIT
+        slowest = min([cell.limit, *(limit for _, limit in cell.limiter.get("limit_schedule", ()))])
+        deadline = time.monotonic() + 60 + 3 * returns / slowest
         while True:
             time.sleep(0.5)  # a benchmark's sampling period, not synchronisation
             state = standin.read_ledger(info["root"])
@@ -131,14 +174,16 @@ class Verdict:
     met: bool
 
 
-def judge(name: str, returns: int, use: standin.LimitUse) -> Verdict:
-    target = 1.1 if returns <= SHORT else 1.05
+def judge(cell: Cell, use: standin.LimitUse) -> Verdict:
+    name, returns, target = cell.name, cell.returns, cell.target
     follows = [f for _, f in use.follow_s]
-    met = (use.against_floor <= target and use.refused_share <= 0.02 and use.share >= 0.95
-           and use.to_90_s is not None and use.to_90_s <= 5.0 and all(f is not None and f <= 5.0 for f in follows))
+    met = use.against_floor <= target and use.refused_share <= 0.02
+    if cell.strict:
+        met = (met and use.share >= 0.95 and use.to_90_s is not None and use.to_90_s <= 5.0
+               and all(f is not None and f <= 5.0 for f in follows))
     follow = ("   follow " + " / ".join("never" if f is None else f"{f:.1f} s" for f in follows)) if follows else ""
     to_90 = "never" if use.to_90_s is None else f"{use.to_90_s:.1f} s"
-    line = (f"  {name:<14}{returns:>7,}   time {use.busy_s:6.1f} s / floor {use.floor_s:6.1f} s = "
+    line = (f"  {name:<20}{returns:>7,}   time {use.busy_s:6.1f} s / floor {use.floor_s:6.1f} s = "
             f"{use.against_floor:.2f}× (≤ {target:.2f})   share {use.share:6.1%}   429s {use.refused_share:5.2%}"
             f"   to 90% {to_90:>6}{follow}   {'met' if met else 'NOT met'}")
     return Verdict(line, met)
@@ -150,6 +195,8 @@ def main() -> int:
                         help="comma-separated, from: " + ", ".join(shapes(SHORT)))
     parser.add_argument("--sizes", default=f"{SHORT},{LONG}", help="burst sizes (returns), comma-separated")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--grid", choices=("17", "27"), default="17",
+                        help="17: the shapes and sizes above (default); 27: issue 27's grid of partners")
     args = parser.parse_args()
     names = [n.strip() for n in args.shapes.split(",")]
     unknown = [n for n in names if n not in shapes(SHORT)]
@@ -157,15 +204,21 @@ def main() -> int:
         parser.error(f"unknown shape(s): {', '.join(unknown)}")
     sizes = [int(n) for n in args.sizes.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="tracker-bench-rate-"))
-    print(f"rate-limit benchmark: partner limit {LIMIT:g} calls/s per endpoint (shared: for all together), "
-          f"daemon cap {LIMIT * 4:g}, latency 20–80 ms; {os.cpu_count()} CPUs")
+    if args.grid == "27":
+        cells = issue_27_cells()
+        print(f"rate-limit benchmark, issue 27's grid: latency 5–20 ms, 5% never registered, daemon cap 4× the "
+              f"limit; {os.cpu_count()} CPUs")
+    else:
+        cells = issue_17_cells(names, sizes)
+        print(f"rate-limit benchmark: partner limit {LIMIT:g} calls/s per endpoint (shared: for all together), "
+              f"daemon cap {LIMIT * 4:g}, latency 20–80 ms; {os.cpu_count()} CPUs")
     verdicts = []
     for repetition in range(args.repeat):
-        for returns in sizes:
-            for name in names:
-                use = run(name, returns, workdir / f"{name.replace(' ', '-')}-{returns}-{repetition + 1}")
-                verdicts.append(judge(name, returns, use))
-                print(verdicts[-1].line, flush=True)
+        for cell in cells:
+            slug = "".join(c if c.isalnum() else "-" for c in cell.name)
+            use = run(cell, workdir / f"{slug}-{cell.returns}-{repetition + 1}")
+            verdicts.append(judge(cell, use))
+            print(verdicts[-1].line, flush=True)
     met = all(v.met for v in verdicts)
     print("every target met" if met else f"{sum(not v.met for v in verdicts)} of {len(verdicts)} runs NOT met")
     return 0 if met else 1

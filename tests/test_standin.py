@@ -110,6 +110,14 @@ def test_a_fixed_window_lets_n_through_per_clock_second_however_they_bunch() -> 
     assert sum(end_of_one) == sum(start_of_next) == 50  # 100 within 10 ms, across the boundary
 
 
+def test_a_ten_second_window_lets_its_calls_through_at_once_then_none_until_the_next() -> None:
+    limiter = standin.RateLimiter(standin.Faults(rate_limit_per_s=50, limiter="window", window_s=10.0))
+    first = admitted(limiter, [(20.0 + k / 100, "results") for k in range(600)])  # 100 calls/s for 6 s
+    rest_of_it = admitted(limiter, [(29.9, "results")] * 10)
+    next_window = admitted(limiter, [(30.0, "results")] * 10)
+    assert sum(first) == 500 and all(first[:500]) and sum(rest_of_it) == 0 and sum(next_window) == 10
+
+
 def test_a_shared_limit_counts_every_endpoint_together() -> None:
     limiter = standin.RateLimiter(standin.Faults(rate_limit_per_s=50, limiter="window", limit_shared=True))
     calls = [(1.5, "tracking")] * 30 + [(1.5, "results")] * 30
