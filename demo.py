@@ -273,10 +273,10 @@ class Demo:
                     self.killed = f"instance {victim + 1} (pid {daemons[victim].pid}) at {elapsed:.1f} s"
                     print(("\n" if self.tty else "") + f"kill -9 of {self.killed}")
                 if store is None and (self.database_url or (self.workdir / "tracker.db").exists()):
-                    with contextlib.suppress(*tracker.STORAGE_ERRORS):  # not created yet
+                    with contextlib.suppress(*tracker.storage_errors_and()):  # not created yet
                         store = await tracker.open_store(self.storage, readonly=True)
                 if store is not None:
-                    with contextlib.suppress(*tracker.STORAGE_ERRORS):  # the schema may still be being created
+                    with contextlib.suppress(*tracker.storage_errors_and()):  # the schema may still be being created
                         counts = await store.counts()
                 ledger = await _get_json(http, root + "/_ledger")
                 whole_feed = self.feed_down or ledger["feed_acknowledged"] == ledger["feed_entries"]

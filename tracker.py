@@ -3252,14 +3252,15 @@ STORAGE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, LeaseLost)  # a fa
 
 
 def storage_errors_and(*others: type[Exception]) -> tuple[type[Exception], ...]:
+    """These and the storage errors as they stand now: PostgreSQL's join them once pg() has run."""
     return (*others, *STORAGE_ERRORS)
 
 
 @functools.cache
 def pg() -> Any:
     """psycopg, imported when PostgreSQL is first named: the driver and libpq cost a daemon on
-    SQLite 11 MB and its start-up time for nothing. Its errors become storage errors from then on
-    (none can be raised before)."""
+    SQLite 11 MB and its start-up time for nothing. As a side effect STORAGE_ERRORS is rebound to
+    hold its errors from then on (none can be raised before)."""
     global STORAGE_ERRORS
     import psycopg
     import psycopg.conninfo
@@ -5574,28 +5575,46 @@ class StoryReader:
         self._asked: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
 
     async def story(self, key: str) -> dict[str, Any]:
-        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._asked.append((key, answer))
-        if len(self._asked) == 1:  # the first to ask reads for all who ask before the loop's next turn
-            asked: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
+        """The story of `key`. A read that fails fails every delivery waiting on it (as
+        StorageUnavailable: they stay pending); one whose reader was cancelled is asked again."""
+        while True:
+            answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            self._asked.append((key, answer))
+            if len(self._asked) == 1:  # the first to ask reads for all who ask before the loop's next turn
+                await self._read_for_all(answer)
             try:
-                await asyncio.sleep(0)
-                asked, self._asked = self._asked, []
-                stories = await self._store.stories([k for k, _ in asked], webhooks=False)
-            except BaseException as exc:  # those waiting on this read learn what became of it
+                return await answer
+            except _ReadAbandoned:
+                continue
+
+    async def _read_for_all(self, own: "asyncio.Future[dict[str, Any]]") -> None:
+        asked: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
+        failure: BaseException | None = None
+        try:
+            await asyncio.sleep(0)
+            asked, self._asked = self._asked, []
+            for start in range(0, len(asked), STORY_BATCH):  # each batch's waiters answered as it comes
+                batch = asked[start:start + STORY_BATCH]
+                stories = await self._store.stories([k for k, _ in batch], webhooks=False)
+                for k, waiting in batch:
+                    if not waiting.done():  # its delivery may have been cancelled meanwhile
+                        waiting.set_result(stories[k])
+        except STORAGE_ERRORS as exc:
+            failure = StorageUnavailable(f"a webhook body's story could not be read: {exc}")
+        except BaseException:
+            failure = _ReadAbandoned()  # this reader was cancelled: the others ask again
+            raise
+        finally:
+            if failure is not None:
                 if not asked:
                     asked, self._asked = self._asked, []
                 for _, waiting in asked:
-                    if waiting is answer or waiting.done():
-                        continue
-                    if isinstance(exc, asyncio.CancelledError):
-                        waiting.cancel()
-                    else:
-                        waiting.set_exception(exc)
-                raise
-            for k, waiting in asked:
-                waiting.set_result(stories[k])
-        return await answer
+                    if not waiting.done() and not (waiting is own and isinstance(failure, _ReadAbandoned)):
+                        waiting.set_exception(failure)
+
+
+class _ReadAbandoned(Exception):
+    """The delivery reading the others' stories was cancelled before it could answer them."""
 
 
 class WebhookSender:
@@ -5631,20 +5650,21 @@ class WebhookSender:
     async def deliver(self, delivery: DueDelivery) -> None:
         if self._disabled:
             return  # fetched before it was disabled: kept, pending, for when it is enabled
-        read_at = time.monotonic()
         body = webhook_body(delivery, await self._stories.story(delivery.subject))
+        read_at = time.monotonic()
         async with self._requests:
             probe = await self.breaker.admit()
+            sent = False
             try:
                 if self._disabled:
                     return
                 if time.monotonic() - read_at > WEBHOOK_STORY_FRESH_S:  # it waited out a breaker: as it is now
                     body = webhook_body(delivery, await self._stories.story(delivery.subject))
-            except BaseException:
-                if probe:
+                sent = True
+                update = await self._request(delivery, body, probe)
+            finally:
+                if probe and not sent:  # a probe that never went out: let another one go
                     self.breaker.abandon_probe()
-                raise
-            update = await self._request(delivery, body, probe)
         result = await self._committer.submit(update)
         if self.webhook.name in result.disabled_endpoints:
             self._disabled = True

@@ -106,7 +106,7 @@ class Prometheus:
         self.log.close()
 
 
-@contextlib.contextmanager
+@pytest.fixture
 def accepting_receiver() -> Iterator[str]:
     """A webhook receiver on loopback that accepts everything (this test counts, it does not verify):
     its URL."""
@@ -135,18 +135,16 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 
 def test_real_prometheus_scrapes_the_daemon_and_every_dashboard_query_and_alert_rule_evaluates(
-        start_partner, daemon_process, tmp_path: Path) -> None:
-    stack = contextlib.ExitStack()
+        start_partner, daemon_process, accepting_receiver: str, tmp_path: Path) -> None:
     faults = standin.Faults(latency_ms=(1, 5), error_share=0.03, rate_limit_per_s=400)
     partner = start_partner(scenario(returns=600, arrive_over_s=2.0, broken_share=0.01, never_registered_share=0.02,
                                      unknown_status_share=0.05, faults=faults))
     # As in production, Prometheus is scraping before the daemon starts, so it sees every counter from 0.
     address, api = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     prometheus = Prometheus(tmp_path, address)
-    receiver = stack.enter_context(accepting_receiver())
     daemon = daemon_process(config_toml(partner.url, tmp_path / "tracker.db").replace(
         'listen = "127.0.0.1:0"', f'listen = "{address}"').replace('[api]\nlisten = ""', f'[api]\nlisten = "{api}"')
-        + f'\n[[webhook]]\nname = "refunds"\nurl = "{receiver}"\n',
+        + f'\n[[webhook]]\nname = "refunds"\nurl = "{accepting_receiver}"\n',
         env={tracker.ENV_WEBHOOK_SECRET + "REFUNDS": tracker.new_webhook_secret()})
     key = asyncio.run(api_key_in(tmp_path / "tracker.db", "customer-service", ("returns:read",)))
     partner.call(partner.standin.hold_clock)
@@ -185,7 +183,6 @@ def test_real_prometheus_scrapes_the_daemon_and_every_dashboard_query_and_alert_
         prometheus.stop()
         daemon.signal(signal.SIGTERM)
         daemon.wait(15)
-        stack.close()
 
 
 # ── /readyz ─────────────────────────────────────────────────────────────────────────────────

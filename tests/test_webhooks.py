@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -205,14 +206,20 @@ async def test_rotation_signs_with_both_secrets_so_a_receiver_holding_the_old_on
     assert receiver.bad_signatures == 0
 
 
-async def test_a_receiver_that_answers_410_is_disabled_and_enabling_it_delivers_what_it_missed(
-        start_partner, tmp_path: Path) -> None:
+@pytest.mark.parametrize("failure, status, options, why", [
+    ("410", 410, {}, "answered 410 Gone"),
+    # 500s open the endpoint's breaker first: the deliveries waiting at it when the endpoint is
+    # disabled must leave it free for those after the enable
+    ("500s past disable_after_s", 500, {"disable_after_s": 1.0}, "failing for over"),
+], ids=["410", "failing too long"])
+async def test_a_receiver_disabled_gets_what_it_missed_once_enabled(
+        start_partner, tmp_path: Path, failure: str, status: int, options: dict[str, Any], why: str) -> None:
     db_path = tmp_path / "tracker.db"
     partner = start_partner(scenario(returns=20, cancel_share=0.0))
     gone = True
-    async with receiving(Receiver(SECRET, answer=lambda n: 410 if gone else 200)) as receiver:
+    async with receiving(Receiver(SECRET, answer=lambda n: status if gone else 200)) as receiver:
         config = with_webhook(make_config(db_path, partner.url, slack=tracker.SlackConfig(
-            webhook_url=partner.root + "/_slack")), receiver.url)
+            webhook_url=partner.root + "/_slack")), receiver.url, **options)
         sections = json.loads(json.dumps(dataclasses.asdict(config)))
         for webhook in sections["webhook"]:
             del webhook["secret"], webhook["previous_secret"]  # an operator's shell has no secrets
@@ -240,9 +247,8 @@ async def test_a_receiver_that_answers_410_is_disabled_and_enabling_it_delivers_
             assert enabled.returncode == 0 and "refunds: enabled" in enabled.stdout, enabled.stderr
             reported = await ids_in(str(db_path), "SELECT return_id FROM reports WHERE state = 'done'")
             await wait_until(announced(receiver, "return.collected", reported), 20, what="what it missed delivered")
-    assert calls_when_disabled <= tracker.WEBHOOK_CONCURRENCY  # the first 410 and those already on their way
-    assert calls_while_disabled == 0
-    assert "disabled" in listed.stdout and "answered 410 Gone" in listed.stdout, listed.stdout
+    assert calls_when_disabled > 0 and calls_while_disabled == 0
+    assert "disabled" in listed.stdout and why in listed.stdout, listed.stdout
     assert receiver.accepted == len(receiver.events) == len(reported)
 
 
@@ -307,6 +313,74 @@ async def test_a_returns_story_in_show_and_the_api_tells_each_event_and_its_deli
     assert shown.returncode == 0, shown.stderr
     assert f"webhook return.collected {msg_id}" in shown.stdout
     assert "→ refunds: delivered" in shown.stdout and "1 attempt(s), last answer HTTP 200" in shown.stdout
+
+
+class HeldStories:
+    """A store whose story reads wait until released; each read's keys, in order."""
+
+    def __init__(self, failure: Exception | None = None) -> None:
+        self.reads: list[list[str]] = []
+        self.release = asyncio.Event()
+        self.failure = failure
+
+    async def stories(self, keys: list[str], *, webhooks: bool = True) -> dict[str, dict[str, Any]]:
+        self.reads.append(list(keys))
+        await self.release.wait()
+        if self.failure is not None:
+            raise self.failure
+        return {key: {"key": key} for key in keys}
+
+
+async def started(reader: tracker.StoryReader, keys: list[str]) -> list[asyncio.Task[Any]]:
+    """A delivery's task for each key, every one asking within the same turn of the loop (what the
+    reader batches by), and the first of them reading for all when this returns."""
+    tasks = [asyncio.create_task(reader.story(key)) for key in keys]
+    await asyncio.sleep(0)  # the loop's turns, not time: each task asks in the first
+    await asyncio.sleep(0)  # and the first takes them all to read in the second
+    return tasks
+
+
+async def test_stories_asked_for_in_one_turn_are_read_together_in_batches() -> None:
+    store = HeldStories()
+    reader = tracker.StoryReader(store)
+    keys = [f"RET_{n}" for n in range(tracker.STORY_BATCH + 3)]
+    tasks = await started(reader, keys)
+    store.release.set()
+    answers = await asyncio.gather(*tasks)
+    assert [a["key"] for a in answers] == keys
+    assert store.reads == [keys[:tracker.STORY_BATCH], keys[tracker.STORY_BATCH:]]
+
+
+async def test_a_delivery_cancelled_while_its_story_is_read_leaves_the_others_their_stories() -> None:
+    store = HeldStories()
+    reader = tracker.StoryReader(store)
+    tasks = await started(reader, ["A", "B", "C"])
+    tasks[1].cancel()
+    store.release.set()
+    assert [(await tasks[0])["key"], (await tasks[2])["key"]] == ["A", "C"]
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[1]
+
+
+async def test_when_the_delivery_reading_for_the_others_is_cancelled_they_read_again() -> None:
+    store = HeldStories()
+    reader = tracker.StoryReader(store)
+    tasks = await started(reader, ["A", "B", "C"])
+    tasks[0].cancel()  # the first to ask reads for all
+    await wait_until(lambda: asyncio.sleep(0, len(store.reads) == 2), 5, what="the others' read again")
+    store.release.set()
+    assert [(await tasks[1])["key"], (await tasks[2])["key"]] == ["B", "C"]
+    assert store.reads == [["A", "B", "C"], ["B", "C"]]
+
+
+async def test_a_story_read_that_fails_leaves_every_waiting_delivery_pending() -> None:
+    store = HeldStories(failure=sqlite3.OperationalError("disk I/O error"))
+    reader = tracker.StoryReader(store)
+    tasks = await started(reader, ["A", "B", "C"])
+    store.release.set()
+    for task in tasks:  # StorageUnavailable: the dispatcher leaves the delivery due, to be tried again
+        with pytest.raises(tracker.StorageUnavailable, match="disk I/O error"):
+            await task
 
 
 @pytest.mark.parametrize("table, problem", [
