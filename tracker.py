@@ -6567,6 +6567,10 @@ class Metrics:
         self.webhook_disabled = prometheus_client.Gauge(
             "tracker_webhook_endpoint_disabled", "1 while an endpoint is disabled (410, or failing too long).",
             ["endpoint"], registry=r)
+        self.webhook_failing_since = prometheus_client.Gauge(
+            "tracker_webhook_endpoint_failing_since_timestamp_seconds", "When an endpoint's deliveries began to "
+            "fail without a success since (Unix time); 0 while its last answer was a success.", ["endpoint"],
+            registry=r)
         self.claims_lost = prometheus_client.Counter(
             "tracker_claims_lost_total", "Answers not stored because their claim ran out and another instance "
             "took the item (PostgreSQL, several instances), by stage.", ["stage"], registry=r)
@@ -6670,6 +6674,7 @@ class Metrics:
                 age = 0.0 if endpoint["oldest_pending_at"] is None else time.time() - endpoint["oldest_pending_at"]
                 self.webhook_oldest_pending_age.labels(endpoint["name"]).set(max(0.0, age))
                 self.webhook_disabled.labels(endpoint["name"]).set(0 if endpoint["disabled_at"] is None else 1)
+                self.webhook_failing_since.labels(endpoint["name"]).set(endpoint["failing_since"] or 0)
         return counts
 
     def set_circuit(self, endpoint: str, state: CircuitState) -> None:

@@ -13,6 +13,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,7 @@ async def test_a_receiver_disabled_gets_what_it_missed_once_enabled(
         for webhook in sections["webhook"]:
             del webhook["secret"], webhook["previous_secret"]  # an operator's shell has no secrets
         (tmp_path / "config.toml").write_text(standin.daemon_config_toml(sections))
-        async with running_daemon(config):
+        async with running_daemon(config) as daemon:
             await wait_until(everything_reported(partner, db_path), 40, what="every report")
 
             async def disabled() -> bool:
@@ -232,6 +233,9 @@ async def test_a_receiver_disabled_gets_what_it_missed_once_enabled(
                            for m in partner.call(lambda: list(partner.standin.slack_messages)))
             await wait_until(disabled, 20, what="the endpoint disabled and said on Slack")
             calls_when_disabled = receiver.calls
+            failing_since = await wait_until(lambda: scraped(daemon, 'tracker_webhook_endpoint_failing_since_'
+                                                                     'timestamp_seconds{endpoint="refunds"}'),
+                                             20, what="the endpoint's failing since on /metrics")
             listed = await asyncio.to_thread(subprocess.run, [
                 sys.executable, str(ROOT / "tracker.py"), "webhooks", "list",
                 "--config", str(tmp_path / "config.toml")],
@@ -248,6 +252,7 @@ async def test_a_receiver_disabled_gets_what_it_missed_once_enabled(
             reported = await ids_in(str(db_path), "SELECT return_id FROM reports WHERE state = 'done'")
             await wait_until(announced(receiver, "return.collected", reported), 20, what="what it missed delivered")
     assert calls_when_disabled > 0 and calls_while_disabled == 0
+    assert time.time() - 60 < failing_since < time.time()
     assert "disabled" in listed.stdout and why in listed.stdout, listed.stdout
     assert receiver.accepted == len(receiver.events) == len(reported)
 
