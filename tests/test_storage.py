@@ -221,6 +221,26 @@ async def test_a_feed_page_read_from_a_cursor_the_database_no_longer_holds_is_no
     assert stored == (2, "c2")
 
 
+async def test_stories_of_many_keys_read_together_tell_each_as_its_own_read_does(backend: str) -> None:
+    """A webhook sender reads its deliveries' stories STORY_BATCH at a time: a return id, an order
+    number naming two returns, a shipment number, a key naming nothing — each the story its own
+    read tells, on either backend."""
+    items = [tracker.ReturnItem(id=f"R{n}", order_number="O-1" if n < 2 else f"O-{n}", order_item_number=str(n),
+                                shipment_number=f"S-{n // 2}", requested_at="2026-12-01T10:00:00Z")
+             for n in range(4)]
+    async with running_committer(backend) as (store, committer):
+        await committer.submit(tracker.FeedPage(items=tuple(items), quarantined=(), next_cursor="c", has_more=False,
+                                                first_checks=tuple((f"S-{n}", 0.0) for n in range(2)),
+                                                read_from=tracker.SentCursor(cursor=None)))
+        keys = ["R3", "O-1", "S-1", "nothing", *(f"R{n}" for n in range(tracker.STORY_BATCH))]
+        together = await store.stories(keys)
+        alone = {key: await store.story(key) for key in keys}
+    assert together == alone
+    assert {r["id"] for r in together["O-1"]["returns"]} == {"R0", "R1"}
+    assert {r["id"] for r in together["S-1"]["returns"]} == {"R2", "R3"}
+    assert together["nothing"]["returns"] == [] and together["R3"]["boxes"][0]["shipment_number"] == "S-1"
+
+
 async def test_database_file_is_readable_by_its_owner_only(db_path: Path) -> None:
     store = await tracker.Store.open(str(db_path))
     await store.close()
