@@ -101,10 +101,10 @@ import aiosqlite
 import prometheus_client
 import standardwebhooks
 import structlog
+from aiohttp import web
 
 if TYPE_CHECKING:
     import psycopg
-from aiohttp import web
 
 VERSION = "0.1.0"
 USER_AGENT = f"returns-tracker/{VERSION}"
@@ -5845,8 +5845,13 @@ def api_webhooks(events: Iterable[Mapping[str, Any]], story: Mapping[str, Any]) 
                              "replays": d["replays"], "last_status": d["last_status"], "last_error": d["last_error"],
                              "delivered_at": _iso(d["delivered_at"]),
                              "next_attempt_at": _iso(d["next_attempt_at"]) if d["state"] == "pending" else None}
-                            for d in story["deliveries"] if d["event_id"] == e["id"]]}
+                            for d in deliveries_of(e, story)]}
             for e in events]
+
+
+def deliveries_of(event: Mapping[str, Any], story: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """An event's deliveries in a story, one an endpoint that takes it."""
+    return [d for d in story["deliveries"] if d["event_id"] == event["id"]]
 
 
 def api_box(box: Mapping[str, Any], story: Mapping[str, Any]) -> dict[str, Any]:
@@ -8046,7 +8051,7 @@ def _webhook_lines(events: Iterable[Mapping[str, Any]], story: Mapping[str, Any]
     lines = []
     for event in events:
         lines.append(f"  {_stamp(event['created_at'])}  webhook {event['type']} {webhook_id(event['id'])}")
-        deliveries = [d for d in story["deliveries"] if d["event_id"] == event["id"]]
+        deliveries = deliveries_of(event, story)
         for d in deliveries:
             answer = f"HTTP {d['last_status']}" if d["last_status"] else (d["last_error"] or "none yet")
             when = {"delivered": f" {_stamp(d['delivered_at'])}",
