@@ -45,7 +45,8 @@ Contents, in the order data flows (each section opens with a banner of its name)
     Webhooks             webhook_body, decide_delivery, signed_headers; WebhookSender, one an
                          endpoint (its Dispatcher and breaker), delivering from the outbox
     The shop's API       keys (new_api_key, KeyRing), Problem (RFC 9457), api_return; ShopApi;
-                         the API's own process (ApiProcess in the daemon, serve_api_process in it)
+                         the API's own process (serve_api_process); HelperProcess, the daemon's
+                         side of it and of the webhooks' process
     Observability, HTTP  Redactor, configure_logging, Metrics and ApiMetrics, start_http_server
     Daemon               SystemdNotifier; OverdueWatch, Housekeeping; Daemon: start, the stages'
                          task group, the one way to stop and the order of shutdown
@@ -902,6 +903,7 @@ class CommitResult:
     idempotency: tuple[tuple[str, tuple[str, int | None, str | None] | None], ...] = ()
     disabled_endpoints: frozenset[str] = frozenset()  # webhook endpoints this commit disabled
     enabled_endpoints: frozenset[str] = frozenset()
+    deliveries_queued: int = 0  # webhook deliveries this commit queued
     cursor_moved: str | None = None  # a page not stored: the stored cursor (or "") is not the one it was read from
 
     def __add__(self, other: "CommitResult") -> "CommitResult":
@@ -915,6 +917,7 @@ class CommitResult:
             checks_queued=self.checks_queued | other.checks_queued, idempotency=self.idempotency + other.idempotency,
             disabled_endpoints=self.disabled_endpoints | other.disabled_endpoints,
             enabled_endpoints=self.enabled_endpoints | other.enabled_endpoints,
+            deliveries_queued=self.deliveries_queued + other.deliveries_queued,
             cursor_moved=self.cursor_moved if self.cursor_moved is not None else other.cursor_moved)
 
 
@@ -2828,7 +2831,8 @@ class Store:
             if self.announces:
                 await tx.execute("announce_overdue", {"before": overdue.before, "at": _iso(now), "now": now})
         if self.announces and any(isinstance(t, ANNOUNCING) for t in transitions):
-            await tx.execute("queue_deliveries", {"now": now})  # what they announced, to every endpoint taking it
+            # what they announced, to every endpoint taking it
+            result += CommitResult(deliveries_queued=await tx.execute("queue_deliveries", {"now": now}))
         audited = [e for t in transitions if isinstance(t, Audit) for e in t.entries]
         if audited:
             await tx.execute_many("insert_audit", [
@@ -5565,84 +5569,119 @@ def signed_headers(signers: Sequence[standardwebhooks.Webhook], msg_id: str, bod
             "Content-Type": "application/json", "User-Agent": "tracker-webhooks"}
 
 
-class StoryReader:
-    """Stories for webhook bodies, read together: the keys asked for within one turn of the event
-    loop share their statements (STORY_BATCH keys each). Under a burst a sender starts hundreds of
-    deliveries at once; a statement a delivery would cost a thread hop each."""
+Asked = typing.TypeVar("Asked")
+Answer = typing.TypeVar("Answer")
 
-    def __init__(self, store: StateStore) -> None:
-        self._store = store
-        self._asked: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
 
-    async def story(self, key: str) -> dict[str, Any]:
-        """The story of `key`. A read that fails fails every delivery waiting on it (as
-        StorageUnavailable: they stay pending); one whose reader was cancelled is asked again."""
+class Gathered(typing.Generic[Asked, Answer]):
+    """Asks made within one turn of the event loop answered together, `batch` to a call of
+    `answer_all`: under a burst a sender starts hundreds of deliveries at once, and a call each
+    would cost a thread hop or a request each. A call failing with StorageUnavailable fails every
+    ask waiting on it; when the ask making the call is cancelled, the others ask again."""
+
+    def __init__(self, answer_all: Callable[[list[Asked]], Awaitable[list[Answer]]], batch: int) -> None:
+        self._answer_all = answer_all
+        self._batch = batch
+        self._asked: list[tuple[Asked, asyncio.Future[Answer]]] = []
+
+    async def ask(self, item: Asked) -> Answer:
         while True:
-            answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            self._asked.append((key, answer))
-            if len(self._asked) == 1:  # the first to ask reads for all who ask before the loop's next turn
-                await self._read_for_all(answer)
+            answer: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+            self._asked.append((item, answer))
+            if len(self._asked) == 1:  # the first to ask calls for all who ask before the loop's next turn
+                await self._call_for_all(answer)
             try:
                 return await answer
-            except _ReadAbandoned:
+            except _AskAbandoned:
                 continue
 
-    async def _read_for_all(self, own: "asyncio.Future[dict[str, Any]]") -> None:
-        asked: list[tuple[str, asyncio.Future[dict[str, Any]]]] = []
+    async def _call_for_all(self, own: "asyncio.Future[Answer]") -> None:
+        asked: list[tuple[Asked, asyncio.Future[Answer]]] = []
         failure: BaseException | None = None
         try:
             await asyncio.sleep(0)
             asked, self._asked = self._asked, []
-            for start in range(0, len(asked), STORY_BATCH):  # each batch's waiters answered as it comes
-                batch = asked[start:start + STORY_BATCH]
-                stories = await self._store.stories([k for k, _ in batch], webhooks=False)
-                for k, waiting in batch:
+            for start in range(0, len(asked), self._batch):  # each batch's waiters answered as it comes
+                batch = asked[start:start + self._batch]
+                answers = await self._answer_all([item for item, _ in batch])
+                for (_, waiting), answer in zip(batch, answers, strict=True):
                     if not waiting.done():  # its delivery may have been cancelled meanwhile
-                        waiting.set_result(stories[k])
-        except STORAGE_ERRORS as exc:
-            failure = StorageUnavailable(f"a webhook body's story could not be read: {exc}")
+                        waiting.set_result(answer)
+        except StorageUnavailable as exc:
+            failure = exc
         except BaseException:
-            failure = _ReadAbandoned()  # this reader was cancelled: the others ask again
+            failure = _AskAbandoned()  # this caller was cancelled: the others ask again
             raise
         finally:
             if failure is not None:
                 if not asked:
                     asked, self._asked = self._asked, []
                 for _, waiting in asked:
-                    if not waiting.done() and not (waiting is own and isinstance(failure, _ReadAbandoned)):
+                    if not waiting.done() and not (waiting is own and isinstance(failure, _AskAbandoned)):
                         waiting.set_exception(failure)
 
 
-class _ReadAbandoned(Exception):
-    """The delivery reading the others' stories was cancelled before it could answer them."""
+class _AskAbandoned(Exception):
+    """The ask calling for the others was cancelled before it could answer them."""
+
+
+class StoryReader:
+    """Stories for webhook bodies, read together (Gathered): STORY_BATCH keys a statement."""
+
+    def __init__(self, store: "StoryStore") -> None:
+        self._store = store
+        self._gathered: Gathered[str, dict[str, Any]] = Gathered(self._read, STORY_BATCH)
+
+    async def story(self, key: str) -> dict[str, Any]:
+        """The story of `key`; StorageUnavailable when it could not be read (the delivery stays pending)."""
+        return await self._gathered.ask(key)
+
+    async def _read(self, keys: list[str]) -> list[dict[str, Any]]:
+        try:
+            stories = await self._store.stories(keys, webhooks=False)
+        except STORAGE_ERRORS as exc:
+            raise StorageUnavailable(f"a webhook body's story could not be read: {exc}") from exc
+        return [stories[key] for key in keys]
+
+
+class StoryStore(typing.Protocol):
+    async def stories(self, keys: Sequence[str], *, webhooks: bool = True) -> dict[str, dict[str, Any]]: ...
+
+
+class Outbox(typing.Protocol):
+    """What the senders work from: the daemon's outbox, as the webhooks' process sees it."""
+
+    async def due_deliveries(self, endpoint: str, now: float, limit: int) -> list[DueDelivery]: ...
+
+    async def next_delivery_due_at(self, endpoint: str) -> float | None: ...
+
+    async def story(self, key: str) -> dict[str, Any]: ...
+
+    async def settle(self, update: DeliveryUpdate) -> bool:
+        """What became of an attempt, committed; whether its endpoint is disabled by it."""
 
 
 class WebhookSender:
     """One endpoint's deliveries, due first first: WEBHOOK_UNDER_WAY under way, of which
     WEBHOOK_CONCURRENCY requests at a time."""
 
-    def __init__(self, webhook: WebhookConfig, store: StateStore, committer: "Committer",
-                 session: aiohttp.ClientSession, metrics: "Metrics", log: Logger, stop: StopSignal,
-                 alerts: "Alerter", on_breaker: Callable[[CircuitBreaker, CircuitState, str], None]) -> None:
+    def __init__(self, webhook: WebhookConfig, outbox: Outbox, session: aiohttp.ClientSession,
+                 metrics: "WebhookMetrics", log: Logger, stop: StopSignal) -> None:
         self.webhook = webhook
-        self._alerts = alerts
-        self._store = store
-        self._committer = committer
+        self._outbox = outbox
         self._session = session
         self._metrics = metrics
         self._log = log
         self._signers = webhook_signers(webhook)
-        self.breaker = CircuitBreaker(webhook.name, on_breaker)
+        self.breaker = CircuitBreaker(webhook.name, self._breaker_changed)
         self._disabled = False  # since this instance saw it disabled; the database says when it is enabled
         self.dispatcher: Dispatcher[DueDelivery] = Dispatcher(
-            f"webhook:{webhook.name}", self._due,
-            lambda: store.next_delivery_due_at(webhook.name), lambda d: d.id, self.deliver, WEBHOOK_UNDER_WAY,
-            log, stop=stop)
+            f"webhook:{webhook.name}", self._due, lambda: outbox.next_delivery_due_at(webhook.name),
+            lambda d: d.id, self.deliver, WEBHOOK_UNDER_WAY, log, stop=stop)
         self._requests = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
-        self._stories = StoryReader(store)
 
     async def _due(self, now: float, limit: int) -> list[DueDelivery]:
-        due = await self._store.due_deliveries(self.webhook.name, now, limit)  # none while it is disabled
+        due = await self._outbox.due_deliveries(self.webhook.name, now, limit)  # none while it is disabled
         if due:
             self._disabled = False
         return due
@@ -5650,7 +5689,7 @@ class WebhookSender:
     async def deliver(self, delivery: DueDelivery) -> None:
         if self._disabled:
             return  # fetched before it was disabled: kept, pending, for when it is enabled
-        body = webhook_body(delivery, await self._stories.story(delivery.subject))
+        body = webhook_body(delivery, await self._outbox.story(delivery.subject))
         read_at = time.monotonic()
         async with self._requests:
             probe = await self.breaker.admit()
@@ -5659,18 +5698,15 @@ class WebhookSender:
                 if self._disabled:
                     return
                 if time.monotonic() - read_at > WEBHOOK_STORY_FRESH_S:  # it waited out a breaker: as it is now
-                    body = webhook_body(delivery, await self._stories.story(delivery.subject))
+                    body = webhook_body(delivery, await self._outbox.story(delivery.subject))
                 sent = True
                 update = await self._request(delivery, body, probe)
             finally:
                 if probe and not sent:  # a probe that never went out: let another one go
                     self.breaker.abandon_probe()
-        result = await self._committer.submit(update)
-        if self.webhook.name in result.disabled_endpoints:
+        if await self._outbox.settle(update):
             self._disabled = True
             self.dispatcher.forget(self.dispatcher.held())
-            self._log.warning("webhook.disabled", endpoint=self.webhook.name, error=update.error)
-            self._alerts.alert(*webhook_disabled_alert(self.webhook.name, update))
 
     async def _request(self, delivery: DueDelivery, body: str, probe: bool) -> DeliveryUpdate:
         """One signed attempt, the breaker's probe or not; what became of it."""
@@ -5694,14 +5730,149 @@ class WebhookSender:
         self.breaker.record(Reply(endpoint=self.webhook.name, outcome=outcome, status=status, body=None,
                                   retry_after=retry_after, latency_s=latency, detail=error or f"HTTP {status}"), probe)
         update = decide_delivery(delivery, self.webhook, status, error, retry_after, time.time())
-        self._metrics.webhook_deliveries.labels(self.webhook.name, update.state.value).inc()
-        self._metrics.webhook_latency.labels(self.webhook.name).observe(latency)
+        self._metrics.deliveries.labels(self.webhook.name, update.state.value).inc()
+        self._metrics.latency.labels(self.webhook.name).observe(latency)
         # each delivery's outcome is kept with it (`webhooks deliveries`, `show`): a burst's tens of
         # thousands of accepted ones are not worth a line each, a failure is
         logged = self._log.debug if update.state is DeliveryState.DELIVERED else self._log.info
         logged("webhook.sent", endpoint=self.webhook.name, event_id=delivery.event_id, attempt=delivery.attempts + 1,
                status=status, error=error, state=update.state.value, latency_s=round(latency, 4))
         return update
+
+    def _breaker_changed(self, breaker: CircuitBreaker, previous: CircuitState, why: str) -> None:
+        self._log.warning("webhook.circuit_changed", endpoint=breaker.endpoint, state=breaker.state.value,
+                          previous=previous.value, why=why)
+
+
+# ── the webhooks' own process ───────────────────────────────────────────────────────────────
+# A delivery costs about half a millisecond of CPU (its story, its body, a signed request): a
+# burst's 30,000 are as much CPU as the whole pipeline, and on the daemon's loop they held up
+# the partner's calls. So the daemon starts `tracker.py webhook-process` (HelperProcess), whose
+# senders read stories on a read-only connection of their own and make the requests. What is
+# due, and what became of each attempt, goes over the daemon's socket (OutboxDesk): the daemon
+# stays the one writer, it alone knows whether this instance leads (and so delivers), and it
+# alerts. It wakes the process on its stdin when a commit queued deliveries.
+
+WEBHOOK_PROCESS_COMMAND = "webhook-process"
+SETTLE_BATCH = 256  # attempts' outcomes a request to the daemon
+
+
+def delivery_update_of(raw: Mapping[str, Any]) -> DeliveryUpdate:
+    return DeliveryUpdate(**{**raw, "state": DeliveryState(raw["state"])})
+
+
+class OutboxDesk:
+    """The daemon's side: what is due to an endpoint, and the outcomes committed — with the alert
+    when one disabled its endpoint."""
+
+    def __init__(self, store: StateStore, committer: "Committer", alerts: "Alerter", log: Logger) -> None:
+        self._store = store
+        self._committer = committer
+        self._alerts = alerts
+        self._log = log
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/due", self._due)
+        app.router.add_post("/next-due", self._next_due)
+        app.router.add_post("/settle", self._settle)
+        return app
+
+    async def _due(self, request: web.Request) -> web.Response:
+        asked = await request.json()
+        due = await self._store.due_deliveries(asked["endpoint"], asked["now"], asked["limit"])
+        return web.json_response([dataclasses.asdict(d) for d in due])
+
+    async def _next_due(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._store.next_delivery_due_at((await request.json())["endpoint"]))
+
+    async def _settle(self, request: web.Request) -> web.Response:
+        updates = [delivery_update_of(raw) for raw in await request.json()]
+        try:
+            results = await asyncio.gather(*(self._committer.submit(u) for u in updates))
+        except StorageUnavailable as exc:
+            return web.json_response({"error": str(exc)}, status=503)
+        disabled = [u.endpoint in r.disabled_endpoints for u, r in zip(updates, results, strict=True)]
+        for name in {u.endpoint for u, d in zip(updates, disabled, strict=True) if d}:
+            update = next(u for u, d in zip(updates, disabled, strict=True) if d and u.endpoint == name)
+            self._log.warning("webhook.disabled", endpoint=name, error=update.error)
+            self._alerts.alert(*webhook_disabled_alert(name, update))
+        return web.json_response(disabled)
+
+
+class DaemonOutbox:
+    """The webhooks' process's side: stories read here, the rest asked of the daemon (OutboxDesk)."""
+
+    def __init__(self, daemon: aiohttp.ClientSession, store: StoryStore) -> None:
+        self._daemon = daemon
+        self._stories = StoryReader(store)
+        self._settled: Gathered[DeliveryUpdate, bool] = Gathered(self._settle_all, SETTLE_BATCH)
+
+    async def due_deliveries(self, endpoint: str, now: float, limit: int) -> list[DueDelivery]:
+        due = await self._ask("/due", {"endpoint": endpoint, "now": now, "limit": limit})
+        return [DueDelivery(**raw) for raw in due]
+
+    async def next_delivery_due_at(self, endpoint: str) -> float | None:
+        return typing.cast(float | None, await self._ask("/next-due", {"endpoint": endpoint}))
+
+    async def story(self, key: str) -> dict[str, Any]:
+        return await self._stories.story(key)
+
+    async def settle(self, update: DeliveryUpdate) -> bool:
+        return await self._settled.ask(update)
+
+    async def _settle_all(self, updates: list[DeliveryUpdate]) -> list[bool]:
+        return typing.cast(list[bool], await self._ask("/settle", [dataclasses.asdict(u) for u in updates]))
+
+    async def _ask(self, path: str, body: Any) -> Any:
+        """The daemon's answer; StorageUnavailable when there is none (what was asked stays as it was)."""
+        try:
+            async with self._daemon.post(f"http://tracker{path}", json=body) as answer:
+                if answer.status != 200:
+                    raise StorageUnavailable(f"the daemon answered {path} with HTTP {answer.status}")
+                return await answer.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise StorageUnavailable(f"the daemon did not answer {path}: {exc}") from exc
+
+
+async def serve_webhook_process(stdin: asyncio.StreamReader) -> None:
+    """`tracker.py webhook-process`: the senders, as HelperProcess starts them. A line on stdin
+    wakes them (deliveries were queued); its end stops them, with the stages' grace."""
+    setup, config, log = await helper_setup(stdin, "tracker.webhooks")
+    registry = prometheus_client.CollectorRegistry()
+    metrics = WebhookMetrics(registry)
+    stop = StopSignal()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    store = await open_store(config.storage, readonly=True)
+    try:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=setup["daemon_socket"]),
+                                  timeout=aiohttp.ClientTimeout(total=60)) as daemon,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=WEBHOOK_CONCURRENCY * len(config.webhook)),
+                                  cookie_jar=aiohttp.DummyCookieJar()) as session,
+        ):
+            outbox = DaemonOutbox(daemon, store)
+            senders = [WebhookSender(w, outbox, session, metrics, log, stop) for w in config.webhook]
+            metrics_runner = await serve_metrics_on(setup["metrics_socket"], registry)
+            print(json.dumps({"ready": None}), flush=True)
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    for sender in senders:
+                        tasks.create_task(sender.dispatcher.run(grace_s=config.schedule.shutdown_grace_s))
+                    reader = tasks.create_task(wake_on_each_line(stdin, senders, stop))
+                    await stop.wait()  # SIGTERM, or the end of stdin: the senders drain
+                    reader.cancel()
+            finally:
+                await metrics_runner.cleanup()
+    finally:
+        await store.close()
+
+
+async def wake_on_each_line(stdin: asyncio.StreamReader, senders: Sequence[WebhookSender], stop: StopSignal) -> None:
+    while await stdin.readline():
+        for sender in senders:
+            sender.dispatcher.wake()
+    stop.set()  # the daemon closed our stdin, or died
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -6286,34 +6457,38 @@ async def start_api_server(api: ShopApi, host: str, port: int) -> tuple[web.AppR
 # ended, however it ended) or on SIGTERM. The daemon's /metrics carries its metrics too.
 
 API_PROCESS_COMMAND = "api-process"
-API_PROCESS_START_S = 30.0
-API_PROCESS_RESTART_S = (1.0, 30.0)  # backoff after it died, from…to
+HELPER_START_S = 30.0  # a helper process's start, to its first line (the API's, the webhooks')
+HELPER_RESTART_S = (1.0, 30.0)  # backoff after one died, from…to
 # Below the daemon in the kernel's scheduling: where the two want one core at once, the
 # pipeline gets it first (about 10:1), and a lookup waits a fraction of a millisecond.
 API_PROCESS_NICE = 10
 
 
-class ApiProcess:
-    """The daemon's side: the writes' socket, the process started and kept running (started
-    again, with backoff, if it dies), its metrics fetched for /metrics, its end at shutdown."""
+class HelperProcess:
+    """The daemon's side of a process of its own (`tracker.py api-process`, `webhook-process`):
+    the socket its requests to the daemon come in on (`desk`), the process started and kept
+    running (started again, with backoff, if it dies), its metrics fetched for /metrics, a line
+    to it on its stdin, its end."""
 
-    def __init__(self, config: Config, writes: ShopApi, log: Logger) -> None:
+    def __init__(self, config: Config, command: str, title: str, desk: web.Application, log: Logger) -> None:
         self._config = config
-        self._writes = writes
+        self._command = command
+        self.name = command.removesuffix("-process")  # its log lines'
+        self.title = title  # what readiness and errors call it
+        self._desk = desk
         self._log = log
-        self._directory = Path(tempfile.mkdtemp(prefix="tracker-api-"))  # 0700: only this user connects
-        self._daemon_socket = str(self._directory / "daemon.sock")  # the writes come in here
+        self._directory = Path(tempfile.mkdtemp(prefix=f"tracker-{self.name}-"))  # 0700: only this user connects
+        self._daemon_socket = str(self._directory / "daemon.sock")  # its requests come in here
         self._metrics_socket = str(self._directory / "metrics.sock")  # its metrics are read here
         self._runner: web.AppRunner | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._metrics_session: aiohttp.ClientSession | None = None
-        self.address: str | None = None
+        self.address: str | None = None  # where it listens, if it does
         self.running = False
 
-    async def start(self) -> str:
-        """The writes' socket listening and the process answering; where it listens."""
-        self._runner = web.AppRunner(self._writes.application(), access_log=None, handle_signals=False,
-                                     shutdown_timeout=1.0)
+    async def start(self) -> str | None:
+        """The daemon's socket listening and the process ready; where it listens, if it does."""
+        self._runner = web.AppRunner(self._desk, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.UnixSite(self._runner, self._daemon_socket).start()
         self._metrics_session = aiohttp.ClientSession(
@@ -6321,9 +6496,9 @@ class ApiProcess:
             timeout=aiohttp.ClientTimeout(total=5))
         return await self._spawn()
 
-    async def _spawn(self) -> str:
+    async def _spawn(self) -> str | None:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, str(Path(__file__).resolve()), API_PROCESS_COMMAND,
+            sys.executable, str(Path(__file__).resolve()), self._command,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         assert process.stdin is not None and process.stdout is not None
         setup = {"config": dataclasses.asdict(self._config), "daemon_socket": self._daemon_socket,
@@ -6331,31 +6506,40 @@ class ApiProcess:
         process.stdin.write(json.dumps(setup).encode() + b"\n")
         await process.stdin.drain()
         try:
-            async with asyncio.timeout(API_PROCESS_START_S):
+            async with asyncio.timeout(HELPER_START_S):
                 line = await process.stdout.readline()
         except TimeoutError:
             line = b""
         try:
-            address = json.loads(line)["listening"]
+            address = json.loads(line)["ready"]
         except (ValueError, KeyError, TypeError):
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             code = await process.wait()
-            raise OSError(f"the API's process did not start (exit {code}); its error is logged above") from None
+            raise OSError(f"{self.title} did not start (exit {code}); its error is logged above") from None
         self._process, self.address, self.running = process, address, True
-        self._log.info("api.listening", address=address, pid=process.pid)
+        self._log.info(f"{self.name}.listening" if address else f"{self.name}.started", address=address,
+                       pid=process.pid)
         return address
+
+    def tell(self) -> None:
+        """A line on its stdin (the webhooks' process: deliveries were queued). Lines not read yet
+        are enough: it is not told again until it has read them."""
+        process = self._process
+        if process is not None and process.stdin is not None and not process.stdin.is_closing():
+            if process.stdin.transport.get_write_buffer_size() == 0:
+                process.stdin.write(b"\n")
 
     async def keep_running(self, stop: StopSignal) -> None:
         """Started again whenever it dies, until the daemon stops."""
-        delay = API_PROCESS_RESTART_S[0]
+        delay = HELPER_RESTART_S[0]
         while not stop.is_set():
             assert self._process is not None
             code = await self._process.wait()
             self.running = False
             if stop.is_set():
                 return
-            self._log.error("api.process_exited", code=code, restart_in_s=delay)
+            self._log.error(f"{self.name}.process_exited", code=code, restart_in_s=delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await stop.wait()
@@ -6363,10 +6547,10 @@ class ApiProcess:
                 return
             try:
                 await self._spawn()
-                delay = API_PROCESS_RESTART_S[0]
+                delay = HELPER_RESTART_S[0]
             except OSError as exc:
-                self._log.error("api.process_failed", error=str(exc))
-                delay = min(delay * 2, API_PROCESS_RESTART_S[1])
+                self._log.error(f"{self.name}.process_failed", error=str(exc))
+                delay = min(delay * 2, HELPER_RESTART_S[1])
 
     async def exposition(self) -> bytes:
         """Its metrics, or none while it does not answer (a scrape never fails for it)."""
@@ -6378,14 +6562,14 @@ class ApiProcess:
         except (aiohttp.ClientError, TimeoutError):
             return b""
 
-    async def close(self) -> None:
-        """Its stdin closed (it stops listening and leaves), waited for, killed after a while."""
+    async def close(self, within_s: float = 5.0) -> None:
+        """Its stdin closed (it finishes and leaves), waited for `within_s`, then killed."""
         process, self._process, self.running = self._process, None, False
         if process is not None and process.returncode is None:
             assert process.stdin is not None
             process.stdin.close()
             try:
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(within_s):
                     await process.wait()
             except TimeoutError:
                 process.kill()
@@ -6399,10 +6583,33 @@ class ApiProcess:
         shutil.rmtree(self._directory, ignore_errors=True)
 
 
+async def helper_setup(stdin: asyncio.StreamReader, logger: str) -> tuple[dict[str, Any], Config, Logger]:
+    """In a helper process: its setup from the daemon, our parent, on stdin; its config; its log."""
+    setup = json.loads(await stdin.readline())
+    config = _typed_config(setup["config"])
+    REDACT.set_secrets(config.secrets)
+    configure_logging(config.log.level, sys.stderr)
+    return setup, config, structlog.get_logger(logger)
+
+
+async def serve_metrics_on(path: str, registry: prometheus_client.CollectorRegistry) -> web.AppRunner:
+    """A helper process's metrics, for the daemon's /metrics to carry."""
+    async def metrics_page(_request: web.Request) -> web.Response:
+        return web.Response(body=prometheus_client.generate_latest(registry),
+                            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_page)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.UnixSite(runner, path).start()
+    return runner
+
+
 async def listening_soon(api: ShopApi, host: str, port: int) -> tuple[web.AppRunner, str]:
     """The port may still be held for a moment by the process before this one, finishing its last
     requests after its daemon died and a new daemon started this one."""
-    deadline = time.monotonic() + API_PROCESS_START_S / 2
+    deadline = time.monotonic() + HELPER_START_S / 2
     while True:
         try:
             return await start_api_server(api, host, port)
@@ -6413,13 +6620,9 @@ async def listening_soon(api: ShopApi, host: str, port: int) -> tuple[web.AppRun
 
 
 async def serve_api_process(stdin: asyncio.StreamReader) -> None:
-    """`tracker.py api-process`: the API's own process, as ApiProcess starts it."""
+    """`tracker.py api-process`: the API's own process, as HelperProcess starts it."""
     os.nice(API_PROCESS_NICE)
-    setup = json.loads(await stdin.readline())  # from the daemon, our parent
-    config = _typed_config(setup["config"])
-    REDACT.set_secrets(config.secrets)
-    configure_logging(config.log.level, sys.stderr)
-    log: Logger = structlog.get_logger("tracker.api")
+    setup, config, log = await helper_setup(stdin, "tracker.api")
     registry = prometheus_client.CollectorRegistry()
     store = await open_store(config.storage, readonly=True)
     try:
@@ -6427,16 +6630,8 @@ async def serve_api_process(stdin: asyncio.StreamReader) -> None:
                                          timeout=aiohttp.ClientTimeout(total=60)) as daemon:
             api = ShopApi(config, store, ApiMetrics(registry), log, daemon=daemon)
             runner, address = await listening_soon(api, config.api.host, config.api.port)
-            async def metrics_page(_request: web.Request) -> web.Response:
-                return web.Response(body=prometheus_client.generate_latest(registry),
-                                    headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
-
-            metrics_app = web.Application()
-            metrics_app.router.add_get("/metrics", metrics_page)
-            metrics_runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
-            await metrics_runner.setup()
-            await web.UnixSite(metrics_runner, setup["metrics_socket"]).start()
-            print(json.dumps({"listening": address}), flush=True)
+            metrics_runner = await serve_metrics_on(setup["metrics_socket"], registry)
+            print(json.dumps({"ready": address}), flush=True)
             stopped = asyncio.Event()
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
             async with asyncio.TaskGroup() as tasks:
@@ -6451,12 +6646,17 @@ async def serve_api_process(stdin: asyncio.StreamReader) -> None:
         await store.close()
 
 
-async def run_api_process() -> None:
+HELPERS: dict[str, Callable[[asyncio.StreamReader], Awaitable[None]]] = {
+    API_PROCESS_COMMAND: serve_api_process, WEBHOOK_PROCESS_COMMAND: serve_webhook_process}
+
+
+async def run_helper(serve: Callable[[asyncio.StreamReader], Awaitable[None]]) -> None:
+    """A helper process (HelperProcess), its setup and its end on its stdin."""
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # a Ctrl-C stops the daemon, which closes our stdin
     stdin = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin.buffer)
-    await serve_api_process(stdin)
+    await serve(stdin)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════
@@ -6553,17 +6753,10 @@ class Metrics:
             ["outcome"], registry=r)
         self.boxes_closed = prometheus_client.Counter(
             "tracker_boxes_closed_total", "Boxes that left tracking, by final state.", ["state"], registry=r)
-        # The API's own metrics are kept where it is served: here, or in its own process, whose
-        # exposition `elsewhere` fetches for /metrics.
+        # The API's own metrics are kept where it is served: here, or in its own process; the
+        # webhooks' senders' in theirs. `elsewhere` fetches those processes' expositions for /metrics.
         self.api = ApiMetrics(r) if api_here else None
-        self.elsewhere: Callable[[], Awaitable[bytes]] | None = None
-        self.webhook_deliveries = prometheus_client.Counter(
-            "tracker_webhook_deliveries_total", "Webhook delivery attempts by endpoint and what became of the "
-            "delivery (delivered; pending: to be tried again; failed: its retry schedule ran out).",
-            ["endpoint", "state"], registry=r)
-        self.webhook_latency = prometheus_client.Histogram(
-            "tracker_webhook_delivery_duration_seconds", "Time for a webhook receiver to answer, by endpoint.",
-            ["endpoint"], registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.elsewhere: list[Callable[[], Awaitable[bytes]]] = []
         self.webhook_pending = prometheus_client.Gauge(
             "tracker_webhook_pending", "Webhook deliveries not made yet, by endpoint.", ["endpoint"], registry=r)
         self.webhook_oldest_pending_age = prometheus_client.Gauge(
@@ -6687,8 +6880,7 @@ class Metrics:
             self.circuit_state.labels(endpoint, each.value).set(1 if each is state else 0)
 
     async def exposition(self) -> bytes:
-        ours = prometheus_client.generate_latest(self.registry)
-        return ours + await self.elsewhere() if self.elsewhere is not None else ours
+        return prometheus_client.generate_latest(self.registry) + b"".join([await e() for e in self.elsewhere])
 
 
 class ApiMetrics:
@@ -6705,6 +6897,19 @@ class ApiMetrics:
         self.refusals = prometheus_client.Counter(
             "tracker_api_refusals_total", "Requests to the shop's API refused: no or a bad key, a missing scope, "
             "an address not allowed, a rate exceeded.", ["reason"], registry=registry)
+
+
+class WebhookMetrics:
+    """The senders' metrics, in the registry of the webhooks' process."""
+
+    def __init__(self, registry: prometheus_client.CollectorRegistry) -> None:
+        self.deliveries = prometheus_client.Counter(
+            "tracker_webhook_deliveries_total", "Webhook delivery attempts by endpoint and what became of the "
+            "delivery (delivered; pending: to be tried again; failed: its retry schedule ran out).",
+            ["endpoint", "state"], registry=registry)
+        self.latency = prometheus_client.Histogram(
+            "tracker_webhook_delivery_duration_seconds", "Time for a webhook receiver to answer, by endpoint.",
+            ["endpoint"], registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
 
 async def start_http_server(listen_host: str, listen_port: int, metrics: Metrics,
@@ -6928,13 +7133,13 @@ class Daemon:
         self.http_address: str | None = None
         self._api_address: str | None = None
         self._api_runner: web.AppRunner | None = None
-        self._api_process: ApiProcess | None = None
+        self._api_process: HelperProcess | None = None
+        self._webhook_process: HelperProcess | None = None
         self._api_reads: StateStore | None = None
         self._stop = StopSignal()
         self.store: StateStore | None = None  # once run() has opened it
         self._stages: Stages | None = None
         self._housekeeping: Housekeeping | None = None
-        self._senders: list[WebhookSender] = []
         self.notifier = SystemdNotifier()
         self.started = asyncio.Event()
         self.failure: str | None = None  # what stopped it, when a stage failed
@@ -6989,8 +7194,6 @@ class Daemon:
         async with (
             aiohttp.ClientSession(connector=connector, timeout=timeouts) as partner_session,
             aiohttp.ClientSession() as slack_session,  # no partner headers ever reach Slack
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(  # nor to the shop's receivers
-                limit=WEBHOOK_CONCURRENCY * max(1, len(config.webhook)))) as webhook_session,
         ):
             alerts = Alerter(config.slack.webhook_url, slack_session, self.metrics, self.log, REDACT.text,
                              store.fleet.alert_once)
@@ -7004,7 +7207,7 @@ class Daemon:
             stages.schedule.restore(histories)  # what was learned before a restart is in the histories
             self.log.info("schedule.restored", boxes=len(histories))
             self._stages = stages
-            self._senders = await self._webhook_senders(store, committer, webhook_session, alerts)
+            await self._store_webhook_endpoints(store)
             housekeeping = Housekeeping(config, store, stages, self.metrics, self.log, self._config_path)
             self._housekeeping = housekeeping
             runner = None
@@ -7019,14 +7222,21 @@ class Daemon:
                         self._api_reads = await open_store(config.storage, readonly=True)
                         if config.api.own_process:
                             writes = ShopApi(config, self._api_reads, None, self.log, stages=stages)
-                            self._api_process = ApiProcess(config, writes, self.log)
+                            self._api_process = HelperProcess(config, API_PROCESS_COMMAND, "the API's process",
+                                                              writes.application(), self.log)
                             await self._api_process.start()
-                            self.metrics.elsewhere = self._api_process.exposition
+                            self.metrics.elsewhere.append(self._api_process.exposition)
                         else:
                             api = ShopApi(config, self._api_reads, self.metrics.api, self.log, stages=stages)
                             self._api_runner, self._api_address = await start_api_server(api, config.api.host,
                                                                                          config.api.port)
                             self.log.info("api.listening", address=self._api_address)
+                    if config.webhook:
+                        desk = OutboxDesk(store, committer, alerts, self.log)
+                        self._webhook_process = HelperProcess(config, WEBHOOK_PROCESS_COMMAND, "the webhooks' process",
+                                                              desk.application(), self.log)
+                        await self._webhook_process.start()
+                        self.metrics.elsewhere.append(self._webhook_process.exposition)
                 self.log.info("daemon.started", mode="once" if once else "run", storage=config.storage.where,
                               partner=config.partner.base_url, concurrency=config.limits.concurrency,
                               rate_per_s=config.limits.rate_per_s)
@@ -7038,12 +7248,12 @@ class Daemon:
                     chores = [tasks.create_task(self.notifier.keep_watchdog_fed(), name="watchdog"),
                               tasks.create_task(housekeeping.keep_house(), name="housekeeping"),
                               tasks.create_task(housekeeping.keep_fleet(), name="fleet")]
-                    if self._api_process is not None:
-                        chores.append(tasks.create_task(self._api_process.keep_running(self._stop), name="api"))
+                    for helper in self._helpers():
+                        chores.append(tasks.create_task(helper.keep_running(self._stop), name=helper.name))
                     await self._run_stages(stages, once)
                     await self._shut_down(chores, committer, commit_task, alerts, alert_task)
             finally:
-                await self._close_api()
+                await self._close_helpers()
                 if runner is not None:
                     await runner.cleanup()
 
@@ -7056,28 +7266,27 @@ class Daemon:
                 stage_tasks.create_task(self._stage("once", stages.one_pass(grace)), name="once")
                 return
             collect = stage_tasks.create_task(self._stage("collect", stages.collect()), name="collect")
-            for sender in self._senders:
-                stage_tasks.create_task(self._stage(f"webhook:{sender.webhook.name}",
-                                                    sender.dispatcher.run(grace_s=grace)),
-                                        name=f"webhook:{sender.webhook.name}")
+            if self._webhook_process is not None:
+                stage_tasks.create_task(self._close_at_stop(self._webhook_process, grace), name="webhooks")
             stage_tasks.create_task(self._stage("track", stages.tracker.run(grace_s=grace)), name="track")
             stage_tasks.create_task(self._stage("report", stages.reporter.run(grace_s=grace)), name="report")
             stage_tasks.create_task(self._cancel_after_grace(collect, grace), name="shutdown-guard")
 
-    async def _webhook_senders(self, store: StateStore, committer: Committer, session: aiohttp.ClientSession,
-                               alerts: "Alerter") -> list[WebhookSender]:
+    async def _store_webhook_endpoints(self, store: StateStore) -> None:
         """The configured endpoints stored (before the committer runs: this is the only writer
-        now), the outbox switched on, a sender each."""
-        if not self.config.webhook:
-            return []
-        endpoints = tuple((w.name, w.events, w.cancel_hold_s) for w in self.config.webhook)
-        await store.commit([WebhookEndpoints(endpoints=endpoints)], time.time())
-        store.announces = True
-        def changed(breaker: CircuitBreaker, previous: CircuitState, why: str) -> None:
-            self.log.warning("webhook.circuit_changed", endpoint=breaker.endpoint, state=breaker.state.value,
-                             previous=previous.value, why=why)
-        return [WebhookSender(w, store, committer, session, self.metrics, self.log, self._stop, alerts, changed)
-                for w in self.config.webhook]
+        now), and the outbox switched on."""
+        if self.config.webhook:
+            endpoints = tuple((w.name, w.events, w.cancel_hold_s) for w in self.config.webhook)
+            await store.commit([WebhookEndpoints(endpoints=endpoints)], time.time())
+            store.announces = True
+
+    async def _close_at_stop(self, helper: "HelperProcess", grace_s: float) -> None:
+        """The webhooks' process told to stop when the stages are: its deliveries drain with theirs."""
+        await self._stop.wait()
+        await helper.close(within_s=grace_s + 5.0)
+
+    def _helpers(self) -> list["HelperProcess"]:
+        return [h for h in (self._api_process, self._webhook_process) if h is not None]
 
     async def _stage(self, name: str, work: Awaitable[None]) -> None:
         try:
@@ -7104,7 +7313,7 @@ class Daemon:
         """The order of shutdown, once the stages have drained: the chores end, every transition
         already handed to the committer is committed, then pending alerts get ALERT_FLUSH_S."""
         self._stop.set()  # already, but for the end of a `once` pass
-        await self._close_api()  # no request may hand the committer work once it closes
+        await self._close_helpers()  # no request may hand the committer work once it closes
         for chore in chores:
             chore.cancel()
         committer.close()
@@ -7114,9 +7323,9 @@ class Daemon:
         for task in pending:
             task.cancel()
 
-    async def _close_api(self) -> None:
-        if self._api_process is not None:
-            await self._api_process.close()
+    async def _close_helpers(self) -> None:
+        for helper in self._helpers():
+            await helper.close()
         if self._api_runner is not None:
             runner, self._api_runner = self._api_runner, None
             await runner.cleanup()
@@ -7154,6 +7363,8 @@ class Daemon:
             self.metrics.reports_queued.inc(result.reports_queued)
             if self._stages is not None:
                 self._stages.reporter.wake()
+        if (result.deliveries_queued or result.enabled_endpoints) and self._webhook_process is not None:
+            self._webhook_process.tell()
 
     def _health(self) -> dict[str, Any]:
         return {"status": "ok", "version": VERSION, "stopping": self._stop.is_set()}
@@ -7172,8 +7383,9 @@ class Daemon:
             for endpoint, gate in self._stages.client.gates.items():
                 if gate.refused:
                     problems.append(f"the partner refuses the token on /{endpoint.value}")
-        if self._api_process is not None and not self._api_process.running and not self._stop.is_set():
-            problems.append("the API's process is not running")
+        for helper in self._helpers():
+            if not helper.running and not self._stop.is_set():
+                problems.append(f"{helper.title} is not running")
         return problems
 
 
@@ -7322,8 +7534,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == [API_PROCESS_COMMAND]:  # the daemon's own helper (ApiProcess), not a command for people
-        asyncio.run(run_api_process())
+    if argv[:1] and argv[0] in HELPERS:  # the daemon's own helpers (HelperProcess), not commands for people
+        asyncio.run(run_helper(HELPERS[argv[0]]))
         return EXIT_OK
     args = build_parser().parse_args(argv)
     if args.command == "demo":

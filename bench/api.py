@@ -185,18 +185,6 @@ async def burst_key(workdir: Path) -> str:
     return secret
 
 
-def api_process_of(parent: int) -> int | None:
-    """The daemon's `tracker.py api-process` ([api] own_process), while it runs."""
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"api-process" in (entry / "cmdline").read_bytes():
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                    return int(entry.name)
-        except OSError:
-            continue
-    return None
-
-
 async def run_burst(workdir: Path, lookups: bool) -> tuple[float, float, float, list[float]]:
     """The burst's wall (daemon start to every report recorded), the CPU seconds by then of the
     daemon and of its API's process, and the lookups' latencies."""
@@ -217,7 +205,7 @@ async def run_burst(workdir: Path, lookups: bool) -> tuple[float, float, float, 
             wall = time.monotonic() - started
             assert daemon.process is not None
             cpu, _ = burst.cpu_and_peak_rss(daemon.process.pid)
-            helper = api_process_of(daemon.process.pid)
+            helper = burst.helper_of(daemon.process.pid, tracker.API_PROCESS_COMMAND)
             api_cpu = burst.cpu_and_peak_rss(helper)[0] if helper is not None else 0.0
             if looker is not None:
                 looker.cancel()

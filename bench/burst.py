@@ -132,6 +132,19 @@ def cpu_and_peak_rss(pid: int) -> tuple[float, float]:
     return cpu_seconds(Path(f"/proc/{pid}/stat")), hwm_kb / 1024
 
 
+def helper_of(parent: int, command: str) -> int | None:
+    """The pid of the daemon's `tracker.py <command>` (api-process, webhook-process), while it runs."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and command.encode() in (entry / "cmdline").read_bytes():
+                state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+                if int(ppid) == parent and state != "Z":
+                    return int(entry.name)
+        except OSError:  # it ended meanwhile
+            continue
+    return None
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -5,9 +5,9 @@
            event, and without one, interleaved over --rounds rounds: the median of the rounds'
            wall ratios (daemon start to every report recorded; min–max); p99 over all rounds from
            the tracker noticing a box `delivered` (its status history's seen_at) to the receiver
-           accepting the return's return.collected; the daemon's CPU per delivery (CPU with the
-           endpoint less CPU without, per delivery accepted) against its CPU per partner call
-           (CPU without / the partner's calls).
+           accepting the return's return.collected; the CPU per delivery (the daemon's and its
+           webhooks' process's with the endpoint, less the daemon's without, per delivery
+           accepted) against the CPU per partner call (CPU without / the partner's calls).
   down     the same burst with the receiver down (connections refused) for --down-s seconds from
            its first delivery, retry_schedule_s = [0, 5, 10, 10, …]: once it is back, every event
            announced meanwhile accepted within one retry interval (10 s); none under two ids.
@@ -148,7 +148,7 @@ class Run:
             self.env[tracker.ENV_WEBHOOK_SECRET + "REFUNDS"] = SECRET
         (workdir / "config.toml").write_text(standin.daemon_config_toml(config, "written by bench/webhooks.py"))
         self.process: subprocess.Popen[bytes] | None = None
-        self.wall = self.cpu = 0.0
+        self.wall = self.cpu = self.helper_cpu = 0.0
         self.calls = 0
 
     async def burst(self, during: Any = None) -> None:
@@ -171,7 +171,7 @@ class Run:
             await asyncio.sleep(0.5)  # a benchmark's sampling period, not synchronisation
         self.wall = time.monotonic() - started
         self.calls = sum(sum(c.values()) for c in ledger["calls"].values())
-        self.cpu = burst.cpu_and_peak_rss(self.process.pid)[0]
+        self.measure_cpu()
         if side is not None:
             await side
 
@@ -182,11 +182,18 @@ class Run:
         deadline = time.monotonic() + deadline_s
         while len(self.receiver.of_type("return.collected")) < reported and time.monotonic() < deadline:
             await asyncio.sleep(0.2)  # a benchmark's sampling period
-        self.cpu = burst.cpu_and_peak_rss(self.process.pid)[0]
+        self.measure_cpu()
         if os.environ.get("BENCH_THREADS"):
             for task in sorted(Path(f"/proc/{self.process.pid}/task").iterdir()):
                 print(f"    thread {task.name} {(task / 'comm').read_text().strip()}: "
                       f"{burst.cpu_seconds(task / 'stat'):.2f} CPU-s")
+
+    def measure_cpu(self) -> None:
+        """The daemon's CPU and its webhooks' process's, which makes the deliveries."""
+        assert self.process is not None
+        helper = burst.helper_of(self.process.pid, tracker.WEBHOOK_PROCESS_COMMAND)
+        self.helper_cpu = burst.cpu_and_peak_rss(helper)[0] if helper is not None else self.helper_cpu
+        self.cpu = burst.cpu_and_peak_rss(self.process.pid)[0] + self.helper_cpu
 
     def reported(self) -> dict[str, float]:
         """return id → when the tracker noticed its box delivered (our clock), for every reported return."""
@@ -247,7 +254,8 @@ async def on_and_off(tmp: Path, rounds: int) -> bool:
         cpu_per_delivery.append((on.cpu - off.cpu) / max(1, deliveries))
         cpu_per_call.append(off.cpu / max(1, off.calls))
         print(f"  round {round_ + 1}: off {off.wall:.1f} s {off.cpu:.1f} CPU-s {off.calls:,} partner calls; "
-              f"on {on.wall:.1f} s {on.cpu:.1f} CPU-s, {deliveries:,} deliveries "
+              f"on {on.wall:.1f} s {on.cpu:.1f} CPU-s ({on.helper_cpu:.1f} the webhooks' process), "
+              f"{deliveries:,} deliveries "
               f"({len(on.receiver.of_type('return.collected')):,} return.collected)", flush=True)
     ratio, p99 = statistics.median(ratios), quantile(delays, 0.99)
     per_delivery, per_call = statistics.median(cpu_per_delivery), statistics.median(cpu_per_call)

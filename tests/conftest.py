@@ -230,6 +230,28 @@ async def scraped(daemon: tracker.Daemon, sample: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.rsplit(" ", 1)[0] == sample)
 
 
+def helper_of(parent: int, command: str) -> int | None:
+    """The pid of the `tracker.py <command>` (api-process, webhook-process) the process `parent`
+    started, while one runs."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or command.encode() not in (entry / "cmdline").read_bytes():
+                continue
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except OSError:  # it ended meanwhile
+            continue
+        if int(ppid) == parent and state != "Z":
+            return int(entry.name)
+    return None
+
+
+def running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 async def api_key_in(where: str | Path, name: str,
                      scopes: tuple[str, ...] = ("returns:read", "returns:write", "shipments:check"),
                      **options: Any) -> str:

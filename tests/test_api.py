@@ -22,8 +22,8 @@ from openapi_spec_validator import validate as validate_openapi
 
 import standin
 import tracker
-from conftest import (ROOT, TOKEN, api_key_in, config_toml, counts_in, free_port, ledger_of, make_config,
-                      running_daemon, scenario, scraped, wait_until, wait_until_sync)
+from conftest import (ROOT, TOKEN, api_key_in, config_toml, counts_in, free_port, helper_of, ledger_of, make_config,
+                      running, running_daemon, scenario, scraped, wait_until, wait_until_sync)
 
 ALL_SCOPES = ("returns:read", "returns:write", "shipments:check")
 
@@ -99,20 +99,6 @@ def assert_problem(status: int, body: Any, headers: Any, expected: int, slug: st
 # ── where it is served: a process of its own, or the daemon's loop ─────────────────────────
 
 
-def api_process_of(parent: int) -> int | None:
-    """The pid of the `tracker.py api-process` the process `parent` started, while one runs."""
-    for entry in Path("/proc").iterdir():
-        try:
-            if not entry.name.isdigit() or b"api-process" not in (entry / "cmdline").read_bytes():
-                continue
-            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-        except OSError:  # it ended meanwhile
-            continue
-        if int(ppid) == parent and state != "Z":
-            return int(entry.name)
-    return None
-
-
 @pytest.mark.parametrize("own_process", [True, False], ids=["own process", "daemon's loop"])
 async def test_the_api_answers_and_is_counted_on_the_daemons_metrics_wherever_it_is_served(
         start_partner, db_path: Path, own_process: bool) -> None:
@@ -120,7 +106,7 @@ async def test_the_api_answers_and_is_counted_on_the_daemons_metrics_wherever_it
     partner.call(partner.standin.hold_clock)
     key = await api_key_in(db_path, "order-system")
     async with api_daemon(with_api(make_config(db_path, partner.url), own_process=own_process)) as (daemon, http):
-        assert (api_process_of(os.getpid()) is not None) == own_process
+        assert (helper_of(os.getpid(), tracker.API_PROCESS_COMMAND) is not None) == own_process
         item = items_of(partner)[0]
         client = Client(http, daemon.api_address, key)
         assert (await client.call("POST", "/v1/returns", item))[0] == 201
@@ -139,7 +125,7 @@ async def test_an_api_process_that_dies_is_started_again_and_readyz_says_so_mean
     partner = start_partner(scenario(returns=5))
     key = await api_key_in(db_path, "order-system")
     async with api_daemon(with_api(make_config(db_path, partner.url))) as (daemon, http):
-        first = api_process_of(os.getpid())
+        first = helper_of(os.getpid(), tracker.API_PROCESS_COMMAND)
         assert first is not None
         os.kill(first, signal.SIGKILL)
 
@@ -148,7 +134,7 @@ async def test_an_api_process_that_dies_is_started_again_and_readyz_says_so_mean
                 return answer.status == 503 and "the API's process is not running" in (await answer.json())["problems"]
 
         async def answering_again() -> bool:
-            second = api_process_of(os.getpid())
+            second = helper_of(os.getpid(), tracker.API_PROCESS_COMMAND)
             with contextlib.suppress(aiohttp.ClientError):
                 return second not in (None, first) and (await Client(http, daemon.api_address, key).call(
                     "GET", "/v1/returns?limit=1"))[0] == 200
@@ -158,19 +144,13 @@ async def test_an_api_process_that_dies_is_started_again_and_readyz_says_so_mean
         await wait_until(answering_again, 30, what="a new API process answering")
 
 
-def running(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_daemon_killed_with_sigkill_takes_its_api_process_with_it(start_partner, daemon_process,
                                                                     tmp_path: Path) -> None:
     partner = start_partner(scenario(returns=5))
     daemon = daemon_process(config_toml(partner.url, tmp_path / "tracker.db").replace(
         '[api]\nlisten = ""', f'[api]\nlisten = "127.0.0.1:{free_port()}"')).start()
-    helper = wait_until_sync(lambda: api_process_of(daemon.pid), 30, what="the daemon's API process")
+    helper = wait_until_sync(lambda: helper_of(daemon.pid, tracker.API_PROCESS_COMMAND), 30,
+                             what="the daemon's API process")
     daemon.kill9()
     wait_until_sync(lambda: not running(helper), 10, what="the API process to leave with its daemon (its stdin closed)")
 
@@ -689,7 +669,7 @@ async def test_pushed_returns_survive_kill_9_and_a_batch_sent_again_is_not_pushe
             status, _, _ = await client.call("POST", "/v1/returns/batch", {"returns": batch},
                                              headers={"Idempotency-Key": f"b{number}"})
             assert status == 200
-        helper = api_process_of(daemon.pid)
+        helper = helper_of(daemon.pid, tracker.API_PROCESS_COMMAND)
         daemon.kill9()  # after three answered batches
         # its API process leaves when its stdin closes: until then it may still answer a request
         await wait_until(lambda: asyncio.to_thread(lambda: helper is None or not running(helper)), 10,

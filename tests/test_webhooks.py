@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
+import signal
 import socket
 import sqlite3
 import struct
@@ -25,8 +27,8 @@ from aiohttp import web
 
 import standin
 import tracker
-from conftest import (ROOT, api_key_in, config_toml, everything_reported, free_port, make_config, running_daemon,
-                      scenario, scraped, wait_until)
+from conftest import (ROOT, api_key_in, config_toml, everything_reported, free_port, helper_of, make_config, running,
+                      running_daemon, scenario, scraped, wait_until, wait_until_sync)
 
 SECRET = "whsec_" + "c2VjcmV0LW9mLXRoZS1yZWZ1bmRzLXJlY2VpdmVyLTMyYg=="  # 32 bytes
 OLD_SECRET = "whsec_" + "b2xkLXNlY3JldC1vZi10aGUtcmVmdW5kcy1yZWNlaXZlcg=="
@@ -579,3 +581,55 @@ async def test_kill_9_mid_delivery_announces_each_cause_under_one_id(start_partn
         await wait_until(announced(receiver, "return.collected", reported), 30, what="every collection told")
     assert set(receiver.of_type("return.collected")) == reported
     assert len(receiver.events) == len(reported)  # one id a return, however many times it came
+
+
+# ── the webhooks' own process ──────────────────────────────────────────────────────────────
+
+
+async def test_a_webhooks_process_killed_mid_burst_is_started_again_and_every_cause_comes_once(
+        start_partner, db_path: Path) -> None:
+    partner = start_partner(scenario(returns=400, arrive_over_s=2.0, cancel_share=0.0))
+    async with receiving(Receiver(SECRET)) as receiver:
+        config = with_webhook(make_config(db_path, partner.url), receiver.url)
+        async with running_daemon(config) as daemon:
+            async def under_way() -> bool:
+                return len(receiver.events) >= 20
+            await wait_until(under_way, 60, what="deliveries under way")
+            first = helper_of(os.getpid(), tracker.WEBHOOK_PROCESS_COMMAND)
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+
+            async def not_ready() -> bool:
+                return "the webhooks' process is not running" in daemon.readiness()
+
+            async def started_again() -> bool:
+                return helper_of(os.getpid(), tracker.WEBHOOK_PROCESS_COMMAND) not in (None, first)
+            await wait_until(not_ready, 10, interval_s=0.02, what="readiness: the webhooks' process is not running")
+            await wait_until(started_again, 30, what="a new webhooks' process")
+            await wait_until(everything_reported(partner, db_path), 60, what="every report")
+            reported = await ids_in(str(db_path), "SELECT return_id FROM reports WHERE state = 'done'")
+            await wait_until(announced(receiver, "return.collected", reported), 30, what="every collection announced")
+            assert daemon.readiness() == []
+    assert set(receiver.of_type("return.collected")) == reported
+    assert receiver.bad_signatures == 0
+
+
+def test_a_daemon_killed_with_sigkill_takes_its_webhooks_process_with_it(start_partner, daemon_process,
+                                                                         tmp_path: Path) -> None:
+    partner = start_partner(scenario(returns=5))
+    receiver = f"http://127.0.0.1:{free_port()}/hooks"
+    daemon = daemon_process(config_toml(partner.url, tmp_path / "tracker.db") + (
+        f'\n[[webhook]]\nname = "refunds"\nurl = "{receiver}"\nsecret = "{SECRET}"\n')).start()
+    helper = wait_until_sync(lambda: helper_of(daemon.pid, tracker.WEBHOOK_PROCESS_COMMAND), 30,
+                             what="the daemon's webhooks' process")
+    daemon.kill9()
+    wait_until_sync(lambda: not running(helper), 10, what="the webhooks' process to leave with its daemon")
+
+
+async def test_a_daemon_stopped_leaves_no_webhooks_process_behind(start_partner, db_path: Path) -> None:
+    partner = start_partner(scenario(returns=5))
+    config = with_webhook(make_config(db_path, partner.url), f"http://127.0.0.1:{free_port()}/hooks")
+    async with running_daemon(config):
+        helper = helper_of(os.getpid(), tracker.WEBHOOK_PROCESS_COMMAND)
+        assert helper is not None and running(helper)
+    assert not running(helper)
