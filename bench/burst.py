@@ -132,6 +132,19 @@ def cpu_and_peak_rss(pid: int) -> tuple[float, float]:
     return cpu_seconds(Path(f"/proc/{pid}/stat")), hwm_kb / 1024
 
 
+def machine_cpu() -> tuple[float, float]:
+    """The machine's CPU seconds so far, (busy, all), from /proc/stat: every core, every process."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields) - idle) / CLOCK_TICKS, sum(fields) / CLOCK_TICKS
+
+
+def busy_share(since: tuple[float, float]) -> float:
+    """The share of the machine's CPU (all its cores) busy since `since` (machine_cpu())."""
+    busy, total = machine_cpu()
+    return (busy - since[0]) / max(1e-9, total - since[1])
+
+
 def helper_of(parent: int, command: str) -> int | None:
     """The pid of the daemon's `tracker.py <command>` (api-process, webhook-process), while it runs."""
     for entry in Path("/proc").iterdir():
@@ -165,11 +178,18 @@ def wait_until_listening(subject: subprocess.Popen[bytes], listen: str) -> float
 
 
 def scrape_transactions(listen: str) -> float:
+    return scrape_commits(listen)[0]
+
+
+def scrape_commits(listen: str) -> tuple[float, float]:
+    """The daemon's transactions so far, and the seconds they took in all."""
+    found = {"count": math.nan, "sum": math.nan}
     with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as resp:
         for line in resp.read().decode().splitlines():
-            if line.startswith("tracker_db_commit_duration_seconds_count"):
-                return float(line.split()[-1])
-    return math.nan
+            for part in found:
+                if line.startswith(f"tracker_db_commit_duration_seconds_{part}"):
+                    found[part] = float(line.split()[-1])
+    return found["count"], found["sum"]
 
 
 def measure(name: str, returns: int, rate_limit: float, command_for: Callable[[str], list[str]],

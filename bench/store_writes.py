@@ -6,7 +6,10 @@ transitions, boxes and reports in shuffled order — and the writer thread's CPU
 No partner, no event-loop work to speak of: a schema or statement change shows here without the
 burst's noise.
 
-    .venv/bin/python bench/store_writes.py [--returns 30000] [--repeat 3]
+    .venv/bin/python bench/store_writes.py [--returns 30000] [--repeat 3] [--webhooks]
+
+--webhooks: one endpoint taking every event, as a [[webhook]] does: each box delivered announces
+its returns (the outbox), and each delivery's accepted answer is written, in batches of 50.
 """
 
 import argparse
@@ -33,9 +36,13 @@ def thread_cpu_seconds() -> dict[str, float]:
     return {task.name: cpu_seconds(task / "stat") for task in Path(f"/proc/{os.getpid()}/task").iterdir()}
 
 
-async def write_burst(db_path: str, returns: int) -> tuple[float, int]:
+async def write_burst(db_path: str, returns: int, webhooks: bool) -> tuple[float, int]:
     """The writer thread's CPU seconds for the burst's transitions, and the transactions committed."""
     store = await tracker.Store.open(db_path)
+    if webhooks:
+        await store.commit([tracker.WebhookEndpoints(endpoints=(("refunds", tracker.WEBHOOK_EVENTS, 0.0),))],
+                           time.time())
+        store.announces = True
     before = thread_cpu_seconds()
     shuffle = random.Random(1).shuffle
     now = time.time()
@@ -57,11 +64,14 @@ async def write_burst(db_path: str, returns: int) -> tuple[float, int]:
     shuffle(reports)
     done = [tracker.ReportUpdate(return_id=rid, state=tracker.ReportState.DONE, next_attempt_at=None,
                                  outcome="recorded", last_error=None) for rid in reports]
-    for updates in (delivered, done):
+    accepted = [tracker.DeliveryUpdate(id=f"refunds return.collected:{rid}", endpoint="refunds",
+                                       state=tracker.DeliveryState.DELIVERED, next_attempt_at=None, http_status=204)
+                for rid in reports] if webhooks else []
+    for updates in (delivered, done, accepted):
         transactions += [updates[start:start + BATCH] for start in range(0, len(updates), BATCH)]
     try:
-        for transitions in transactions:
-            await store.commit(transitions, now)
+        for n, transitions in enumerate(transactions):
+            await store.commit(transitions, now + n * 0.01)  # each its own time, as the daemon's commits
         after = thread_cpu_seconds()  # before close: the threads end with their connections
     finally:
         await store.close()
@@ -73,11 +83,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--returns", type=int, default=30_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--webhooks", action="store_true")
     args = parser.parse_args()
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="tracker-bench-writes-") as work:
-            cpu, transactions = asyncio.run(write_burst(os.path.join(work, "tracker.db"), args.returns))
-        print(f"{args.returns:,} returns, {transactions:,} transactions: SQLite writer thread {cpu:.2f} CPU-s",
+            cpu, transactions = asyncio.run(write_burst(os.path.join(work, "tracker.db"), args.returns, args.webhooks))
+        print(f"{args.returns:,} returns{' with webhooks' if args.webhooks else ''}, {transactions:,} transactions: "
+              f"SQLite writer thread {cpu:.2f} CPU-s",
               flush=True)
     return 0
 

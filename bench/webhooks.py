@@ -148,11 +148,12 @@ class Run:
             self.env[tracker.ENV_WEBHOOK_SECRET + "REFUNDS"] = SECRET
         (workdir / "config.toml").write_text(standin.daemon_config_toml(config, "written by bench/webhooks.py"))
         self.process: subprocess.Popen[bytes] | None = None
-        self.wall = self.cpu = self.helper_cpu = 0.0
+        self.wall = self.cpu = self.helper_cpu = self.busy = 0.0
+        self.commits = (0.0, 0.0)
         self.calls = 0
 
     async def burst(self, during: Any = None) -> None:
-        started = time.monotonic()
+        started, machine = time.monotonic(), burst.machine_cpu()
         with open(self.workdir / "tracker.log", "ab") as log:
             profiler = (["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"] + ("-on" if self.receiver else "-off")]
                         if os.environ.get("BENCH_PROFILE") else [])
@@ -169,7 +170,8 @@ class Run:
             if self.process.poll() is not None:
                 raise SystemExit(f"the daemon exited; see {self.workdir / 'tracker.log'}")
             await asyncio.sleep(0.5)  # a benchmark's sampling period, not synchronisation
-        self.wall = time.monotonic() - started
+        self.wall, self.busy = time.monotonic() - started, burst.busy_share(machine)
+        self.commits = await asyncio.to_thread(burst.scrape_commits, self.listen)
         self.calls = sum(sum(c.values()) for c in ledger["calls"].values())
         self.measure_cpu()
         if side is not None:
@@ -187,6 +189,10 @@ class Run:
             for task in sorted(Path(f"/proc/{self.process.pid}/task").iterdir()):
                 print(f"    thread {task.name} {(task / 'comm').read_text().strip()}: "
                       f"{burst.cpu_seconds(task / 'stat'):.2f} CPU-s")
+
+    def commit_line(self) -> str:
+        count, seconds = self.commits
+        return f"{count:,.0f} commits of {seconds / max(1.0, count) * 1000:.0f} ms"
 
     def measure_cpu(self) -> None:
         """The daemon's CPU and its webhooks' process's, which makes the deliveries."""
@@ -253,8 +259,9 @@ async def on_and_off(tmp: Path, rounds: int) -> bool:
         ratios.append(on.wall / off.wall)
         cpu_per_delivery.append((on.cpu - off.cpu) / max(1, deliveries))
         cpu_per_call.append(off.cpu / max(1, off.calls))
-        print(f"  round {round_ + 1}: off {off.wall:.1f} s {off.cpu:.1f} CPU-s {off.calls:,} partner calls; "
-              f"on {on.wall:.1f} s {on.cpu:.1f} CPU-s ({on.helper_cpu:.1f} the webhooks' process), "
+        print(f"  round {round_ + 1}: off {off.wall:.1f} s {off.cpu:.1f} CPU-s {off.calls:,} partner calls, "
+              f"{off.commit_line()}, the machine {off.busy:.0%} busy; on {on.wall:.1f} s {on.cpu:.1f} CPU-s "
+              f"({on.helper_cpu:.1f} the webhooks' process), {on.commit_line()}, the machine {on.busy:.0%} busy, "
               f"{deliveries:,} deliveries "
               f"({len(on.receiver.of_type('return.collected')):,} return.collected)", flush=True)
     ratio, p99 = statistics.median(ratios), quantile(delays, 0.99)
