@@ -474,8 +474,10 @@ async def test_after_every_connection_is_cut_no_instance_counts_fewer_than_the_f
 
 async def test_a_database_restart_mid_burst_draws_no_burst_of_429s(
         start_partner, postgres: PostgresCluster, pg_url: str, tmp_path: Path) -> None:
+    # The fleet's cap a tenth under the partner's limit: three shares at their cap leave the bucket
+    # room for a loaded machine's jitter, one instance that believed itself alone would not.
     partner = start_partner(scenario(returns=3000, arrive_over_s=2.0, step_s=(0.05, 0.1),
-                                     faults=standin.Faults(latency_ms=(5, 20), rate_limit_per_s=300)))
+                                     faults=standin.Faults(latency_ms=(5, 20), rate_limit_per_s=330)))
     config = tmp_path / "config.toml"
     config.write_text(fleet_config(partner.url, tmp_path / "unused.db", pg_url, rate_per_s=300))
     fleet = [DaemonProcess(config, tmp_path / f"tracker-{n}.log").start() for n in range(3)]
@@ -495,14 +497,16 @@ async def test_a_database_restart_mid_burst_draws_no_burst_of_429s(
     finally:
         for daemon in fleet:
             daemon.stop()
+    for counted in counts:  # once three, always three: none believed for a moment it was alone
+        assert set(counted[counted.index(3):]) == {3}, counts
     ledger = await ledger_of(partner)
     assert_nothing_lost_nothing_early(ledger)
-    after = [counts for tenths in ledger["by_tenth"].values() for tenth, counts in tenths.items()
-             if restarted_tenth <= int(tenth) < restarted_tenth + 100]  # the ten seconds after it
-    through, refused = sum(c[0] for c in after), sum(c[1] for c in after)
-    assert through > 0 and refused <= 0.02 * (through + refused), (through, refused)
-    for counted in counts:  # once three, always three: none believed for a moment it was alone
-        assert set(counted[counted.index(3):]) == {3}, counted
+    after = {(endpoint, int(tenth)): counts for endpoint, tenths in ledger["by_tenth"].items()
+             for tenth, counts in tenths.items()
+             if restarted_tenth <= int(tenth) < restarted_tenth + 100}  # the ten seconds after it
+    through, refused = sum(c[0] for c in after.values()), sum(c[1] for c in after.values())
+    assert through > 0 and refused <= 0.02 * (through + refused), \
+        (through, refused, {at: c for at, c in sorted(after.items()) if c[1]})
 
 
 # ── chaos: three instances, kill -9, a cut, a database crash ───────────────────────────────
