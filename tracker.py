@@ -3383,7 +3383,11 @@ class AdaptiveRate:
     - A run of REFUSED_RUN refusals with nothing let through between means a fixed window is spent:
       the rate drops to a trickle (WAIT) until a call is let through again, and the calls the spent
       window let through are counted then, from its last refusal back (a window's first 429 still
-      has the window before's tail in its second).
+      has the window before's tail in its second). The trickle slows as the wait goes on (its gap
+      a tenth of the wait so far): a ten-second window is waited out with a few dozen refusals.
+    - A window refused for over a second is longer than one, and a second's count says little of
+      it: what was let through since the reset before (or the first call), over the time between,
+      is its rate. That measure never exceeds a window's count, so it may raise a second's.
     Only calls sent after the last change tell of the rate in force (TCP's one cut per window).
 
     STARTUP doubles the rate every DOUBLING_S from a tenth of limits.rate_per_s until a 429. After
@@ -3416,6 +3420,8 @@ class AdaptiveRate:
     # a bucket may have held tokens when the episode began
     REFUSED_RUN = 12  # this many refused in a row, none let through between: the window is spent
     TRICKLE = 0.05  # of the accepted rate, while waiting for a spent window to reset
+    WAIT_BACKOFF = 0.1  # the trickle's gap grows to this share of the time the window has refused so far
+    WAIT_MIN_RATE = 1.0  # calls/s: the slowest trickle (a minutes-long window is found a second late)
     GAP_TRUSTED_S = 0.25  # a reset found within this of the last refusal bounds the spent window's count
     DECREASE_ON_TIMEOUT = 0.8
     DECREASE_ON_LATENCY = 0.9
@@ -3447,12 +3453,16 @@ class AdaptiveRate:
         self._sent: collections.deque[float] = collections.deque()  # send times, the last KEEP_S
         self._refused: collections.deque[float] = collections.deque()  # send times of 429s, KEEP_S
         self._first_sent: float | None = None
+        self._sent_total = 0  # calls sent and refused since the start: a long window's count outlives KEEP_S
+        self._refused_total = 0
+        self._last_reset: tuple[float, int, int] | None = None  # a spent window's reset: (sent at, sent, refused)
         self.siblings: list[AdaptiveRate] = []  # the other endpoints': the partner may pool its limit
         self._others_at_cut = 0.0  # the other endpoints' calls/s when this one was last refused
         self._next_look = 0.0
         self._episode_from = -math.inf  # send time of the 429 that began this episode
         self._last_refused = -math.inf
         self._refusing = False  # refused calls since the last one let through
+        self._run_from = -math.inf  # send time of the first of them
         self._recent: collections.deque[float] = collections.deque(maxlen=self.LATENCY_WINDOW)
         self._baseline: float | None = None
         self._observed = 0
@@ -3527,6 +3537,7 @@ class AdaptiveRate:
         """A call left at `at` (monotonic): it counts towards the accepted calls until answered 429."""
         if self._first_sent is None:
             self._first_sent = at
+        self._sent_total += 1
         self._sent.append(at)
         horizon = at - self.KEEP_S
         while self._sent[0] < horizon:
@@ -3538,6 +3549,7 @@ class AdaptiveRate:
         if outcome is Outcome.RATE_LIMITED:
             self._note_refused(sent_at)
             if self.phase is RatePhase.WAIT:
+                self._trickle_slower(sent_at, answered_at)
                 return
             if self._everything_refused_since(sent_at):
                 # A fixed window is spent: whatever is sent before it resets is refused. A trickle
@@ -3559,6 +3571,24 @@ class AdaptiveRate:
             if self._latency_rising(answered_at - sent_at) and fresh:
                 self._settle(self.rate * self.DECREASE_ON_LATENCY, answered_at)
 
+    def _accepted_since(self, mark: tuple[float, int, int] | None, now: float) -> float | None:
+        """Calls/s let through from a mark (sent at, sent, refused counts then) to now."""
+        if mark is None or now - mark[0] < self.WINDOW_S:
+            return None
+        since, sent, refused = mark
+        accepted = (self._sent_total - sent) - (self._refused_total - refused) - 1  # not the call that found it
+        return max(1, accepted) / (now - since)
+
+    def _trickle_slower(self, sent_at: float, now: float) -> None:
+        """A trickle's call refused too: the longer the window has refused, the longer the next
+        one waits — a tenth of the time so far, so the reset is found at most that late and a
+        ten-second window draws a few dozen refusals, not its whole wait at the trickle's rate."""
+        if sent_at < self._decided_at:
+            return
+        gap = max(1.0 / self.rate, self.WAIT_BACKOFF * (sent_at - self._run_from))
+        if 1.0 / gap < self.rate:
+            self._settle(1.0 / gap, now, RatePhase.WAIT)
+
     def _refusals_ended(self, sent_at: float, now: float) -> None:
         """A call sent after the last refused one was let through. If the refused calls came in one
         unbroken run, a fixed window was spent and has reset: the calls let through in the second
@@ -3576,9 +3606,20 @@ class AdaptiveRate:
         # the calls of the gap between the two; the mean halves it. After a long gap (demand
         # paused) the undercount says nothing.
         last, this = self._last_refused, sent_at
+        previous, self._last_reset = self._last_reset, (this, self._sent_total, self._refused_total)
         over = self._accepted_rate(last - self.WINDOW_S, last)
         under = self._accepted_rate(this - self.WINDOW_S, last) * (last - this + self.WINDOW_S) / self.WINDOW_S
-        self.measured = (over + under) / 2 if this - last <= self.GAP_TRUSTED_S else over
+        second = (over + under) / 2 if this - last <= self.GAP_TRUSTED_S else over
+        # A window of another length: the second's count says little of it. What was let through
+        # since the reset before, over the time from that one to this, does — and is never above a
+        # window's count (unless every window since was spent, it is below).
+        cycle = self._accepted_since(previous, this)
+        if last - self._run_from > self.WINDOW_S:  # refused for over a second: a window longer than one
+            if cycle is None and self._first_sent is not None:
+                cycle = self._accepted_since((self._first_sent, 0, 0), this)
+            self.measured = cycle if cycle is not None else second
+        else:
+            self.measured = max(second, cycle or 0.0)
         rate = self.MARGIN * self.measured
         self._settle(rate if self.phase is RatePhase.WAIT else min(self.rate, rate), now)
 
@@ -3620,10 +3661,14 @@ class AdaptiveRate:
 
     def _enter(self, phase: RatePhase, rate: float) -> None:
         self.phase = phase
-        self.rate = self._base = max(self.min_rate, min(rate, self.max_rate))
+        floor = min(self.min_rate, self.WAIT_MIN_RATE) if phase is RatePhase.WAIT else self.min_rate
+        self.rate = self._base = max(floor, min(rate, self.max_rate))
         self._phase_s = 0.0
 
     def _note_refused(self, sent_at: float) -> None:
+        self._refused_total += 1
+        if not self._refusing:
+            self._run_from = sent_at
         self._refusing = True
         if sent_at - self._last_refused > self.EPISODE_GAP_S:
             self._episode_from = sent_at

@@ -21,6 +21,7 @@ and burst, from the stand-in's count of calls per tenth of a second (standin.lim
     .venv/bin/python bench/rate_limit.py --sizes 5000          the short bursts only (~2 min)
     .venv/bin/python bench/rate_limit.py --shapes window,shared --repeat 3
     .venv/bin/python bench/rate_limit.py --grid 27 --repeat 3   issue 27's partners (~5 min a repeat)
+    .venv/bin/python bench/rate_limit.py --grid 27 --cells "window,300→600" --repeat 3
 
 Targets (issue 17): every short burst ≤ 1.1× its floor, every long one ≤ 1.05×; ≤ 2% 429s; 90% of
 the limit within 5 s of the first call; ≥ 95% of it held; a changing limit followed within 5 s each
@@ -28,6 +29,7 @@ way. Exit status 0 only when all are met.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -41,8 +43,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import burst  # noqa: E402  (/proc readings)
 import standin  # noqa: E402
+from pgcluster import throwaway_cluster  # noqa: E402
 
 LIMIT = 300.0
 PAGE_SIZE = 500
@@ -76,6 +81,7 @@ class Cell:
     unregistered_share: float = 0.0
     target: float = 1.1
     strict: bool = True  # issue 17's checks too: the share held, 90% within 5 s, a change followed
+    instances: int = 1  # more: on PostgreSQL, sharing the partner's limit (limits.rate_per_s is the fleet's)
 
 
 def issue_17_cells(names: list[str], sizes: list[int]) -> list[Cell]:
@@ -86,9 +92,9 @@ def issue_17_cells(names: list[str], sizes: list[int]) -> list[Cell]:
 def issue_27_cells() -> list[Cell]:
     """Issue 27's grid: partners we did not tune on. Latency 5–20 ms, 5% of waybills never
     registered; ≤ 1.1× the floor and ≤ 2% 429s each."""
-    def cell(name: str, limit: float, limiter: dict[str, Any], returns: int = SHORT) -> Cell:
+    def cell(name: str, limit: float, limiter: dict[str, Any], returns: int = SHORT, instances: int = 1) -> Cell:
         return Cell(name=name, returns=returns, limiter=limiter, limit=limit, latency_ms=(5, 20),
-                    unregistered_share=0.05, strict=False)
+                    unregistered_share=0.05, strict=False, instances=instances)
     floor = SHORT / LIMIT
     cells = [cell(f"bucket {depth:g} s {limit:g}/s", limit, {"limiter": "bucket", "bucket_depth_s": depth})
              for limit in (50.0, 300.0, 1000.0) for depth in (0.2, 1.0, 5.0)]
@@ -100,6 +106,7 @@ def issue_27_cells() -> list[Cell]:
                                       "limit_schedule": [[round(floor / 3), 600.0]]})]
     cells += [cell(f"30,000 at {limit:g}/s", limit, {"limiter": "bucket", "bucket_depth_s": 1.0}, LONG)
               for limit in (300.0, 1000.0)]
+    cells += [cell("3 on PostgreSQL 300/s", LIMIT, {"limiter": "bucket", "bucket_depth_s": 1.0}, instances=3)]
     return cells
 
 
@@ -126,7 +133,9 @@ def daemon_config(partner_url: str, limit: float = LIMIT) -> dict[str, dict[str,
     }
 
 
-def run(cell: Cell, workdir: Path) -> standin.LimitUse:
+def run(cell: Cell, workdir: Path, database_url: str | None = None) -> tuple[standin.LimitUse, float]:
+    """The stand-in's verdict on the run, and the machine's busy share over it (both cores, every
+    process: near 100% the machine, not the rate, set the pace)."""
     name, returns = cell.name, cell.returns
     overrides = scenario(cell)
     faults = standin.Faults(**standin._tuples(overrides["faults"]))
@@ -134,17 +143,22 @@ def run(cell: Cell, workdir: Path) -> standin.LimitUse:
         [sys.executable, str(ROOT / "standin.py"), "--returns", str(returns), "--scenario", json.dumps(overrides)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert partner.stdout is not None  # stdout=PIPE
-    daemon = None
+    daemons: list[subprocess.Popen[bytes]] = []
     try:
         info = json.loads(partner.stdout.readline())
         workdir.mkdir(parents=True)
         config = workdir / "config.toml"
-        config.write_text(standin.daemon_config_toml(daemon_config(info["url"], cell.limit),
-                                                     "written by bench/rate_limit.py"))
-        with open(workdir / "tracker.log", "wb") as log:
-            daemon = subprocess.Popen([sys.executable, str(ROOT / "tracker.py"), "run", "--config", str(config)],
-                                      cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "TRACKER_PARTNER_TOKEN": info["token"]})
+        sections = daemon_config(info["url"], cell.limit)
+        if database_url is not None:
+            sections["storage"] = {"url": database_url}
+        config.write_text(standin.daemon_config_toml(sections, "written by bench/rate_limit.py"))
+        busy_from, all_from = burst.machine_cpu()
+        for k in range(cell.instances):
+            with open(workdir / f"tracker-{k}.log", "wb") as log:
+                daemons.append(subprocess.Popen(
+                    [sys.executable, str(ROOT / "tracker.py"), "run", "--config", str(config)],
+                    cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "TRACKER_PARTNER_TOKEN": info["token"]}))
         slowest = min([cell.limit, *(limit for _, limit in cell.limiter.get("limit_schedule", ()))])
         deadline = time.monotonic() + 60 + 3 * returns / slowest
         while True:
@@ -152,17 +166,20 @@ def run(cell: Cell, workdir: Path) -> standin.LimitUse:
             state = standin.read_ledger(info["root"])
             if state["finished"] and state["missing"] == 0:
                 break
-            if daemon.poll() is not None:
-                raise SystemExit(f"{name}: the daemon exited with {daemon.returncode}; see {workdir}/tracker.log")
+            if any(daemon.poll() is not None for daemon in daemons):
+                raise SystemExit(f"{name}: a daemon exited; see {workdir}/tracker-*.log")
             if time.monotonic() > deadline:
-                raise SystemExit(f"{name}: {state['missing']} returns still missing; see {workdir}/tracker.log")
+                raise SystemExit(f"{name}: {state['missing']} returns still missing; see {workdir}/tracker-*.log")
         if state["duplicates"] or state["premature"]:
             print(f"  ! {name}: duplicates {state['duplicates']}, premature {state['premature']}")
+        busy_to, all_to = burst.machine_cpu()
         (workdir / "ledger.json").write_text(json.dumps(state))
-        return standin.limit_use(state, faults, PAGE_SIZE)
+        return standin.limit_use(state, faults, PAGE_SIZE), (busy_to - busy_from) / max(all_to - all_from, 1e-9)
     finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
+        for daemon in daemons:
+            if daemon.poll() is None:
+                daemon.send_signal(signal.SIGTERM)
+        for daemon in daemons:
             daemon.wait(30)
         partner.terminate()
         partner.wait(10)
@@ -174,7 +191,7 @@ class Verdict:
     met: bool
 
 
-def judge(cell: Cell, use: standin.LimitUse) -> Verdict:
+def judge(cell: Cell, use: standin.LimitUse, busy: float) -> Verdict:
     name, returns, target = cell.name, cell.returns, cell.target
     follows = [f for _, f in use.follow_s]
     met = use.against_floor <= target and use.refused_share <= 0.02
@@ -185,7 +202,7 @@ def judge(cell: Cell, use: standin.LimitUse) -> Verdict:
     to_90 = "never" if use.to_90_s is None else f"{use.to_90_s:.1f} s"
     line = (f"  {name:<20}{returns:>7,}   time {use.busy_s:6.1f} s / floor {use.floor_s:6.1f} s = "
             f"{use.against_floor:.2f}× (≤ {target:.2f})   share {use.share:6.1%}   429s {use.refused_share:5.2%}"
-            f"   to 90% {to_90:>6}{follow}   {'met' if met else 'NOT met'}")
+            f"   to 90% {to_90:>6}{follow}   machine {busy:4.0%} busy   {'met' if met else 'NOT met'}")
     return Verdict(line, met)
 
 
@@ -197,6 +214,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--grid", choices=("17", "27"), default="17",
                         help="17: the shapes and sizes above (default); 27: issue 27's grid of partners")
+    parser.add_argument("--cells", default="", help="--grid 27: only the cells whose names contain one of these "
+                        "(comma-separated), e.g. 'window,300→600'")
     args = parser.parse_args()
     names = [n.strip() for n in args.shapes.split(",")]
     unknown = [n for n in names if n not in shapes(SHORT)]
@@ -206,6 +225,11 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tracker-bench-rate-"))
     if args.grid == "27":
         cells = issue_27_cells()
+        if args.cells:
+            wanted = [w.strip() for w in args.cells.split(",")]
+            cells = [c for c in cells if any(w in c.name for w in wanted)]
+            if not cells:
+                parser.error(f"no cell of the grid matches {args.cells!r}")
         print(f"rate-limit benchmark, issue 27's grid: latency 5–20 ms, 5% never registered, daemon cap 4× the "
               f"limit; {os.cpu_count()} CPUs")
     else:
@@ -213,12 +237,15 @@ def main() -> int:
         print(f"rate-limit benchmark: partner limit {LIMIT:g} calls/s per endpoint (shared: for all together), "
               f"daemon cap {LIMIT * 4:g}, latency 20–80 ms; {os.cpu_count()} CPUs")
     verdicts = []
-    for repetition in range(args.repeat):
-        for cell in cells:
-            slug = "".join(c if c.isalnum() else "-" for c in cell.name)
-            use = run(cell, workdir / f"{slug}-{cell.returns}-{repetition + 1}")
-            verdicts.append(judge(cell, use))
-            print(verdicts[-1].line, flush=True)
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(throwaway_cluster()) if any(c.instances > 1 for c in cells) else None
+        for repetition in range(args.repeat):
+            for cell in cells:
+                slug = "".join(c if c.isalnum() else "-" for c in cell.name)
+                url = cluster.new_database() if cluster is not None and cell.instances > 1 else None
+                use, busy = run(cell, workdir / f"{slug}-{cell.returns}-{repetition + 1}", url)
+                verdicts.append(judge(cell, use, busy))
+                print(verdicts[-1].line, flush=True)
     met = all(v.met for v in verdicts)
     print("every target met" if met else f"{sum(not v.met for v in verdicts)} of {len(verdicts)} runs NOT met")
     return 0 if met else 1

@@ -146,6 +146,25 @@ def test_a_window_spent_early_is_waited_out_with_a_trickle_not_a_stream_of_refus
     assert 0.93 * LIMIT <= after_reset <= LIMIT  # the reset's count, not the overshoot's
 
 
+def test_a_long_windows_wait_is_trickled_ever_slower_not_at_a_steady_rate() -> None:
+    _, run = alone(limited(limiter="window", window_s=10.0), 40.0)
+    seconds = run.per_second()
+    waiting = [refused for through, refused in seconds if not through]  # the seconds of a spent window
+    waits = sum(1 for k, (through, _) in enumerate(seconds) if not through and (k == 0 or seconds[k - 1][0]))
+    assert waits >= 3 and len(waiting) >= 3 * waits  # windows spent, each waited out for seconds
+    # a steady trickle (a twentieth of the second before, ~50 calls/s) refused some 250 a wait
+    assert sum(waiting) <= 35 * waits, waiting
+    assert run.refused_share() <= 0.025
+
+
+def test_a_window_longer_than_a_second_is_measured_over_its_whole_length() -> None:
+    _, run = alone(limited(limiter="window", window_s=10.0), 40.0)
+    assert run.holds(after_s=10.0) and all(0.93 * LIMIT <= held <= LIMIT for held in run.holds(after_s=10.0)), \
+        run.holds(after_s=10.0)
+    _, run = alone(limited(limiter="window", window_s=3.0), 40.0)  # nor a length seen before
+    assert sum(through for through, _ in run.per_second()[5:]) >= 0.85 * LIMIT * 35
+
+
 def test_a_deep_bucket_is_measured_by_its_refill_rate_not_by_its_burst() -> None:
     rate, run = alone(limited(limiter="bucket", bucket_depth_s=2.0), 20.0)
     assert max(through for through, _ in run.per_second()) > 1.5 * LIMIT  # the burst was taken
