@@ -30,7 +30,7 @@ import random
 import threading
 import time
 import urllib.request
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -55,9 +55,13 @@ class Faults:
     hang_s: float = 30.0
     reset_share: float = 0.0  # /results only: records, then drops the connection before answering
     rate_limit_per_s: float = 0.0  # per endpoint (or shared: limit_shared); 0 = unlimited
-    limiter: str = "bucket"  # "bucket": refills continuously, holds bucket_depth_s of calls; "window": N per window
+    # "bucket": refills continuously, holds bucket_depth_s of calls; "window": N per window of the
+    # clock; "anchored": N per window counted from the first call after the last one ended;
+    # "sliding": N in any window_s (a log of the calls let through); "stepped": a bucket refilled
+    # by a window's N at each window's start, holding bucket_depth_s of calls (at least one window's)
+    limiter: str = "bucket"
     bucket_depth_s: float = 0.1
-    window_s: float = 1.0  # a fixed window's length: rate_limit_per_s × window_s calls in each, counted from its start
+    window_s: float = 1.0  # a window's length: rate_limit_per_s × window_s calls in each
     limit_shared: bool = False  # one limit for every endpoint together
     limit_schedule: tuple[tuple[float, float], ...] = ()  # (from scenario second, calls/s): the limit changes
     outage_at_s: float | None = None  # every call answers 503 during the window…
@@ -69,9 +73,12 @@ class Faults:
     feed_down: bool = False  # /returns answers 503 throughout (tracking and results work): push the returns instead
 
     def __post_init__(self) -> None:
-        if self.limiter not in ("bucket", "window"):
-            raise ValueError(f"limiter must be 'bucket' or 'window', not {self.limiter!r}")
+        if self.limiter not in LIMITERS:
+            raise ValueError(f"limiter must be one of {', '.join(LIMITERS)}, not {self.limiter!r}")
         object.__setattr__(self, "limit_schedule", tuple(tuple(step) for step in self.limit_schedule))
+
+
+LIMITERS = ("bucket", "window", "anchored", "sliding", "stepped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,14 +270,17 @@ def broken_item(rng: random.Random, i: int) -> dict[str, Any]:
 class RateLimiter:
     """The partner's unpublished rate limit, kept as real partners keep theirs: a token bucket of a
     given depth (calls refill continuously at the limit; a full bucket lets depth × limit through at
-    once) or a fixed window (limit × window_s calls per window of the clock, counted from its start); per
+    once), a fixed window (limit × window_s calls per window of the clock, counted from its start),
+    one anchored at the first call after the last ended, a sliding window (limit × window_s in
+    any window_s), or a bucket refilled in steps (a window's calls at each window's start); per
     endpoint or one limit shared by all; the limit constant, changing on a schedule, or dropping
     during a storm."""
 
     def __init__(self, faults: Faults) -> None:
         self.faults = faults
         self._buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, when)
-        self._windows: dict[str, tuple[int, int]] = {}  # key → (window, calls let through in it)
+        self._windows: dict[str, tuple[float, int]] = {}  # key → (window's start, calls let through in it)
+        self._logs: dict[str, deque[float]] = defaultdict(deque)  # sliding: admit times
 
     def limit_at(self, now: float) -> float:
         f = self.faults
@@ -290,19 +300,32 @@ class RateLimiter:
             return True
         key = "all" if self.faults.limit_shared else endpoint
         now = time.monotonic() if clock is None else clock
-        if self.faults.limiter == "window":
-            window = math.floor(now / self.faults.window_s)
-            start, used = self._windows.get(key, (window, 0))
-            if start != window:
-                used = 0
-            if used >= limit * self.faults.window_s:
-                self._windows[key] = (window, used)
+        length, shape = self.faults.window_s, self.faults.limiter
+        allowed = limit * length
+        if shape in ("window", "anchored"):
+            start, used = self._windows.get(key, (-math.inf, 0))
+            if now >= start + length:  # a new window: of the clock's, or from this call
+                start, used = (math.floor(now / length) * length if shape == "window" else now), 0
+            if used >= allowed:
                 return False
-            self._windows[key] = (window, used + 1)
+            self._windows[key] = (start, used + 1)
+            return True
+        if shape == "sliding":
+            log = self._logs[key]
+            while log and log[0] <= now - length:
+                log.popleft()
+            if len(log) >= allowed:
+                return False
+            log.append(now)
             return True
         depth = max(1.0, limit * self.faults.bucket_depth_s)
         tokens, last = self._buckets.get(key, (depth, now))
-        tokens = min(depth, tokens + (now - last) * limit)
+        if shape == "stepped":
+            depth = max(depth, allowed)
+            steps = math.floor(now / length) - math.floor(last / length)
+            tokens = min(depth, tokens + steps * allowed)
+        else:
+            tokens = min(depth, tokens + (now - last) * limit)
         if tokens < 1.0:
             self._buckets[key] = (tokens, now)
             return False

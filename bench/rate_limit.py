@@ -100,6 +100,13 @@ def issue_27_cells() -> list[Cell]:
              for limit in (50.0, 300.0, 1000.0) for depth in (0.2, 1.0, 5.0)]
     cells += [cell(f"window {length:g} s 300/s", LIMIT, {"limiter": "window", "window_s": length})
               for length in (1.0, 10.0)]
+    # shapes the controller was not built on: a window counted from its first call, a sliding log,
+    # a bucket refilled a window's worth at a time
+    cells += [cell("anchored 1 s 300/s", LIMIT, {"limiter": "anchored", "window_s": 1.0}),
+              cell("anchored 10 s 300/s", LIMIT, {"limiter": "anchored", "window_s": 10.0}),
+              cell("sliding 1 s 300/s", LIMIT, {"limiter": "sliding", "window_s": 1.0}),
+              cell("sliding 10 s 300/s", LIMIT, {"limiter": "sliding", "window_s": 10.0}),
+              cell("stepped 1 s 300/s", LIMIT, {"limiter": "stepped", "window_s": 1.0, "bucket_depth_s": 5.0})]
     steps = [[round(floor / 3), 150.0], [round(floor * 7 / 12), 300.0]]
     cells += [cell("300→150→300", LIMIT, {"limiter": "bucket", "bucket_depth_s": 1.0, "limit_schedule": steps}),
               cell("300→600", LIMIT, {"limiter": "bucket", "bucket_depth_s": 1.0,

@@ -118,6 +118,31 @@ def test_a_ten_second_window_lets_its_calls_through_at_once_then_none_until_the_
     assert sum(first) == 500 and all(first[:500]) and sum(rest_of_it) == 0 and sum(next_window) == 10
 
 
+def test_an_anchored_window_starts_at_the_first_call_after_the_last_one_ended() -> None:
+    limiter = standin.RateLimiter(standin.Faults(rate_limit_per_s=50, limiter="anchored"))
+    first = admitted(limiter, [(3.7, "results")] * 60)
+    at_the_clocks_second = admitted(limiter, [(4.0, "results")] * 10)  # a clock's window would reset here
+    at_its_own_end = admitted(limiter, [(4.7, "results")] * 60)
+    assert sum(first) == 50 and sum(at_the_clocks_second) == 0 and sum(at_its_own_end) == 50
+
+
+def test_a_sliding_window_lets_n_through_in_any_span_of_its_length() -> None:
+    limiter = standin.RateLimiter(standin.Faults(rate_limit_per_s=50, limiter="sliding"))
+    late = admitted(limiter, [(3.9, "results")] * 50)
+    across = admitted(limiter, [(4.1, "results")] * 50)  # a clock's window would let 50 more through
+    after = admitted(limiter, [(4.95, "results")] * 60)
+    assert sum(late) == 50 and sum(across) == 0 and sum(after) == 50
+
+
+def test_a_stepped_bucket_is_refilled_by_a_windows_calls_at_each_windows_start_up_to_its_depth() -> None:
+    limiter = standin.RateLimiter(standin.Faults(rate_limit_per_s=50, limiter="stepped", bucket_depth_s=2.0))
+    full = admitted(limiter, [(10.5, "results")] * 150)
+    within = admitted(limiter, [(10.9, "results")] * 10)  # no refill until the next second begins
+    next_second = admitted(limiter, [(11.0, "results")] * 60)
+    later = admitted(limiter, [(15.5, "results")] * 150)  # idle seconds refill it to its depth, no more
+    assert (sum(full), sum(within), sum(next_second), sum(later)) == (100, 0, 50, 100)
+
+
 def test_a_shared_limit_counts_every_endpoint_together() -> None:
     limiter = standin.RateLimiter(standin.Faults(rate_limit_per_s=50, limiter="window", limit_shared=True))
     calls = [(1.5, "tracking")] * 30 + [(1.5, "results")] * 30
