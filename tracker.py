@@ -3379,7 +3379,9 @@ class AdaptiveRate:
     - A token bucket lets everything through while it drains, so the second before its first 429
       overstates its refill rate, and a ramp's second understates it; the episode's own latest
       quarter-second (12 calls at least) is the refill rate. Until it has that many, only the
-      episode's first 429 decides.
+      episode's first 429 decides. Unless that quarter-second repeats the one a second before: a
+      sliding log lets calls through as older ones age out, echoing a ramp at half the limit, and
+      its count is the second before.
     - A run of REFUSED_RUN refusals with nothing let through between means a fixed window is spent:
       the rate drops to a trickle (WAIT) until a call is let through again, and the calls the spent
       window let through are counted then, from its last refusal back (a window's first 429 still
@@ -3416,6 +3418,7 @@ class AdaptiveRate:
     EPISODE_GAP_S = 0.2  # a 429 this long after the previous one begins a new episode
     EPISODE_MIN_CALLS = 12  # calls sent since an episode began before its accepted rate is trusted
     EPISODE_MIN_ACCEPTED = 5
+    ECHO_TOLERANCE = 0.15  # a span's calls let through this close to a second before's: a sliding log
     EPISODE_SPAN_S = 0.25  # the episode's latest span measured (more at low rates, for enough calls):
     # a bucket may have held tokens when the episode began
     REFUSED_RUN = 12  # this many refused in a row, none let through between: the window is spent
@@ -3709,11 +3712,24 @@ class AdaptiveRate:
             start = max(self._episode_from, s - span)
             sent, refused = self._count(start, s)
             if sent >= self.EPISODE_MIN_CALLS and sent - refused >= self.EPISODE_MIN_ACCEPTED:
-                return (sent - refused) / max(s - start, 1e-3)
-            if s > self._episode_from:
+                recent = (sent - refused) / max(s - start, 1e-3)
+                if not self._echoes(recent, start, s):
+                    return recent
+                # a sliding log: the second before is its count
+            elif s > self._episode_from:
                 return None
         first = self._first_sent if self._first_sent is not None else s
         return self._accepted_rate(max(s - self.WINDOW_S, first), s)
+
+    def _echoes(self, recent: float, start: float, end: float) -> bool:
+        """Does what the partner lets through now repeat what it let through a second before? A
+        drained bucket lets its refill rate through, whatever was sent before; a sliding log lets a
+        call through as one a second older ages out, so it echoes the calls of a second before (a
+        ramp's, about half the limit). Then the second before, not its latest span, is the log's count."""
+        if self._first_sent is None or start - self.WINDOW_S < self._first_sent:
+            return False
+        echo = self._accepted_rate(start - self.WINDOW_S, end - self.WINDOW_S)
+        return abs(recent - echo) <= self.ECHO_TOLERANCE * recent
 
     def _accepted_rate(self, start: float, end: float) -> float:
         sent, refused = self._count(start, end)

@@ -165,6 +165,13 @@ def test_a_window_longer_than_a_second_is_measured_over_its_whole_length() -> No
     assert sum(through for through, _ in run.per_second()[5:]) >= 0.85 * LIMIT * 35
 
 
+def test_a_sliding_log_is_held_at_its_count_not_at_the_echo_of_the_ramp_before_it() -> None:
+    _, run = alone(limited(limiter="sliding"), 20.0)
+    held = run.per_second()[3:]
+    assert sum(through for through, _ in held) >= 0.93 * LIMIT * len(held), held
+    assert run.refused_share() <= 0.02
+
+
 def test_a_deep_bucket_is_measured_by_its_refill_rate_not_by_its_burst() -> None:
     rate, run = alone(limited(limiter="bucket", bucket_depth_s=2.0), 20.0)
     assert max(through for through, _ in run.per_second()) > 1.5 * LIMIT  # the burst was taken
