@@ -159,7 +159,7 @@ def run(cell: Cell, workdir: Path, database_url: str | None = None) -> tuple[sta
         if database_url is not None:
             sections["storage"] = {"url": database_url}
         config.write_text(standin.daemon_config_toml(sections, "written by bench/rate_limit.py"))
-        busy_from, all_from = burst.machine_cpu()
+        machine = burst.machine_cpu()
         for k in range(cell.instances):
             with open(workdir / f"tracker-{k}.log", "wb") as log:
                 daemons.append(subprocess.Popen(
@@ -179,9 +179,9 @@ def run(cell: Cell, workdir: Path, database_url: str | None = None) -> tuple[sta
                 raise SystemExit(f"{name}: {state['missing']} returns still missing; see {workdir}/tracker-*.log")
         if state["duplicates"] or state["premature"]:
             print(f"  ! {name}: duplicates {state['duplicates']}, premature {state['premature']}")
-        busy_to, all_to = burst.machine_cpu()
+        busy = burst.busy_share(machine)
         (workdir / "ledger.json").write_text(json.dumps(state))
-        return standin.limit_use(state, faults, PAGE_SIZE), (busy_to - busy_from) / max(all_to - all_from, 1e-9)
+        return standin.limit_use(state, faults, PAGE_SIZE), busy
     finally:
         for daemon in daemons:
             if daemon.poll() is None:
